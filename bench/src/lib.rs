@@ -1,0 +1,227 @@
+//! The Tern load generator (`tern bench`). It runs as its own process, apart from the
+//! server, so the server's memory and CPU can be read from /proc.
+//!
+//! - [`target`]: the systems driven (a Tern node; a NATS server's WebSocket listener).
+//! - [`fanout`]: 1 → N latency at a fixed rate, and the highest sustained delivery rate.
+//! - [`idle`]: memory per idle connection and the connection setup rate.
+//! - [`process`]: the server process and its /proc figures.
+//!
+//! The figures are printed, never asserted: a shared 2-core machine is too noisy for that.
+
+pub mod fanout;
+pub mod idle;
+pub mod process;
+pub mod target;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::fanout::{LatencyReport, ThroughputReport};
+use crate::idle::IdleReport;
+use crate::process::TernServer;
+use crate::target::Target;
+
+/// `tern bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    kind: Option<BenchKind>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// Drive an already running Tern node at this URL instead of spawning one.
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// PID of that node, to read its memory and CPU.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Also drive a NATS server's WebSocket listener (ws://IP:PORT) and compare.
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// PID of the NATS server.
+    #[arg(long, global = true)]
+    nats_pid: Option<u32>,
+    /// Subscriber counts for the fan-out benchmarks.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "100,1000")]
+    subscribers: Vec<usize>,
+    /// Publish rate (messages/s) for the latency benchmark.
+    #[arg(long, global = true, default_value_t = 100)]
+    rate: u64,
+    /// Length of the latency run.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Length of each throughput step.
+    #[arg(long, global = true, default_value = "2s", value_parser = parse_duration)]
+    step: Duration,
+    /// Payload size in bytes (at least 8: the send timestamp).
+    #[arg(long, global = true, default_value_t = 64)]
+    payload: usize,
+    /// Idle connections to open.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    connections: usize,
+    /// Connection handshakes in flight at once.
+    #[arg(long, global = true, default_value_t = 256)]
+    concurrency: usize,
+    /// Stop raising the rate past this many deliveries per second.
+    #[arg(long, global = true, default_value_t = 20_000_000)]
+    max_deliveries: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchKind {
+    /// Fan-out latency at a fixed rate (p50/p90/p99/p99.9/max).
+    Latency,
+    /// Highest sustained deliveries per second.
+    Throughput,
+    /// Memory per idle connection and connection setup rate.
+    Idle,
+    /// All of the above (the default).
+    All,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" | "" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Everything measured for one target.
+#[derive(Debug, Default)]
+struct Results {
+    latency: Vec<LatencyReport>,
+    throughput: Vec<ThroughputReport>,
+    idle: Option<IdleReport>,
+}
+
+async fn run_suite(kind: &BenchKind, target: &Target, pid: Option<u32>, c: &Common) -> anyhow::Result<Results> {
+    let mut r = Results::default();
+    let all = matches!(kind, BenchKind::All);
+    if all || matches!(kind, BenchKind::Latency) {
+        for &n in &c.subscribers {
+            eprintln!("[{}] latency: 1 → {n} subscribers at {}/s for {:?}", target.name(), c.rate, c.duration);
+            r.latency.push(fanout::latency(target, pid, n, c.rate, c.duration, c.payload).await?);
+        }
+    }
+    if all || matches!(kind, BenchKind::Throughput) {
+        for &n in &c.subscribers {
+            eprintln!("[{}] throughput: 1 → {n} subscribers, raising the rate", target.name());
+            let t = fanout::throughput(target, pid, n, c.step, c.payload, c.max_deliveries).await?;
+            for (rate, ok, per_sec) in &t.steps {
+                eprintln!("    {rate:>7} pub/s → {per_sec:>12.0} deliveries/s {}", if *ok { "kept up" } else { "fell behind" });
+            }
+            r.throughput.push(t);
+        }
+    }
+    if all || matches!(kind, BenchKind::Idle) {
+        eprintln!("[{}] idle: opening {} connections", target.name(), c.connections);
+        r.idle = Some(idle::idle(target, pid, c.connections, c.concurrency).await?);
+    }
+    Ok(r)
+}
+
+/// Runs the benchmarks and prints the figures (and the goals beside them).
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let kind = args.kind.unwrap_or(BenchKind::All);
+    let c = args.common;
+    let mut spawned = None;
+    let (tern_url, tern_pid) = match &c.url {
+        Some(u) => (u.clone(), c.server_pid),
+        None => {
+            let s = TernServer::spawn().await?;
+            let out = (s.url.clone(), Some(s.pid));
+            eprintln!("spawned tern edge (pid {}) at {}", s.pid, s.url);
+            spawned = Some(s);
+            out
+        }
+    };
+    let tern = run_suite(&kind, &Target::Tern(tern_url), tern_pid, &c).await;
+    if let Some(s) = spawned {
+        s.stop().await;
+    }
+    let tern = tern?;
+    let nats = match &c.nats_url {
+        Some(u) => Some(run_suite(&kind, &Target::Nats(u.clone()), c.nats_pid, &c).await?),
+        None => None,
+    };
+    print_report(&tern, nats.as_ref(), &c);
+    Ok(())
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 { format!("{:.2}×", a / b) } else { "-".into() }
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(|| "-".into(), f)
+}
+
+fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
+    println!();
+    println!("== fan-out latency ({}-byte payloads, {} publishes/s) ==", c.payload, c.rate);
+    println!("{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+        "target", "subs", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "delivered", "dropped", "srv cpu");
+    let rows = tern.latency.iter().map(|l| ("tern", l)).chain(nats.into_iter().flat_map(|n| n.latency.iter().map(|l| ("nats", l))));
+    for (name, l) in rows {
+        let [p50, p90, p99, p999, max] = l.percentiles_us;
+        println!("{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+            name, l.subscribers, ms(p50), ms(p90), ms(p99), ms(p999), ms(max),
+            format!("{}/{}", l.delivered, l.expected), l.dropped_subscribers,
+            opt(l.server_cpu, |v| format!("{v:.0}%")));
+    }
+    if let Some(l) = tern.latency.iter().find(|l| l.subscribers == 1000) {
+        let p99 = l.percentiles_us[2];
+        println!("goal: p99 ≤ 5 ms at 100 publishes/s × 1000 subscribers: {} ms → {}",
+            ms(p99), if p99 <= 5000 && c.rate == 100 { "met" } else { "not met" });
+    }
+
+    println!();
+    println!("== fan-out throughput (highest sustained) ==");
+    println!("{:<6} {:>5} {:>12} {:>15} {:>8} {:>10}", "target", "subs", "pub/s", "deliveries/s", "srv cpu", "vs nats");
+    for t in &tern.throughput {
+        let theirs = nats.and_then(|n| n.throughput.iter().find(|x| x.subscribers == t.subscribers));
+        println!("{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}", "tern", t.subscribers, t.sustained_rate,
+            t.deliveries_per_sec, opt(t.server_cpu, |v| format!("{v:.0}%")),
+            theirs.map_or("-".into(), |n| ratio(t.deliveries_per_sec, n.deliveries_per_sec)));
+        if let Some(n) = theirs {
+            println!("{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}", "nats", n.subscribers, n.sustained_rate,
+                n.deliveries_per_sec, opt(n.server_cpu, |v| format!("{v:.0}%")), "1.00×");
+        }
+    }
+    println!("goal: deliveries/s above NATS's on the same machine and workload (aim 1.5×){}",
+        if nats.is_none() { " — run bench/compare-nats.sh to compare" } else { "" });
+
+    println!();
+    println!("== idle connections ==");
+    println!("{:<6} {:>11} {:>7} {:>12} {:>14}", "target", "connections", "failed", "conn/s", "server B/conn");
+    let idle_rows = [("tern", tern.idle.as_ref()), ("nats", nats.and_then(|n| n.idle.as_ref()))];
+    for (name, i) in idle_rows {
+        if let Some(i) = i {
+            println!("{:<6} {:>11} {:>7} {:>12.0} {:>14}", name, i.connections, i.failed, i.per_sec,
+                opt(i.rss_per_conn, |v| format!("{v:.0}")));
+        }
+    }
+    if let Some(i) = &tern.idle {
+        let per = i.rss_per_conn.unwrap_or(f64::NAN);
+        println!("goal: ≤ 8 KiB (8192 B) of server memory per idle connection: {per:.0} B → {}",
+            if per <= 8192.0 { "met" } else { "not met" });
+        if let Some(n) = nats.and_then(|n| n.idle.as_ref()) {
+            println!("goal: connection rate ≥ 1.5× NATS's: {} → {}", ratio(i.per_sec, n.per_sec),
+                if i.per_sec >= 1.5 * n.per_sec { "met" } else { "not met" });
+        }
+    }
+}

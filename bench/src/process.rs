@@ -1,0 +1,92 @@
+//! The server under test: spawned as a separate process (so its own memory and CPU can be
+//! read from /proc), or an already running one given by PID.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A `tern edge` child process on a free loopback port.
+pub struct TernServer {
+    child: Child,
+    /// `ws://127.0.0.1:PORT`
+    pub url: String,
+    /// Its PID.
+    pub pid: u32,
+}
+
+impl TernServer {
+    /// Starts `tern edge` from the current executable.
+    pub async fn spawn() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(["edge", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn tern edge")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines.next_line().await?.context("tern edge exited before listening")?;
+        // "tern edge NODE listening on ADDR (ws://ADDR/v1/ws)"
+        let addr = line
+            .split_whitespace()
+            .skip_while(|w| *w != "on")
+            .nth(1)
+            .context("unexpected start-up line")?
+            .to_owned();
+        let pid = child.id().context("no pid")?;
+        Ok(Self { child, url: format!("ws://{addr}"), pid })
+    }
+
+    /// Stops the server (SIGKILL; the benchmark is over).
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Resident set size of `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix("VmRSS:") {
+            let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse()?;
+            return Ok(kb * 1024);
+        }
+    }
+    bail!("no VmRSS for pid {pid}")
+}
+
+/// CPU time (user + system) used by `pid` so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
+/// Measures a server's CPU use over an interval.
+pub struct CpuMeter {
+    pid: Option<u32>,
+    start: Instant,
+    cpu: f64,
+}
+
+impl CpuMeter {
+    /// Starts measuring (does nothing without a PID).
+    pub fn start(pid: Option<u32>) -> Self {
+        let cpu = pid.and_then(|p| cpu_seconds(p).ok()).unwrap_or(0.0);
+        Self { pid, start: Instant::now(), cpu }
+    }
+
+    /// Server CPU use since start, in percent of one core.
+    pub fn percent(&self) -> Option<f64> {
+        let now = cpu_seconds(self.pid?).ok()?;
+        Some((now - self.cpu) / self.start.elapsed().as_secs_f64() * 100.0)
+    }
+}

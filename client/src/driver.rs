@@ -1,0 +1,472 @@
+//! The connection task: owns the WebSocket, survives reconnects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tern_proto::client::{
+    Ack, Connect, Connected, ErrorCode, Publish, Subscribe, Unsubscribe, client_frame, server_frame,
+};
+use tern_proto::codec::{self, Format};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::{debug, warn};
+
+use crate::options::ClientOptions;
+use crate::subscription::{Event, Subscription};
+use crate::{ClientError, ConnectionState};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Requests from [`crate::Client`] handles to the driver.
+#[derive(Debug)]
+pub enum Command {
+    /// Subscribe to a channel.
+    Subscribe {
+        /// Channel name.
+        channel: String,
+        /// Where the subscription goes.
+        reply: oneshot::Sender<Result<Subscription, ClientError>>,
+    },
+    /// Publish; the request id is assigned by the driver.
+    Publish {
+        /// The frame.
+        frame: Publish,
+        /// Where the ack goes.
+        reply: oneshot::Sender<Result<Ack, ClientError>>,
+    },
+    /// A subscription was dropped.
+    Drop {
+        /// Its channel.
+        channel: String,
+        /// Its id.
+        id: u64,
+    },
+    /// Close for good.
+    Close {
+        /// Signalled when closed.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Normalises a base URL: `/v1/ws` is added when the path is empty, and the wire format
+/// is selected with `?format=`.
+pub fn normalize_url(url: &str, format: Format) -> Result<String, ClientError> {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| ClientError::InvalidUrl(url.into()))?;
+    let scheme = match scheme {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return Err(ClientError::InvalidUrl(url.into())),
+    };
+    let (rest, query) = rest.split_once('?').map_or((rest, None), |(r, q)| (r, Some(q)));
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| (&rest[..i], &rest[i..]));
+    if authority.is_empty() {
+        return Err(ClientError::InvalidUrl(url.into()));
+    }
+    let path = if path.is_empty() || path == "/" { "/v1/ws" } else { path };
+    let fmt = match format {
+        Format::Json => "json",
+        Format::Protobuf => "proto",
+    };
+    let query = match query {
+        Some(q) if q.split('&').any(|kv| kv.starts_with("format=")) => q.to_owned(),
+        Some(q) if !q.is_empty() => format!("{q}&format={fmt}"),
+        _ => format!("format={fmt}"),
+    };
+    Ok(format!("{scheme}://{authority}{path}?{query}"))
+}
+
+async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), ClientError> {
+    let attempt = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+            .await
+            .map_err(|e| ClientError::Connect(Box::new(e)))?;
+        let connect = Connect {
+            protocol: tern_proto::PROTOCOL_VERSION,
+            client_id: options.client_id.clone().unwrap_or_default(),
+            agent: concat!("tern-rust/", env!("CARGO_PKG_VERSION")).into(),
+            ..Default::default()
+        };
+        send(&mut ws, options.format, client_frame::Kind::Connect(connect))
+            .await
+            .map_err(|e| ClientError::Connect(Box::new(e)))?;
+        loop {
+            let frame = ws.next().await;
+            match frame {
+                Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                    match decode(&m) {
+                        Some(server_frame::Kind::Connected(c)) => return Ok((ws, c)),
+                        Some(server_frame::Kind::Error(e)) => {
+                            return Err(ClientError::Handshake(e.reason));
+                        }
+                        other => {
+                            return Err(ClientError::Handshake(format!("unexpected frame {other:?}")));
+                        }
+                    }
+                }
+                Some(Ok(WsMessage::Close(f))) => {
+                    return Err(ClientError::Handshake(format!("closed: {f:?}")));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::Connect(Box::new(e))),
+                None => return Err(ClientError::Handshake("connection closed".into())),
+            }
+        }
+    };
+    tokio::time::timeout(options.connect_timeout, attempt).await.map_err(|_| ClientError::Timeout)?
+}
+
+async fn send(
+    ws: &mut Ws,
+    format: Format,
+    kind: client_frame::Kind,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let bytes = codec::encode_client(kind, format);
+    let msg = match format {
+        Format::Protobuf => WsMessage::Binary(bytes),
+        Format::Json => WsMessage::Text(bytes.try_into().unwrap_or_default()),
+    };
+    ws.send(msg).await
+}
+
+fn decode(msg: &WsMessage) -> Option<server_frame::Kind> {
+    let r = match msg {
+        WsMessage::Text(t) => codec::decode_server(t.as_bytes(), true),
+        WsMessage::Binary(b) => codec::decode_server(b, false),
+        _ => return None,
+    };
+    r.map_err(|e| warn!(error = %e, "undecodable frame from node")).ok()
+}
+
+/// Opens the first connection and starts the driver.
+pub(crate) async fn start(
+    url: &str,
+    options: Arc<ClientOptions>,
+) -> Result<(mpsc::Sender<Command>, watch::Receiver<ConnectionState>), ClientError> {
+    let url = normalize_url(url, options.format)?;
+    let (ws, connected) = open(&url, &options).await?;
+    // Commands wait here while the driver writes; 256 bounds a burst of API calls.
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected));
+    let driver = Driver {
+        url,
+        options,
+        cmd_weak: cmd_tx.downgrade(),
+        state: state_tx,
+        next_request: 0,
+        next_sub: 0,
+        channels: HashMap::new(),
+        sub_requests: HashMap::new(),
+        publishes: BTreeMap::new(),
+    };
+    tokio::spawn(driver.run(ws, cmd_rx));
+    Ok((cmd_tx, state_rx))
+}
+
+type SubReply = oneshot::Sender<Result<Subscription, ClientError>>;
+
+#[derive(Default)]
+struct ChannelSubs {
+    confirmed: bool,
+    sinks: Vec<(u64, mpsc::Sender<Event>)>,
+    waiting: Vec<(u64, mpsc::Sender<Event>, mpsc::Receiver<Event>, SubReply)>,
+}
+
+struct Driver {
+    url: String,
+    options: Arc<ClientOptions>,
+    cmd_weak: mpsc::WeakSender<Command>,
+    state: watch::Sender<ConnectionState>,
+    next_request: u32,
+    next_sub: u64,
+    channels: HashMap<String, ChannelSubs>,
+    /// Subscribe requests in flight on the current connection.
+    sub_requests: HashMap<u32, String>,
+    /// Unacknowledged publishes, in the order they were made (re-sent after a reconnect).
+    publishes: BTreeMap<u32, (Publish, oneshot::Sender<Result<Ack, ClientError>>)>,
+}
+
+enum Flow {
+    Continue,
+    Lost(String),
+    Stop,
+}
+
+impl Driver {
+    fn request_id(&mut self) -> u32 {
+        self.next_request = self.next_request.wrapping_add(1).max(1);
+        self.next_request
+    }
+
+    async fn run(mut self, mut ws: Ws, mut cmds: mpsc::Receiver<Command>) {
+        loop {
+            let why = match self.serve(&mut ws, &mut cmds).await {
+                Flow::Lost(why) => why,
+                Flow::Continue | Flow::Stop => break,
+            };
+            debug!(%why, "connection lost");
+            if !self.options.reconnect.enabled {
+                break;
+            }
+            let _ = self.state.send(ConnectionState::Connecting);
+            for subs in self.channels.values_mut() {
+                let mut live = Vec::with_capacity(subs.sinks.len());
+                for (id, sink) in subs.sinks.drain(..) {
+                    if sink.send(Event::Discontinuity { reason: why.clone() }).await.is_ok() {
+                        live.push((id, sink));
+                    }
+                }
+                subs.sinks = live;
+            }
+            match self.reconnect(&mut cmds).await {
+                Some(new_ws) => ws = new_ws,
+                None => break,
+            }
+        }
+        let _ = self.state.send(ConnectionState::Closed);
+    }
+
+    /// Reconnects with back-off, taking commands meanwhile. `None` when closed instead.
+    async fn reconnect(&mut self, cmds: &mut mpsc::Receiver<Command>) -> Option<Ws> {
+        let mut attempt = 0;
+        loop {
+            let wake = Instant::now() + self.options.reconnect.delay(attempt);
+            attempt += 1;
+            loop {
+                tokio::select! {
+                    _ = sleep_until(wake) => break,
+                    cmd = cmds.recv() => match cmd {
+                        None => return None,
+                        Some(cmd) => if let Flow::Stop = self.command(None, cmd).await { return None },
+                    }
+                }
+            }
+            match open(&self.url, &self.options).await {
+                Ok((mut ws, c)) => {
+                    let _ = self.state.send(ConnectionState::Connected(c));
+                    match self.resume(&mut ws).await {
+                        Ok(()) => return Some(ws),
+                        Err(e) => debug!(error = %e, attempt, "lost again while resubscribing"),
+                    }
+                }
+                Err(e) => debug!(error = %e, attempt, "reconnect failed"),
+            }
+        }
+    }
+
+    /// After a reconnect: subscribe again, then re-send unacknowledged publishes in order.
+    async fn resume(&mut self, ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.sub_requests.clear();
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        for channel in channels {
+            let request_id = self.request_id();
+            self.sub_requests.insert(request_id, channel.clone());
+            send(ws, self.options.format, client_frame::Kind::Subscribe(Subscribe { request_id, channel }))
+                .await?;
+        }
+        let frames: Vec<Publish> = self.publishes.values().map(|(p, _)| p.clone()).collect();
+        for p in frames {
+            send(ws, self.options.format, client_frame::Kind::Publish(p)).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves one connection; returns `Lost` or `Stop`.
+    async fn serve(&mut self, ws: &mut Ws, cmds: &mut mpsc::Receiver<Command>) -> Flow {
+        let idle = match &*self.state.borrow() {
+            ConnectionState::Connected(c) if c.idle_timeout_ms > 0 => {
+                std::time::Duration::from_millis(u64::from(c.idle_timeout_ms))
+            }
+            _ => std::time::Duration::from_secs(60),
+        };
+        let mut last_seen = Instant::now();
+        loop {
+            let flow = tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => {
+                        let _ = ws.close(None).await;
+                        Flow::Stop
+                    }
+                    Some(cmd) => self.command(Some(ws), cmd).await,
+                },
+                frame = ws.next() => {
+                    last_seen = Instant::now();
+                    match frame {
+                        Some(Ok(WsMessage::Close(f))) => Flow::Lost(format!("closed by node: {f:?}")),
+                        Some(Ok(m)) => match decode(&m) {
+                            Some(kind) => self.on_frame(ws, kind).await,
+                            None => Flow::Continue,
+                        },
+                        Some(Err(e)) => Flow::Lost(e.to_string()),
+                        None => Flow::Lost("connection closed".into()),
+                    }
+                }
+                _ = sleep_until(last_seen + idle) => Flow::Lost(format!("nothing received for {idle:?}")),
+            };
+            match flow {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn write(&mut self, ws: Option<&mut Ws>, kind: client_frame::Kind) -> Flow {
+        let Some(ws) = ws else { return Flow::Continue };
+        match send(ws, self.options.format, kind).await {
+            Ok(()) => Flow::Continue,
+            Err(e) => Flow::Lost(e.to_string()),
+        }
+    }
+
+    async fn command(&mut self, ws: Option<&mut Ws>, cmd: Command) -> Flow {
+        match cmd {
+            Command::Subscribe { channel, reply } => {
+                let (tx, rx) = mpsc::channel(self.options.subscription_buffer.max(1));
+                self.next_sub += 1;
+                let id = self.next_sub;
+                let entry = self.channels.entry(channel.clone()).or_default();
+                if entry.confirmed {
+                    entry.sinks.push((id, tx));
+                    let _ = reply.send(Ok(self.subscription(channel, id, rx)));
+                    return Flow::Continue;
+                }
+                let first = entry.waiting.is_empty();
+                entry.waiting.push((id, tx, rx, reply));
+                if !first {
+                    return Flow::Continue;
+                }
+                let request_id = self.request_id();
+                self.sub_requests.insert(request_id, channel.clone());
+                self.write(ws, client_frame::Kind::Subscribe(Subscribe { request_id, channel })).await
+            }
+            Command::Publish { mut frame, reply } => {
+                frame.request_id = self.request_id();
+                self.publishes.insert(frame.request_id, (frame.clone(), reply));
+                self.write(ws, client_frame::Kind::Publish(frame)).await
+            }
+            Command::Drop { channel, id } => {
+                let Some(entry) = self.channels.get_mut(&channel) else { return Flow::Continue };
+                entry.sinks.retain(|(sid, _)| *sid != id);
+                if entry.sinks.is_empty() && entry.waiting.is_empty() {
+                    self.channels.remove(&channel);
+                    let request_id = self.request_id();
+                    return self
+                        .write(ws, client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }))
+                        .await;
+                }
+                Flow::Continue
+            }
+            Command::Close { done } => {
+                if let Some(ws) = ws {
+                    let _ = ws.close(None).await;
+                    // Read until the node's close reply so it sees a clean close.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                        while ws.next().await.is_some() {}
+                    })
+                    .await;
+                }
+                let _ = self.state.send(ConnectionState::Closed);
+                let _ = done.send(());
+                Flow::Stop
+            }
+        }
+    }
+
+    fn subscription(&self, channel: String, id: u64, rx: mpsc::Receiver<Event>) -> Subscription {
+        // The driver is alive, so some strong sender exists (the caller's).
+        let cmd = self.cmd_weak.upgrade();
+        Subscription { channel, id, rx, cmd: cmd.unwrap_or_else(|| mpsc::channel(1).0) }
+    }
+
+    async fn on_frame(&mut self, ws: &mut Ws, kind: server_frame::Kind) -> Flow {
+        use server_frame::Kind;
+        match kind {
+            Kind::Deliver(d) => {
+                for m in d.messages {
+                    let Some(entry) = self.channels.get_mut(&m.channel) else { continue };
+                    let mut live = Vec::with_capacity(entry.sinks.len());
+                    for (id, sink) in entry.sinks.drain(..) {
+                        // Waiting here is the back-pressure: see ClientOptions::subscription_buffer.
+                        if sink.send(Event::Message(m.clone())).await.is_ok() {
+                            live.push((id, sink));
+                        }
+                    }
+                    entry.sinks = live;
+                    if entry.sinks.is_empty() && entry.waiting.is_empty() && entry.confirmed {
+                        let channel = m.channel.clone();
+                        self.channels.remove(&channel);
+                        let request_id = self.request_id();
+                        let flow = self
+                            .write(Some(ws), client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }))
+                            .await;
+                        if !matches!(flow, Flow::Continue) {
+                            return flow;
+                        }
+                    }
+                }
+            }
+            Kind::Subscribed(s) => {
+                if let Some(channel) = self.sub_requests.remove(&s.request_id) {
+                    let waiting = match self.channels.get_mut(&channel) {
+                        Some(entry) => {
+                            entry.confirmed = true;
+                            std::mem::take(&mut entry.waiting)
+                        }
+                        None => Vec::new(),
+                    };
+                    for (id, tx, rx, reply) in waiting {
+                        if let Some(entry) = self.channels.get_mut(&channel) {
+                            entry.sinks.push((id, tx));
+                        }
+                        let _ = reply.send(Ok(self.subscription(channel.clone(), id, rx)));
+                    }
+                }
+            }
+            Kind::Ack(a) => {
+                if let Some((_, reply)) = self.publishes.remove(&a.request_id) {
+                    let _ = reply.send(Ok(a));
+                }
+            }
+            Kind::Nack(n) => {
+                if let Some((_, reply)) = self.publishes.remove(&n.request_id) {
+                    let code = ErrorCode::try_from(n.code).unwrap_or(ErrorCode::Unspecified);
+                    let _ = reply.send(Err(ClientError::Refused { code, reason: n.reason }));
+                }
+            }
+            Kind::Error(e) => {
+                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+                if let Some(channel) = self.sub_requests.remove(&e.request_id) {
+                    if let Some(entry) = self.channels.remove(&channel) {
+                        for (_, _, _, reply) in entry.waiting {
+                            let _ = reply.send(Err(ClientError::Refused { code, reason: e.reason.clone() }));
+                        }
+                    }
+                } else {
+                    warn!(?code, reason = %e.reason, "error from node");
+                }
+            }
+            Kind::Unsubscribed(_) | Kind::Heartbeat(_) | Kind::Connected(_) => {}
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let n = |u| normalize_url(u, Format::Protobuf);
+        assert_eq!(n("ws://127.0.0.1:7400").unwrap(), "ws://127.0.0.1:7400/v1/ws?format=proto");
+        assert_eq!(n("ws://h:1/").unwrap(), "ws://h:1/v1/ws?format=proto");
+        assert_eq!(n("http://h:1/v1/ws?x=1").unwrap(), "ws://h:1/v1/ws?x=1&format=proto");
+        assert_eq!(n("ws://h:1/v1/ws?format=json").unwrap(), "ws://h:1/v1/ws?format=json");
+        assert!(n("h:1").is_err());
+        assert!(n("ftp://h").is_err());
+    }
+}

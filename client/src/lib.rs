@@ -1,0 +1,210 @@
+//! The Tern Rust client SDK.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tern_client::ClientError> {
+//! use futures_util::StreamExt;
+//! use tern_client::{Client, ClientOptions, Event};
+//!
+//! let client = Client::connect("ws://127.0.0.1:7400", ClientOptions::default()).await?;
+//! let mut sub = client.subscribe("chat:lobby").await?;
+//! client.publish("chat:lobby", "hello").await?;
+//! while let Some(Event::Message(m)) = sub.next().await {
+//!     println!("{:?}", m.data);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! One background task (the driver) owns the WebSocket. It answers pings, matches replies
+//! to requests, routes deliveries to subscriptions, and on a lost connection reconnects with
+//! exponential back-off and jitter, subscribes again and re-sends unacknowledged publishes
+//! with their original ids (the node de-duplicates them). Until resume lands, a reconnect
+//! tells every subscription with [`Event::Discontinuity`] that messages may have been missed:
+//! never a silent hole.
+//!
+//! Modules: [`options`] (settings), [`driver`] (the connection task), [`subscription`].
+
+pub mod driver;
+pub mod options;
+pub mod subscription;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tern_proto::client::{Ack, Connected, ErrorCode, Publish, publish};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use options::{ClientOptions, ReconnectPolicy};
+pub use subscription::{Event, Subscription};
+pub use tern_proto::client::Message;
+pub use tern_proto::codec::Format;
+
+use driver::Command;
+
+/// Errors of client operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not a ws:// or wss:// URL.
+    #[error("invalid URL {0:?}: expected ws://host:port[/v1/ws]")]
+    InvalidUrl(String),
+    /// The connection could not be opened. Retrying later may help.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The node did not complete the protocol handshake.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// The node refused the request; retrying unchanged will not help.
+    #[error("refused ({code:?}): {reason}")]
+    Refused {
+        /// The protocol error code.
+        code: ErrorCode,
+        /// The node's explanation.
+        reason: String,
+    },
+    /// No answer within `ClientOptions::request_timeout`. The request may still take effect.
+    #[error("no answer within the request timeout")]
+    Timeout,
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+/// A payload: text or bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// UTF-8 text.
+    Text(String),
+    /// Bytes.
+    Binary(Bytes),
+}
+
+impl From<&str> for Payload {
+    fn from(s: &str) -> Self {
+        Self::Text(s.to_owned())
+    }
+}
+impl From<String> for Payload {
+    fn from(s: String) -> Self {
+        Self::Text(s)
+    }
+}
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        Self::Binary(b)
+    }
+}
+impl From<Vec<u8>> for Payload {
+    fn from(b: Vec<u8>) -> Self {
+        Self::Binary(b.into())
+    }
+}
+
+/// Connection state, observable with [`Client::state`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectionState {
+    /// Connecting or reconnecting.
+    Connecting,
+    /// Connected; the node's Connected frame.
+    Connected(Connected),
+    /// Closed for good.
+    Closed,
+}
+
+/// A connection to a Tern node that survives reconnects. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    cmd: mpsc::Sender<Command>,
+    state: watch::Receiver<ConnectionState>,
+    ids: Arc<IdGen>,
+    options: Arc<ClientOptions>,
+}
+
+#[derive(Debug)]
+struct IdGen {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Client {
+    /// Connects to `url` (`ws://host:port`; `/v1/ws` is added when the path is empty). The
+    /// first connection must succeed; later losses are repaired in the background.
+    pub async fn connect(url: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let options = Arc::new(options);
+        let (cmd, state) = driver::start(url, options.clone()).await?;
+        let prefix = format!("{:016x}", rand::random::<u64>());
+        Ok(Self { cmd, state, ids: Arc::new(IdGen { prefix, next: AtomicU64::new(1) }), options })
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// The Connected frame of the current connection, if connected.
+    pub fn connected(&self) -> Option<Connected> {
+        match &*self.state.borrow() {
+            ConnectionState::Connected(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Command,
+    ) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(make(tx)).await.map_err(|_| ClientError::Closed)?;
+        match tokio::time::timeout(self.options.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Subscribes to a channel. Resolves once the node confirmed; deliveries follow on the
+    /// returned stream.
+    pub async fn subscribe(&self, channel: &str) -> Result<Subscription, ClientError> {
+        let channel = channel.to_owned();
+        self.request(|reply| Command::Subscribe { channel, reply }).await
+    }
+
+    /// Publishes `data` on `channel` and waits for the node's ack.
+    pub async fn publish(&self, channel: &str, data: impl Into<Payload>) -> Result<Ack, ClientError> {
+        self.publish_with(channel, "", None, data).await
+    }
+
+    /// Publishes with an event name and an optional idempotency key (generated when `None`;
+    /// re-sent unchanged after a reconnect, so the message is delivered once).
+    pub async fn publish_with(
+        &self,
+        channel: &str,
+        name: &str,
+        id: Option<&str>,
+        data: impl Into<Payload>,
+    ) -> Result<Ack, ClientError> {
+        let id = match id {
+            Some(id) => id.to_owned(),
+            None => format!("{}-{}", self.ids.prefix, self.ids.next.fetch_add(1, Ordering::Relaxed)),
+        };
+        let data = match data.into() {
+            Payload::Text(t) => publish::Data::Text(t),
+            Payload::Binary(b) => publish::Data::Binary(b),
+        };
+        let frame = Publish {
+            request_id: 0,
+            channel: channel.to_owned(),
+            id,
+            name: name.to_owned(),
+            data: Some(data),
+        };
+        self.request(|reply| Command::Publish { frame, reply }).await
+    }
+
+    /// Closes the connection (close code 1000) and stops reconnecting.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Command::Close { done: tx }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}

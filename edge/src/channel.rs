@@ -1,0 +1,276 @@
+//! The channel registry: sequencing, de-duplication and fan-out to local subscribers.
+//!
+//! Each channel has one lock. A publish takes it, assigns the origin sequence and the log
+//! offset, and pushes the shared encoded message into every subscriber's outbox before
+//! releasing it, so every subscriber sees one channel order and each publisher's messages
+//! in the order it sent them. Nothing under the lock waits: a full outbox is an overflow
+//! (see [`crate::fanout`]), never a stall.
+//!
+//! A channel that was never published to is dropped with its last subscriber. A channel
+//! that was keeps its counters (so origin sequences are never reused within an epoch) and
+//! its de-duplication window. The durable log (a later issue) bounds that by retention.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tern_proto::client::{Message, Position, message};
+use tern_proto::codec::EncodedMessage;
+use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId, Offset, Seq};
+
+use crate::fanout::{Outbox, Outgoing};
+
+/// A message to publish, already validated.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The client's idempotency key, if it chose one.
+    pub id: Option<String>,
+    /// Event name.
+    pub name: String,
+    /// Payload.
+    pub data: Option<message::Data>,
+    /// Publisher's client id.
+    pub client_id: String,
+}
+
+/// The result of a publish: what the publisher's ack carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Message id (the client's or a generated one).
+    pub message_id: String,
+    /// Origin sequence.
+    pub seq: Seq,
+    /// Log offset on this node.
+    pub offset: Offset,
+    /// Origin timestamp, unix ms.
+    pub timestamp_ms: u64,
+    /// True when the id was seen within the dedupe window: nothing was delivered again.
+    pub duplicate: bool,
+}
+
+/// Registry limits.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Ids remembered per channel.
+    pub dedupe_ids: usize,
+    /// How long they are remembered.
+    pub dedupe_window: Duration,
+}
+
+/// All channels of a node.
+#[derive(Debug)]
+pub struct Hub {
+    node: NodeId,
+    epoch: Epoch,
+    limits: HubLimits,
+    channels: RwLock<HashMap<ChannelName, Arc<Channel>>>,
+}
+
+#[derive(Debug)]
+struct Channel {
+    state: Mutex<ChannelState>,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    /// Last origin sequence this node assigned.
+    seq: u64,
+    /// Last log offset.
+    offset: u64,
+    subscribers: HashMap<ConnectionId, Outbox>,
+    dedupe: Dedupe,
+    /// Set when the registry dropped this channel; holders must look it up again.
+    removed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Dedupe {
+    seen: HashMap<String, Accepted>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Dedupe {
+    fn prune(&mut self, now: Instant, limits: &HubLimits) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < limits.dedupe_window && self.order.len() <= limits.dedupe_ids {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.seen.remove(&id);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a channel lock leaves consistent counters (they are bumped
+    // before anything that can panic), so continuing is safe.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Hub {
+    /// Creates an empty registry for `node` in `epoch`.
+    pub fn new(node: NodeId, epoch: Epoch, limits: HubLimits) -> Self {
+        Self { node, epoch, limits, channels: RwLock::new(HashMap::new()) }
+    }
+
+    /// This node's log epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Number of channels held.
+    pub fn channel_count(&self) -> usize {
+        self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn channel(&self, name: &ChannelName) -> Arc<Channel> {
+        if let Some(c) = self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name) {
+            return c.clone();
+        }
+        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        map.entry(name.clone())
+            .or_insert_with(|| Arc::new(Channel { state: Mutex::new(ChannelState::default()) }))
+            .clone()
+    }
+
+    /// Runs `f` on the live state of `name`, creating the channel if needed.
+    fn with_state<R>(&self, name: &ChannelName, mut f: impl FnMut(&mut ChannelState) -> R) -> R {
+        loop {
+            let channel = self.channel(name);
+            let mut state = lock(&channel.state);
+            if !state.removed {
+                return f(&mut state);
+            }
+        }
+    }
+
+    /// Adds a subscriber. Returns the channel position at which its live stream starts.
+    pub fn subscribe(&self, name: &ChannelName, conn: ConnectionId, outbox: Outbox) -> Position {
+        let epoch = self.epoch.0;
+        self.with_state(name, |state| {
+            state.subscribers.insert(conn, outbox.clone());
+            Position { epoch, offset: state.offset }
+        })
+    }
+
+    /// Removes a subscriber. `then` is queued to its outbox after the last message of the
+    /// channel it will get, so it arrives in order (e.g. the `Unsubscribed` frame).
+    pub fn unsubscribe(&self, name: &ChannelName, conn: ConnectionId, then: Option<Outgoing>) {
+        let Some(channel) =
+            self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        else {
+            return;
+        };
+        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&channel.state);
+        if let Some(outbox) = state.subscribers.remove(&conn) {
+            if let Some(item) = then {
+                outbox.push(item);
+            }
+        }
+        let unused = state.subscribers.is_empty() && state.seq == 0 && state.offset == 0;
+        if unused && !state.removed {
+            state.removed = true;
+            if let Entry::Occupied(e) = map.entry(name.clone()) {
+                if Arc::ptr_eq(e.get(), &channel) {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Sequences a message on `name` and delivers it to every local subscriber.
+    pub fn publish(&self, name: &ChannelName, msg: NewMessage) -> Accepted {
+        let now = Instant::now();
+        let timestamp_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.with_state(name, |state| {
+            state.dedupe.prune(now, &self.limits);
+            if let Some(id) = &msg.id {
+                if let Some(prev) = state.dedupe.seen.get(id) {
+                    return Accepted { duplicate: true, ..prev.clone() };
+                }
+            }
+            state.seq += 1;
+            state.offset += 1;
+            let message_id = match &msg.id {
+                Some(id) => id.clone(),
+                None => format!("{}:{:x}:{}", self.node, self.epoch.0, state.seq),
+            };
+            let accepted = Accepted {
+                message_id: message_id.clone(),
+                seq: Seq(state.seq),
+                offset: Offset(state.offset),
+                timestamp_ms,
+                duplicate: false,
+            };
+            if let Some(id) = &msg.id {
+                state.dedupe.seen.insert(id.clone(), accepted.clone());
+                state.dedupe.order.push_back((now, id.clone()));
+            }
+            let encoded = Arc::new(EncodedMessage::new(Message {
+                channel: name.as_str().to_owned(),
+                id: message_id,
+                name: msg.name.clone(),
+                data: msg.data.clone(),
+                client_id: msg.client_id.clone(),
+                origin: self.node.as_str().to_owned(),
+                origin_epoch: self.epoch.0,
+                origin_seq: state.seq,
+                position: Some(Position { epoch: self.epoch.0, offset: state.offset }),
+                timestamp_ms,
+            }));
+            // Overflowed subscribers are dropped here; their sessions close with 4001.
+            state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
+            accepted
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::outbox;
+    use tern_proto::types::RegionId;
+
+    fn hub() -> Hub {
+        let node = NodeId::new(&RegionId::parse("r").unwrap(), "n").unwrap();
+        Hub::new(node, Epoch(7), HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120) })
+    }
+
+    fn msg(id: Option<&str>) -> NewMessage {
+        NewMessage { id: id.map(str::to_owned), name: String::new(), data: None, client_id: String::new() }
+    }
+
+    #[test]
+    fn sequences_dedupes_and_forgets_oldest_ids() {
+        let hub = hub();
+        let ch = ChannelName::parse("a:b").unwrap();
+        let a = hub.publish(&ch, msg(Some("x")));
+        assert_eq!((a.seq, a.duplicate), (Seq(1), false));
+        let again = hub.publish(&ch, msg(Some("x")));
+        assert_eq!(again, Accepted { duplicate: true, ..a });
+        assert_eq!(hub.publish(&ch, msg(None)).seq, Seq(2));
+        hub.publish(&ch, msg(Some("y")));
+        hub.publish(&ch, msg(Some("z")));
+        // Only two ids are kept: "x" was forgotten and is sequenced anew.
+        assert!(!hub.publish(&ch, msg(Some("x"))).duplicate);
+    }
+
+    #[test]
+    fn unused_channels_are_dropped_used_ones_keep_their_sequence() {
+        let hub = hub();
+        let ch = ChannelName::parse("a").unwrap();
+        let (tx, _rx) = outbox(8, 1 << 20);
+        hub.subscribe(&ch, ConnectionId(1), tx.clone());
+        hub.unsubscribe(&ch, ConnectionId(1), None);
+        assert_eq!(hub.channel_count(), 0);
+        hub.publish(&ch, msg(None));
+        hub.subscribe(&ch, ConnectionId(1), tx);
+        hub.unsubscribe(&ch, ConnectionId(1), None);
+        assert_eq!(hub.channel_count(), 1);
+        assert_eq!(hub.publish(&ch, msg(None)).seq, Seq(2));
+    }
+}

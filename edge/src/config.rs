@@ -1,0 +1,320 @@
+//! Node configuration: the TOML file (`tern edge --config FILE`) and its validation.
+//!
+//! Every option is documented in `deploy/edge.example.toml`. Unknown keys are refused, and
+//! values that make no sense (zero limits, a heartbeat longer than the idle timeout) are
+//! refused at start-up with the field's name.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tern_proto::types::{NameError, NodeId, RegionId};
+
+/// The configuration file, as written by an operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Who this node is.
+    pub node: NodeConfig,
+    /// Where it listens.
+    pub listen: ListenConfig,
+    /// Resource limits.
+    pub limits: LimitsConfig,
+    /// Liveness.
+    pub heartbeat: HeartbeatConfig,
+    /// Timeouts.
+    pub timeouts: TimeoutsConfig,
+    /// WebSocket tuning.
+    pub websocket: WebSocketConfig,
+}
+
+/// `[node]`: identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Region id, e.g. `eu-west`.
+    pub region: String,
+    /// Node name, unique in its region, e.g. `edge-1`.
+    pub name: String,
+}
+
+/// `[listen]`: addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Client address: WebSocket `/v1/ws` and the HTTP API.
+    pub client: SocketAddr,
+}
+
+/// `[limits]`: every resource has one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most concurrent WebSocket connections; more get HTTP 503.
+    pub max_connections: usize,
+    /// Most channels one connection may be subscribed to.
+    pub max_channels_per_connection: usize,
+    /// Largest message payload in bytes; larger publishes are refused (nack / HTTP 413).
+    pub max_message_bytes: usize,
+    /// Largest WebSocket message in bytes; larger closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Messages queued for one connection before it is closed as a slow consumer (4001).
+    pub send_queue_messages: usize,
+    /// Payload bytes queued for one connection before it is closed as a slow consumer.
+    pub send_queue_bytes: usize,
+    /// Client-chosen message ids remembered per channel for de-duplication.
+    pub dedupe_ids_per_channel: usize,
+    /// How long a client-chosen message id is remembered.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+}
+
+/// `[heartbeat]`: liveness in both directions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// How often the node pings each client.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A connection silent for this long is closed (4000) and cleaned up.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Time allowed between the WebSocket opening and the client's Connect frame.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Time allowed for an HTTP request's headers to arrive.
+    #[serde(with = "humantime_serde")]
+    pub http_header: Duration,
+    /// Time allowed for a close frame to be flushed to a client before the socket drops.
+    #[serde(with = "humantime_serde")]
+    pub close: Duration,
+    /// On SIGTERM/SIGINT, how long open connections get to close before the node exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[websocket]`: buffer sizing and batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Read buffer per connection, in bytes (the library default is 128 KiB).
+    pub read_buffer_bytes: usize,
+    /// Most messages packed into one Deliver frame.
+    pub max_batch_messages: usize,
+    /// Most bytes packed into one Deliver frame (a single larger message still goes alone).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self { region: "local".into(), name: "edge-1".into() }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self { client: SocketAddr::from(([127, 0, 0, 1], 7400)) }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            // Tuned for a 2-core node with a few GiB: idle connections cost a few KiB each.
+            max_connections: 100_000,
+            // Enough for a chat app with many rooms open; bounds per-connection state.
+            max_channels_per_connection: 100,
+            max_message_bytes: 64 * 1024,
+            // Room for a max-size binary payload in JSON (base64, +33%) plus fields.
+            max_frame_bytes: 96 * 1024,
+            // About a second of a busy channel; a reader further behind is too slow.
+            send_queue_messages: 1024,
+            send_queue_bytes: 4 * 1024 * 1024,
+            // Ably-like: retries within two minutes are de-duplicated.
+            dedupe_ids_per_channel: 100_000,
+            dedupe_window: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        // Below common proxy/NAT idle cut-offs (60 s); two missed pings close the connection.
+        Self { interval: Duration::from_secs(20), idle_timeout: Duration::from_secs(45) }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            http_header: Duration::from_secs(10),
+            close: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        // 4 KiB reads a typical publish in one go while keeping idle connections small.
+        Self { read_buffer_bytes: 4096, max_batch_messages: 256, max_batch_bytes: 64 * 1024 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node: NodeConfig::default(),
+            listen: ListenConfig::default(),
+            limits: LimitsConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            websocket: WebSocketConfig::default(),
+        }
+    }
+}
+
+/// Why a configuration was refused. The operator's fault; fix the file and restart.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type).
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A region or node name is malformed.
+    #[error("invalid config: {0}")]
+    Name(#[from] NameError),
+    /// A value is out of range.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// Dotted field name, e.g. `limits.max_frame_bytes`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks every value and builds the runtime settings.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let region = RegionId::parse(&self.node.region)?;
+        let node = NodeId::new(&region, &self.node.name)?;
+        let l = &self.limits;
+        let nonzero = [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_channels_per_connection", l.max_channels_per_connection),
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.send_queue_messages", l.send_queue_messages),
+            ("limits.send_queue_bytes", l.send_queue_bytes),
+            ("websocket.read_buffer_bytes", self.websocket.read_buffer_bytes),
+            ("websocket.max_batch_messages", self.websocket.max_batch_messages),
+            ("websocket.max_batch_bytes", self.websocket.max_batch_bytes),
+        ];
+        for (field, v) in nonzero {
+            if v == 0 {
+                return Err(ConfigError::Invalid { field, reason: "must be greater than 0".into() });
+            }
+        }
+        let need = l.max_message_bytes / 3 * 4 + 4096;
+        if l.max_frame_bytes < need {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_frame_bytes",
+                reason: format!(
+                    "must be at least {need} to carry a max-size payload as base64 JSON \
+                     (limits.max_message_bytes * 4/3 + 4096)"
+                ),
+            });
+        }
+        if l.max_message_bytes > u32::MAX as usize || l.max_frame_bytes > u32::MAX as usize {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_frame_bytes",
+                reason: "must be below 4 GiB".into(),
+            });
+        }
+        if l.dedupe_window < Duration::from_secs(120) {
+            return Err(ConfigError::Invalid {
+                field: "limits.dedupe_window",
+                reason: "must be at least 2m (the delivery contract's dedupe window)".into(),
+            });
+        }
+        let hb = &self.heartbeat;
+        if hb.interval.is_zero() || hb.idle_timeout <= hb.interval {
+            return Err(ConfigError::Invalid {
+                field: "heartbeat.idle_timeout",
+                reason: "must be longer than heartbeat.interval, which must be above 0".into(),
+            });
+        }
+        Ok(Settings { node, region, config: self })
+    }
+}
+
+/// Validated runtime settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's id.
+    pub node: NodeId,
+    /// This node's region.
+    pub region: RegionId,
+    /// The validated configuration.
+    pub config: Config,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let s = Config::default().validate().unwrap();
+        assert_eq!(s.node.as_str(), "local/edge-1");
+    }
+
+    #[test]
+    fn unknown_keys_and_nonsense_are_refused() {
+        let e = Config::from_toml("[limits]\nmax_conections = 5\n").unwrap_err();
+        assert!(e.to_string().contains("max_conections"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_connections = 0\n").unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("limits.max_connections"), "{e}");
+        let e = Config::from_toml("[heartbeat]\ninterval = \"30s\"\nidle_timeout = \"10s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("heartbeat.idle_timeout"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_frame_bytes = 1000\n").unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("limits.max_frame_bytes"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../deploy/edge.example.toml");
+        Config::from_toml(text).unwrap().validate().unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! HTTP on the client port: WebSocket upgrade at `/v1/ws`, health, latency probe, HTTP publish.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tern_proto::client::{self, ErrorCode, Position, publish};
+use tern_proto::codec::Format;
+use tern_proto::{SUBPROTOCOL_JSON, SUBPROTOCOL_PROTOBUF};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::debug;
+
+use crate::node::Node;
+use crate::publish::{self as pubmod, PublishRequest};
+use crate::session;
+
+/// Builds the router for the client port.
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node.settings().config.limits.max_frame_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/ping", get(ping))
+        .route("/v1/ws", get(websocket))
+        .route("/v1/channels/{channel}/messages", post(http_publish))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> StatusCode {
+    if node.shutdown().is_cancelled() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+}
+
+async fn ping(State(node): State<Arc<Node>>) -> Response {
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(node.settings().region.as_str()) {
+        res.headers_mut().insert("x-tern-region", v);
+    }
+    res
+}
+
+fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Response {
+    let body = client::Error { request_id: 0, code: code as i32, reason, channel: String::new() };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, text).into_response()
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    format: Option<String>,
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Upgrades to a WebSocket session. The wire format comes from `?format=json|proto`, or
+/// from the subprotocol (`tern.v1.json` / `tern.v1.proto`); JSON is the default.
+async fn websocket(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<WsQuery>,
+    mut req: Request,
+) -> Response {
+    let headers = req.headers();
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return plain(StatusCode::UPGRADE_REQUIRED, "this endpoint needs a WebSocket upgrade\n");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13\n");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offered = |p: &str| header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, p);
+    let (format, subprotocol) = match q.format.as_deref() {
+        Some(f) => match Format::parse(f) {
+            Some(f) => (f, None),
+            None => return plain(StatusCode::BAD_REQUEST, "format must be json or proto\n"),
+        },
+        None if offered(SUBPROTOCOL_PROTOBUF) => (Format::Protobuf, Some(SUBPROTOCOL_PROTOBUF)),
+        None if offered(SUBPROTOCOL_JSON) => (Format::Json, Some(SUBPROTOCOL_JSON)),
+        None => (Format::Json, None),
+    };
+    if node.shutdown().is_cancelled() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
+    }
+    let Some(admission) = node.admit() else {
+        let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n");
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return res;
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded\n");
+    };
+    let cfg = &node.settings().config;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(cfg.websocket.read_buffer_bytes)
+        // Frames are written as soon as they are queued; batching happens above.
+        .write_buffer_size(0)
+        .max_write_buffer_size(cfg.websocket.max_batch_bytes * 4 + cfg.limits.max_frame_bytes)
+        .max_message_size(Some(cfg.limits.max_frame_bytes))
+        .max_frame_size(Some(cfg.limits.max_frame_bytes));
+    node.tracker().spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                session::run(ws, format, admission).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    res
+}
+
+/// `POST /v1/channels/{channel}/messages`.
+///
+/// Body: `application/json` in the `Publish` frame's JSON form (`{"id":"…","name":"…",
+/// "text":"…"}` or `"binary":"<base64>"`), `text/plain` (the body is the text), or
+/// `application/octet-stream` (the body is the binary payload). Answers 201 with the `Ack`
+/// frame's JSON form.
+async fn http_publish(
+    State(node): State<Arc<Node>>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_else(|| "application/json".into());
+    let req = match content_type.as_str() {
+        "application/json" => match serde_json::from_slice::<client::Publish>(&body) {
+            Ok(p) if !p.channel.is_empty() && p.channel != channel => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidArgument,
+                    "the body's channel differs from the URL's".into(),
+                );
+            }
+            Ok(p) => PublishRequest { channel, id: p.id, name: p.name, data: p.data },
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
+            }
+        },
+        "text/plain" => match String::from_utf8(body.to_vec()) {
+            Ok(t) => PublishRequest { channel, data: Some(publish::Data::Text(t)), ..Default::default() },
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame,
+                    "text/plain body is not UTF-8".into(),
+                );
+            }
+        },
+        "application/octet-stream" => {
+            PublishRequest { channel, data: Some(publish::Data::Binary(body)), ..Default::default() }
+        }
+        other => {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadFrame,
+                format!("content type {other:?}: use application/json, text/plain or application/octet-stream"),
+            );
+        }
+    };
+    let channel_name = req.channel.clone();
+    match pubmod::publish(&node, req, "http") {
+        Ok((_, a)) => {
+            let ack = client::Ack {
+                request_id: 0,
+                channel: channel_name,
+                message_id: a.message_id,
+                origin_seq: a.seq.0,
+                position: Some(Position { epoch: node.hub().epoch().0, offset: a.offset.0 }),
+                timestamp_ms: a.timestamp_ms,
+                duplicate: a.duplicate,
+            };
+            let json = serde_json::to_vec(&ack).unwrap_or_default();
+            let status = if a.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+        }
+        Err(e) => error_response(e.http_status(), e.code(), e.to_string()),
+    }
+}

@@ -1,0 +1,35 @@
+//! The Tern edge server.
+//!
+//! A tour of the modules, following a message:
+//!
+//! ```text
+//!  client ─ws─▶ server (accept, HTTP/1.1) ─▶ http (/v1/ws upgrade, HTTP API)
+//!                                                │
+//!                                                ▼
+//!                          session (one task per connection: decode, handle, write)
+//!                                                │ publish (validated in `publish`)
+//!                                                ▼
+//!                     channel::Hub (sequence, de-duplicate, fan out under the channel lock)
+//!                                                │ Arc<EncodedMessage>, encoded once per format
+//!                                                ▼
+//!                         fanout::Outbox (bounded; overflow = slow consumer, 4001)
+//!                                                │ batches: many messages, one frame
+//!                                                ▼
+//!                                       subscriber sessions ─ws─▶ clients
+//! ```
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`node`]: shared state (settings, hub, connection slots, shutdown token, task tracker).
+//! - [`server`]: the listener and graceful shutdown.
+
+pub mod channel;
+pub mod config;
+pub mod fanout;
+pub mod http;
+pub mod node;
+pub mod publish;
+pub mod server;
+pub mod session;
+
+pub use config::{Config, ConfigError, Settings};
+pub use server::{BindError, Server};

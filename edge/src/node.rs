@@ -1,0 +1,98 @@
+//! The node: shared state of one `tern edge` process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tern_proto::types::{ConnectionId, Epoch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::channel::{Hub, HubLimits};
+use crate::config::Settings;
+
+/// Shared state of a node, handed to every session and request handler.
+#[derive(Debug)]
+pub struct Node {
+    settings: Settings,
+    hub: Hub,
+    connections: AtomicUsize,
+    next_connection: AtomicU64,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Node {
+    /// Builds the node state. The epoch is random until the durable log gives it a home.
+    pub fn new(settings: Settings, shutdown: CancellationToken) -> Arc<Self> {
+        let limits = &settings.config.limits;
+        let hub_limits =
+            HubLimits { dedupe_ids: limits.dedupe_ids_per_channel, dedupe_window: limits.dedupe_window };
+        // Keep epochs within JavaScript's safe integer range (2^53) for browser clients.
+        let epoch = Epoch(rand::random::<u64>() >> 11);
+        let hub = Hub::new(settings.node.clone(), epoch, hub_limits);
+        Arc::new(Self {
+            settings,
+            hub,
+            connections: AtomicUsize::new(0),
+            next_connection: AtomicU64::new(1),
+            shutdown,
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Validated settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The channel registry.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Cancelled when the node shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Tracks every connection task, so shutdown can wait for them.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Open WebSocket connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a connection slot, or `None` at `limits.max_connections`.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let max = self.settings.config.limits.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
+        Some(Admission { node: self.clone(), id })
+    }
+}
+
+/// A reserved connection slot; released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    node: Arc<Node>,
+    /// The connection's id.
+    pub id: ConnectionId,
+}
+
+impl Admission {
+    /// The node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}

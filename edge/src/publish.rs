@@ -1,0 +1,92 @@
+//! Publishing, shared by the WebSocket session and the HTTP API: parse → apply, with the
+//! errors mapped to the wire in one place.
+
+use tern_proto::client::{ErrorCode, message, publish};
+use tern_proto::types::{ChannelName, ChannelNameError, check_event_name, check_message_id};
+
+use crate::channel::{Accepted, NewMessage};
+use crate::node::Node;
+
+/// A publish as received, before validation.
+#[derive(Debug, Default)]
+pub struct PublishRequest {
+    /// Channel name as sent.
+    pub channel: String,
+    /// Client-chosen id, or empty.
+    pub id: String,
+    /// Event name.
+    pub name: String,
+    /// Payload.
+    pub data: Option<publish::Data>,
+}
+
+/// Why a publish was refused. Always the publisher's fault; retrying unchanged won't help.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel name breaks the grammar.
+    #[error("invalid channel: {0}")]
+    InvalidChannel(#[from] ChannelNameError),
+    /// The message id or event name is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The payload is over the limit.
+    #[error("payload is {len} bytes; the limit is {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl PublishError {
+    /// The protocol error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidChannel(_) => ErrorCode::InvalidChannel,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
+        }
+    }
+
+    /// The HTTP status for the HTTP API.
+    pub fn http_status(&self) -> http::StatusCode {
+        match self {
+            Self::TooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Validates and publishes. Returns the parsed channel and the ack contents.
+pub fn publish(
+    node: &Node,
+    req: PublishRequest,
+    client_id: &str,
+) -> Result<(ChannelName, Accepted), PublishError> {
+    let channel = ChannelName::parse(&req.channel)?;
+    check_message_id(&req.id).map_err(PublishError::InvalidArgument)?;
+    check_event_name(&req.name).map_err(PublishError::InvalidArgument)?;
+    let max = node.settings().config.limits.max_message_bytes;
+    let data = match req.data {
+        Some(publish::Data::Text(t)) => Some(message::Data::Text(t)),
+        Some(publish::Data::Binary(b)) => Some(message::Data::Binary(b)),
+        None => None,
+    };
+    let len = match &data {
+        Some(message::Data::Text(t)) => t.len(),
+        Some(message::Data::Binary(b)) => b.len(),
+        None => 0,
+    };
+    if len > max {
+        return Err(PublishError::TooLarge { len, max });
+    }
+    let msg = NewMessage {
+        id: (!req.id.is_empty()).then_some(req.id),
+        name: req.name,
+        data,
+        client_id: client_id.to_owned(),
+    };
+    let accepted = node.hub().publish(&channel, msg);
+    Ok((channel, accepted))
+}

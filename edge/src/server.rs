@@ -1,0 +1,108 @@
+//! The listener: accepts TCP connections, serves HTTP/1.1 with upgrades, shuts down by token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::http::router;
+use crate::node::Node;
+
+/// A bound edge server.
+#[derive(Debug)]
+pub struct Server {
+    node: Arc<Node>,
+    listener: TcpListener,
+}
+
+/// Why the server could not start. Retrying helps only once the address is free.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+impl Server {
+    /// Binds the client port. `shutdown` stops the server when cancelled.
+    pub async fn bind(settings: Settings, shutdown: CancellationToken) -> Result<Self, BindError> {
+        let addr = settings.config.listen.client;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
+        Ok(Self { node: Node::new(settings, shutdown), listener })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has an address.
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The node state.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves until the shutdown token is cancelled, then closes every WebSocket with 1001
+    /// and waits up to `timeouts.shutdown_grace` for the connections to finish.
+    pub async fn run(self) {
+        let Self { node, listener } = self;
+        let shutdown = node.shutdown().clone();
+        let service = TowerToHyperService::new(router(node.clone()));
+        let header_timeout = node.settings().config.timeouts.http_header;
+        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            node = %node.settings().node, "listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Usually EMFILE: back off briefly instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let service = service.clone();
+            let shutdown = shutdown.clone();
+            node.tracker().spawn(async move {
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "http connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let tracker = node.tracker();
+        tracker.close();
+        let grace = node.settings().config.timeouts.shutdown_grace;
+        let open = node.connection_count();
+        info!(open, ?grace, "shutting down: closing connections");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(left = tracker.len(), "shutdown grace period over; dropping the rest");
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! One WebSocket connection: frame handling, delivery batching, heartbeats, close codes.
+//!
+//! ```text
+//!   socket ──read──▶ decode ─▶ handle (connect/subscribe/publish/…) ─▶ replies ─┐
+//!                                         │ publish                             │
+//!                                         ▼                                     ▼
+//!                                   channel::Hub ──push──▶ Outbox ──batch──▶ socket
+//! ```
+//!
+//! A session is one task with one `select!` loop, so an idle connection costs one task and
+//! its buffers. It ends with a close code that says why (see `tern_proto::close`), and
+//! removes every subscription it held: no zombies.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tern_proto::client::{
+    self, Connected, ErrorCode, Limits, Nack, Position, Subscribed, Unsubscribed, client_frame,
+    server_frame,
+};
+use tern_proto::close;
+use tern_proto::codec::{self, EncodedMessage, Format};
+use tern_proto::types::{ChannelName, ConnectionId};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use crate::fanout::{self, Outbox, OutboxReceiver, Outgoing};
+use crate::node::{Admission, Node};
+use crate::publish::{self, PublishRequest};
+
+/// Why a session ends.
+#[derive(Debug)]
+enum End {
+    /// Close the WebSocket with this code and reason.
+    Close(u16, String),
+    /// The peer is gone (closed, reset); nothing to send.
+    Gone,
+}
+
+struct Session {
+    node: Arc<Node>,
+    id: ConnectionId,
+    format: Format,
+    client_id: Option<String>,
+    channels: HashSet<ChannelName>,
+    outbox: Outbox,
+    /// Frames to write after handling the current input.
+    replies: Vec<WsMessage>,
+    /// Reused between batches.
+    batch: Vec<Arc<EncodedMessage>>,
+}
+
+/// Runs a session to its end.
+pub async fn run<S>(ws: WebSocketStream<S>, format: Format, admission: Admission)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let span = info_span!("session", conn = %admission.id, ?format);
+    run_inner(ws, format, admission).instrument(span).await
+}
+
+async fn run_inner<S>(mut ws: WebSocketStream<S>, format: Format, admission: Admission)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let node = admission.node().clone();
+    let cfg = node.settings().config.clone();
+    let (outbox, mut rx) =
+        fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes);
+    let mut session = Session {
+        node: node.clone(),
+        id: admission.id,
+        format,
+        client_id: None,
+        channels: HashSet::new(),
+        outbox,
+        replies: Vec::new(),
+        batch: Vec::new(),
+    };
+    let shutdown = node.shutdown().clone();
+    let overflow = rx.overflow();
+    let hb = cfg.heartbeat.interval;
+    let idle = cfg.heartbeat.idle_timeout;
+    let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    let connect_deadline = sleep_until(Instant::now() + cfg.timeouts.connect);
+    tokio::pin!(connect_deadline);
+
+    let end = loop {
+        let step = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down".into())),
+            _ = overflow.cancelled() => Err(slow_consumer()),
+            _ = &mut connect_deadline, if session.client_id.is_none() => Err(End::Close(
+                close::PROTOCOL_VIOLATION,
+                "no Connect frame within the connect timeout".into(),
+            )),
+            frame = ws.next() => {
+                last_seen = Instant::now();
+                session.on_frame(frame)
+            }
+            Some(first) = rx.recv() => {
+                session.on_outgoing(first, &mut rx);
+                Ok(())
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= idle {
+                    Err(End::Close(close::IDLE_TIMEOUT, format!("nothing received for {idle:?}")))
+                } else {
+                    session.replies.push(WsMessage::Ping(Bytes::new()));
+                    Ok(())
+                }
+            }
+        };
+        if let Err(end) = step {
+            break end;
+        }
+        if !session.replies.is_empty() {
+            if let Err(end) = session.flush(&mut ws, &overflow, idle).await {
+                break end;
+            }
+        }
+    };
+
+    session.leave_all();
+    debug!(?end, "session ended");
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
+        // The peer gets `timeouts.close` to take the close frame (after whatever is still
+        // buffered for it); then the socket is dropped regardless.
+        let _ = tokio::time::timeout(cfg.timeouts.close, async {
+            ws.close(Some(frame)).await?;
+            // Wait for the peer's close reply so the close frame is not lost to a reset.
+            while ws.next().await.is_some() {}
+            Ok::<_, WsError>(())
+        })
+        .await;
+    }
+    drop(admission);
+}
+
+fn slow_consumer() -> End {
+    End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
+}
+
+impl Session {
+    fn cfg(&self) -> &crate::config::Config {
+        &self.node.settings().config
+    }
+
+    fn reply(&mut self, kind: server_frame::Kind) {
+        let bytes = codec::encode_server(kind, self.format);
+        self.replies.push(self.ws_message(bytes));
+    }
+
+    fn ws_message(&self, bytes: Bytes) -> WsMessage {
+        match self.format {
+            Format::Protobuf => WsMessage::Binary(bytes),
+            // Our JSON encoder only produces UTF-8.
+            Format::Json => WsMessage::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
+        }
+    }
+
+    fn error(&mut self, request_id: u32, code: ErrorCode, reason: String, channel: String) {
+        self.reply(server_frame::Kind::Error(client::Error {
+            request_id,
+            code: code as i32,
+            reason,
+            channel,
+        }));
+    }
+
+    /// Writes queued replies, giving up when the peer stops reading for `stall` or the
+    /// outbox overflows meanwhile.
+    async fn flush<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        overflow: &CancellationToken,
+        stall: Duration,
+    ) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let shutdown = self.node.shutdown().clone();
+        let frames = std::mem::take(&mut self.replies);
+        let write = async {
+            for f in frames {
+                ws.feed(f).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            r = write => r.map_err(|e| {
+                debug!(error = %e, "write failed");
+                End::Gone
+            }),
+            _ = overflow.cancelled() => Err(slow_consumer()),
+            _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down".into())),
+            _ = tokio::time::sleep(stall) => Err(slow_consumer()),
+        }
+    }
+
+    /// Turns queued deliveries into frames: consecutive messages share one Deliver frame
+    /// up to the batch limits.
+    fn on_outgoing(&mut self, first: Outgoing, rx: &mut OutboxReceiver) {
+        let max_msgs = self.cfg().websocket.max_batch_messages;
+        let max_bytes = self.cfg().websocket.max_batch_bytes;
+        let mut next = Some(first);
+        let mut budget = max_msgs * 4;
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Message(m) => {
+                    let mut bytes = m.piece_len(self.format);
+                    self.batch.push(m);
+                    while self.batch.len() < max_msgs && bytes < max_bytes {
+                        match rx.try_recv() {
+                            Some(Outgoing::Message(m)) => {
+                                bytes += m.piece_len(self.format);
+                                self.batch.push(m);
+                            }
+                            other => {
+                                next = other;
+                                break;
+                            }
+                        }
+                    }
+                    let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), self.format);
+                    self.batch.clear();
+                    let msg = self.ws_message(frame);
+                    self.replies.push(msg);
+                }
+                Outgoing::Frame(kind) => self.reply(kind),
+            }
+            budget = budget.saturating_sub(1);
+            if next.is_none() && budget > 0 && self.replies.len() < 16 {
+                next = rx.try_recv();
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Option<Result<WsMessage, WsError>>) -> Result<(), End> {
+        let msg = match frame {
+            None => return Err(End::Gone),
+            Some(Ok(msg)) => msg,
+            Some(Err(WsError::Capacity(e))) => {
+                return Err(End::Close(close::MESSAGE_TOO_BIG, e.to_string()));
+            }
+            Some(Err(WsError::Utf8(e))) => {
+                return Err(End::Close(close::INVALID_PAYLOAD, format!("invalid UTF-8: {e}")));
+            }
+            Some(Err(WsError::Protocol(e))) => {
+                return Err(End::Close(close::PROTOCOL_ERROR, e.to_string()));
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "read failed");
+                return Err(End::Gone);
+            }
+        };
+        let decoded = match &msg {
+            WsMessage::Text(t) => codec::decode_client(t.as_bytes(), true),
+            WsMessage::Binary(b) => codec::decode_client(b, false),
+            // The library answers pings itself; a close is answered by the library too,
+            // and the next read ends the stream.
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) | WsMessage::Close(_) => {
+                return Ok(());
+            }
+        };
+        match decoded {
+            Ok(kind) => self.handle(kind),
+            Err(e) => {
+                self.error(0, e.code(), e.to_string(), String::new());
+                Ok(())
+            }
+        }
+    }
+
+    fn handle(&mut self, kind: client_frame::Kind) -> Result<(), End> {
+        use client_frame::Kind;
+        let Some(client_id) = self.client_id.clone() else {
+            return match kind {
+                Kind::Connect(c) => self.connect(c),
+                _ => Err(End::Close(close::PROTOCOL_VIOLATION, "send Connect first".into())),
+            };
+        };
+        match kind {
+            Kind::Connect(_) => self.error(
+                0,
+                ErrorCode::AlreadyConnected,
+                "this connection already sent Connect".into(),
+                String::new(),
+            ),
+            Kind::Subscribe(s) => self.subscribe(s),
+            Kind::Unsubscribe(u) => self.unsubscribe(u),
+            Kind::Publish(p) => self.publish(p, &client_id),
+            Kind::Heartbeat(h) => self.reply(server_frame::Kind::Heartbeat(h)),
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, c: client::Connect) -> Result<(), End> {
+        if c.protocol > tern_proto::PROTOCOL_VERSION {
+            self.error(
+                0,
+                ErrorCode::Unsupported,
+                format!("protocol {} is not supported; this node speaks 1", c.protocol),
+                String::new(),
+            );
+            return Ok(());
+        }
+        let client_id = if c.client_id.is_empty() { format!("anon-{}", self.id) } else { c.client_id };
+        if let Err(reason) = tern_proto::types::check_message_id(&client_id) {
+            self.error(0, ErrorCode::InvalidArgument, format!("client id: {reason}"), String::new());
+            return Ok(());
+        }
+        let settings = self.node.settings();
+        let cfg = &settings.config;
+        let connected = Connected {
+            connection_id: self.id.to_string(),
+            node: settings.node.to_string(),
+            region: settings.region.to_string(),
+            heartbeat_interval_ms: cfg.heartbeat.interval.as_millis() as u32,
+            idle_timeout_ms: cfg.heartbeat.idle_timeout.as_millis() as u32,
+            limits: Some(Limits {
+                max_message_bytes: cfg.limits.max_message_bytes as u32,
+                max_frame_bytes: cfg.limits.max_frame_bytes as u32,
+                max_channels: cfg.limits.max_channels_per_connection as u32,
+                send_queue: cfg.limits.send_queue_messages as u32,
+            }),
+            // Resume lands with the durable log; the token already names this session.
+            resume_token: format!("{:x}.{}", self.node.hub().epoch().0, self.id),
+            client_id: client_id.clone(),
+            resumed: false,
+            protocol: tern_proto::PROTOCOL_VERSION,
+        };
+        self.client_id = Some(client_id);
+        self.reply(server_frame::Kind::Connected(connected));
+        Ok(())
+    }
+
+    fn subscribe(&mut self, s: client::Subscribe) {
+        let channel = match ChannelName::parse(&s.channel) {
+            Ok(c) => c,
+            Err(e) => return self.error(s.request_id, ErrorCode::InvalidChannel, e.to_string(), s.channel),
+        };
+        let max = self.cfg().limits.max_channels_per_connection;
+        if !self.channels.contains(&channel) && self.channels.len() >= max {
+            return self.error(
+                s.request_id,
+                ErrorCode::TooManyChannels,
+                format!("this connection is subscribed to {max} channels, the limit"),
+                s.channel,
+            );
+        }
+        let position: Position = self.node.hub().subscribe(&channel, self.id, self.outbox.clone());
+        self.channels.insert(channel);
+        self.reply(server_frame::Kind::Subscribed(Subscribed {
+            request_id: s.request_id,
+            channel: s.channel,
+            position: Some(position),
+        }));
+    }
+
+    fn unsubscribe(&mut self, u: client::Unsubscribe) {
+        let channel = match ChannelName::parse(&u.channel) {
+            Ok(c) => c,
+            Err(e) => return self.error(u.request_id, ErrorCode::InvalidChannel, e.to_string(), u.channel),
+        };
+        let done = server_frame::Kind::Unsubscribed(Unsubscribed {
+            request_id: u.request_id,
+            channel: u.channel,
+        });
+        if self.channels.remove(&channel) {
+            // Queued behind the channel's last delivery to this connection.
+            self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(done)));
+        } else {
+            self.reply(done);
+        }
+    }
+
+    fn publish(&mut self, p: client::Publish, client_id: &str) {
+        let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
+        let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
+        match publish::publish(&self.node, req, client_id) {
+            Ok((_, a)) => self.reply(server_frame::Kind::Ack(client::Ack {
+                request_id,
+                channel,
+                message_id: a.message_id,
+                origin_seq: a.seq.0,
+                position: Some(Position { epoch: self.node.hub().epoch().0, offset: a.offset.0 }),
+                timestamp_ms: a.timestamp_ms,
+                duplicate: a.duplicate,
+            })),
+            Err(e) => self.reply(server_frame::Kind::Nack(Nack {
+                request_id,
+                channel,
+                message_id: id,
+                code: e.code() as i32,
+                reason: e.to_string(),
+            })),
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for channel in self.channels.drain() {
+            self.node.hub().unsubscribe(&channel, self.id, None);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Property tests: every protocol frame round-trips through JSON and protobuf, and the
+//! fan-out batch encoding equals the generated encoders' output.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use tern_proto::client::*;
+use tern_proto::codec::{self, EncodedMessage, Format};
+
+fn s() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-z:0-9-]{1,12}", any::<String>()]
+}
+fn bin() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
+}
+fn position() -> impl Strategy<Value = Option<Position>> {
+    proptest::option::of((any::<u64>(), any::<u64>()).prop_map(|(epoch, offset)| Position { epoch, offset }))
+}
+fn code() -> impl Strategy<Value = i32> {
+    (0i32..=11).prop_map(|c| c)
+}
+fn message_data() -> impl Strategy<Value = Option<message::Data>> {
+    prop_oneof![
+        Just(None),
+        s().prop_map(|t| Some(message::Data::Text(t))),
+        bin().prop_map(|b| Some(message::Data::Binary(b)))
+    ]
+}
+fn message() -> impl Strategy<Value = Message> {
+    (s(), s(), s(), message_data(), s(), s(), any::<u64>(), any::<u64>(), position(), any::<u64>()).prop_map(
+        |(channel, id, name, data, client_id, origin, origin_epoch, origin_seq, position, timestamp_ms)| Message {
+            channel,
+            id,
+            name,
+            data,
+            client_id,
+            origin,
+            origin_epoch,
+            origin_seq,
+            position,
+            timestamp_ms,
+        },
+    )
+}
+
+fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
+    use client_frame::Kind;
+    let publish_data = prop_oneof![
+        Just(None),
+        s().prop_map(|t| Some(publish::Data::Text(t))),
+        bin().prop_map(|b| Some(publish::Data::Binary(b)))
+    ];
+    prop_oneof![
+        (any::<u32>(), s(), s(), s(), s()).prop_map(|(protocol, client_id, token, resume_token, agent)| {
+            Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
+        }),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe { request_id, channel })),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribe(Unsubscribe { request_id, channel })),
+        (any::<u32>(), s(), s(), s(), publish_data).prop_map(|(request_id, channel, id, name, data)| {
+            Kind::Publish(Publish { request_id, channel, id, name, data })
+        }),
+        any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
+    ]
+}
+
+fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
+    use server_frame::Kind;
+    let limits = proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+        |(max_message_bytes, max_frame_bytes, max_channels, send_queue)| Limits {
+            max_message_bytes,
+            max_frame_bytes,
+            max_channels,
+            send_queue,
+        },
+    ));
+    prop_oneof![
+        (s(), s(), s(), any::<u32>(), any::<u32>(), limits, s(), s(), any::<bool>(), any::<u32>()).prop_map(
+            |(connection_id, node, region, hb, idle, limits, resume_token, client_id, resumed, protocol)| {
+                Kind::Connected(Connected {
+                    connection_id,
+                    node,
+                    region,
+                    heartbeat_interval_ms: hb,
+                    idle_timeout_ms: idle,
+                    limits,
+                    resume_token,
+                    client_id,
+                    resumed,
+                    protocol,
+                })
+            }
+        ),
+        (any::<u32>(), s(), position())
+            .prop_map(|(request_id, channel, position)| Kind::Subscribed(Subscribed { request_id, channel, position })),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribed(Unsubscribed { request_id, channel })),
+        (any::<u32>(), s(), s(), any::<u64>(), position(), any::<u64>(), any::<bool>()).prop_map(
+            |(request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate)| {
+                Kind::Ack(Ack { request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate })
+            }
+        ),
+        (any::<u32>(), s(), s(), code(), s()).prop_map(|(request_id, channel, message_id, code, reason)| {
+            Kind::Nack(Nack { request_id, channel, message_id, code, reason })
+        }),
+        proptest::collection::vec(message(), 0..4).prop_map(|messages| Kind::Deliver(Deliver { messages })),
+        any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
+        (any::<u32>(), code(), s(), s())
+            .prop_map(|(request_id, code, reason, channel)| Kind::Error(Error { request_id, code, reason, channel })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(kind in client_kind()) {
+        for format in [Format::Json, Format::Protobuf] {
+            let bytes = codec::encode_client(kind.clone(), format);
+            let back = codec::decode_client(&bytes, format == Format::Json).unwrap();
+            prop_assert_eq!(&back, &kind);
+        }
+    }
+
+    #[test]
+    fn server_frames_round_trip(kind in server_kind()) {
+        for format in [Format::Json, Format::Protobuf] {
+            let bytes = codec::encode_server(kind.clone(), format);
+            let back = codec::decode_server(&bytes, format == Format::Json).unwrap();
+            prop_assert_eq!(&back, &kind);
+        }
+    }
+
+    #[test]
+    fn shared_batch_encoding_matches_generated(messages in proptest::collection::vec(message(), 1..5)) {
+        let encoded: Vec<EncodedMessage> = messages.iter().cloned().map(EncodedMessage::new).collect();
+        let kind = server_frame::Kind::Deliver(Deliver { messages });
+        for format in [Format::Json, Format::Protobuf] {
+            let batch = codec::deliver_frame(encoded.iter(), format);
+            prop_assert_eq!(&batch, &codec::encode_server(kind.clone(), format));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `tern`: one CLI, thin dispatch to the crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use tern_client::{Client, ClientOptions, Event, Payload};
+use tern_edge::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Tern: a self-hosted, multi-region realtime edge relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an edge node. Without --config, a dev node on 127.0.0.1:7400 with defaults.
+    Edge {
+        /// TOML config file (see deploy/edge.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client listen address; overrides the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Subscribe to channels and print each message as a JSON line.
+    Sub {
+        /// Node URL, e.g. ws://127.0.0.1:7400
+        url: String,
+        /// Channels to subscribe to.
+        #[arg(required = true)]
+        channels: Vec<String>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Publish one message and print the ack as JSON.
+    Pub {
+        /// Node URL, e.g. ws://127.0.0.1:7400
+        url: String,
+        /// Channel.
+        channel: String,
+        /// Payload (text).
+        data: String,
+        /// Event name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Idempotency key (generated when absent).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Benchmarks: fan-out latency and throughput, idle connections, NATS side by side.
+    Bench(tern_bench::BenchArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Edge { config, listen } => edge(config, listen).await,
+            Command::Sub { url, channels, count } => sub(&url, &channels, count).await,
+            Command::Pub { url, channel, data, name, id } => {
+                publish(&url, &channel, data, &name, id.as_deref()).await
+            }
+            Command::Bench(args) => tern_bench::run(args).await,
+        }
+    })
+}
+
+async fn edge(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut cfg = match &config {
+        Some(path) => Config::from_file(path)?,
+        None => {
+            tracing::warn!("no --config: starting a dev node with default settings");
+            Config::default()
+        }
+    };
+    if let Some(addr) = listen {
+        cfg.listen.client = addr;
+    }
+    let settings = cfg.validate()?;
+    let shutdown = CancellationToken::new();
+    let server = Server::bind(settings, shutdown.clone()).await?;
+    let addr = server.local_addr();
+    println!("tern edge {} listening on {addr} (ws://{addr}/v1/ws)", server.node().settings().node);
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        shutdown.cancel();
+    });
+    server.run().await;
+    signals.abort();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn sub(url: &str, channels: &[String], count: Option<u64>) -> anyhow::Result<()> {
+    let client = Client::connect(url, ClientOptions::default()).await?;
+    let mut streams = Vec::new();
+    for c in channels {
+        streams.push(client.subscribe(c).await.with_context(|| format!("subscribe {c}"))?);
+    }
+    eprintln!("subscribed to {}", channels.join(", "));
+    let mut all = futures_util::stream::select_all(streams);
+    let mut seen = 0u64;
+    while let Some(event) = all.next().await {
+        match event {
+            Event::Message(m) => println!("{}", serde_json::to_string(&m)?),
+            Event::Discontinuity { reason } => {
+                println!("{}", serde_json::json!({ "discontinuity": { "reason": reason } }))
+            }
+        }
+        seen += 1;
+        if count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn publish(url: &str, channel: &str, data: String, name: &str, id: Option<&str>) -> anyhow::Result<()> {
+    let client = Client::connect(url, ClientOptions::default()).await?;
+    let ack = client.publish_with(channel, name, id, Payload::Text(data)).await?;
+    println!("{}", serde_json::to_string(&ack)?);
+    client.close().await;
+    Ok(())
+}
