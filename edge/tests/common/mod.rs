@@ -1,0 +1,151 @@
+//! Shared helpers for the edge end-to-end tests: a real node on a loopback port, and raw
+//! WebSocket clients that speak hand-written JSON or protobuf frames.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tern_edge::node::Node;
+use tern_edge::{Config, Server};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any single wait in a test; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestNode {
+    pub async fn start(edit: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config::default();
+        cfg.listen.client = "127.0.0.1:0".parse().unwrap();
+        // Test clients often hold a socket without reading it: do not wait long for them.
+        cfg.timeouts.close = Duration::from_millis(500);
+        cfg.timeouts.shutdown_grace = Duration::from_secs(2);
+        edit(&mut cfg);
+        let shutdown = CancellationToken::new();
+        let server = Server::bind(cfg.validate().unwrap(), shutdown.clone()).await.unwrap();
+        let addr = server.local_addr();
+        let node = server.node().clone();
+        let task = tokio::spawn(server.run());
+        Self { addr, node, shutdown, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A raw client speaking hand-written JSON text frames.
+pub struct RawJson {
+    pub ws: Ws,
+}
+
+impl RawJson {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?format=json")).await.unwrap();
+        Self { ws }
+    }
+
+    /// Opens and sends Connect, returning the Connected frame.
+    pub async fn connected(addr: SocketAddr) -> (Self, serde_json::Value) {
+        let mut c = Self::open(addr).await;
+        c.send(r#"{"connect":{"protocol":1,"clientId":"raw"}}"#).await;
+        let v = c.recv().await;
+        assert!(v.get("connected").is_some(), "expected connected, got {v}");
+        (c, v)
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws.send(WsMessage::Text(text.into())).await.unwrap();
+    }
+
+    /// Next JSON frame (skipping pings); panics on close.
+    pub async fn recv(&mut self) -> serde_json::Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            match msg {
+                Some(Ok(WsMessage::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the node closes; returns the close code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        close_code(&mut self.ws).await
+    }
+}
+
+/// Reads frames until a Close frame arrives; returns its code (None if the stream ended
+/// without one).
+pub async fn close_code<S>(ws: &mut WebSocketStream<S>) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let read = async {
+        let mut code = None;
+        // Keep reading after the Close frame: that sends the close reply the node waits for.
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(WsMessage::Close(frame)) => code = frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        code
+    };
+    tokio::time::timeout(WAIT, read).await.expect("close in time")
+}
+
+pub fn code(c: u16) -> CloseCode {
+    CloseCode::from(c)
+}
+
+/// Polls `f` until it is true or WAIT passes.
+pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Sends a raw HTTP/1.1 request and returns (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

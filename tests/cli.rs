@@ -1,0 +1,101 @@
+//! The `tern` binary end to end: `tern edge`, `tern sub`, `tern pub`, SIGTERM, bad config.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+struct Edge {
+    child: Child,
+    addr: String,
+}
+
+async fn start_edge(extra: &[&str]) -> Edge {
+    let mut child = Command::new(TERN)
+        .args(["edge", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    let addr = line.split_whitespace().skip_while(|w| *w != "on").nth(1).unwrap().to_owned();
+    Edge { child, addr }
+}
+
+#[tokio::test]
+async fn sub_and_pub_deliver_a_message_through_a_running_edge() {
+    let edge = start_edge(&[]).await;
+    let url = format!("ws://{}", edge.addr);
+    let mut sub = Command::new(TERN)
+        .args(["sub", &url, "chat:cli", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until the subscriber says it is subscribed.
+    let mut err = BufReader::new(sub.stderr.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, err.next_line()).await.unwrap().unwrap().expect("sub exited early");
+        if line.contains("subscribed to chat:cli") {
+            break;
+        }
+    }
+    let out = Command::new(TERN).args(["pub", &url, "chat:cli", "hello from the cli"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ack["originSeq"], "1");
+    let sub_out = tokio::time::timeout(WAIT, sub.wait_with_output()).await.unwrap().unwrap();
+    assert!(sub_out.status.success());
+    let line = String::from_utf8(sub_out.stdout).unwrap();
+    let msg: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(msg["text"], "hello from the cli");
+    assert_eq!(msg["channel"], "chat:cli");
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let mut edge = start_edge(&[]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", edge.addr)).await.unwrap();
+    ws.send(WsMessage::Text(r#"{"connect":{}}"#.into())).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(WsMessage::Text(_)))));
+    let pid = edge.child.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(status.success());
+    let mut code = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(WAIT, ws.next()).await {
+        match msg {
+            Ok(WsMessage::Close(f)) => code = f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(code, Some(1001));
+    let exit = tokio::time::timeout(WAIT, edge.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_non_zero_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[limits]\nmax_connections = 0\n").unwrap();
+    let out = Command::new(TERN).args(["edge", "--config"]).arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_connections"));
+    std::fs::write(&path, "[limits]\nmax_conections = 5\n").unwrap();
+    let out = Command::new(TERN).args(["edge", "--config"]).arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
