@@ -38,9 +38,19 @@ pub struct LatencyReport {
     pub server_cpu: Option<f64>,
 }
 
+/// Per-subscriber delivery counters (one each, so subscribers never contend on a counter).
+#[derive(Default)]
+struct Counters(Vec<Arc<AtomicU64>>);
+
+impl Counters {
+    fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
 struct Run {
     stop: watch::Sender<bool>,
-    delivered: Arc<AtomicU64>,
+    delivered: Counters,
     tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, Option<String>)>>,
 }
 
@@ -51,7 +61,7 @@ fn histogram() -> Histogram<u64> {
 
 async fn start_subscribers(target: &Target, channel: &str, n: usize, epoch: Instant) -> anyhow::Result<Run> {
     let (stop, stop_rx) = watch::channel(false);
-    let delivered = Arc::new(AtomicU64::new(0));
+    let mut delivered = Counters::default();
     let mut tasks = Vec::with_capacity(n);
     let mut pending = Vec::new();
     // Open in waves of 100 so the handshakes do not all compete at once.
@@ -63,10 +73,10 @@ async fn start_subscribers(target: &Target, channel: &str, n: usize, epoch: Inst
         for sub in futures_util::future::join_all(pending.drain(..)).await {
             let sub = sub?;
             let mut stop_rx = stop_rx.clone();
-            let delivered = delivered.clone();
+            let counter = Arc::new(AtomicU64::new(0));
+            delivered.0.push(counter.clone());
             tasks.push(tokio::spawn(async move {
                 let mut hist = histogram();
-                let mut local = 0u64;
                 let stopped = async move {
                     let _ = stop_rx.wait_for(|s| *s).await;
                 };
@@ -77,13 +87,9 @@ async fn start_subscribers(target: &Target, channel: &str, n: usize, epoch: Inst
                             let now = epoch.elapsed().as_micros() as u64;
                             let _ = hist.record(now.saturating_sub(sent).max(1));
                         }
-                        local += 1;
-                        if local % 64 == 0 {
-                            delivered.fetch_add(64, Ordering::Relaxed);
-                        }
+                        counter.fetch_add(1, Ordering::Relaxed);
                     })
                     .await;
-                delivered.fetch_add(local % 64, Ordering::Relaxed);
                 (hist, why)
             }));
         }
@@ -128,10 +134,10 @@ async fn publish_at(target: &Target, channel: &str, rate: u64, duration: Duratio
 }
 
 /// Waits until `expected` deliveries arrived or `grace` passed; returns when it completed.
-async fn wait_delivered(delivered: &AtomicU64, expected: u64, grace: Duration) -> Option<Instant> {
+async fn wait_delivered(delivered: &Counters, expected: u64, grace: Duration) -> Option<Instant> {
     let deadline = Instant::now() + grace;
     loop {
-        if delivered.load(Ordering::Relaxed) >= expected {
+        if delivered.total() >= expected {
             return Some(Instant::now());
         }
         if Instant::now() >= deadline {
@@ -173,7 +179,7 @@ pub async fn latency(
     let expected = published * subscribers as u64;
     wait_delivered(&run.delivered, expected, Duration::from_secs(5)).await;
     let server_cpu = cpu.percent();
-    let delivered_counter = run.delivered.clone();
+    let delivered = run.delivered.total();
     let (hist, dropped) = finish(run).await;
     let q = |p: f64| hist.value_at_quantile(p);
     Ok(LatencyReport {
@@ -181,7 +187,7 @@ pub async fn latency(
         rate,
         published,
         expected,
-        delivered: delivered_counter.load(Ordering::Relaxed),
+        delivered,
         dropped_subscribers: dropped,
         percentiles_us: [q(0.5), q(0.9), q(0.99), q(0.999), hist.max()],
         server_cpu,
@@ -221,7 +227,7 @@ async fn step(
     // Kept up: everything arrived within a quarter of the step after publishing ended.
     let done = wait_delivered(&run.delivered, expected, duration / 4 + Duration::from_millis(200)).await;
     let server_cpu = cpu.percent();
-    let got = run.delivered.load(Ordering::Relaxed);
+    let got = run.delivered.total();
     let end = done.unwrap_or_else(Instant::now);
     let per_sec = got as f64 / end.duration_since(start).as_secs_f64();
     let (_, dropped) = finish(run).await;

@@ -12,6 +12,7 @@ use tern_proto::client::{ClientFrame, Connect, Publish, ServerFrame, Subscribe, 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// A WebSocket over plain TCP.
 pub type Ws = WebSocketStream<TcpStream>;
@@ -56,7 +57,9 @@ impl Target {
         }
         let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio_tungstenite::client_async(self.url(), stream).await?;
+        // Small read buffer: the library zero-fills it on every read (default 128 KiB).
+        let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(self.url(), stream, Some(config)).await?;
         Ok(ws)
     }
 

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
@@ -82,7 +83,10 @@ pub fn normalize_url(url: &str, format: Format) -> Result<String, ClientError> {
 
 async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), ClientError> {
     let attempt = async {
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        // The library's default 128 KiB read buffer is zero-filled on every read; 8 KiB
+        // holds a typical Deliver batch.
+        let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
             .await
             .map_err(|e| ClientError::Connect(Box::new(e)))?;
         let connect = Connect {

@@ -263,7 +263,7 @@ mod tests {
     fn unused_channels_are_dropped_used_ones_keep_their_sequence() {
         let hub = hub();
         let ch = ChannelName::parse("a").unwrap();
-        let (tx, _rx) = outbox(8, 1 << 20);
+        let (tx, _rx) = outbox(8, 1 << 20, tokio_util::sync::CancellationToken::new());
         hub.subscribe(&ch, ConnectionId(1), tx.clone());
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 0);

@@ -11,12 +11,12 @@
 //! its buffers. It ends with a close code that says why (see `tern_proto::close`), and
 //! removes every subscription it held: no zombies.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_proto::client::{
     self, Connected, ErrorCode, Limits, Nack, Position, Subscribed, Unsubscribed, client_frame,
     server_frame,
@@ -56,6 +56,8 @@ struct Session {
     outbox: Outbox,
     /// Frames to write after handling the current input.
     replies: Vec<WsMessage>,
+    /// Items taken from the outbox, being turned into frames.
+    pending: VecDeque<Outgoing>,
     /// Reused between batches.
     batch: Vec<Arc<EncodedMessage>>,
 }
@@ -75,8 +77,11 @@ where
 {
     let node = admission.node().clone();
     let cfg = node.settings().config.clone();
+    // One token per session, a child of the node's: cancelled on shutdown or on outbox
+    // overflow. One uncontended token to watch keeps the per-wakeup cost low.
+    let stop = node.shutdown().child_token();
     let (outbox, mut rx) =
-        fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes);
+        fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes, stop.clone());
     let mut session = Session {
         node: node.clone(),
         id: admission.id,
@@ -85,10 +90,16 @@ where
         channels: HashSet::new(),
         outbox,
         replies: Vec::new(),
+        pending: VecDeque::new(),
         batch: Vec::new(),
     };
-    let shutdown = node.shutdown().clone();
-    let overflow = rx.overflow();
+    let stopped = |rx: &OutboxReceiver| {
+        if rx.overflowed() {
+            slow_consumer()
+        } else {
+            End::Close(close::GOING_AWAY, "node shutting down".into())
+        }
+    };
     let hb = cfg.heartbeat.interval;
     let idle = cfg.heartbeat.idle_timeout;
     let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
@@ -96,24 +107,20 @@ where
     let mut last_seen = Instant::now();
     let connect_deadline = sleep_until(Instant::now() + cfg.timeouts.connect);
     tokio::pin!(connect_deadline);
+    // Deliveries handled since the socket was last read.
+    let mut unread = 0u32;
 
     let end = loop {
+        // Order matters: deliveries come before reads, so a wake-up for a delivery does not
+        // also poll the socket (each read attempt costs a buffer fill in the WebSocket
+        // library); a read is forced every few deliveries so a flooded client is still heard.
         let step = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down".into())),
-            _ = overflow.cancelled() => Err(slow_consumer()),
+            _ = stop.cancelled() => Err(stopped(&rx)),
             _ = &mut connect_deadline, if session.client_id.is_none() => Err(End::Close(
                 close::PROTOCOL_VIOLATION,
                 "no Connect frame within the connect timeout".into(),
             )),
-            frame = ws.next() => {
-                last_seen = Instant::now();
-                session.on_frame(frame)
-            }
-            Some(first) = rx.recv() => {
-                session.on_outgoing(first, &mut rx);
-                Ok(())
-            }
             _ = ping.tick() => {
                 if last_seen.elapsed() >= idle {
                     Err(End::Close(close::IDLE_TIMEOUT, format!("nothing received for {idle:?}")))
@@ -122,12 +129,34 @@ where
                     Ok(())
                 }
             }
+            _ = rx.ready() => {
+                rx.drain(&mut session.pending);
+                session.on_outgoing();
+                unread += 1;
+                if unread >= FORCED_READ_EVERY {
+                    unread = 0;
+                    match ws.next().now_or_never() {
+                        Some(frame) => {
+                            last_seen = Instant::now();
+                            session.on_frame(frame)
+                        }
+                        None => Ok(()),
+                    }
+                } else {
+                    Ok(())
+                }
+            }
+            frame = ws.next() => {
+                unread = 0;
+                last_seen = Instant::now();
+                session.on_frame(frame)
+            }
         };
         if let Err(end) = step {
             break end;
         }
         if !session.replies.is_empty() {
-            if let Err(end) = session.flush(&mut ws, &overflow, idle).await {
+            if let Err(end) = session.flush(&mut ws, &stop, &rx, idle).await {
                 break end;
             }
         }
@@ -149,6 +178,9 @@ where
     }
     drop(admission);
 }
+
+/// While deliveries keep coming, the socket is still read at least this often (in deliveries).
+const FORCED_READ_EVERY: u32 = 8;
 
 fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
@@ -181,18 +213,18 @@ impl Session {
         }));
     }
 
-    /// Writes queued replies, giving up when the peer stops reading for `stall` or the
-    /// outbox overflows meanwhile.
+    /// Writes queued replies, giving up when the peer stops reading for `stall`, or the
+    /// session is stopped (overflow, shutdown) meanwhile.
     async fn flush<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
-        overflow: &CancellationToken,
+        stop: &CancellationToken,
+        rx: &OutboxReceiver,
         stall: Duration,
     ) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let shutdown = self.node.shutdown().clone();
         let frames = std::mem::take(&mut self.replies);
         let write = async {
             for f in frames {
@@ -205,48 +237,47 @@ impl Session {
                 debug!(error = %e, "write failed");
                 End::Gone
             }),
-            _ = overflow.cancelled() => Err(slow_consumer()),
-            _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down".into())),
+            _ = stop.cancelled() => Err(if rx.overflowed() {
+                slow_consumer()
+            } else {
+                End::Close(close::GOING_AWAY, "node shutting down".into())
+            }),
             _ = tokio::time::sleep(stall) => Err(slow_consumer()),
         }
     }
 
-    /// Turns queued deliveries into frames: consecutive messages share one Deliver frame
+    /// Turns drained deliveries into frames: consecutive messages share one Deliver frame
     /// up to the batch limits.
-    fn on_outgoing(&mut self, first: Outgoing, rx: &mut OutboxReceiver) {
+    fn on_outgoing(&mut self) {
         let max_msgs = self.cfg().websocket.max_batch_messages;
         let max_bytes = self.cfg().websocket.max_batch_bytes;
-        let mut next = Some(first);
-        let mut budget = max_msgs * 4;
-        while let Some(item) = next.take() {
+        let mut bytes = 0;
+        while let Some(item) = self.pending.pop_front() {
             match item {
                 Outgoing::Message(m) => {
-                    let mut bytes = m.piece_len(self.format);
+                    bytes += m.piece_len(self.format);
                     self.batch.push(m);
-                    while self.batch.len() < max_msgs && bytes < max_bytes {
-                        match rx.try_recv() {
-                            Some(Outgoing::Message(m)) => {
-                                bytes += m.piece_len(self.format);
-                                self.batch.push(m);
-                            }
-                            other => {
-                                next = other;
-                                break;
-                            }
-                        }
+                    let next_is_message = matches!(self.pending.front(), Some(Outgoing::Message(_)));
+                    if next_is_message && self.batch.len() < max_msgs && bytes < max_bytes {
+                        continue;
                     }
-                    let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), self.format);
-                    self.batch.clear();
-                    let msg = self.ws_message(frame);
-                    self.replies.push(msg);
+                    self.push_batch();
+                    bytes = 0;
                 }
-                Outgoing::Frame(kind) => self.reply(kind),
-            }
-            budget = budget.saturating_sub(1);
-            if next.is_none() && budget > 0 && self.replies.len() < 16 {
-                next = rx.try_recv();
+                Outgoing::Frame(kind) => self.reply(*kind),
             }
         }
+        // Give back memory after a burst; an idle connection keeps none.
+        if self.pending.capacity() > 1024 {
+            self.pending = VecDeque::new();
+        }
+    }
+
+    fn push_batch(&mut self) {
+        let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), self.format);
+        self.batch.clear();
+        let msg = self.ws_message(frame);
+        self.replies.push(msg);
     }
 
     fn on_frame(&mut self, frame: Option<Result<WsMessage, WsError>>) -> Result<(), End> {
@@ -382,7 +413,7 @@ impl Session {
         });
         if self.channels.remove(&channel) {
             // Queued behind the channel's last delivery to this connection.
-            self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(done)));
+            self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(Box::new(done))));
         } else {
             self.reply(done);
         }
