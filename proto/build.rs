@@ -19,8 +19,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes(["."]);
     config.compile_fds(fds)?;
 
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptor_bytes)?
-        .build(&[".tern"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".tern"])?;
     Ok(())
 }

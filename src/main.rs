@@ -153,7 +153,13 @@ async fn sub(url: &str, channels: &[String], count: Option<u64>) -> anyhow::Resu
     Ok(())
 }
 
-async fn publish(url: &str, channel: &str, data: String, name: &str, id: Option<&str>) -> anyhow::Result<()> {
+async fn publish(
+    url: &str,
+    channel: &str,
+    data: String,
+    name: &str,
+    id: Option<&str>,
+) -> anyhow::Result<()> {
     let client = Client::connect(url, ClientOptions::default()).await?;
     let ack = client.publish_with(channel, name, id, Payload::Text(data)).await?;
     println!("{}", serde_json::to_string(&ack)?);

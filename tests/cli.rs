@@ -45,12 +45,20 @@ async fn sub_and_pub_deliver_a_message_through_a_running_edge() {
     // Wait until the subscriber says it is subscribed.
     let mut err = BufReader::new(sub.stderr.take().unwrap()).lines();
     loop {
-        let line = tokio::time::timeout(WAIT, err.next_line()).await.unwrap().unwrap().expect("sub exited early");
+        let line = tokio::time::timeout(WAIT, err.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("sub exited early");
         if line.contains("subscribed to chat:cli") {
             break;
         }
     }
-    let out = Command::new(TERN).args(["pub", &url, "chat:cli", "hello from the cli"]).output().await.unwrap();
+    let out = Command::new(TERN)
+        .args(["pub", &url, "chat:cli", "hello from the cli"])
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ack["originSeq"], "1");
@@ -65,7 +73,8 @@ async fn sub_and_pub_deliver_a_message_through_a_running_edge() {
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     let mut edge = start_edge(&[]).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", edge.addr)).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", edge.addr)).await.unwrap();
     ws.send(WsMessage::Text(r#"{"connect":{}}"#.into())).await.unwrap();
     assert!(matches!(ws.next().await, Some(Ok(WsMessage::Text(_)))));
     let pid = edge.child.id().unwrap().to_string();

@@ -59,7 +59,12 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-async fn start_subscribers(target: &Target, channel: &str, n: usize, epoch: Instant) -> anyhow::Result<Run> {
+async fn start_subscribers(
+    target: &Target,
+    channel: &str,
+    n: usize,
+    epoch: Instant,
+) -> anyhow::Result<Run> {
     let (stop, stop_rx) = watch::channel(false);
     let mut delivered = Counters::default();
     let mut tasks = Vec::with_capacity(n);
@@ -83,7 +88,8 @@ async fn start_subscribers(target: &Target, channel: &str, n: usize, epoch: Inst
                 let why = sub
                     .read(stopped, |payload| {
                         if payload.len() >= 8 {
-                            let sent = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                            let sent =
+                                u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
                             let now = epoch.elapsed().as_micros() as u64;
                             let _ = hist.record(now.saturating_sub(sent).max(1));
                         }
@@ -105,7 +111,14 @@ fn payload(epoch: Instant, size: usize) -> Bytes {
 }
 
 /// Publishes `rate` messages/s for `duration`, in 1 ms ticks. Returns the count published.
-async fn publish_at(target: &Target, channel: &str, rate: u64, duration: Duration, size: usize, epoch: Instant) -> anyhow::Result<u64> {
+async fn publish_at(
+    target: &Target,
+    channel: &str,
+    rate: u64,
+    duration: Duration,
+    size: usize,
+    epoch: Instant,
+) -> anyhow::Result<u64> {
     let (mut sink, reader) = target.publisher().await?.split();
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -225,7 +238,8 @@ async fn step(
     let published = publish_at(target, &channel, rate, duration, size, epoch).await?;
     let expected = published * subscribers as u64;
     // Kept up: everything arrived within a quarter of the step after publishing ended.
-    let done = wait_delivered(&run.delivered, expected, duration / 4 + Duration::from_millis(200)).await;
+    let done =
+        wait_delivered(&run.delivered, expected, duration / 4 + Duration::from_millis(200)).await;
     let server_cpu = cpu.percent();
     let got = run.delivered.total();
     let end = done.unwrap_or_else(Instant::now);
@@ -253,7 +267,8 @@ pub async fn throughput(
         if rate * subscribers as u64 > max_deliveries {
             break;
         }
-        let (ok, per_sec, cpu) = step(target, server_pid, subscribers, rate, duration, size).await?;
+        let (ok, per_sec, cpu) =
+            step(target, server_pid, subscribers, rate, duration, size).await?;
         steps.push((rate, ok, per_sec));
         if ok {
             if best.is_none_or(|(r, _, _)| rate > r) {
@@ -279,5 +294,7 @@ pub async fn throughput(
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 % 1_000_000)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64 % 1_000_000)
 }

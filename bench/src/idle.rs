@@ -32,29 +32,35 @@ fn local_ip(i: usize, per_ip: usize) -> IpAddr {
 }
 
 /// Opens `n` idle subscribed connections with `concurrency` handshakes in flight.
-pub async fn idle(target: &Target, server_pid: Option<u32>, n: usize, concurrency: usize) -> anyhow::Result<IdleReport> {
+pub async fn idle(
+    target: &Target,
+    server_pid: Option<u32>,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<IdleReport> {
     let before = server_pid.and_then(|p| rss_bytes(p).ok());
     let (stop, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let prefix = format!("idle-{}", std::process::id());
-    let results: Vec<anyhow::Result<tokio::task::JoinHandle<()>>> = futures_util::stream::iter(0..n)
-        .map(|i| {
-            let target = target.clone();
-            let mut stop_rx = stop_rx.clone();
-            let channel = format!("{prefix}-{i}");
-            async move {
-                let sub = target.subscriber(&channel, Some(local_ip(i, 20_000))).await?;
-                Ok(tokio::spawn(async move {
-                    let stopped = async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    };
-                    let _ = sub.read(stopped, |_| {}).await;
-                }))
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
+    let results: Vec<anyhow::Result<tokio::task::JoinHandle<()>>> =
+        futures_util::stream::iter(0..n)
+            .map(|i| {
+                let target = target.clone();
+                let mut stop_rx = stop_rx.clone();
+                let channel = format!("{prefix}-{i}");
+                async move {
+                    let sub = target.subscriber(&channel, Some(local_ip(i, 20_000))).await?;
+                    Ok(tokio::spawn(async move {
+                        let stopped = async move {
+                            let _ = stop_rx.wait_for(|s| *s).await;
+                        };
+                        let _ = sub.read(stopped, |_| {}).await;
+                    }))
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
     let elapsed = started.elapsed();
     let failed = results.iter().filter(|r| r.is_err()).count();
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
@@ -72,5 +78,10 @@ pub async fn idle(target: &Target, server_pid: Option<u32>, n: usize, concurrenc
     for task in results.into_iter().flatten() {
         let _ = task.await;
     }
-    Ok(IdleReport { connections: opened, failed, per_sec: opened as f64 / elapsed.as_secs_f64(), rss_per_conn })
+    Ok(IdleReport {
+        connections: opened,
+        failed,
+        per_sec: opened as f64 / elapsed.as_secs_f64(),
+        rss_per_conn,
+    })
 }

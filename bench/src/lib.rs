@@ -84,7 +84,8 @@ enum BenchKind {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let (num, unit) =
+        s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
     let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     let secs = match unit {
         "ms" => v / 1000.0,
@@ -103,12 +104,28 @@ struct Results {
     idle: Option<IdleReport>,
 }
 
-async fn run_suite(kind: &BenchKind, target: &Target, pid: Option<u32>, c: &Common) -> anyhow::Result<Results> {
+async fn run_suite(
+    kind: &BenchKind,
+    target: &Target,
+    pid: Option<u32>,
+    c: &Common,
+) -> anyhow::Result<Results> {
     let mut r = Results::default();
     let all = matches!(kind, BenchKind::All);
+    // Idle first: the server's memory is read on a fresh process, before other runs
+    // leave freed-but-kept heap behind that would hide the per-connection cost.
+    if all || matches!(kind, BenchKind::Idle) {
+        eprintln!("[{}] idle: opening {} connections", target.name(), c.connections);
+        r.idle = Some(idle::idle(target, pid, c.connections, c.concurrency).await?);
+    }
     if all || matches!(kind, BenchKind::Latency) {
         for &n in &c.subscribers {
-            eprintln!("[{}] latency: 1 → {n} subscribers at {}/s for {:?}", target.name(), c.rate, c.duration);
+            eprintln!(
+                "[{}] latency: 1 → {n} subscribers at {}/s for {:?}",
+                target.name(),
+                c.rate,
+                c.duration
+            );
             r.latency.push(fanout::latency(target, pid, n, c.rate, c.duration, c.payload).await?);
         }
     }
@@ -117,14 +134,13 @@ async fn run_suite(kind: &BenchKind, target: &Target, pid: Option<u32>, c: &Comm
             eprintln!("[{}] throughput: 1 → {n} subscribers, raising the rate", target.name());
             let t = fanout::throughput(target, pid, n, c.step, c.payload, c.max_deliveries).await?;
             for (rate, ok, per_sec) in &t.steps {
-                eprintln!("    {rate:>7} pub/s → {per_sec:>12.0} deliveries/s {}", if *ok { "kept up" } else { "fell behind" });
+                eprintln!(
+                    "    {rate:>7} pub/s → {per_sec:>12.0} deliveries/s {}",
+                    if *ok { "kept up" } else { "fell behind" }
+                );
             }
             r.throughput.push(t);
         }
-    }
-    if all || matches!(kind, BenchKind::Idle) {
-        eprintln!("[{}] idle: opening {} connections", target.name(), c.connections);
-        r.idle = Some(idle::idle(target, pid, c.connections, c.concurrency).await?);
     }
     Ok(r)
 }
@@ -173,55 +189,115 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
     println!();
     println!("== fan-out latency ({}-byte payloads, {} publishes/s) ==", c.payload, c.rate);
-    println!("{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
-        "target", "subs", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "delivered", "dropped", "srv cpu");
-    let rows = tern.latency.iter().map(|l| ("tern", l)).chain(nats.into_iter().flat_map(|n| n.latency.iter().map(|l| ("nats", l))));
+    println!(
+        "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+        "target",
+        "subs",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "delivered",
+        "dropped",
+        "srv cpu"
+    );
+    let rows = tern
+        .latency
+        .iter()
+        .map(|l| ("tern", l))
+        .chain(nats.into_iter().flat_map(|n| n.latency.iter().map(|l| ("nats", l))));
     for (name, l) in rows {
         let [p50, p90, p99, p999, max] = l.percentiles_us;
-        println!("{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
-            name, l.subscribers, ms(p50), ms(p90), ms(p99), ms(p999), ms(max),
-            format!("{}/{}", l.delivered, l.expected), l.dropped_subscribers,
-            opt(l.server_cpu, |v| format!("{v:.0}%")));
+        println!(
+            "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+            name,
+            l.subscribers,
+            ms(p50),
+            ms(p90),
+            ms(p99),
+            ms(p999),
+            ms(max),
+            format!("{}/{}", l.delivered, l.expected),
+            l.dropped_subscribers,
+            opt(l.server_cpu, |v| format!("{v:.0}%"))
+        );
     }
     if let Some(l) = tern.latency.iter().find(|l| l.subscribers == 1000) {
         let p99 = l.percentiles_us[2];
-        println!("goal: p99 ≤ 5 ms at 100 publishes/s × 1000 subscribers: {} ms → {}",
-            ms(p99), if p99 <= 5000 && c.rate == 100 { "met" } else { "not met" });
+        println!(
+            "goal: p99 ≤ 5 ms at 100 publishes/s × 1000 subscribers: {} ms → {}",
+            ms(p99),
+            if p99 <= 5000 && c.rate == 100 { "met" } else { "not met" }
+        );
     }
 
     println!();
     println!("== fan-out throughput (highest sustained) ==");
-    println!("{:<6} {:>5} {:>12} {:>15} {:>8} {:>10}", "target", "subs", "pub/s", "deliveries/s", "srv cpu", "vs nats");
+    println!(
+        "{:<6} {:>5} {:>12} {:>15} {:>8} {:>10}",
+        "target", "subs", "pub/s", "deliveries/s", "srv cpu", "vs nats"
+    );
     for t in &tern.throughput {
-        let theirs = nats.and_then(|n| n.throughput.iter().find(|x| x.subscribers == t.subscribers));
-        println!("{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}", "tern", t.subscribers, t.sustained_rate,
-            t.deliveries_per_sec, opt(t.server_cpu, |v| format!("{v:.0}%")),
-            theirs.map_or("-".into(), |n| ratio(t.deliveries_per_sec, n.deliveries_per_sec)));
+        let theirs =
+            nats.and_then(|n| n.throughput.iter().find(|x| x.subscribers == t.subscribers));
+        println!(
+            "{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
+            "tern",
+            t.subscribers,
+            t.sustained_rate,
+            t.deliveries_per_sec,
+            opt(t.server_cpu, |v| format!("{v:.0}%")),
+            theirs.map_or("-".into(), |n| ratio(t.deliveries_per_sec, n.deliveries_per_sec))
+        );
         if let Some(n) = theirs {
-            println!("{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}", "nats", n.subscribers, n.sustained_rate,
-                n.deliveries_per_sec, opt(n.server_cpu, |v| format!("{v:.0}%")), "1.00×");
+            println!(
+                "{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
+                "nats",
+                n.subscribers,
+                n.sustained_rate,
+                n.deliveries_per_sec,
+                opt(n.server_cpu, |v| format!("{v:.0}%")),
+                "1.00×"
+            );
         }
     }
-    println!("goal: deliveries/s above NATS's on the same machine and workload (aim 1.5×){}",
-        if nats.is_none() { " — run bench/compare-nats.sh to compare" } else { "" });
+    println!(
+        "goal: deliveries/s above NATS's on the same machine and workload (aim 1.5×){}",
+        if nats.is_none() { " — run bench/compare-nats.sh to compare" } else { "" }
+    );
 
     println!();
     println!("== idle connections ==");
-    println!("{:<6} {:>11} {:>7} {:>12} {:>14}", "target", "connections", "failed", "conn/s", "server B/conn");
+    println!(
+        "{:<6} {:>11} {:>7} {:>12} {:>14}",
+        "target", "connections", "failed", "conn/s", "server B/conn"
+    );
     let idle_rows = [("tern", tern.idle.as_ref()), ("nats", nats.and_then(|n| n.idle.as_ref()))];
     for (name, i) in idle_rows {
         if let Some(i) = i {
-            println!("{:<6} {:>11} {:>7} {:>12.0} {:>14}", name, i.connections, i.failed, i.per_sec,
-                opt(i.rss_per_conn, |v| format!("{v:.0}")));
+            println!(
+                "{:<6} {:>11} {:>7} {:>12.0} {:>14}",
+                name,
+                i.connections,
+                i.failed,
+                i.per_sec,
+                opt(i.rss_per_conn, |v| format!("{v:.0}"))
+            );
         }
     }
     if let Some(i) = &tern.idle {
         let per = i.rss_per_conn.unwrap_or(f64::NAN);
-        println!("goal: ≤ 8 KiB (8192 B) of server memory per idle connection: {per:.0} B → {}",
-            if per <= 8192.0 { "met" } else { "not met" });
+        println!(
+            "goal: ≤ 8 KiB (8192 B) of server memory per idle connection: {per:.0} B → {}",
+            if per <= 8192.0 { "met" } else { "not met" }
+        );
         if let Some(n) = nats.and_then(|n| n.idle.as_ref()) {
-            println!("goal: connection rate ≥ 1.5× NATS's: {} → {}", ratio(i.per_sec, n.per_sec),
-                if i.per_sec >= 1.5 * n.per_sec { "met" } else { "not met" });
+            println!(
+                "goal: connection rate ≥ 1.5× NATS's: {} → {}",
+                ratio(i.per_sec, n.per_sec),
+                if i.per_sec >= 1.5 * n.per_sec { "met" } else { "not met" }
+            );
         }
     }
 }

@@ -8,7 +8,9 @@ use anyhow::{Context as _, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tern_proto::client::{ClientFrame, Connect, Publish, ServerFrame, Subscribe, client_frame, publish, server_frame};
+use tern_proto::client::{
+    ClientFrame, Connect, Publish, ServerFrame, Subscribe, client_frame, publish, server_frame,
+};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -59,16 +61,25 @@ impl Target {
         stream.set_nodelay(true)?;
         // Small read buffer: the library zero-fills it on every read (default 128 KiB).
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
-        let (ws, _) = tokio_tungstenite::client_async_with_config(self.url(), stream, Some(config)).await?;
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(self.url(), stream, Some(config)).await?;
         Ok(ws)
     }
 
     /// Opens a connection subscribed to `channel`; returns once the subscription is live.
-    pub async fn subscriber(&self, channel: &str, local: Option<IpAddr>) -> anyhow::Result<Subscriber> {
+    pub async fn subscriber(
+        &self,
+        channel: &str,
+        local: Option<IpAddr>,
+    ) -> anyhow::Result<Subscriber> {
         let mut ws = self.open(local).await?;
         match self {
             Self::Tern(_) => {
-                tern_send(&mut ws, client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() })).await?;
+                tern_send(
+                    &mut ws,
+                    client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() }),
+                )
+                .await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Connected(_))).await?;
                 let sub = Subscribe { request_id: 1, channel: channel.into() };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
@@ -105,7 +116,11 @@ impl Target {
         let mut ws = self.open(None).await?;
         match self {
             Self::Tern(_) => {
-                tern_send(&mut ws, client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() })).await?;
+                tern_send(
+                    &mut ws,
+                    client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() }),
+                )
+                .await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Connected(_))).await?;
             }
             Self::Nats(_) => {
@@ -133,7 +148,10 @@ async fn tern_send(ws: &mut Ws, kind: client_frame::Kind) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn tern_expect(ws: &mut Ws, want: impl Fn(&server_frame::Kind) -> bool) -> anyhow::Result<()> {
+async fn tern_expect(
+    ws: &mut Ws,
+    want: impl Fn(&server_frame::Kind) -> bool,
+) -> anyhow::Result<()> {
     while let Some(msg) = ws.next().await {
         if let WsMessage::Binary(b) = msg? {
             let frame = ServerFrame::decode(b)?;
@@ -193,7 +211,13 @@ impl Subscriber {
                     }) {
                         return Some(e.to_string());
                     }
-                    if ping && self.ws.send(WsMessage::Binary(Bytes::from_static(b"PONG\r\n"))).await.is_err() {
+                    if ping
+                        && self
+                            .ws
+                            .send(WsMessage::Binary(Bytes::from_static(b"PONG\r\n")))
+                            .await
+                            .is_err()
+                    {
                         return Some("write failed".into());
                     }
                 }
@@ -254,9 +278,7 @@ impl Publisher {
     /// Splits into a frame sink and a reader that drains acks (Tern) or PINGs (NATS).
     pub fn split(self) -> (PublishSink, tokio::task::JoinHandle<()>) {
         let (sink, mut stream) = self.ws.split();
-        let reader = tokio::spawn(async move {
-            while let Some(Ok(_)) = stream.next().await {}
-        });
+        let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
         (PublishSink { sink, tern: self.tern, next: 0 }, reader)
     }
 }
@@ -279,7 +301,9 @@ impl PublishSink {
                 data: Some(publish::Data::Binary(payload)),
                 ..Default::default()
             };
-            WsMessage::Binary(ClientFrame { kind: Some(client_frame::Kind::Publish(p)) }.encode_to_vec().into())
+            WsMessage::Binary(
+                ClientFrame { kind: Some(client_frame::Kind::Publish(p)) }.encode_to_vec().into(),
+            )
         } else {
             let mut b = BytesMut::with_capacity(payload.len() + channel.len() + 24);
             b.extend_from_slice(format!("PUB {channel} {}\r\n", payload.len()).as_bytes());

@@ -57,7 +57,8 @@ pub enum Command {
 /// is selected with `?format=`.
 pub fn normalize_url(url: &str, format: Format) -> Result<String, ClientError> {
     let url = url.trim();
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| ClientError::InvalidUrl(url.into()))?;
+    let (scheme, rest) =
+        url.split_once("://").ok_or_else(|| ClientError::InvalidUrl(url.into()))?;
     let scheme = match scheme {
         "ws" | "http" => "ws",
         "wss" | "https" => "wss",
@@ -101,17 +102,15 @@ async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), Cli
         loop {
             let frame = ws.next().await;
             match frame {
-                Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
-                    match decode(&m) {
-                        Some(server_frame::Kind::Connected(c)) => return Ok((ws, c)),
-                        Some(server_frame::Kind::Error(e)) => {
-                            return Err(ClientError::Handshake(e.reason));
-                        }
-                        other => {
-                            return Err(ClientError::Handshake(format!("unexpected frame {other:?}")));
-                        }
+                Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode(&m) {
+                    Some(server_frame::Kind::Connected(c)) => return Ok((ws, c)),
+                    Some(server_frame::Kind::Error(e)) => {
+                        return Err(ClientError::Handshake(e.reason));
                     }
-                }
+                    other => {
+                        return Err(ClientError::Handshake(format!("unexpected frame {other:?}")));
+                    }
+                },
                 Some(Ok(WsMessage::Close(f))) => {
                     return Err(ClientError::Handshake(format!("closed: {f:?}")));
                 }
@@ -121,7 +120,9 @@ async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), Cli
             }
         }
     };
-    tokio::time::timeout(options.connect_timeout, attempt).await.map_err(|_| ClientError::Timeout)?
+    tokio::time::timeout(options.connect_timeout, attempt)
+        .await
+        .map_err(|_| ClientError::Timeout)?
 }
 
 async fn send(
@@ -269,8 +270,12 @@ impl Driver {
         for channel in channels {
             let request_id = self.request_id();
             self.sub_requests.insert(request_id, channel.clone());
-            send(ws, self.options.format, client_frame::Kind::Subscribe(Subscribe { request_id, channel }))
-                .await?;
+            send(
+                ws,
+                self.options.format,
+                client_frame::Kind::Subscribe(Subscribe { request_id, channel }),
+            )
+            .await?;
         }
         let frames: Vec<Publish> = self.publishes.values().map(|(p, _)| p.clone()).collect();
         for p in frames {
@@ -345,7 +350,8 @@ impl Driver {
                 }
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
-                self.write(ws, client_frame::Kind::Subscribe(Subscribe { request_id, channel })).await
+                self.write(ws, client_frame::Kind::Subscribe(Subscribe { request_id, channel }))
+                    .await
             }
             Command::Publish { mut frame, reply } => {
                 frame.request_id = self.request_id();
@@ -359,7 +365,10 @@ impl Driver {
                     self.channels.remove(&channel);
                     let request_id = self.request_id();
                     return self
-                        .write(ws, client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }))
+                        .write(
+                            ws,
+                            client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }),
+                        )
                         .await;
                 }
                 Flow::Continue
@@ -405,7 +414,13 @@ impl Driver {
                         self.channels.remove(&channel);
                         let request_id = self.request_id();
                         let flow = self
-                            .write(Some(ws), client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }))
+                            .write(
+                                Some(ws),
+                                client_frame::Kind::Unsubscribe(Unsubscribe {
+                                    request_id,
+                                    channel,
+                                }),
+                            )
                             .await;
                         if !matches!(flow, Flow::Continue) {
                             return flow;
@@ -446,7 +461,8 @@ impl Driver {
                 if let Some(channel) = self.sub_requests.remove(&e.request_id) {
                     if let Some(entry) = self.channels.remove(&channel) {
                         for (_, _, _, reply) in entry.waiting {
-                            let _ = reply.send(Err(ClientError::Refused { code, reason: e.reason.clone() }));
+                            let _ = reply
+                                .send(Err(ClientError::Refused { code, reason: e.reason.clone() }));
                         }
                     }
                 } else {

@@ -169,7 +169,11 @@ impl Client {
     }
 
     /// Publishes `data` on `channel` and waits for the node's ack.
-    pub async fn publish(&self, channel: &str, data: impl Into<Payload>) -> Result<Ack, ClientError> {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: impl Into<Payload>,
+    ) -> Result<Ack, ClientError> {
         self.publish_with(channel, "", None, data).await
     }
 
@@ -184,7 +188,9 @@ impl Client {
     ) -> Result<Ack, ClientError> {
         let id = match id {
             Some(id) => id.to_owned(),
-            None => format!("{}-{}", self.ids.prefix, self.ids.next.fetch_add(1, Ordering::Relaxed)),
+            None => {
+                format!("{}-{}", self.ids.prefix, self.ids.next.fetch_add(1, Ordering::Relaxed))
+            }
         };
         let data = match data.into() {
             Payload::Text(t) => publish::Data::Text(t),

@@ -49,6 +49,8 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         // Best effort; if the queue is full, the driver notices the closed stream on the
         // next delivery and unsubscribes then.
-        let _ = self.cmd.try_send(Command::Drop { channel: std::mem::take(&mut self.channel), id: self.id });
+        let _ = self
+            .cmd
+            .try_send(Command::Drop { channel: std::mem::take(&mut self.channel), id: self.id });
     }
 }

@@ -93,7 +93,9 @@ struct Dedupe {
 impl Dedupe {
     fn prune(&mut self, now: Instant, limits: &HubLimits) {
         while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < limits.dedupe_window && self.order.len() <= limits.dedupe_ids {
+            if now.duration_since(*at) < limits.dedupe_window
+                && self.order.len() <= limits.dedupe_ids
+            {
                 break;
             }
             if let Some((_, id)) = self.order.pop_front() {
@@ -101,6 +103,12 @@ impl Dedupe {
             }
         }
     }
+}
+
+/// Only reachable if a caller skipped validation: keep serving rather than panic.
+fn unvalidated(name: &str) -> ChannelName {
+    tracing::error!(channel = name, "unvalidated channel name reached the hub");
+    ChannelName::parse("invalid").unwrap_or_else(|_| unreachable!("\"invalid\" is a valid name"))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,18 +133,23 @@ impl Hub {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    fn channel(&self, name: &ChannelName) -> Arc<Channel> {
+    /// Looks a channel up by its (already validated) name, creating it if needed.
+    fn channel(&self, name: &str) -> Arc<Channel> {
         if let Some(c) = self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name) {
             return c.clone();
         }
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
-        map.entry(name.clone())
-            .or_insert_with(|| Arc::new(Channel { state: Mutex::new(ChannelState::default()) }))
-            .clone()
+        if let Some(c) = map.get(name) {
+            return c.clone();
+        }
+        let key = ChannelName::parse(name).unwrap_or_else(|_| unvalidated(name));
+        let channel = Arc::new(Channel { state: Mutex::new(ChannelState::default()) });
+        map.insert(key, channel.clone());
+        channel
     }
 
     /// Runs `f` on the live state of `name`, creating the channel if needed.
-    fn with_state<R>(&self, name: &ChannelName, mut f: impl FnMut(&mut ChannelState) -> R) -> R {
+    fn with_state<R>(&self, name: &str, mut f: impl FnMut(&mut ChannelState) -> R) -> R {
         loop {
             let channel = self.channel(name);
             let mut state = lock(&channel.state);
@@ -149,7 +162,7 @@ impl Hub {
     /// Adds a subscriber. Returns the channel position at which its live stream starts.
     pub fn subscribe(&self, name: &ChannelName, conn: ConnectionId, outbox: Outbox) -> Position {
         let epoch = self.epoch.0;
-        self.with_state(name, |state| {
+        self.with_state(name.as_str(), |state| {
             state.subscribers.insert(conn, outbox.clone());
             Position { epoch, offset: state.offset }
         })
@@ -181,12 +194,13 @@ impl Hub {
         }
     }
 
-    /// Sequences a message on `name` and delivers it to every local subscriber.
-    pub fn publish(&self, name: &ChannelName, msg: NewMessage) -> Accepted {
+    /// Sequences a message on `name` (validated with [`ChannelName::validate`]) and delivers
+    /// it to every local subscriber.
+    pub fn publish(&self, name: String, msg: NewMessage) -> Accepted {
         let now = Instant::now();
         let timestamp_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        self.with_state(name, |state| {
+        self.with_state(&name, |state| {
             state.dedupe.prune(now, &self.limits);
             if let Some(id) = &msg.id {
                 if let Some(prev) = state.dedupe.seen.get(id) {
@@ -211,7 +225,7 @@ impl Hub {
                 state.dedupe.order.push_back((now, id.clone()));
             }
             let encoded = Arc::new(EncodedMessage::new(Message {
-                channel: name.as_str().to_owned(),
+                channel: name.clone(),
                 id: message_id,
                 name: msg.name.clone(),
                 data: msg.data.clone(),
@@ -237,26 +251,35 @@ mod tests {
 
     fn hub() -> Hub {
         let node = NodeId::new(&RegionId::parse("r").unwrap(), "n").unwrap();
-        Hub::new(node, Epoch(7), HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120) })
+        Hub::new(
+            node,
+            Epoch(7),
+            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120) },
+        )
     }
 
     fn msg(id: Option<&str>) -> NewMessage {
-        NewMessage { id: id.map(str::to_owned), name: String::new(), data: None, client_id: String::new() }
+        NewMessage {
+            id: id.map(str::to_owned),
+            name: String::new(),
+            data: None,
+            client_id: String::new(),
+        }
     }
 
     #[test]
     fn sequences_dedupes_and_forgets_oldest_ids() {
         let hub = hub();
-        let ch = ChannelName::parse("a:b").unwrap();
-        let a = hub.publish(&ch, msg(Some("x")));
+        let ch = || "a:b".to_owned();
+        let a = hub.publish(ch(), msg(Some("x")));
         assert_eq!((a.seq, a.duplicate), (Seq(1), false));
-        let again = hub.publish(&ch, msg(Some("x")));
+        let again = hub.publish(ch(), msg(Some("x")));
         assert_eq!(again, Accepted { duplicate: true, ..a });
-        assert_eq!(hub.publish(&ch, msg(None)).seq, Seq(2));
-        hub.publish(&ch, msg(Some("y")));
-        hub.publish(&ch, msg(Some("z")));
+        assert_eq!(hub.publish(ch(), msg(None)).seq, Seq(2));
+        hub.publish(ch(), msg(Some("y")));
+        hub.publish(ch(), msg(Some("z")));
         // Only two ids are kept: "x" was forgotten and is sequenced anew.
-        assert!(!hub.publish(&ch, msg(Some("x"))).duplicate);
+        assert!(!hub.publish(ch(), msg(Some("x"))).duplicate);
     }
 
     #[test]
@@ -267,10 +290,10 @@ mod tests {
         hub.subscribe(&ch, ConnectionId(1), tx.clone());
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 0);
-        hub.publish(&ch, msg(None));
+        hub.publish(ch.to_string(), msg(None));
         hub.subscribe(&ch, ConnectionId(1), tx);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 1);
-        assert_eq!(hub.publish(&ch, msg(None)).seq, Seq(2));
+        assert_eq!(hub.publish(ch.to_string(), msg(None)).seq, Seq(2));
     }
 }

@@ -91,7 +91,11 @@ pub struct OutboxReceiver {
 
 /// Creates an outbox bounded by `max_items` and `max_bytes`. On overflow it cancels `stop`
 /// (the session's token) after marking itself overflowed.
-pub fn outbox(max_items: usize, max_bytes: usize, stop: CancellationToken) -> (Outbox, OutboxReceiver) {
+pub fn outbox(
+    max_items: usize,
+    max_bytes: usize,
+    stop: CancellationToken,
+) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         notify: Notify::new(),

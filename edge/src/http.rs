@@ -64,9 +64,11 @@ struct WsQuery {
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Upgrades to a WebSocket session. The wire format comes from `?format=json|proto`, or
@@ -113,8 +115,8 @@ async fn websocket(
     let cfg = &node.settings().config;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(cfg.websocket.read_buffer_bytes)
-        // Frames are written as soon as they are queued; batching happens above.
-        .write_buffer_size(0)
+        // Frames queued in one loop turn (acks, batches) go out in one write on flush.
+        .write_buffer_size(cfg.websocket.max_batch_bytes)
         .max_write_buffer_size(cfg.websocket.max_batch_bytes * 4 + cfg.limits.max_frame_bytes)
         .max_message_size(Some(cfg.limits.max_frame_bytes))
         .max_frame_size(Some(cfg.limits.max_frame_bytes));
@@ -178,7 +180,9 @@ async fn http_publish(
             }
         },
         "text/plain" => match String::from_utf8(body.to_vec()) {
-            Ok(t) => PublishRequest { channel, data: Some(publish::Data::Text(t)), ..Default::default() },
+            Ok(t) => {
+                PublishRequest { channel, data: Some(publish::Data::Text(t)), ..Default::default() }
+            }
             Err(_) => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
@@ -187,20 +191,24 @@ async fn http_publish(
                 );
             }
         },
-        "application/octet-stream" => {
-            PublishRequest { channel, data: Some(publish::Data::Binary(body)), ..Default::default() }
-        }
+        "application/octet-stream" => PublishRequest {
+            channel,
+            data: Some(publish::Data::Binary(body)),
+            ..Default::default()
+        },
         other => {
             return error_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::BadFrame,
-                format!("content type {other:?}: use application/json, text/plain or application/octet-stream"),
+                format!(
+                    "content type {other:?}: use application/json, text/plain or application/octet-stream"
+                ),
             );
         }
     };
     let channel_name = req.channel.clone();
     match pubmod::publish(&node, req, "http") {
-        Ok((_, a)) => {
+        Ok(a) => {
             let ack = client::Ack {
                 request_id: 0,
                 channel: channel_name,

@@ -25,8 +25,10 @@ impl Node {
     /// Builds the node state. The epoch is random until the durable log gives it a home.
     pub fn new(settings: Settings, shutdown: CancellationToken) -> Arc<Self> {
         let limits = &settings.config.limits;
-        let hub_limits =
-            HubLimits { dedupe_ids: limits.dedupe_ids_per_channel, dedupe_window: limits.dedupe_window };
+        let hub_limits = HubLimits {
+            dedupe_ids: limits.dedupe_ids_per_channel,
+            dedupe_window: limits.dedupe_window,
+        };
         // Keep epochs within JavaScript's safe integer range (2^53) for browser clients.
         let epoch = Epoch(rand::random::<u64>() >> 11);
         let hub = Hub::new(settings.node.clone(), epoch, hub_limits);

@@ -58,13 +58,13 @@ impl PublishError {
     }
 }
 
-/// Validates and publishes. Returns the parsed channel and the ack contents.
+/// Validates and publishes. Returns the ack contents.
 pub fn publish(
     node: &Node,
     req: PublishRequest,
     client_id: &str,
-) -> Result<(ChannelName, Accepted), PublishError> {
-    let channel = ChannelName::parse(&req.channel)?;
+) -> Result<Accepted, PublishError> {
+    ChannelName::validate(&req.channel)?;
     check_message_id(&req.id).map_err(PublishError::InvalidArgument)?;
     check_event_name(&req.name).map_err(PublishError::InvalidArgument)?;
     let max = node.settings().config.limits.max_message_bytes;
@@ -87,6 +87,5 @@ pub fn publish(
         data,
         client_id: client_id.to_owned(),
     };
-    let accepted = node.hub().publish(&channel, msg);
-    Ok((channel, accepted))
+    Ok(node.hub().publish(req.channel, msg))
 }

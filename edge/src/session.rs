@@ -149,7 +149,17 @@ where
             frame = ws.next() => {
                 unread = 0;
                 last_seen = Instant::now();
-                session.on_frame(frame)
+                // Handle the frames that already arrived too, so their replies (e.g. a
+                // pipelining publisher's acks) leave in one write.
+                let mut r = session.on_frame(frame);
+                for _ in 0..READ_AHEAD_FRAMES {
+                    let Ok(()) = r else { break };
+                    match ws.next().now_or_never() {
+                        Some(frame) => r = session.on_frame(frame),
+                        None => break,
+                    }
+                }
+                r
             }
         };
         if let Err(end) = step {
@@ -178,6 +188,9 @@ where
     }
     drop(admission);
 }
+
+/// Frames already received that one loop turn handles before writing the replies.
+const READ_AHEAD_FRAMES: usize = 64;
 
 /// While deliveries keep coming, the socket is still read at least this often (in deliveries).
 const FORCED_READ_EVERY: u32 = 8;
@@ -257,7 +270,8 @@ impl Session {
                 Outgoing::Message(m) => {
                     bytes += m.piece_len(self.format);
                     self.batch.push(m);
-                    let next_is_message = matches!(self.pending.front(), Some(Outgoing::Message(_)));
+                    let next_is_message =
+                        matches!(self.pending.front(), Some(Outgoing::Message(_)));
                     if next_is_message && self.batch.len() < max_msgs && bytes < max_bytes {
                         continue;
                     }
@@ -349,9 +363,15 @@ impl Session {
             );
             return Ok(());
         }
-        let client_id = if c.client_id.is_empty() { format!("anon-{}", self.id) } else { c.client_id };
+        let client_id =
+            if c.client_id.is_empty() { format!("anon-{}", self.id) } else { c.client_id };
         if let Err(reason) = tern_proto::types::check_message_id(&client_id) {
-            self.error(0, ErrorCode::InvalidArgument, format!("client id: {reason}"), String::new());
+            self.error(
+                0,
+                ErrorCode::InvalidArgument,
+                format!("client id: {reason}"),
+                String::new(),
+            );
             return Ok(());
         }
         let settings = self.node.settings();
@@ -382,7 +402,14 @@ impl Session {
     fn subscribe(&mut self, s: client::Subscribe) {
         let channel = match ChannelName::parse(&s.channel) {
             Ok(c) => c,
-            Err(e) => return self.error(s.request_id, ErrorCode::InvalidChannel, e.to_string(), s.channel),
+            Err(e) => {
+                return self.error(
+                    s.request_id,
+                    ErrorCode::InvalidChannel,
+                    e.to_string(),
+                    s.channel,
+                );
+            }
         };
         let max = self.cfg().limits.max_channels_per_connection;
         if !self.channels.contains(&channel) && self.channels.len() >= max {
@@ -405,7 +432,14 @@ impl Session {
     fn unsubscribe(&mut self, u: client::Unsubscribe) {
         let channel = match ChannelName::parse(&u.channel) {
             Ok(c) => c,
-            Err(e) => return self.error(u.request_id, ErrorCode::InvalidChannel, e.to_string(), u.channel),
+            Err(e) => {
+                return self.error(
+                    u.request_id,
+                    ErrorCode::InvalidChannel,
+                    e.to_string(),
+                    u.channel,
+                );
+            }
         };
         let done = server_frame::Kind::Unsubscribed(Unsubscribed {
             request_id: u.request_id,
@@ -423,7 +457,7 @@ impl Session {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
         let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
         match publish::publish(&self.node, req, client_id) {
-            Ok((_, a)) => self.reply(server_frame::Kind::Ack(client::Ack {
+            Ok(a) => self.reply(server_frame::Kind::Ack(client::Ack {
                 request_id,
                 channel,
                 message_id: a.message_id,

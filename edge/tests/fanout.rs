@@ -37,7 +37,9 @@ async fn ten_thousand_messages_reach_a_hundred_subscribers_in_order_once() {
     for i in 0..SUBS {
         // Half the subscribers speak JSON, half protobuf: both formats see the same stream.
         let format = if i % 2 == 0 { Format::Json } else { Format::Protobuf };
-        let c = Client::connect(&node.url(), ClientOptions { format, ..Default::default() }).await.unwrap();
+        let c = Client::connect(&node.url(), ClientOptions { format, ..Default::default() })
+            .await
+            .unwrap();
         let sub = c.subscribe("chat:big").await.unwrap();
         readers.push(tokio::spawn(async move {
             let got = collect(sub, MSGS).await;
@@ -96,7 +98,11 @@ async fn two_concurrent_publishers_keep_their_own_orders() {
             per.entry(t.chars().next().unwrap()).or_default().push(t[1..].parse().unwrap());
         }
         for p in ['a', 'b'] {
-            assert_eq!(per[&p], (0..EACH).collect::<Vec<_>>(), "publisher {p}: all, once, in order");
+            assert_eq!(
+                per[&p],
+                (0..EACH).collect::<Vec<_>>(),
+                "publisher {p}: all, once, in order"
+            );
         }
         orders.push(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>());
     }
@@ -149,17 +155,22 @@ async fn the_sdk_reconnects_resubscribes_and_reports_the_gap() {
     // A new node on the same address: the client reconnects and subscribes again.
     let node = TestNode::start(|cfg| cfg.listen.client = addr).await;
     let mut state = c.state();
-    tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, tern_client::ConnectionState::Connected(_))))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|s| matches!(s, tern_client::ConnectionState::Connected(_))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     // Publish until the re-subscription is live (it races the first publish).
     let other = Client::connect(&node.url(), ClientOptions::default()).await.unwrap();
     let mut i = 0;
     let got = loop {
         other.publish("chat:re", format!("after{i}")).await.unwrap();
         i += 1;
-        if let Ok(Some(Event::Message(m))) = tokio::time::timeout(std::time::Duration::from_millis(200), sub.next()).await {
+        if let Ok(Some(Event::Message(m))) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), sub.next()).await
+        {
             break text(&m).to_owned();
         }
         assert!(i < 100, "re-subscription never became live");

@@ -31,7 +31,10 @@ async fn a_silent_client_is_closed_with_4000_and_cleaned_up() {
     // The client now stops reading, so it never answers the node's pings: the node drops
     // its subscription, then closes it with 4000.
     let n = node.node.clone();
-    assert!(eventually(|| n.hub().channel_count() == 0).await, "the silent connection was not reaped");
+    assert!(
+        eventually(|| n.hub().channel_count() == 0).await,
+        "the silent connection was not reaped"
+    );
     assert_eq!(silent.close_code().await, Some(4000));
     assert!(eventually(|| n.connection_count() == 0).await, "the connection slot was not freed");
     node.stop().await;
@@ -46,7 +49,10 @@ async fn a_responsive_client_outlives_the_idle_timeout() {
     let first = c.connected().unwrap().connection_id;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.publish("chat:alive", "still").await.unwrap();
-    assert!(matches!(tokio::time::timeout(WAIT, sub.next()).await.unwrap(), Some(Event::Message(_))));
+    assert!(matches!(
+        tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
+        Some(Event::Message(_))
+    ));
     assert_eq!(c.connected().unwrap().connection_id, first, "the connection was never replaced");
     // A JSON client that sends app-level heartbeats is kept too.
     let (mut raw, _) = RawJson::connected(node.addr).await;
@@ -75,9 +81,17 @@ async fn a_stalled_subscriber_is_cut_off_with_4001_while_others_get_everything()
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(node.addr).await.unwrap();
     let (mut stalled, _) =
-        tokio_tungstenite::client_async(format!("ws://{}/v1/ws?format=proto", node.addr), stream).await.unwrap();
+        tokio_tungstenite::client_async(format!("ws://{}/v1/ws?format=proto", node.addr), stream)
+            .await
+            .unwrap();
     stalled.send(pb(client_frame::Kind::Connect(Connect::default()))).await.unwrap();
-    stalled.send(pb(client_frame::Kind::Subscribe(Subscribe { request_id: 1, channel: "feed:x".into() }))).await.unwrap();
+    stalled
+        .send(pb(client_frame::Kind::Subscribe(Subscribe {
+            request_id: 1,
+            channel: "feed:x".into(),
+        })))
+        .await
+        .unwrap();
     // Wait for Connected + Subscribed.
     let mut seen = 0;
     while seen < 2 {
@@ -106,7 +120,10 @@ async fn a_stalled_subscriber_is_cut_off_with_4001_while_others_get_everything()
         }));
     }
     // A raw publisher that pipelines 1 KiB publishes.
-    let (mut publ, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?format=proto", node.addr)).await.unwrap();
+    let (mut publ, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?format=proto", node.addr))
+            .await
+            .unwrap();
     publ.send(pb(client_frame::Kind::Connect(Connect::default()))).await.unwrap();
     let payload = bytes::Bytes::from(vec![7u8; 1024]);
     for i in 0..MSGS {
@@ -181,12 +198,26 @@ async fn http_publish_reaches_websocket_subscribers() {
     let c = Client::connect(&node.url(), ClientOptions::default()).await.unwrap();
     let mut sub = c.subscribe("scores:match-1").await.unwrap();
     let path = "/v1/channels/scores:match-1/messages";
-    let (status, body) = http(node.addr, "POST", path, "application/json", br#"{"id":"goal-1","name":"goal","text":"1-0"}"#).await;
+    let (status, body) = http(
+        node.addr,
+        "POST",
+        path,
+        "application/json",
+        br#"{"id":"goal-1","name":"goal","text":"1-0"}"#,
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     let ack: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ack["messageId"], "goal-1");
     // Retried with the same id: acknowledged as a duplicate, not delivered again.
-    let (status, body) = http(node.addr, "POST", path, "application/json", br#"{"id":"goal-1","name":"goal","text":"1-0"}"#).await;
+    let (status, body) = http(
+        node.addr,
+        "POST",
+        path,
+        "application/json",
+        br#"{"id":"goal-1","name":"goal","text":"1-0"}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(body.contains(r#""duplicate":true"#));
     let (status, _) = http(node.addr, "POST", path, "text/plain", b"plain text").await;
@@ -206,7 +237,8 @@ async fn http_publish_reaches_websocket_subscribers() {
     assert_eq!(got[2], ("".into(), Some(Data::Binary(vec![1, 2, 3].into()))));
 
     // Errors: bad channel 400, bad JSON 400, too large 413, wrong type 415.
-    let (status, body) = http(node.addr, "POST", "/v1/channels/bad%20name/messages", "text/plain", b"x").await;
+    let (status, body) =
+        http(node.addr, "POST", "/v1/channels/bad%20name/messages", "text/plain", b"x").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("ERROR_CODE_INVALID_CHANNEL"));
     let (status, body) = http(node.addr, "POST", path, "application/json", b"{nope").await;

@@ -97,7 +97,10 @@ async fn recoverable_errors_keep_the_connection_working() {
     c.send(r#"{"publish":{"requestId":31,"channel":"bad channel","text":"x"}}"#).await;
     assert_eq!(c.recv().await["nack"]["code"], "ERROR_CODE_INVALID_CHANNEL");
     let long_id = "i".repeat(200);
-    c.send(&format!(r#"{{"publish":{{"requestId":32,"channel":"a:1","id":"{long_id}","text":"x"}}}}"#)).await;
+    c.send(&format!(
+        r#"{{"publish":{{"requestId":32,"channel":"a:1","id":"{long_id}","text":"x"}}}}"#
+    ))
+    .await;
     assert_eq!(c.recv().await["nack"]["code"], "ERROR_CODE_INVALID_ARGUMENT");
     // After all that, the connection still publishes and delivers.
     c.send(r#"{"publish":{"requestId":40,"channel":"a:1","text":"still here"}}"#).await;
@@ -138,7 +141,10 @@ async fn oversize_frame_closes_with_1009() {
     let node = TestNode::start(|_| {}).await;
     let (mut c, _) = RawJson::connected(node.addr).await;
     let huge = "y".repeat(200 * 1024);
-    let _ = c.ws.send(WsMessage::Text(format!(r#"{{"publish":{{"channel":"a","text":"{huge}"}}}}"#).into())).await;
+    let _ = c
+        .ws
+        .send(WsMessage::Text(format!(r#"{{"publish":{{"channel":"a","text":"{huge}"}}}}"#).into()))
+        .await;
     assert_eq!(c.close_code().await, Some(1009));
     node.stop().await;
 }
@@ -154,7 +160,10 @@ async fn frames_before_connect_close_with_4002() {
 
 #[tokio::test]
 async fn invalid_utf8_text_closes_with_1007() {
-    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, coding::{Data, OpCode}};
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
     let node = TestNode::start(|_| {}).await;
     let (mut c, _) = RawJson::connected(node.addr).await;
     let frame = Frame::message(vec![0xff, 0xfe, 0x22], OpCode::Data(Data::Text), true);

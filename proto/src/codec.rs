@@ -228,7 +228,13 @@ mod tests {
     #[test]
     fn unknown_protobuf_field_is_unknown_frame() {
         // Field 7 (reserved for presence), empty length-delimited.
-        assert_eq!(decode_client(&[0x3a, 0x00], false), Err(DecodeError::UnknownFrame("(none)".into())));
-        assert!(matches!(decode_client(&[0xff, 0xff, 0xff], false), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            decode_client(&[0x3a, 0x00], false),
+            Err(DecodeError::UnknownFrame("(none)".into()))
+        );
+        assert!(matches!(
+            decode_client(&[0xff, 0xff, 0xff], false),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -51,6 +51,12 @@ pub enum ChannelNameError {
 impl ChannelName {
     /// Parses and validates a channel name.
     pub fn parse(s: &str) -> Result<Self, ChannelNameError> {
+        Self::validate(s)?;
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// Checks a channel name against the grammar without allocating.
+    pub fn validate(s: &str) -> Result<(), ChannelNameError> {
         if s.is_empty() {
             return Err(ChannelNameError::Empty);
         }
@@ -63,9 +69,9 @@ impl ChannelName {
         if let Some((ns, rest)) = s.split_once(':') {
             let ns_ok = !ns.is_empty()
                 && ns.len() <= MAX_NAMESPACE_LEN
-                && ns
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                && ns.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
             if !ns_ok {
                 return Err(ChannelNameError::InvalidNamespace(ns.to_owned()));
             }
@@ -73,7 +79,7 @@ impl ChannelName {
                 return Err(ChannelNameError::EmptyName);
             }
         }
-        Ok(Self(Arc::from(s)))
+        Ok(())
     }
 
     /// The whole name.
@@ -89,6 +95,13 @@ impl ChannelName {
 
 fn is_channel_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@' | '=' | ',' | '/')
+}
+
+/// Lets maps keyed by channel name be searched with a `&str` (same hash and equality).
+impl std::borrow::Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
 impl TryFrom<&str> for ChannelName {
@@ -131,11 +144,7 @@ fn check_label(what: &'static str, s: &str) -> Result<(), NameError> {
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(NameError { what, value: s.to_owned() })
-    }
+    if ok { Ok(()) } else { Err(NameError { what, value: s.to_owned() }) }
 }
 
 impl RegionId {
@@ -209,7 +218,10 @@ pub fn check_message_id(id: &str) -> Result<(), String> {
 /// Checks an event name: at most [`MAX_EVENT_NAME_LEN`] bytes, no control characters.
 pub fn check_event_name(name: &str) -> Result<(), String> {
     if name.len() > MAX_EVENT_NAME_LEN {
-        return Err(format!("event name is {} bytes; the limit is {MAX_EVENT_NAME_LEN}", name.len()));
+        return Err(format!(
+            "event name is {} bytes; the limit is {MAX_EVENT_NAME_LEN}",
+            name.len()
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err("event name holds a control character".into());
@@ -227,12 +239,21 @@ mod tests {
             ChannelName::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         assert_eq!(ChannelName::parse(""), Err(ChannelNameError::Empty));
-        assert!(matches!(ChannelName::parse("a b"), Err(ChannelNameError::InvalidChar { ch: ' ', index: 1 })));
-        assert!(matches!(ChannelName::parse("chat:*"), Err(ChannelNameError::InvalidChar { ch: '*', .. })));
+        assert!(matches!(
+            ChannelName::parse("a b"),
+            Err(ChannelNameError::InvalidChar { ch: ' ', index: 1 })
+        ));
+        assert!(matches!(
+            ChannelName::parse("chat:*"),
+            Err(ChannelNameError::InvalidChar { ch: '*', .. })
+        ));
         assert!(matches!(ChannelName::parse(":x"), Err(ChannelNameError::InvalidNamespace(_))));
         assert!(matches!(ChannelName::parse("Chat:x"), Err(ChannelNameError::InvalidNamespace(_))));
         assert_eq!(ChannelName::parse("chat:"), Err(ChannelNameError::EmptyName));
-        assert!(matches!(ChannelName::parse(&"a".repeat(201)), Err(ChannelNameError::TooLong { len: 201 })));
+        assert!(matches!(
+            ChannelName::parse(&"a".repeat(201)),
+            Err(ChannelNameError::TooLong { len: 201 })
+        ));
         assert_eq!(ChannelName::parse("chat:room").unwrap().namespace(), "chat");
         assert_eq!(ChannelName::parse("room").unwrap().namespace(), "");
     }

@@ -13,7 +13,9 @@ fn bin() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
 }
 fn position() -> impl Strategy<Value = Option<Position>> {
-    proptest::option::of((any::<u64>(), any::<u64>()).prop_map(|(epoch, offset)| Position { epoch, offset }))
+    proptest::option::of(
+        (any::<u64>(), any::<u64>()).prop_map(|(epoch, offset)| Position { epoch, offset }),
+    )
 }
 fn code() -> impl Strategy<Value = i32> {
     (0i32..=11).prop_map(|c| c)
@@ -26,20 +28,32 @@ fn message_data() -> impl Strategy<Value = Option<message::Data>> {
     ]
 }
 fn message() -> impl Strategy<Value = Message> {
-    (s(), s(), s(), message_data(), s(), s(), any::<u64>(), any::<u64>(), position(), any::<u64>()).prop_map(
-        |(channel, id, name, data, client_id, origin, origin_epoch, origin_seq, position, timestamp_ms)| Message {
-            channel,
-            id,
-            name,
-            data,
-            client_id,
-            origin,
-            origin_epoch,
-            origin_seq,
-            position,
-            timestamp_ms,
-        },
-    )
+    (s(), s(), s(), message_data(), s(), s(), any::<u64>(), any::<u64>(), position(), any::<u64>())
+        .prop_map(
+            |(
+                channel,
+                id,
+                name,
+                data,
+                client_id,
+                origin,
+                origin_epoch,
+                origin_seq,
+                position,
+                timestamp_ms,
+            )| Message {
+                channel,
+                id,
+                name,
+                data,
+                client_id,
+                origin,
+                origin_epoch,
+                origin_seq,
+                position,
+                timestamp_ms,
+            },
+        )
 }
 
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
@@ -50,60 +64,97 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
         bin().prop_map(|b| Some(publish::Data::Binary(b)))
     ];
     prop_oneof![
-        (any::<u32>(), s(), s(), s(), s()).prop_map(|(protocol, client_id, token, resume_token, agent)| {
-            Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
-        }),
-        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe { request_id, channel })),
-        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribe(Unsubscribe { request_id, channel })),
-        (any::<u32>(), s(), s(), s(), publish_data).prop_map(|(request_id, channel, id, name, data)| {
-            Kind::Publish(Publish { request_id, channel, id, name, data })
-        }),
+        (any::<u32>(), s(), s(), s(), s()).prop_map(
+            |(protocol, client_id, token, resume_token, agent)| {
+                Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
+            }
+        ),
+        (any::<u32>(), s())
+            .prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe { request_id, channel })),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribe(Unsubscribe {
+            request_id,
+            channel
+        })),
+        (any::<u32>(), s(), s(), s(), publish_data).prop_map(
+            |(request_id, channel, id, name, data)| {
+                Kind::Publish(Publish { request_id, channel, id, name, data })
+            }
+        ),
         any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
     ]
 }
 
 fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
     use server_frame::Kind;
-    let limits = proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-        |(max_message_bytes, max_frame_bytes, max_channels, send_queue)| Limits {
-            max_message_bytes,
-            max_frame_bytes,
-            max_channels,
-            send_queue,
-        },
-    ));
+    let limits =
+        proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(max_message_bytes, max_frame_bytes, max_channels, send_queue)| Limits {
+                max_message_bytes,
+                max_frame_bytes,
+                max_channels,
+                send_queue,
+            },
+        ));
     prop_oneof![
-        (s(), s(), s(), any::<u32>(), any::<u32>(), limits, s(), s(), any::<bool>(), any::<u32>()).prop_map(
-            |(connection_id, node, region, hb, idle, limits, resume_token, client_id, resumed, protocol)| {
-                Kind::Connected(Connected {
+        (s(), s(), s(), any::<u32>(), any::<u32>(), limits, s(), s(), any::<bool>(), any::<u32>())
+            .prop_map(
+                |(
                     connection_id,
                     node,
                     region,
-                    heartbeat_interval_ms: hb,
-                    idle_timeout_ms: idle,
+                    hb,
+                    idle,
                     limits,
                     resume_token,
                     client_id,
                     resumed,
                     protocol,
+                )| {
+                    Kind::Connected(Connected {
+                        connection_id,
+                        node,
+                        region,
+                        heartbeat_interval_ms: hb,
+                        idle_timeout_ms: idle,
+                        limits,
+                        resume_token,
+                        client_id,
+                        resumed,
+                        protocol,
+                    })
+                }
+            ),
+        (any::<u32>(), s(), position()).prop_map(|(request_id, channel, position)| {
+            Kind::Subscribed(Subscribed { request_id, channel, position })
+        }),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribed(Unsubscribed {
+            request_id,
+            channel
+        })),
+        (any::<u32>(), s(), s(), any::<u64>(), position(), any::<u64>(), any::<bool>()).prop_map(
+            |(request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate)| {
+                Kind::Ack(Ack {
+                    request_id,
+                    channel,
+                    message_id,
+                    origin_seq,
+                    position,
+                    timestamp_ms,
+                    duplicate,
                 })
             }
         ),
-        (any::<u32>(), s(), position())
-            .prop_map(|(request_id, channel, position)| Kind::Subscribed(Subscribed { request_id, channel, position })),
-        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribed(Unsubscribed { request_id, channel })),
-        (any::<u32>(), s(), s(), any::<u64>(), position(), any::<u64>(), any::<bool>()).prop_map(
-            |(request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate)| {
-                Kind::Ack(Ack { request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate })
+        (any::<u32>(), s(), s(), code(), s()).prop_map(
+            |(request_id, channel, message_id, code, reason)| {
+                Kind::Nack(Nack { request_id, channel, message_id, code, reason })
             }
         ),
-        (any::<u32>(), s(), s(), code(), s()).prop_map(|(request_id, channel, message_id, code, reason)| {
-            Kind::Nack(Nack { request_id, channel, message_id, code, reason })
-        }),
-        proptest::collection::vec(message(), 0..4).prop_map(|messages| Kind::Deliver(Deliver { messages })),
+        proptest::collection::vec(message(), 0..4)
+            .prop_map(|messages| Kind::Deliver(Deliver { messages })),
         any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
-        (any::<u32>(), code(), s(), s())
-            .prop_map(|(request_id, code, reason, channel)| Kind::Error(Error { request_id, code, reason, channel })),
+        (any::<u32>(), code(), s(), s()).prop_map(|(request_id, code, reason, channel)| {
+            Kind::Error(Error { request_id, code, reason, channel })
+        }),
     ]
 }
 

@@ -60,7 +60,9 @@ pub struct RawJson {
 
 impl RawJson {
     pub async fn open(addr: SocketAddr) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?format=json")).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?format=json"))
+            .await
+            .unwrap();
         Self { ws }
     }
 
@@ -133,7 +135,13 @@ pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// Sends a raw HTTP/1.1 request and returns (status, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
     let head = format!(
