@@ -342,8 +342,7 @@ struct NatsParser {
 impl NatsParser {
     fn feed(&mut self, data: &[u8], mut f: impl FnMut(NatsOp<'_>)) -> anyhow::Result<()> {
         self.buf.extend_from_slice(data);
-        loop {
-            let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") else { break };
+        while let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") {
             let line = &self.buf[..eol];
             if line.starts_with(b"MSG ") {
                 let text = std::str::from_utf8(line)?;

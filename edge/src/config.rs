@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tern_proto::types::{NameError, NodeId, RegionId};
 
 /// The configuration file, as written by an operator.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Who this node is.
@@ -167,19 +167,6 @@ impl Default for WebSocketConfig {
         // 2 KiB reads a typical chat publish in one syscall and keeps an idle connection
         // near 6 KiB of server memory; raise it for publishers of large messages.
         Self { read_buffer_bytes: 2048, max_batch_messages: 256, max_batch_bytes: 64 * 1024 }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            node: NodeConfig::default(),
-            listen: ListenConfig::default(),
-            limits: LimitsConfig::default(),
-            heartbeat: HeartbeatConfig::default(),
-            timeouts: TimeoutsConfig::default(),
-            websocket: WebSocketConfig::default(),
-        }
     }
 }
 
