@@ -75,12 +75,7 @@ impl Target {
         let mut ws = self.open(local).await?;
         match self {
             Self::Tern(_) => {
-                tern_send(
-                    &mut ws,
-                    client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() }),
-                )
-                .await?;
-                tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Connected(_))).await?;
+                tern_connect(&mut ws).await?;
                 let sub = Subscribe { request_id: 1, channel: channel.into() };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Subscribed(_))).await?;
@@ -116,12 +111,7 @@ impl Target {
         let mut ws = self.open(None).await?;
         match self {
             Self::Tern(_) => {
-                tern_send(
-                    &mut ws,
-                    client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() }),
-                )
-                .await?;
-                tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Connected(_))).await?;
+                tern_connect(&mut ws).await?;
             }
             Self::Nats(_) => {
                 ws.send(WsMessage::Binary(Bytes::from_static(
@@ -140,6 +130,12 @@ fn msg_bytes(msg: &WsMessage) -> &[u8] {
         WsMessage::Text(t) => t.as_bytes(),
         _ => &[],
     }
+}
+
+async fn tern_connect(ws: &mut Ws) -> anyhow::Result<()> {
+    let connect = Connect { protocol: 1, ..Default::default() };
+    tern_send(ws, client_frame::Kind::Connect(connect)).await?;
+    tern_expect(ws, |k| matches!(k, server_frame::Kind::Connected(_))).await
 }
 
 async fn tern_send(ws: &mut Ws, kind: client_frame::Kind) -> anyhow::Result<()> {

@@ -47,6 +47,23 @@ pub struct Accepted {
     pub timestamp_ms: u64,
     /// True when the id was seen within the dedupe window: nothing was delivered again.
     pub duplicate: bool,
+    /// The log epoch `offset` belongs to.
+    pub epoch: Epoch,
+}
+
+impl Accepted {
+    /// The publisher's `Ack` frame.
+    pub fn into_ack(self, request_id: u32, channel: String) -> tern_proto::client::Ack {
+        tern_proto::client::Ack {
+            request_id,
+            channel,
+            message_id: self.message_id,
+            origin_seq: self.seq.0,
+            position: Some(Position { epoch: self.epoch.0, offset: self.offset.0 }),
+            timestamp_ms: self.timestamp_ms,
+            duplicate: self.duplicate,
+        }
+    }
 }
 
 /// Registry limits.
@@ -219,6 +236,7 @@ impl Hub {
                 offset: Offset(state.offset),
                 timestamp_ms,
                 duplicate: false,
+                epoch: self.epoch,
             };
             if let Some(id) = &msg.id {
                 state.dedupe.seen.insert(id.clone(), accepted.clone());

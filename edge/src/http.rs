@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tern_proto::client::{self, ErrorCode, Position, publish};
+use tern_proto::client::{self, ErrorCode, publish};
 use tern_proto::codec::Format;
 use tern_proto::{SUBPROTOCOL_JSON, SUBPROTOCOL_PROTOBUF};
 use tokio_tungstenite::WebSocketStream;
@@ -209,17 +209,10 @@ async fn http_publish(
     let channel_name = req.channel.clone();
     match pubmod::publish(&node, req, "http") {
         Ok(a) => {
-            let ack = client::Ack {
-                request_id: 0,
-                channel: channel_name,
-                message_id: a.message_id,
-                origin_seq: a.seq.0,
-                position: Some(Position { epoch: node.hub().epoch().0, offset: a.offset.0 }),
-                timestamp_ms: a.timestamp_ms,
-                duplicate: a.duplicate,
-            };
+            let duplicate = a.duplicate;
+            let ack = a.into_ack(0, channel_name);
             let json = serde_json::to_vec(&ack).unwrap_or_default();
-            let status = if a.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            let status = if duplicate { StatusCode::OK } else { StatusCode::CREATED };
             (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         Err(e) => error_response(e.http_status(), e.code(), e.to_string()),

@@ -93,13 +93,6 @@ where
         pending: VecDeque::new(),
         batch: Vec::new(),
     };
-    let stopped = |rx: &OutboxReceiver| {
-        if rx.overflowed() {
-            slow_consumer()
-        } else {
-            End::Close(close::GOING_AWAY, "node shutting down".into())
-        }
-    };
     let hb = cfg.heartbeat.interval;
     let idle = cfg.heartbeat.idle_timeout;
     let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
@@ -199,6 +192,15 @@ fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
 }
 
+/// Why the session's stop token fired: its outbox overflowed, or the node is shutting down.
+fn stopped(rx: &OutboxReceiver) -> End {
+    if rx.overflowed() {
+        slow_consumer()
+    } else {
+        End::Close(close::GOING_AWAY, "node shutting down".into())
+    }
+}
+
 impl Session {
     fn cfg(&self) -> &crate::config::Config {
         &self.node.settings().config
@@ -250,11 +252,7 @@ impl Session {
                 debug!(error = %e, "write failed");
                 End::Gone
             }),
-            _ = stop.cancelled() => Err(if rx.overflowed() {
-                slow_consumer()
-            } else {
-                End::Close(close::GOING_AWAY, "node shutting down".into())
-            }),
+            _ = stop.cancelled() => Err(stopped(rx)),
             _ = tokio::time::sleep(stall) => Err(slow_consumer()),
         }
     }
@@ -457,15 +455,7 @@ impl Session {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
         let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
         match publish::publish(&self.node, req, client_id) {
-            Ok(a) => self.reply(server_frame::Kind::Ack(client::Ack {
-                request_id,
-                channel,
-                message_id: a.message_id,
-                origin_seq: a.seq.0,
-                position: Some(Position { epoch: self.node.hub().epoch().0, offset: a.offset.0 }),
-                timestamp_ms: a.timestamp_ms,
-                duplicate: a.duplicate,
-            })),
+            Ok(a) => self.reply(server_frame::Kind::Ack(a.into_ack(request_id, channel))),
             Err(e) => self.reply(server_frame::Kind::Nack(Nack {
                 request_id,
                 channel,
