@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/client.proto"];
+    let files = ["proto/client.proto", "proto/backbone.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

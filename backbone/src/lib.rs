@@ -10,4 +10,7 @@
 //! Still to come (see the backbone issue): the quinn/rustls transport that drives the core
 //! between real nodes, interest routing, and the edge integration.
 
+pub mod certs;
 pub mod core;
+pub mod transport;
+pub mod wire;

@@ -12,9 +12,11 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prost::Message as _;
+use tern_backbone::transport::Backbone;
 use tern_proto::client::{Message, Position, message};
 use tern_proto::codec::EncodedMessage;
 use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId, Offset, Seq};
@@ -82,6 +84,8 @@ pub struct Hub {
     epoch: Epoch,
     limits: HubLimits,
     channels: RwLock<HashMap<ChannelName, Arc<Channel>>>,
+    /// Replication to other nodes, when configured.
+    backbone: OnceLock<Backbone>,
 }
 
 #[derive(Debug)]
@@ -137,7 +141,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Hub {
     /// Creates an empty registry for `node` in `epoch`.
     pub fn new(node: NodeId, epoch: Epoch, limits: HubLimits) -> Self {
-        Self { node, epoch, limits, channels: RwLock::new(HashMap::new()) }
+        Self {
+            node,
+            epoch,
+            limits,
+            channels: RwLock::new(HashMap::new()),
+            backbone: OnceLock::new(),
+        }
+    }
+
+    /// The backbone's UDP address, when it runs.
+    pub fn backbone_addr(&self) -> Option<std::net::SocketAddr> {
+        self.backbone.get().map(Backbone::local_addr)
+    }
+
+    /// Hands local publishes to the backbone from now on.
+    pub fn set_backbone(&self, backbone: Backbone) {
+        let _ = self.backbone.set(backbone);
+    }
+
+    /// Delivers a message replicated from another origin to local subscribers, at the next
+    /// position of this node's channel log. Returns false for a payload that is not a valid
+    /// message (the origin's bug; dropped and logged).
+    pub fn deliver_remote(&self, payload: &[u8]) -> bool {
+        let Ok(mut message) = Message::decode(payload) else {
+            tracing::warn!("undecodable replicated message dropped");
+            return false;
+        };
+        if ChannelName::validate(&message.channel).is_err() {
+            tracing::warn!(channel = %message.channel, "replicated message with an invalid channel dropped");
+            return false;
+        }
+        let channel = message.channel.clone();
+        let epoch = self.epoch.0;
+        let mut message = Some(&mut message);
+        self.with_state(&channel, |state| {
+            state.offset += 1;
+            let Some(m) = message.take() else { return };
+            m.position = Some(Position { epoch, offset: state.offset });
+            let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
+            state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
+        });
+        true
     }
 
     /// This node's log epoch.
@@ -256,6 +301,16 @@ impl Hub {
             }));
             // Overflowed subscribers are dropped here; their sessions close with 4001.
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
+            // Still under the channel lock, so the backbone sees this channel's messages in
+            // sequence order and numbers them the same way.
+            if let Some(backbone) = self.backbone.get() {
+                if let Ok(channel) = ChannelName::parse(&name) {
+                    let seq = backbone.publish(channel, encoded.message().encode_to_vec().into());
+                    if seq.0 != state.seq {
+                        tracing::error!(channel = %name, hub = state.seq, backbone = seq.0, "sequence mismatch");
+                    }
+                }
+            }
             accepted
         })
     }

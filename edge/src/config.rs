@@ -5,7 +5,7 @@
 //! refused at start-up with the field's name.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -27,6 +27,60 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     /// WebSocket tuning.
     pub websocket: WebSocketConfig,
+    /// Replication to other nodes; absent for a single node.
+    pub backbone: Option<BackboneSection>,
+}
+
+/// `[backbone]`: QUIC links to the other nodes, mutual TLS with the cluster CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneSection {
+    /// UDP address for the backbone.
+    #[serde(default = "default_backbone_listen")]
+    pub listen: SocketAddr,
+    /// Cluster CA certificate (PEM), from `tern certs init`.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), from `tern certs node`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// Data lanes per link; a channel always uses the same lane.
+    #[serde(default = "default_lanes")]
+    pub lanes: usize,
+    /// Frames queued per lane before new ones are dropped (and retransmitted later).
+    #[serde(default = "default_lane_queue")]
+    pub lane_queue: usize,
+    /// Messages kept per channel for repair and catch-up.
+    #[serde(default = "default_retention")]
+    pub retention: usize,
+    /// The other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// `[[backbone.peers]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id, `region/name`; its certificate must name it.
+    pub id: String,
+    /// Its backbone address.
+    pub addr: SocketAddr,
+}
+
+fn default_backbone_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7401))
+}
+fn default_lanes() -> usize {
+    // Enough that one lossy channel rarely stalls another; each lane is one QUIC stream.
+    4
+}
+fn default_lane_queue() -> usize {
+    4096
+}
+fn default_retention() -> usize {
+    // A few seconds of a busy channel; a peer further behind gets a discontinuity.
+    10_000
 }
 
 /// `[node]`: identity.
@@ -263,7 +317,32 @@ impl Config {
                 reason: "must be longer than heartbeat.interval, which must be above 0".into(),
             });
         }
-        Ok(Settings { node, region, config: self })
+        let mut peers = Vec::new();
+        if let Some(b) = &self.backbone {
+            for (field, v) in [
+                ("backbone.lanes", b.lanes),
+                ("backbone.lane_queue", b.lane_queue),
+                ("backbone.retention", b.retention),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::Invalid {
+                        field,
+                        reason: "must be greater than 0".into(),
+                    });
+                }
+            }
+            for p in &b.peers {
+                let id = NodeId::parse(&p.id)?;
+                if id == node {
+                    return Err(ConfigError::Invalid {
+                        field: "backbone.peers",
+                        reason: format!("{id} is this node itself"),
+                    });
+                }
+                peers.push(tern_backbone::transport::Peer { id, addr: p.addr });
+            }
+        }
+        Ok(Settings { node, region, peers, config: self })
     }
 }
 
@@ -274,6 +353,8 @@ pub struct Settings {
     pub node: NodeId,
     /// This node's region.
     pub region: RegionId,
+    /// Backbone peers, parsed.
+    pub peers: Vec<tern_backbone::transport::Peer>,
     /// The validated configuration.
     pub config: Config,
 }

@@ -29,8 +29,13 @@ impl Node {
             dedupe_ids: limits.dedupe_ids_per_channel,
             dedupe_window: limits.dedupe_window,
         };
-        // Keep epochs within JavaScript's safe integer range (2^53) for browser clients.
-        let epoch = Epoch(rand::random::<u64>() >> 11);
+        // The start time in microseconds: it grows across restarts (peers tell a restart
+        // without log by a newer epoch) and stays below 2^53 for JavaScript clients.
+        let epoch = Epoch(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+        );
         let hub = Hub::new(settings.node.clone(), epoch, hub_limits);
         Arc::new(Self {
             settings,

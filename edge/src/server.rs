@@ -1,8 +1,13 @@
 //! The listener: accepts TCP connections, serves HTTP/1.1 with upgrades, shuts down by token.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
 use std::time::Duration;
+use tern_backbone::certs::TlsFiles;
+use tern_backbone::transport::{Backbone, BackboneConfig, BackboneError, Sink};
+use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -22,22 +27,87 @@ pub struct Server {
     listener: TcpListener,
 }
 
-/// Why the server could not start. Retrying helps only once the address is free.
+/// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
-pub struct BindError {
-    addr: SocketAddr,
-    #[source]
-    source: std::io::Error,
+pub enum BindError {
+    /// The client port is taken or not allowed; retrying helps once it is free.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backbone could not start (certificates, UDP port).
+    #[error("backbone: {0}")]
+    Backbone(#[from] BackboneError),
+}
+
+/// Hands replicated messages to the hub (weakly: the node owns the backbone).
+struct HubSink(Weak<Node>);
+
+impl Sink for HubSink {
+    fn deliver(
+        &self,
+        _origin: &NodeId,
+        _channel: &ChannelName,
+        _epoch: Epoch,
+        _seq: Seq,
+        payload: Bytes,
+    ) {
+        if let Some(node) = self.0.upgrade() {
+            node.hub().deliver_remote(&payload);
+        }
+    }
+
+    fn discontinuity(
+        &self,
+        origin: &NodeId,
+        channel: &ChannelName,
+        epoch: Epoch,
+        after: Seq,
+        through: Option<Seq>,
+    ) {
+        // The client-facing discontinuity event arrives with resume (message integrity).
+        warn!(%origin, %channel, %epoch, %after, ?through, "replication discontinuity");
+    }
 }
 
 impl Server {
-    /// Binds the client port. `shutdown` stops the server when cancelled.
+    /// Binds the client port, and starts the backbone when configured. `shutdown` stops the
+    /// server when cancelled.
     pub async fn bind(settings: Settings, shutdown: CancellationToken) -> Result<Self, BindError> {
         let addr = settings.config.listen.client;
         let listener =
-            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
-        Ok(Self { node: Node::new(settings, shutdown), listener })
+            TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
+        let node = Node::new(settings, shutdown);
+        if let Some(b) = node.settings().config.backbone.clone() {
+            let config = BackboneConfig {
+                listen: b.listen,
+                peers: node.settings().peers.clone(),
+                tls: TlsFiles { ca: b.ca, cert: b.cert, key: b.key },
+                lanes: b.lanes,
+                lane_queue: b.lane_queue,
+                core: tern_backbone::core::Config { retention: b.retention, ..Default::default() },
+            };
+            let sink = Arc::new(HubSink(Arc::downgrade(&node)));
+            let backbone = Backbone::start(
+                node.settings().node.clone(),
+                node.hub().epoch(),
+                config,
+                sink,
+                node.shutdown().clone(),
+                node.tracker(),
+            )?;
+            node.hub().set_backbone(backbone);
+        }
+        Ok(Self { node, listener })
+    }
+
+    /// The backbone's bound UDP address, when the backbone runs.
+    pub fn backbone_addr(&self) -> Option<SocketAddr> {
+        self.node.hub().backbone_addr()
     }
 
     /// The bound address (useful with port 0).

@@ -20,6 +20,13 @@ pub mod client {
     include!(concat!(env!("OUT_DIR"), "/tern.client.v1.serde.rs"));
 }
 
+/// The backbone protocol, `tern.backbone.v1`, as generated from `proto/backbone.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod backbone {
+    include!(concat!(env!("OUT_DIR"), "/tern.backbone.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tern.backbone.v1.serde.rs"));
+}
+
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -165,6 +165,24 @@ impl NodeId {
         check_label("node name", name)?;
         Ok(Self(Arc::from(format!("{}/{}", region.as_str(), name))))
     }
+    /// Parses `region/name`.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let Some((region, name)) = s.split_once('/') else {
+            return Err(NameError { what: "node id (region/name)", value: s.to_owned() });
+        };
+        Self::new(&RegionId::parse(region)?, name)
+    }
+
+    /// The region part.
+    pub fn region(&self) -> &str {
+        self.0.split_once('/').map_or("", |(r, _)| r)
+    }
+
+    /// The name part.
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map_or("", |(_, n)| n)
+    }
+
     /// The id as a string.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -1,0 +1,444 @@
+//! The QUIC shell around the replication core: mutual-TLS links to every peer, a control
+//! lane and a few data lanes per link (a channel always on the same lane), and one driver
+//! task that moves frames, link events and time into the [`Replica`] and its output out.
+//!
+//! ```text
+//!  Backbone::publish ──▶ Mutex<Replica> ◀── driver task ◀── link readers (per stream)
+//!                              │ poll_transmit          ◀── link up / down
+//!                              ▼                         ◀── timer
+//!                     lane queues (bounded) ──▶ writer tasks ──▶ QUIC uni streams
+//!                              │ poll_event
+//!                              ▼
+//!                         Sink (the edge hub)
+//! ```
+//!
+//! Overflow policy: a lane queue that is full drops the frame. That is safe by design: the
+//! core retransmits anything unacknowledged, and a slow link costs retransmissions, never
+//! unbounded memory. Inbound frames wait for room in the driver's queue, which pushes back
+//! on the peer through QUIC flow control.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::certs::{self, CertError, TlsFiles};
+use crate::core::{self, Event, Frame, Replica};
+use crate::wire;
+
+/// A peer node.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its backbone address.
+    pub addr: SocketAddr,
+}
+
+/// Backbone settings.
+#[derive(Debug, Clone)]
+pub struct BackboneConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The other nodes.
+    pub peers: Vec<Peer>,
+    /// TLS material.
+    pub tls: TlsFiles,
+    /// Data lanes per link (plus one control lane).
+    pub lanes: usize,
+    /// Frames queued per lane before new ones are dropped (and later retransmitted).
+    pub lane_queue: usize,
+    /// Replication settings.
+    pub core: core::Config,
+}
+
+/// Where replicated messages go (the edge's channel hub).
+pub trait Sink: Send + Sync + 'static {
+    /// A message from another origin, in that origin's order.
+    fn deliver(
+        &self,
+        origin: &NodeId,
+        channel: &ChannelName,
+        epoch: Epoch,
+        seq: Seq,
+        payload: Bytes,
+    );
+    /// A hole that cannot be repaired.
+    fn discontinuity(
+        &self,
+        origin: &NodeId,
+        channel: &ChannelName,
+        epoch: Epoch,
+        after: Seq,
+        through: Option<Seq>,
+    );
+}
+
+/// Why the backbone could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QUIC crypto configuration was refused.
+    #[error("quic tls: {0}")]
+    Quic(String),
+}
+
+struct Shared {
+    replica: Mutex<Replica>,
+    wake: Notify,
+}
+
+/// A running backbone.
+#[derive(Clone)]
+pub struct Backbone {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Backbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backbone").field("addr", &self.addr).finish()
+    }
+}
+
+enum LinkEvent {
+    Up { peer: NodeId, conn: usize, lanes: Vec<mpsc::Sender<Bytes>> },
+    Down { peer: NodeId, conn: usize },
+}
+
+fn lock(m: &Mutex<Replica>) -> std::sync::MutexGuard<'_, Replica> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Backbone {
+    /// Starts the backbone for node `me` in `epoch`. Tasks run on `tracker` until
+    /// `shutdown` is cancelled.
+    pub fn start(
+        me: NodeId,
+        epoch: Epoch,
+        config: BackboneConfig,
+        sink: Arc<dyn Sink>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Self, BackboneError> {
+        let (server_tls, client_tls) = certs::tls_configs(&config.tls)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_millis(500)));
+        transport.max_idle_timeout(Some(Duration::from_secs(3).try_into().expect("small")));
+        let transport = Arc::new(transport);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls)
+                .map_err(|e| BackboneError::Quic(e.to_string()))?,
+        ));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls)
+                .map_err(|e| BackboneError::Quic(e.to_string()))?,
+        ));
+        client.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server, config.listen)
+            .map_err(|source| BackboneError::Bind { addr: config.listen, source })?;
+        endpoint.set_default_client_config(client);
+        let addr = endpoint.local_addr().unwrap_or(config.listen);
+
+        let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id.clone()).collect();
+        let replica = Replica::new(me.clone(), epoch, &peer_ids, config.core.clone());
+        let shared = Arc::new(Shared { replica: Mutex::new(replica), wake: Notify::new() });
+        // Inbound frames from every link; full means the driver is behind, and readers wait.
+        let (inbound_tx, inbound_rx) = mpsc::channel(8192);
+        // Link up/down events; few and small.
+        let (link_tx, link_rx) = mpsc::channel(256);
+        let ctx = LinkCtx {
+            inbound: inbound_tx,
+            events: link_tx,
+            lanes: config.lanes.max(1),
+            queue: config.lane_queue.max(16),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
+
+        let span = info_span!("backbone", node = %me);
+        tracker.spawn(
+            drive(shared.clone(), inbound_rx, link_rx, sink, shutdown.clone())
+                .instrument(span.clone()),
+        );
+        // Full mesh: the smaller node id dials, the larger accepts.
+        for peer in config.peers.iter().filter(|p| p.id > me) {
+            tracker
+                .spawn(dial(endpoint.clone(), peer.clone(), ctx.clone()).instrument(span.clone()));
+        }
+        let expected: Vec<NodeId> =
+            config.peers.iter().filter(|p| p.id < me).map(|p| p.id.clone()).collect();
+        tracker.spawn(accept(endpoint, expected, ctx).instrument(span));
+        info!(%addr, "backbone listening");
+        Ok(Self { shared, addr })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replicates a local publish. Returns the origin sequence the core assigned.
+    pub fn publish(&self, channel: ChannelName, payload: Bytes) -> Seq {
+        let seq = lock(&self.shared.replica).publish(Instant::now(), channel, payload);
+        self.shared.wake.notify_one();
+        seq
+    }
+}
+
+#[derive(Clone)]
+struct LinkCtx {
+    inbound: mpsc::Sender<(NodeId, Frame)>,
+    events: mpsc::Sender<LinkEvent>,
+    lanes: usize,
+    queue: usize,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn lane_of(frame: &Frame, lanes: usize) -> usize {
+    let channel = match frame {
+        Frame::Hello { .. } | Frame::Heartbeat { .. } => return 0,
+        Frame::Data { channel, .. }
+        | Frame::Ack { channel, .. }
+        | Frame::Nack { channel, .. }
+        | Frame::Gone { channel, .. } => channel,
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    channel.hash(&mut h);
+    1 + (h.finish() as usize) % lanes
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    mut inbound: mpsc::Receiver<(NodeId, Frame)>,
+    mut links: mpsc::Receiver<LinkEvent>,
+    sink: Arc<dyn Sink>,
+    shutdown: CancellationToken,
+) {
+    let mut writers: HashMap<NodeId, (usize, Vec<mpsc::Sender<Bytes>>)> = HashMap::new();
+    let mut dropped = 0u64;
+    loop {
+        let deadline = lock(&shared.replica).poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut batch = Vec::new();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => {}
+            Some(first) = inbound.recv() => {
+                batch.push(first);
+                while batch.len() < 1024 {
+                    match inbound.try_recv() {
+                        Ok(f) => batch.push(f),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(ev) = links.recv() => {
+                let now = Instant::now();
+                let mut r = lock(&shared.replica);
+                match ev {
+                    LinkEvent::Up { peer, conn, lanes } => {
+                        info!(%peer, "link up");
+                        writers.insert(peer.clone(), (conn, lanes));
+                        r.handle_link_up(now, &peer);
+                    }
+                    LinkEvent::Down { peer, conn } => {
+                        if writers.get(&peer).is_some_and(|(c, _)| *c == conn) {
+                            info!(%peer, "link down");
+                            writers.remove(&peer);
+                            r.handle_link_down(now, &peer);
+                        }
+                    }
+                }
+            }
+            _ = sleep => {}
+        }
+        let mut events = Vec::new();
+        {
+            let now = Instant::now();
+            let mut r = lock(&shared.replica);
+            for (from, frame) in batch {
+                r.handle_frame(now, &from, frame);
+            }
+            r.handle_timeout(now);
+            while let Some((peer, frame)) = r.poll_transmit() {
+                let Some((_, lanes)) = writers.get(&peer) else { continue };
+                let lane = lane_of(&frame, lanes.len() - 1);
+                if lanes[lane].try_send(wire::encode(&frame)).is_err() {
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        debug!(%peer, dropped, "lane queue full; frames dropped for retransmission");
+                    }
+                }
+            }
+            while let Some(e) = r.poll_event() {
+                events.push(e);
+            }
+        }
+        // Outside the replica lock: the sink takes channel locks, and publishes take the
+        // replica lock under a channel lock.
+        for e in events {
+            match e {
+                Event::Deliver { origin, channel, epoch, seq, payload } => {
+                    sink.deliver(&origin, &channel, epoch, seq, payload)
+                }
+                Event::Discontinuity { origin, channel, epoch, after, through } => {
+                    sink.discontinuity(&origin, &channel, epoch, after, through)
+                }
+            }
+        }
+    }
+}
+
+async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
+    let name = certs::node_dns_name(&peer.id);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            return;
+        }
+        let attempt = async {
+            let connecting = endpoint.connect(peer.addr, &name).map_err(|e| e.to_string())?;
+            connecting.await.map_err(|e| e.to_string())
+        };
+        let conn = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match conn {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                run_link(conn, peer.id.clone(), &ctx).await;
+            }
+            Err(e) => debug!(peer = %peer.id, error = %e, "dial failed"),
+        }
+        let jitter = Duration::from_millis(u64::from(std::process::id() % 50));
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, expected: Vec<NodeId>, ctx: LinkCtx) {
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let expected = expected.clone();
+        let ctx2 = ctx.clone();
+        ctx.tracker.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "incoming backbone connection failed");
+                    return;
+                }
+            };
+            let certs = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
+            let peer = certs.as_ref().and_then(|c| c.first()).and_then(|cert| {
+                expected.iter().find(|p| certs::cert_names(cert, p)).cloned()
+            });
+            match peer {
+                Some(peer) => run_link(conn, peer, &ctx2).await,
+                None => {
+                    warn!(remote = %conn.remote_address(), "refused a backbone peer: its certificate names no expected node");
+                    conn.close(1u32.into(), b"unknown node");
+                }
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+}
+
+async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
+    let id = conn.stable_id();
+    let mut lanes = Vec::with_capacity(ctx.lanes + 1);
+    for _ in 0..=ctx.lanes {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(ctx.queue);
+        let mut stream = match conn.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot open a lane");
+                return;
+            }
+        };
+        ctx.tracker.spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if wire::write_frame(&mut stream, &bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = stream.finish();
+        });
+        lanes.push(tx);
+    }
+    if ctx.events.send(LinkEvent::Up { peer: peer.clone(), conn: id, lanes }).await.is_err() {
+        return;
+    }
+    let reader_conn = conn.clone();
+    let inbound = ctx.inbound.clone();
+    let reader_peer = peer.clone();
+    let tracker = ctx.tracker.clone();
+    let readers = async move {
+        while let Ok(mut stream) = reader_conn.accept_uni().await {
+            let inbound = inbound.clone();
+            let peer = reader_peer.clone();
+            let conn = reader_conn.clone();
+            tracker.spawn(async move {
+                loop {
+                    match wire::read_frame(&mut stream).await {
+                        Ok(Some(frame)) => {
+                            if inbound.send((peer.clone(), frame)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(%peer, error = %e, "bad backbone frame; closing the link");
+                            conn.close(2u32.into(), b"bad frame");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    };
+    tokio::select! {
+        _ = readers => {}
+        _ = conn.closed() => {}
+        _ = ctx.shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
+    }
+    let _ = ctx.events.send(LinkEvent::Down { peer, conn: id }).await;
+}

@@ -1,0 +1,193 @@
+//! Three real nodes joined by the QUIC backbone (mutual TLS with a cluster CA) on loopback.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{TestNode, WAIT};
+use futures_util::StreamExt;
+use tern_backbone::certs;
+use tern_client::{Client, ClientOptions, Event};
+use tern_edge::config::{BackboneSection, PeerConfig};
+use tern_proto::client::message::Data;
+use tern_proto::types::NodeId;
+
+fn free_udp_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("tern-{tag}-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+struct Cluster {
+    nodes: Vec<TestNode>,
+    dir: PathBuf,
+}
+
+fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> BackboneSection {
+    let (cert, key) = certs::node_files(dir, &ids[me]);
+    BackboneSection {
+        listen: addrs[me],
+        ca: dir.join("ca.pem"),
+        cert,
+        key,
+        lanes: 4,
+        lane_queue: 4096,
+        retention: 20_000,
+        peers: (0..ids.len())
+            .filter(|&i| i != me)
+            .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })
+            .collect(),
+    }
+}
+
+async fn cluster(regions: &[&str]) -> Cluster {
+    let dir = temp_dir("cluster");
+    certs::init_ca(&dir).unwrap();
+    let ids: Vec<NodeId> =
+        regions.iter().map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap()).collect();
+    for id in &ids {
+        certs::issue_node(&dir, id).unwrap();
+    }
+    let addrs: Vec<SocketAddr> = ids.iter().map(|_| free_udp_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let b = section(&dir, i, &ids, &addrs);
+        let region = r.to_string();
+        nodes.push(
+            TestNode::start(move |cfg| {
+                cfg.node.region = region;
+                cfg.backbone = Some(b);
+            })
+            .await,
+        );
+    }
+    Cluster { nodes, dir }
+}
+
+fn text(d: &Option<Data>) -> String {
+    match d {
+        Some(Data::Text(t)) => t.clone(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_once_in_publisher_order() {
+    let c = cluster(&["eu-west", "us-east", "ap-south"]).await;
+    const EACH: usize = 3_400; // 10,200 in total
+    let mut readers = Vec::new();
+    for n in &c.nodes {
+        for _ in 0..2 {
+            let client = Client::connect(&n.url(), ClientOptions::default()).await.unwrap();
+            let mut sub = client.subscribe("chat:global").await.unwrap();
+            readers.push(tokio::spawn(async move {
+                let mut per: HashMap<String, Vec<usize>> = HashMap::new();
+                for _ in 0..3 * EACH {
+                    match tokio::time::timeout(WAIT, sub.next()).await.expect("message in time") {
+                        Some(Event::Message(m)) => {
+                            let t = text(&m.data);
+                            let (who, i) = t.split_once(':').unwrap();
+                            per.entry(who.to_owned()).or_default().push(i.parse().unwrap());
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                drop(client);
+                per
+            }));
+        }
+    }
+    let mut pubs = Vec::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let url = n.url();
+        pubs.push(tokio::spawn(async move {
+            let client = Client::connect(&url, ClientOptions::default()).await.unwrap();
+            for k in 0..EACH {
+                client.publish("chat:global", format!("p{i}:{k}")).await.unwrap();
+            }
+        }));
+    }
+    for p in pubs {
+        p.await.unwrap();
+    }
+    for r in readers {
+        let per = r.await.unwrap();
+        for i in 0..3 {
+            assert_eq!(
+                per[&format!("p{i}")],
+                (0..EACH).collect::<Vec<_>>(),
+                "publisher {i}: every message once, in order"
+            );
+        }
+    }
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[tokio::test]
+async fn nodes_with_a_foreign_certificate_or_an_unexpected_id_are_refused() {
+    let c = cluster(&["eu-west", "us-east"]).await;
+    // An impostor: a certificate for a peer's name, but from another CA.
+    let other = temp_dir("impostor");
+    certs::init_ca(&other).unwrap();
+    let ids = [NodeId::parse("eu-west/edge-1").unwrap(), NodeId::parse("us-east/edge-1").unwrap()];
+    certs::issue_node(&other, &ids[0]).unwrap();
+    let addrs = [free_udp_port(), c.nodes[1].node.hub().backbone_addr().unwrap()];
+    let mut b = section(&other, 0, &ids, &addrs);
+    b.peers.retain(|p| p.id == ids[1].to_string());
+    let impostor = TestNode::start(move |cfg| {
+        cfg.node.region = "eu-west".into();
+        cfg.backbone = Some(b);
+    })
+    .await;
+    // A node with a genuine certificate, but for a node id the real node does not expect.
+    let stranger_id = NodeId::parse("ap-south/edge-1").unwrap();
+    certs::issue_node(&c.dir, &stranger_id).unwrap();
+    let ids2 = [stranger_id, ids[1].clone()];
+    let addrs2 = [free_udp_port(), addrs[1]];
+    let mut b2 = section(&c.dir, 0, &ids2, &addrs2);
+    b2.peers.retain(|p| p.id == ids2[1].to_string());
+    let stranger = TestNode::start(move |cfg| {
+        cfg.node.region = "ap-south".into();
+        cfg.backbone = Some(b2);
+    })
+    .await;
+    let strange = Client::connect(&stranger.url(), ClientOptions::default()).await.unwrap();
+    // Messages published on the impostor never reach the real node.
+    let real = Client::connect(&c.nodes[1].url(), ClientOptions::default()).await.unwrap();
+    let mut sub = real.subscribe("chat:x").await.unwrap();
+    let fake = Client::connect(&impostor.url(), ClientOptions::default()).await.unwrap();
+    // And the genuine peer does get through, so the silence is the refusal, not a dead link.
+    let genuine = Client::connect(&c.nodes[0].url(), ClientOptions::default()).await.unwrap();
+    for _ in 0..20 {
+        fake.publish("chat:x", "from the impostor").await.unwrap();
+        strange.publish("chat:x", "from the stranger").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    genuine.publish("chat:x", "genuine").await.unwrap();
+    match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+        Some(Event::Message(m)) => assert_eq!(text(&m.data), "genuine"),
+        other => panic!("unexpected {other:?}"),
+    }
+    impostor.stop().await;
+    stranger.stop().await;
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+    let _ = std::fs::remove_dir_all(&other);
+}
