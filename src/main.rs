@@ -56,6 +56,29 @@ enum Command {
     },
     /// Benchmarks: fan-out latency and throughput, idle connections, NATS side by side.
     Bench(tern_bench::BenchArgs),
+    /// Development certificates for the backbone (mutual TLS with a cluster CA).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        /// Directory for the files.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate signed by the CA in DIR: DIR/REGION-NAME.pem and .key.
+    Node {
+        /// Node id, `region/name` (e.g. eu-west/edge-1).
+        id: String,
+        /// Directory holding the CA.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
 }
 
 fn init_tracing() {
@@ -76,6 +99,7 @@ fn main() -> anyhow::Result<()> {
                 publish(&url, &channel, data, &name, id.as_deref()).await
             }
             Command::Bench(args) => tern_bench::run(args).await,
+            Command::Certs { command } => certs(command),
         }
     })
 }
@@ -103,6 +127,21 @@ async fn edge(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Re
     });
     server.run().await;
     signals.abort();
+    Ok(())
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir } => {
+            tern_backbone::certs::init_ca(&dir)?;
+            println!("cluster CA written to {}", dir.join("ca.pem").display());
+        }
+        CertsCommand::Node { id, dir } => {
+            let node = tern_proto::types::NodeId::parse(&id)?;
+            let (cert, key) = tern_backbone::certs::issue_node(&dir, &node)?;
+            println!("{node}: {} and {}", cert.display(), key.display());
+        }
+    }
     Ok(())
 }
 

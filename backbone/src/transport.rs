@@ -425,6 +425,10 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
                             }
                         }
                         Ok(None) => break,
+                        Err(wire::WireError::Io(e)) => {
+                            debug!(%peer, error = %e, "lane closed");
+                            break;
+                        }
                         Err(e) => {
                             warn!(%peer, error = %e, "bad backbone frame; closing the link");
                             conn.close(2u32.into(), b"bad frame");
