@@ -63,6 +63,34 @@ async fn start(config: &Path) -> Child {
     child
 }
 
+/// Publishes probes from every node until every node has seen one from each other node:
+/// then all backbone links are up.
+async fn wait_for_mesh(urls: &[String]) {
+    let mut clients = Vec::new();
+    let mut subs = Vec::new();
+    for u in urls {
+        let c = Client::connect(u, ClientOptions::default()).await.unwrap();
+        subs.push(c.subscribe("probe:mesh").await.unwrap());
+        clients.push(c);
+    }
+    let mut seen = vec![std::collections::HashSet::new(); urls.len()];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.iter().any(|s| s.len() < urls.len()) {
+        assert!(tokio::time::Instant::now() < deadline, "the backbone mesh never came up");
+        for (i, c) in clients.iter().enumerate() {
+            c.publish("probe:mesh", format!("{i}")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (i, sub) in subs.iter_mut().enumerate() {
+            while let Ok(Some(Event::Message(m))) =
+                tokio::time::timeout(Duration::from_millis(1), sub.next()).await
+            {
+                seen[i].insert(text(&m));
+            }
+        }
+    }
+}
+
 fn text(m: &tern_client::Message) -> String {
     match &m.data {
         Some(Data::Text(t)) => t.clone(),
@@ -100,6 +128,7 @@ async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated
         nodes.push(start(c).await);
     }
     let url = |i: usize| format!("ws://{}", client[i]);
+    wait_for_mesh(&(0..3).map(url).collect::<Vec<_>>()).await;
 
     // Subscribers on the two nodes that survive.
     const EACH: usize = 1_500;
@@ -167,6 +196,7 @@ async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated
         let pre = per.get("Apre").cloned().unwrap_or_default();
         println!("{} of {PRE} messages of the killed node had been replicated", pre.len());
         assert_eq!(pre, (0..pre.len()).collect::<Vec<_>>());
+        assert!(!pre.is_empty(), "the mesh was up: the killed node's messages were replicated");
         // After the restart: a new epoch whose sequences start again at 1 — all delivered,
         // none mistaken for an old message.
         assert_eq!(per["Apost"], (0..POST).collect::<Vec<_>>());

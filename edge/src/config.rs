@@ -389,6 +389,22 @@ mod tests {
     }
 
     #[test]
+    fn local_cluster_configs_validate() {
+        for text in [
+            include_str!("../../deploy/local/eu-west.toml"),
+            include_str!("../../deploy/local/us-east.toml"),
+            include_str!("../../deploy/local/ap-south.toml"),
+        ] {
+            let s = Config::from_toml(text).unwrap().validate().unwrap();
+            assert_eq!(s.peers.len(), 2);
+        }
+        let own = "[node]\nregion = \"a\"\nname = \"n\"\n[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                   [[backbone.peers]]\nid = \"a/n\"\naddr = \"127.0.0.1:1\"\n";
+        let e = Config::from_toml(own).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("backbone.peers"), "{e}");
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../../deploy/edge.example.toml");
         Config::from_toml(text).unwrap().validate().unwrap();
