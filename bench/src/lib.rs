@@ -9,6 +9,7 @@
 //! The figures are printed, never asserted: a shared 2-core machine is too noisy for that.
 
 pub mod fanout;
+pub mod hop;
 pub mod idle;
 pub mod process;
 pub mod target;
@@ -45,6 +46,12 @@ struct Common {
     /// PID of the NATS server.
     #[arg(long, global = true)]
     nats_pid: Option<u32>,
+    /// For `bench backbone`: a second NATS server, joined to --nats-url by a gateway.
+    #[arg(long, global = true)]
+    nats_remote_url: Option<String>,
+    /// Publish rate (messages/s) for the backbone hop latency.
+    #[arg(long, global = true, default_value_t = 1000)]
+    hop_rate: u64,
     /// Subscriber counts for the fan-out benchmarks.
     #[arg(long, global = true, value_delimiter = ',', default_value = "100,1000")]
     subscribers: Vec<usize>,
@@ -81,6 +88,9 @@ enum BenchKind {
     Idle,
     /// All of the above (the default).
     All,
+    /// One backbone hop: two nodes joined by the backbone; messages/s over the link and the
+    /// latency the hop adds (beside NATS gateways with --nats-url and --nats-remote-url).
+    Backbone,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -150,6 +160,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let kind = args.kind.unwrap_or(BenchKind::All);
     let c = args.common;
+    if matches!(kind, BenchKind::Backbone) {
+        return backbone(&c).await;
+    }
     let mut spawned = None;
     let (tern_url, tern_pid) = match &c.url {
         Some(u) => (u.clone(), c.server_pid),
@@ -161,13 +174,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             out
         }
     };
-    let tern = run_suite(&kind, &Target::Tern(tern_url), tern_pid, &c).await;
+    let tern = run_suite(&kind, &Target::tern(&tern_url), tern_pid, &c).await;
     if let Some(s) = spawned {
         s.stop().await;
     }
     let tern = tern?;
     let nats = match &c.nats_url {
-        Some(u) => Some(run_suite(&kind, &Target::Nats(u.clone()), c.nats_pid, &c).await?),
+        Some(u) => Some(run_suite(&kind, &Target::nats(u), c.nats_pid, &c).await?),
         None => None,
     };
     print_report(&tern, nats.as_ref(), &c);
@@ -300,4 +313,85 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
             );
         }
     }
+}
+
+async fn backbone(c: &Common) -> anyhow::Result<()> {
+    let pair = hop::TernPair::spawn().await?;
+    let (a, b) = (pair.nodes[0].url.clone(), pair.nodes[1].url.clone());
+    eprintln!("spawned two tern nodes joined by the backbone: {a} and {b}");
+    let measure = |same: Target, remote: Target| async move {
+        hop::measure(&same, &remote, c.hop_rate, c.duration, c.step, c.payload, c.max_deliveries)
+            .await
+    };
+    let tern = measure(Target::tern(&a), Target::tern(&a).subscribing_at(&b)).await;
+    pair.stop().await;
+    let tern = tern?;
+    for (rate, ok, per_sec) in &tern.link.steps {
+        eprintln!(
+            "    tern link {rate:>7} msg/s offered → {per_sec:>10.0} delivered/s {}",
+            if *ok { "kept up" } else { "fell behind" }
+        );
+    }
+    let nats = match (&c.nats_url, &c.nats_remote_url) {
+        (Some(x), Some(y)) => {
+            eprintln!("nats: publishing at {x}, subscribing at {y} (gateway hop)");
+            Some(measure(Target::nats(x), Target::nats(x).subscribing_at(y)).await?)
+        }
+        _ => None,
+    };
+    println!();
+    println!(
+        "== one hop between servers ({} publishes/s, {}-byte payloads) ==",
+        c.hop_rate, c.payload
+    );
+    println!(
+        "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "target",
+        "local p50",
+        "local p99",
+        "hop p50",
+        "hop p99",
+        "added p50",
+        "added p99",
+        "link msg/s"
+    );
+    let row = |name: &str, h: &hop::HopReport| {
+        let (l, r) = (h.local.percentiles_us, h.remote.percentiles_us);
+        println!(
+            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14.0}",
+            name,
+            ms(l[0]),
+            ms(l[2]),
+            ms(r[0]),
+            ms(r[2]),
+            ms(r[0].saturating_sub(l[0])),
+            ms(r[2].saturating_sub(l[2])),
+            h.link.deliveries_per_sec
+        );
+    };
+    row("tern", &tern);
+    if let Some(n) = &nats {
+        row("nats", n);
+    }
+    let per = tern.link.deliveries_per_sec;
+    println!(
+        "goal: ≥ 300,000 messages/s per link: {per:.0} → {}",
+        if per >= 300_000.0 { "met" } else { "not met" }
+    );
+    let added =
+        |h: &hop::HopReport| h.remote.percentiles_us[2].saturating_sub(h.local.percentiles_us[2]);
+    match &nats {
+        Some(n) => println!(
+            "goal: added p99 ≤ NATS gateway hop + 0.15 ms: {} ms vs {} ms → {}",
+            ms(added(&tern)),
+            ms(added(n) + 150),
+            if added(&tern) <= added(n) + 150 { "met" } else { "not met" }
+        ),
+        None => println!(
+            "goal: added p99 ≤ NATS gateway hop + 0.15 ms — run bench/compare-nats-gateways.sh to compare"
+        ),
+    }
+    let lost = tern.remote.expected - tern.remote.delivered.min(tern.remote.expected);
+    println!("integrity: {lost} lost over the hop");
+    Ok(())
 }

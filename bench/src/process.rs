@@ -17,11 +17,17 @@ pub struct TernServer {
 }
 
 impl TernServer {
-    /// Starts `tern edge` from the current executable.
+    /// Starts `tern edge` from the current executable on a free loopback port.
     pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(&["--listen", "127.0.0.1:0"]).await
+    }
+
+    /// Starts `tern edge ARGS…` from the current executable.
+    pub async fn spawn_with(args: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .args(["edge", "--listen", "127.0.0.1:0"])
+            .arg("edge")
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)

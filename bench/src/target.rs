@@ -19,40 +19,64 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// A WebSocket over plain TCP.
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// Which system to drive.
+/// The protocol a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// A Tern node (client protocol, protobuf).
+    Tern,
+    /// A NATS server's WebSocket listener (NATS text protocol).
+    Nats,
+}
+
+/// Which system to drive, and where: publishers connect to `publish`, subscribers to
+/// `subscribe` (the same server, or another one to measure a hop between servers).
 #[derive(Debug, Clone)]
-pub enum Target {
-    /// A Tern node: `ws://host:port` (the `/v1/ws` path is added).
-    Tern(String),
-    /// A NATS server WebSocket listener: `ws://host:port`.
-    Nats(String),
+pub struct Target {
+    system: System,
+    publish: String,
+    subscribe: String,
 }
 
 impl Target {
+    /// A Tern node at `ws://host:port` (the `/v1/ws` path is added).
+    pub fn tern(url: &str) -> Self {
+        Self { system: System::Tern, publish: url.into(), subscribe: url.into() }
+    }
+
+    /// A NATS WebSocket listener at `ws://host:port`.
+    pub fn nats(url: &str) -> Self {
+        Self { system: System::Nats, publish: url.into(), subscribe: url.into() }
+    }
+
+    /// The same system, with subscribers on another server.
+    pub fn subscribing_at(mut self, url: &str) -> Self {
+        self.subscribe = url.into();
+        self
+    }
+
     /// Display name.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::Tern(_) => "tern",
-            Self::Nats(_) => "nats",
+        match self.system {
+            System::Tern => "tern",
+            System::Nats => "nats",
         }
     }
 
-    fn url(&self) -> String {
-        match self {
-            Self::Tern(u) => format!("{}/v1/ws?format=proto", u.trim_end_matches('/')),
-            Self::Nats(u) => u.clone(),
+    fn url(&self, base: &str) -> String {
+        match self.system {
+            System::Tern => format!("{}/v1/ws?format=proto", base.trim_end_matches('/')),
+            System::Nats => base.to_owned(),
         }
     }
 
-    fn addr(&self) -> anyhow::Result<SocketAddr> {
-        let (Self::Tern(u) | Self::Nats(u)) = self;
-        let rest = u.split_once("://").map_or(u.as_str(), |(_, r)| r);
+    fn addr(base: &str) -> anyhow::Result<SocketAddr> {
+        let rest = base.split_once("://").map_or(base, |(_, r)| r);
         let hostport = rest.split('/').next().unwrap_or(rest);
-        hostport.parse().with_context(|| format!("{u}: expected ws://IP:PORT"))
+        hostport.parse().with_context(|| format!("{base}: expected ws://IP:PORT"))
     }
 
-    async fn open(&self, local: Option<IpAddr>) -> anyhow::Result<Ws> {
-        let addr = self.addr()?;
+    async fn open(&self, base: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
+        let addr = Self::addr(base)?;
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(ip) = local {
             socket.bind(SocketAddr::new(ip, 0))?;
@@ -62,7 +86,8 @@ impl Target {
         // Small read buffer: the library zero-fills it on every read (default 128 KiB).
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
         let (ws, _) =
-            tokio_tungstenite::client_async_with_config(self.url(), stream, Some(config)).await?;
+            tokio_tungstenite::client_async_with_config(self.url(base), stream, Some(config))
+                .await?;
         Ok(ws)
     }
 
@@ -72,16 +97,16 @@ impl Target {
         channel: &str,
         local: Option<IpAddr>,
     ) -> anyhow::Result<Subscriber> {
-        let mut ws = self.open(local).await?;
-        match self {
-            Self::Tern(_) => {
+        let mut ws = self.open(&self.subscribe, local).await?;
+        match self.system {
+            System::Tern => {
                 tern_connect(&mut ws).await?;
                 let sub = Subscribe { request_id: 1, channel: channel.into() };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Subscribed(_))).await?;
                 Ok(Subscriber { ws, nats: None })
             }
-            Self::Nats(_) => {
+            System::Nats => {
                 let mut nats = NatsParser::default();
                 ws.send(WsMessage::Binary(Bytes::from(format!(
                     "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {channel} 1\r\nPING\r\n"
@@ -108,19 +133,19 @@ impl Target {
 
     /// Opens a publishing connection.
     pub async fn publisher(&self) -> anyhow::Result<Publisher> {
-        let mut ws = self.open(None).await?;
-        match self {
-            Self::Tern(_) => {
+        let mut ws = self.open(&self.publish, None).await?;
+        match self.system {
+            System::Tern => {
                 tern_connect(&mut ws).await?;
             }
-            Self::Nats(_) => {
+            System::Nats => {
                 ws.send(WsMessage::Binary(Bytes::from_static(
                     b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n",
                 )))
                 .await?;
             }
         }
-        Ok(Publisher { ws, tern: matches!(self, Self::Tern(_)) })
+        Ok(Publisher { ws, tern: self.system == System::Tern })
     }
 }
 

@@ -1,0 +1,104 @@
+//! One hop between servers: a Tern backbone link, or a NATS gateway.
+//!
+//! - added latency: the same fixed-rate publish stream measured with the subscriber on the
+//!   publisher's server (same-node delivery) and on the other server (one hop); the hop adds
+//!   the difference.
+//! - link throughput: one publisher on one server, one subscriber on the other, the rate
+//!   raised until delivery falls behind.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tern_proto::types::NodeId;
+
+use crate::fanout::{self, LatencyReport, ThroughputReport};
+use crate::process::TernServer;
+use crate::target::Target;
+
+/// Figures for one hop.
+#[derive(Debug, Clone)]
+pub struct HopReport {
+    /// Subscriber on the publisher's server.
+    pub local: LatencyReport,
+    /// Subscriber on the other server.
+    pub remote: LatencyReport,
+    /// Sustained messages/s over the hop.
+    pub link: ThroughputReport,
+}
+
+/// Measures a hop. `same` publishes and subscribes on server A; `hop` publishes on A and
+/// subscribes on B.
+pub async fn measure(
+    same: &Target,
+    hop: &Target,
+    rate: u64,
+    duration: Duration,
+    step: Duration,
+    payload: usize,
+    max: u64,
+) -> anyhow::Result<HopReport> {
+    // Warm-up: links established, interest known, before anything is measured.
+    fanout::latency(hop, None, 1, 200, Duration::from_secs(1), payload).await?;
+    let local = fanout::latency(same, None, 1, rate, duration, payload).await?;
+    let remote = fanout::latency(hop, None, 1, rate, duration, payload).await?;
+    let link = fanout::throughput(hop, None, 1, step, payload, max).await?;
+    Ok(HopReport { local, remote, link })
+}
+
+/// Two `tern edge` processes joined by the backbone, with development certificates in a
+/// temporary directory.
+pub struct TernPair {
+    /// The two nodes.
+    pub nodes: [TernServer; 2],
+    dir: PathBuf,
+}
+
+impl TernPair {
+    /// Starts the pair.
+    pub async fn spawn() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tern-bench-pair-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        tern_backbone::certs::init_ca(&dir)?;
+        let ids = [NodeId::parse("bench-a/edge-1")?, NodeId::parse("bench-b/edge-1")?];
+        let free_udp =
+            || -> anyhow::Result<SocketAddr> { Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?) };
+        let free_tcp = || -> anyhow::Result<SocketAddr> {
+            Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let udp = [free_udp()?, free_udp()?];
+        let mut configs = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (cert, key) = tern_backbone::certs::issue_node(&dir, id)?;
+            let other = 1 - i;
+            let toml = format!(
+                "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n[backbone]\nlisten = \"{}\"\n\
+                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[[backbone.peers]]\nid = \"{}\"\naddr = \"{}\"\n",
+                id.region(),
+                id.name(),
+                free_tcp()?,
+                udp[i],
+                dir.join("ca.pem").display(),
+                cert.display(),
+                key.display(),
+                ids[other],
+                udp[other],
+            );
+            let path = dir.join(format!("{}.toml", id.region()));
+            std::fs::write(&path, toml)?;
+            configs.push(path);
+        }
+        let a = TernServer::spawn_with(&["--config", configs[0].to_str().context("path")?]).await?;
+        let b = TernServer::spawn_with(&["--config", configs[1].to_str().context("path")?]).await?;
+        Ok(Self { nodes: [a, b], dir })
+    }
+
+    /// Stops both nodes and removes the certificates.
+    pub async fn stop(self) {
+        let [a, b] = self.nodes;
+        a.stop().await;
+        b.stop().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
