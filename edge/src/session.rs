@@ -76,7 +76,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let node = admission.node().clone();
-    let cfg = node.settings().config.clone();
+    // Settings are read from the shared node, not copied into every connection.
+    let cfg = &node.settings().config;
     // One token per session, a child of the node's: cancelled on shutdown or on outbox
     // overflow. One uncontended token to watch keeps the per-wakeup cost low.
     let stop = node.shutdown().child_token();
@@ -171,7 +172,7 @@ where
         let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
         // The peer gets `timeouts.close` to take the close frame (after whatever is still
         // buffered for it); then the socket is dropped regardless.
-        let _ = tokio::time::timeout(cfg.timeouts.close, async {
+        let _ = tokio::time::timeout(node.settings().config.timeouts.close, async {
             ws.close(Some(frame)).await?;
             // Wait for the peer's close reply so the close frame is not lost to a reset.
             while ws.next().await.is_some() {}
