@@ -10,14 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v nats-server >/dev/null 2>&1; then
-  echo "installing nats-server (Debian package)…" >&2
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq nats-server >/dev/null
-fi
-cargo build --release --quiet
+. bench/nats-common.sh
 
 base=$((20000 + RANDOM % 20000))
 dir=$(mktemp -d)
