@@ -395,9 +395,23 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
             }
         };
         ctx.tracker.spawn(async move {
+            // Coalesce whatever is queued into one stream write (each write takes the QUIC
+            // connection's lock and wakes its driver).
+            let mut buf = Vec::with_capacity(64 * 1024);
             while let Some(bytes) = rx.recv().await {
-                if wire::write_frame(&mut stream, &bytes).await.is_err() {
+                buf.extend_from_slice(&bytes);
+                while buf.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => buf.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if wire::write_frame(&mut stream, &buf).await.is_err() {
                     break;
+                }
+                buf.clear();
+                if buf.capacity() > 256 * 1024 {
+                    buf = Vec::with_capacity(64 * 1024);
                 }
             }
             let _ = stream.finish();
@@ -412,7 +426,9 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
     let reader_peer = peer.clone();
     let tracker = ctx.tracker.clone();
     let readers = async move {
-        while let Ok(mut stream) = reader_conn.accept_uni().await {
+        while let Ok(stream) = reader_conn.accept_uni().await {
+            // Buffered: a frame's length and body come from one stream read.
+            let mut stream = tokio::io::BufReader::with_capacity(16 * 1024, stream);
             let inbound = inbound.clone();
             let peer = reader_peer.clone();
             let conn = reader_conn.clone();

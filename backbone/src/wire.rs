@@ -153,7 +153,7 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Fra
     decode(&body).map(Some)
 }
 
-/// Writes one encoded frame.
+/// Writes encoded frames (one, or several back to back).
 pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await
 }
