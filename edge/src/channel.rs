@@ -305,7 +305,7 @@ impl Hub {
             // sequence order and numbers them the same way.
             if let Some(backbone) = self.backbone.get() {
                 if let Ok(channel) = ChannelName::parse(&name) {
-                    let seq = backbone.publish(channel, encoded.message().encode_to_vec().into());
+                    let seq = backbone.publish(channel, encoded.protobuf());
                     if seq.0 != state.seq {
                         tracing::error!(channel = %name, hub = state.seq, backbone = seq.0, "sequence mismatch");
                     }

@@ -160,6 +160,13 @@ impl EncodedMessage {
         }
     }
 
+    /// The message alone, protobuf-encoded: a slice of the cached `Deliver` piece, so
+    /// replication shares the bytes fan-out already made.
+    pub fn protobuf(&self) -> Bytes {
+        let piece = self.piece(Format::Protobuf);
+        piece.slice(piece.len() - self.message.encoded_len()..)
+    }
+
     /// Size of the message's piece in `format` (encodes it if needed).
     pub fn piece_len(&self, format: Format) -> usize {
         self.piece(format).len()
@@ -223,6 +230,13 @@ mod tests {
             ok,
             Ok(client_frame::Kind::Subscribe(Subscribe { request_id: 3, channel: "a:b".into() }))
         );
+    }
+
+    #[test]
+    fn protobuf_slice_is_the_message() {
+        let m = Message { channel: "c".into(), origin_seq: 300, ..Default::default() };
+        let e = EncodedMessage::new(m.clone());
+        assert_eq!(Message::decode(e.protobuf()).unwrap(), m);
     }
 
     #[test]
