@@ -241,14 +241,18 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let frames = std::mem::take(&mut self.replies);
+        // Drained in place, so the buffer is reused across turns.
+        let frames = &mut self.replies;
         let write = async {
-            for f in frames {
+            for f in frames.drain(..) {
                 ws.feed(f).await?;
             }
             ws.flush().await
         };
+        // Write first: in the usual case it completes at once, and the stop token and the
+        // stall timer are never polled (no timer registered per turn).
         tokio::select! {
+            biased;
             r = write => r.map_err(|e| {
                 debug!(error = %e, "write failed");
                 End::Gone
