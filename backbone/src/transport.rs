@@ -72,6 +72,9 @@ pub trait Sink: Send + Sync + 'static {
         seq: Seq,
         payload: Bytes,
     );
+    /// Every reachable peer confirmed this node's new interest in `channel` (see
+    /// [`Backbone::add_interest`]).
+    fn ready(&self, channel: &ChannelName);
     /// A hole that cannot be repaired.
     fn discontinuity(
         &self,
@@ -207,6 +210,23 @@ impl Backbone {
     }
 }
 
+impl Backbone {
+    /// A local subscriber needs `channel`: ask the peers for it. Returns true when it
+    /// already flows (or goes to every node anyway); otherwise [`Sink::ready`] follows once
+    /// the reachable peers confirmed, or after the core's `interest_wait`.
+    pub fn add_interest(&self, channel: &ChannelName) -> bool {
+        let ready = lock(&self.shared.replica).add_interest(Instant::now(), channel);
+        self.shared.wake.notify_one();
+        ready
+    }
+
+    /// The last local subscriber of `channel` left: withdraw after the grace period.
+    pub fn remove_interest(&self, channel: &ChannelName) {
+        lock(&self.shared.replica).remove_interest(Instant::now(), channel);
+        self.shared.wake.notify_one();
+    }
+}
+
 #[derive(Clone)]
 struct LinkCtx {
     inbound: mpsc::Sender<(NodeId, Frame)>,
@@ -223,7 +243,9 @@ fn lane_of(frame: &Frame, lanes: usize) -> usize {
         Frame::Data { channel, .. }
         | Frame::Ack { channel, .. }
         | Frame::Nack { channel, .. }
-        | Frame::Gone { channel, .. } => channel,
+        | Frame::Gone { channel, .. }
+        | Frame::Interest { channel, .. }
+        | Frame::Start { channel, .. } => channel,
     };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     channel.hash(&mut h);
@@ -289,7 +311,10 @@ async fn drive(
             }
             r.handle_timeout(now);
             while let Some((peer, frame)) = r.poll_transmit() {
-                let Some((_, lanes)) = writers.get(&peer) else { continue };
+                let Some((_, lanes)) = writers.get(&peer) else {
+                    eprintln!("DEBUG no writer {:?}", frame);
+                    continue;
+                };
                 let lane = lane_of(&frame, lanes.len() - 1);
                 if lanes[lane].try_send(wire::encode(&frame)).is_err() {
                     dropped += 1;
@@ -311,6 +336,14 @@ async fn drive(
                 }
                 Event::Discontinuity { origin, channel, epoch, after, through } => {
                     sink.discontinuity(&origin, &channel, epoch, after, through)
+                }
+                Event::Ready { channel } => sink.ready(&channel),
+                Event::Started { origin, channel, epoch, after, late } => {
+                    if late && after.0 > 0 {
+                        warn!(%origin, %channel, %epoch, %after, "stream started after subscribers joined (the origin was unreachable): its messages up to here may be missing");
+                    } else {
+                        debug!(%origin, %channel, %epoch, %after, "stream started")
+                    }
                 }
             }
         }

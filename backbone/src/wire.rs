@@ -7,7 +7,7 @@ use tern_proto::backbone::{self as pb, backbone_frame::Kind};
 use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::core::{Frame, Have};
+use crate::core::{Frame, Have, Want};
 
 /// Largest backbone frame accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -39,7 +39,7 @@ fn channel(s: String) -> Result<ChannelName, WireError> {
 impl From<&Frame> for pb::BackboneFrame {
     fn from(f: &Frame) -> Self {
         let kind = match f {
-            Frame::Hello { epoch, have } => Kind::Hello(pb::Hello {
+            Frame::Hello { epoch, have, want } => Kind::Hello(pb::Hello {
                 epoch: epoch.0,
                 have: have
                     .iter()
@@ -47,10 +47,28 @@ impl From<&Frame> for pb::BackboneFrame {
                         channel: h.channel.to_string(),
                         epoch: h.epoch.0,
                         delivered: h.delivered.0,
+                        generation: h.generation,
                     })
                     .collect(),
+                want: want
+                    .iter()
+                    .map(|w| pb::Want { channel: w.channel.to_string(), generation: w.generation })
+                    .collect(),
             }),
-            Frame::Heartbeat { epoch } => Kind::Heartbeat(pb::Heartbeat { epoch: epoch.0 }),
+            Frame::Interest { channel, generation, withdraw } => Kind::Interest(pb::Interest {
+                channel: channel.to_string(),
+                generation: *generation,
+                withdraw: *withdraw,
+            }),
+            Frame::Start { channel, epoch, after, generation } => Kind::Start(pb::Start {
+                channel: channel.to_string(),
+                epoch: epoch.0,
+                after: after.0,
+                generation: *generation,
+            }),
+            Frame::Heartbeat { epoch, greeted } => {
+                Kind::Heartbeat(pb::Heartbeat { epoch: epoch.0, greeted: *greeted })
+            }
             Frame::Data { origin, epoch, channel, seq, payload } => Kind::Data(pb::Data {
                 origin: origin.to_string(),
                 epoch: epoch.0,
@@ -91,11 +109,28 @@ impl TryFrom<pb::BackboneFrame> for Frame {
                             channel: channel(h.channel)?,
                             epoch: Epoch(h.epoch),
                             delivered: Seq(h.delivered),
+                            generation: h.generation,
                         })
                     })
                     .collect::<Result<_, WireError>>()?,
+                want: h
+                    .want
+                    .into_iter()
+                    .map(|w| Ok(Want { channel: channel(w.channel)?, generation: w.generation }))
+                    .collect::<Result<_, WireError>>()?,
             },
-            Kind::Heartbeat(h) => Frame::Heartbeat { epoch: Epoch(h.epoch) },
+            Kind::Interest(i) => Frame::Interest {
+                channel: channel(i.channel)?,
+                generation: i.generation,
+                withdraw: i.withdraw,
+            },
+            Kind::Start(s) => Frame::Start {
+                channel: channel(s.channel)?,
+                epoch: Epoch(s.epoch),
+                after: Seq(s.after),
+                generation: s.generation,
+            },
+            Kind::Heartbeat(h) => Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted },
             Kind::Data(d) => Frame::Data {
                 origin: NodeId::parse(&d.origin).map_err(|e| WireError::Name(e.to_string()))?,
                 epoch: Epoch(d.epoch),
@@ -170,9 +205,17 @@ mod tests {
         let frames = [
             Frame::Hello {
                 epoch: Epoch(5),
-                have: vec![Have { channel: ch.clone(), epoch: Epoch(1), delivered: Seq(9) }],
+                have: vec![Have {
+                    channel: ch.clone(),
+                    epoch: Epoch(1),
+                    delivered: Seq(9),
+                    generation: 4,
+                }],
+                want: vec![Want { channel: ch.clone(), generation: 6 }],
             },
-            Frame::Heartbeat { epoch: Epoch(5) },
+            Frame::Interest { channel: ch.clone(), generation: 6, withdraw: true },
+            Frame::Start { channel: ch.clone(), epoch: Epoch(5), after: Seq(11), generation: 6 },
+            Frame::Heartbeat { epoch: Epoch(5), greeted: true },
             Frame::Data {
                 origin,
                 epoch: Epoch(5),

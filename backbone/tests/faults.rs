@@ -2,10 +2,15 @@
 //!
 //! A seeded in-memory network of 3–5 nodes drops, duplicates, delays and reorders frames,
 //! partitions and heals links, and crashes and restarts nodes (with or without their log).
+//! Half the channels are in a replicate-all namespace (`h:`), half are interest-routed
+//! (`chat:`): every node asks for those at the start (and again after a restart), and in the
+//! `interest_churn` scenario nodes gain and withdraw interest at random moments.
 //! After every run the invariants of the delivery contract are checked:
 //! - each node delivers each origin's messages in sequence, each once, with the payload the
-//!   origin published;
-//! - after healing, nothing published within retention is missing;
+//!   origin published; an interest-routed stream starts where the origin's `Start` said
+//!   (never before anything already delivered);
+//! - after healing, nothing published within retention is missing (for interest-routed
+//!   channels: nothing after the start of the node's current interest);
 //! - anything irreparable (trimmed log, origin restarted without its log) was reported as a
 //!   discontinuity, never skipped silently.
 //!
@@ -64,6 +69,8 @@ struct Scenario {
     isolate_first: bool,
     restart: Restart,
     retention: usize,
+    /// Random interest changes (add or remove, per node and channel) during the run.
+    churn: usize,
 }
 
 const BASE: Scenario = Scenario {
@@ -79,6 +86,7 @@ const BASE: Scenario = Scenario {
     isolate_first: false,
     restart: Restart::None,
     retention: 10_000,
+    churn: 0,
 };
 
 const SCENARIOS: &[Scenario] = &[
@@ -104,14 +112,29 @@ const SCENARIOS: &[Scenario] = &[
         partition: Some((800, 1_600)),
         ..BASE
     },
+    Scenario {
+        name: "interest_churn",
+        loss: 0.10,
+        dup: 0.05,
+        max_delay_ms: 80,
+        churn: 40,
+        partition: Some((1_000, 1_800)),
+        ..BASE
+    },
 ];
 
 fn node_id(i: usize) -> NodeId {
     NodeId::new(&RegionId::parse(&format!("r{i}")).unwrap(), "n").unwrap()
 }
 
+/// Even channels are replicate-all (`h:`), odd ones interest-routed (`chat:`).
 fn channel(i: usize) -> ChannelName {
-    ChannelName::parse(&format!("chat:room-{i}")).unwrap()
+    let ns = if i % 2 == 0 { "h" } else { "chat" };
+    ChannelName::parse(&format!("{ns}:room-{i}")).unwrap()
+}
+
+fn routed(i: usize) -> bool {
+    i % 2 == 1
 }
 
 struct SimNode {
@@ -139,10 +162,17 @@ struct Net {
 struct Counts {
     delivered: u64,
     discontinuities: u64,
+    starts: u64,
+    ready: u64,
 }
 
 fn config(s: &Scenario) -> Config {
-    Config { retention: s.retention, ..Config::default() }
+    Config {
+        retention: s.retention,
+        replicate_all: ["h".to_owned()].into(),
+        interest_grace: Duration::from_millis(if s.churn > 0 { 150 } else { 60_000 }),
+        ..Config::default()
+    }
 }
 
 fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
@@ -197,6 +227,21 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
         }
     }
 
+    for n in &mut nodes {
+        for ch in (0..s.channels).filter(|c| routed(*c)) {
+            n.replica.add_interest(t0, &channel(ch));
+        }
+    }
+    // Interest changes: (time, node, channel); each toggles.
+    let mut churn: Vec<(Duration, usize, usize)> = (0..s.churn)
+        .map(|_| {
+            let ch = 2 * rng.below(s.channels as u64 / 2) as usize + 1;
+            (Duration::from_millis(rng.below(s.publish_ms)), rng.below(s.nodes as u64) as usize, ch)
+        })
+        .collect();
+    churn.sort();
+    let mut next_churn = 0;
+
     let mut next_pub = 0;
     let mut now_d = Duration::ZERO;
     loop {
@@ -231,6 +276,9 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
         }
         if let Some(p) = publishes.get(next_pub) {
             next = next.min(p.0);
+        }
+        if let Some(c) = churn.get(next_churn) {
+            next = next.min(c.0);
         }
         for n in &nodes {
             if n.alive {
@@ -307,9 +355,27 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
             };
             nodes[0].replica = replica;
             nodes[0].alive = true;
+            // Its clients come back and subscribe again.
+            for ch in (0..s.channels).filter(|c| routed(*c)) {
+                nodes[0].replica.add_interest(now, &channel(ch));
+            }
             for y in 1..s.nodes {
                 if !cut.contains(&pair(0, y)) {
                     link_up_both(&mut nodes, now, 0, y, &ids);
+                }
+            }
+        }
+        while let Some(&(at, n, ch)) = churn.get(next_churn) {
+            if at > now_d {
+                break;
+            }
+            next_churn += 1;
+            if nodes[n].alive {
+                let r = &mut nodes[n].replica;
+                if r.has_interest(&channel(ch)) && rng.chance(0.7) {
+                    r.remove_interest(now, &channel(ch));
+                } else {
+                    r.add_interest(now, &channel(ch));
                 }
             }
         }
@@ -392,6 +458,23 @@ fn check(
                     seen_epochs.insert((key.0, key.1, epoch.0), seq.0);
                     counts.delivered += 1;
                 }
+                Event::Started { origin, channel, epoch, after, .. } => {
+                    let key = (idx(origin), chan_idx(channel));
+                    if !routed(key.1) {
+                        return Err(format!("node {n}: Start for replicate-all {channel}"));
+                    }
+                    counts.starts += 1;
+                    let p = pos.entry(key).or_insert((epoch.0, 0));
+                    if epoch.0 < p.0 || (epoch.0 == p.0 && after.0 < p.1) {
+                        return Err(format!(
+                            "node {n}: {key:?} started after {after} in epoch {}, behind position {p:?} (would repeat)",
+                            epoch.0
+                        ));
+                    }
+                    *p = (epoch.0, after.0);
+                    seen_epochs.entry((key.0, key.1, epoch.0)).or_insert(after.0);
+                }
+                Event::Ready { .. } => counts.ready += 1,
                 Event::Discontinuity { origin, channel, epoch, after, through } => {
                     let key = (idx(origin), chan_idx(channel));
                     counts.discontinuities += 1;
@@ -415,6 +498,20 @@ fn check(
         // fully delivered or reported.
         for (&(origin, ch, epoch), &last) in last_seq {
             if origin == n {
+                continue;
+            }
+            // A routed channel is owed only while the node wants it, from where it started.
+            if routed(ch) && (!node.replica.has_interest(&channel(ch)) || s.churn > 0) {
+                if epoch == nodes[origin].replica.epoch().0
+                    && node.replica.has_interest(&channel(ch))
+                {
+                    let got = pos.get(&(origin, ch)).copied();
+                    if !got.is_some_and(|(e, p)| e == epoch && p >= last) {
+                        return Err(format!(
+                            "node {n}: wants routed channel {ch} but misses origin {origin} epoch {epoch}: at {got:?}, last published {last}"
+                        ));
+                    }
+                }
                 continue;
             }
             let current = nodes[origin].replica.epoch().0;
@@ -462,6 +559,8 @@ fn fault_suite() {
                 Ok(c) => {
                     counts.delivered += c.delivered;
                     counts.discontinuities += c.discontinuities;
+                    counts.starts += c.starts;
+                    counts.ready += c.ready;
                 }
                 Err(e) => panic!(
                     "scenario {} seed {seed} failed: {e}\nreplay: TERN_FAULT_SEED={}:{seed} cargo test -p tern-backbone --test faults -- --nocapture",
@@ -471,9 +570,10 @@ fn fault_suite() {
             total += 1;
         }
         println!(
-            "{:<20} {n} seeds: {} deliveries, {} discontinuities",
-            s.name, counts.delivered, counts.discontinuities
+            "{:<20} {n} seeds: {} deliveries, {} discontinuities, {} stream starts, {} ready",
+            s.name, counts.delivered, counts.discontinuities, counts.starts, counts.ready
         );
+        assert!(counts.starts > 0 && counts.ready > 0, "{}: interest was never exercised", s.name);
     }
     assert!(total >= 5_000, "the suite must cover at least 5,000 seeds, ran {total}");
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use tern_backbone::transport::Backbone;
-use tern_proto::client::{Message, Position, message};
+use tern_proto::client::{Message, Position, Subscribed, message, server_frame};
 use tern_proto::codec::EncodedMessage;
 use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId, Offset, Seq};
 
@@ -100,9 +100,22 @@ struct ChannelState {
     /// Last log offset.
     offset: u64,
     subscribers: HashMap<ConnectionId, Outbox>,
+    /// First subscribers waiting for the peers to confirm the channel (see
+    /// [`Hub::subscribe`]).
+    pending: Vec<PendingSub>,
+    /// Whether this node asked the backbone for the channel (it has, or had until the
+    /// last one left, local subscribers).
+    interested: bool,
     dedupe: Dedupe,
     /// Set when the registry dropped this channel; holders must look it up again.
     removed: bool,
+}
+
+#[derive(Debug)]
+struct PendingSub {
+    conn: ConnectionId,
+    outbox: Outbox,
+    request_id: u32,
 }
 
 #[derive(Debug, Default)]
@@ -222,12 +235,59 @@ impl Hub {
     }
 
     /// Adds a subscriber. Returns the channel position at which its live stream starts.
-    pub fn subscribe(&self, name: &ChannelName, conn: ConnectionId, outbox: Outbox) -> Position {
+    ///
+    /// With a backbone, the first local subscriber of a channel makes the node ask its peers
+    /// for it; the subscription then takes effect once they confirmed (or after the
+    /// backbone's `interest_wait`), so that from its `Subscribed` reply on, everything
+    /// published anywhere reaches it. Until then this returns `None`, and the `Subscribed`
+    /// frame for `request_id` is queued to `outbox` when it takes effect.
+    pub fn subscribe(
+        &self,
+        name: &ChannelName,
+        conn: ConnectionId,
+        outbox: Outbox,
+        request_id: u32,
+    ) -> Option<Position> {
         let epoch = self.epoch.0;
+        let backbone = self.backbone.get();
         self.with_state(name.as_str(), |state| {
+            if !state.interested {
+                state.interested = true;
+                if let Some(b) = backbone {
+                    if !b.add_interest(name) {
+                        state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
+                        return None;
+                    }
+                }
+            }
+            if !state.pending.is_empty() {
+                state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
+                return None;
+            }
             state.subscribers.insert(conn, outbox.clone());
-            Position { epoch, offset: state.offset }
+            Some(Position { epoch, offset: state.offset })
         })
+    }
+
+    /// The peers confirmed this node's interest in `name`: pending subscriptions take effect.
+    pub fn interest_ready(&self, name: &ChannelName) {
+        let Some(channel) =
+            self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        else {
+            return;
+        };
+        let mut state = lock(&channel.state);
+        let position = Position { epoch: self.epoch.0, offset: state.offset };
+        for p in std::mem::take(&mut state.pending) {
+            let subscribed = server_frame::Kind::Subscribed(Subscribed {
+                request_id: p.request_id,
+                channel: name.to_string(),
+                position: Some(position),
+            });
+            if p.outbox.push(Outgoing::Frame(Box::new(subscribed))) {
+                state.subscribers.insert(p.conn, p.outbox);
+            }
+        }
     }
 
     /// Removes a subscriber. `then` is queued to its outbox after the last message of the
@@ -240,12 +300,23 @@ impl Hub {
         };
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let mut state = lock(&channel.state);
-        if let Some(outbox) = state.subscribers.remove(&conn) {
-            if let Some(item) = then {
-                outbox.push(item);
+        let removed = state.subscribers.remove(&conn).or_else(|| {
+            let i = state.pending.iter().position(|p| p.conn == conn)?;
+            Some(state.pending.remove(i).outbox)
+        });
+        if let (Some(outbox), Some(item)) = (removed, then) {
+            outbox.push(item);
+        }
+        if state.subscribers.is_empty() && state.pending.is_empty() && state.interested {
+            state.interested = false;
+            if let Some(b) = self.backbone.get() {
+                b.remove_interest(name);
             }
         }
-        let unused = state.subscribers.is_empty() && state.seq == 0 && state.offset == 0;
+        let unused = state.subscribers.is_empty()
+            && state.pending.is_empty()
+            && state.seq == 0
+            && state.offset == 0;
         if unused && !state.removed {
             state.removed = true;
             if let Entry::Occupied(e) = map.entry(name.clone()) {
@@ -360,11 +431,11 @@ mod tests {
         let hub = hub();
         let ch = ChannelName::parse("a").unwrap();
         let (tx, _rx) = outbox(8, 1 << 20, tokio_util::sync::CancellationToken::new());
-        hub.subscribe(&ch, ConnectionId(1), tx.clone());
+        hub.subscribe(&ch, ConnectionId(1), tx.clone(), 1);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 0);
         hub.publish(ch.to_string(), msg(None));
-        hub.subscribe(&ch, ConnectionId(1), tx);
+        hub.subscribe(&ch, ConnectionId(1), tx, 2);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(hub.publish(ch.to_string(), msg(None)).seq, Seq(2));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tern_proto::types::{NameError, NodeId, RegionId};
+use tern_proto::types::{ChannelName, NameError, NodeId, RegionId};
 
 /// The configuration file, as written by an operator.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -53,6 +53,21 @@ pub struct BackboneSection {
     /// Messages kept per channel for repair and catch-up.
     #[serde(default = "default_retention")]
     pub retention: usize,
+    /// Namespaces replicated to every node whether or not it has subscribers (namespaces
+    /// with history, so they are served locally and survive a region loss); `"*"` for every
+    /// channel. Other channels go only to nodes that have subscribers. The same list on
+    /// every node of the cluster.
+    #[serde(default)]
+    pub replicate_all: Vec<String>,
+    /// How long a node keeps receiving a channel after its last local subscriber left, so a
+    /// client that comes back within it misses nothing.
+    #[serde(default = "default_interest_grace", with = "humantime_serde")]
+    pub interest_grace: Duration,
+    /// Longest a first subscriber on this node waits for the peers to confirm the channel
+    /// before its `subscribed` reply is sent anyway (a peer that is slow or unreachable
+    /// then catches up from its log).
+    #[serde(default = "default_interest_wait", with = "humantime_serde")]
+    pub interest_wait: Duration,
     /// The other nodes.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -77,6 +92,12 @@ fn default_lanes() -> usize {
 }
 fn default_lane_queue() -> usize {
     4096
+}
+fn default_interest_grace() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_interest_wait() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_retention() -> usize {
     // A few seconds of a busy channel; a peer further behind gets a discontinuity.
@@ -328,6 +349,16 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         field,
                         reason: "must be greater than 0".into(),
+                    });
+                }
+            }
+            for ns in &b.replicate_all {
+                if ns != "*" && (ns.contains(':') || ChannelName::validate(ns).is_err()) {
+                    return Err(ConfigError::Invalid {
+                        field: "backbone.replicate_all",
+                        reason: format!(
+                            "{ns:?} is not a namespace (a channel name without ':') or \"*\""
+                        ),
                     });
                 }
             }

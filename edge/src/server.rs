@@ -61,6 +61,12 @@ impl Sink for HubSink {
         }
     }
 
+    fn ready(&self, channel: &ChannelName) {
+        if let Some(node) = self.0.upgrade() {
+            node.hub().interest_ready(channel);
+        }
+    }
+
     fn discontinuity(
         &self,
         origin: &NodeId,
@@ -89,7 +95,13 @@ impl Server {
                 tls: TlsFiles { ca: b.ca, cert: b.cert, key: b.key },
                 lanes: b.lanes,
                 lane_queue: b.lane_queue,
-                core: tern_backbone::core::Config { retention: b.retention, ..Default::default() },
+                core: tern_backbone::core::Config {
+                    retention: b.retention,
+                    replicate_all: b.replicate_all.iter().cloned().collect(),
+                    interest_grace: b.interest_grace,
+                    interest_wait: b.interest_wait,
+                    ..Default::default()
+                },
             };
             let sink = Arc::new(HubSink(Arc::downgrade(&node)));
             let backbone = Backbone::start(

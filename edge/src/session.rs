@@ -18,8 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_proto::client::{
-    self, Connected, ErrorCode, Limits, Nack, Position, Subscribed, Unsubscribed, client_frame,
-    server_frame,
+    self, Connected, ErrorCode, Limits, Nack, Subscribed, Unsubscribed, client_frame, server_frame,
 };
 use tern_proto::close;
 use tern_proto::codec::{self, EncodedMessage, Format};
@@ -423,13 +422,17 @@ impl Session {
                 s.channel,
             );
         }
-        let position: Position = self.node.hub().subscribe(&channel, self.id, self.outbox.clone());
+        let position =
+            self.node.hub().subscribe(&channel, self.id, self.outbox.clone(), s.request_id);
         self.channels.insert(channel);
-        self.reply(server_frame::Kind::Subscribed(Subscribed {
-            request_id: s.request_id,
-            channel: s.channel,
-            position: Some(position),
-        }));
+        // `None`: the peers are confirming the channel; the hub queues `Subscribed` then.
+        if let Some(position) = position {
+            self.reply(server_frame::Kind::Subscribed(Subscribed {
+                request_id: s.request_id,
+                channel: s.channel,
+                position: Some(position),
+            }));
+        }
     }
 
     fn unsubscribe(&mut self, u: client::Unsubscribe) {

@@ -45,6 +45,9 @@ fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> Backb
         lanes: 4,
         lane_queue: 4096,
         retention: 20_000,
+        replicate_all: Vec::new(),
+        interest_grace: Duration::from_secs(120),
+        interest_wait: Duration::from_secs(5),
         peers: (0..ids.len())
             .filter(|&i| i != me)
             .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })

@@ -12,24 +12,64 @@ pub struct Have {
     pub epoch: Epoch,
     /// Everything up to and including this sequence was delivered.
     pub delivered: Seq,
+    /// The interest generation (0 for channels replicated to every node).
+    pub generation: u64,
+}
+
+/// A channel a receiver wants from now on, with no position yet: used in `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The interest generation.
+    pub generation: u64,
 }
 
 /// A frame on a peer link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// Sent when a link comes up: the sender's epoch, and what it holds of the recipient's
-    /// channels, so the recipient resends the rest.
+    /// Sent when a link comes up: the sender's epoch, and which of the recipient's channels
+    /// it wants, so the recipient resends what follows its positions and starts the rest.
+    /// Channels listed nowhere are not sent, except replicate-all namespaces.
     Hello {
         /// The sender's current epoch.
         epoch: Epoch,
         /// Positions the sender holds of the recipient's own channels.
         have: Vec<Have>,
+        /// Channels the sender wants with no position yet.
+        want: Vec<Want>,
+    },
+    /// The sender gains interest in the recipient's `channel` (or loses it, `withdraw`).
+    /// `generation` grows with every interest the sender registers: a frame with an older `generation`
+    /// than the recipient recorded for the channel is stale and ignored.
+    Interest {
+        /// The channel.
+        channel: ChannelName,
+        /// The interest generation.
+        generation: u64,
+        /// True to withdraw.
+        withdraw: bool,
+    },
+    /// The reply to an interest: the recipient's stream of the sender's `channel` begins
+    /// after `after` in `epoch`. Sent on the channel's lane, ahead of its data.
+    Start {
+        /// The channel.
+        channel: ChannelName,
+        /// The sender's epoch.
+        epoch: Epoch,
+        /// The stream begins after this sequence.
+        after: Seq,
+        /// The interest generation this answers.
+        generation: u64,
     },
     /// Sent on every link now and then: the sender's epoch, so a peer learns of a restart
     /// without its log even when no message of the new epoch reaches it.
     Heartbeat {
         /// The sender's current epoch.
         epoch: Epoch,
+        /// Whether the sender received the recipient's `Hello` since the link came up; if
+        /// not, the recipient sends it again.
+        greeted: bool,
     },
     /// One message. Keeps its origin identity wherever it travels.
     Data {

@@ -13,11 +13,17 @@
 //!  Replica::poll_transmit ─▶ (peer, Frame)      Replica::poll_event ─▶ Deliver / Discontinuity
 //! ```
 //!
-//! Every node replicates its own messages to every peer (full mesh), keeping each frame's
-//! origin, epoch and sequence, so a later relay can forward frames unchanged.
+//! Interest routing: a node sends its own messages of a channel only to the peers that asked
+//! for it (`Interest` → `Start`, listed again in `Hello` after a link returns), except for
+//! replicate-all namespaces (those with history), which go to every peer. A node gains
+//! interest with its first local subscriber ([`Replica::add_interest`]) and withdraws a grace
+//! period after the last leaves ([`Replica::remove_interest`]).
+//!
+//! Frames keep their origin, epoch and sequence wherever they travel, so a later relay can
+//! forward them unchanged.
 
 mod frame;
 mod replica;
 
-pub use frame::{Frame, Have};
+pub use frame::{Frame, Have, Want};
 pub use replica::{Config, Event, Persisted, Replica};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 
-use super::frame::{Frame, Have};
+use super::frame::{Frame, Have, Want};
 
 /// Replication settings.
 #[derive(Debug, Clone)]
@@ -22,6 +22,16 @@ pub struct Config {
     pub resend_batch: usize,
     /// How often each peer is told this node's epoch.
     pub heartbeat: Duration,
+    /// Namespaces replicated to every node whether or not it has subscribers (namespaces with
+    /// history, so history and cross-region resume are served locally). `"*"` means every
+    /// channel. Every node of a mesh must use the same set.
+    pub replicate_all: BTreeSet<String>,
+    /// How long a node keeps receiving a channel after its last local subscriber left, so a
+    /// subscriber that returns (or resumes) within it misses nothing.
+    pub interest_grace: Duration,
+    /// Longest a new interest waits for the reachable peers' `Start` before it is reported
+    /// [`Event::Ready`] anyway.
+    pub interest_wait: Duration,
 }
 
 impl Default for Config {
@@ -32,7 +42,19 @@ impl Default for Config {
             rto: Duration::from_millis(200),
             resend_batch: 256,
             heartbeat: Duration::from_secs(1),
+            replicate_all: BTreeSet::new(),
+            interest_grace: Duration::from_secs(120),
+            interest_wait: Duration::from_secs(2),
         }
+    }
+}
+
+impl Config {
+    /// Whether `channel` goes to every node regardless of interest.
+    pub fn replicates_all(&self, channel: &ChannelName) -> bool {
+        !self.replicate_all.is_empty()
+            && (self.replicate_all.contains("*")
+                || self.replicate_all.contains(channel.namespace()))
     }
 }
 
@@ -68,6 +90,29 @@ pub enum Event {
         /// Last sequence of the hole, if known.
         through: Option<Seq>,
     },
+    /// A new interest's stream of `origin`'s `channel` begins after `after` in `epoch`:
+    /// earlier messages were published before this node asked for the channel.
+    Started {
+        /// True when the stream started after the interest was already reported
+        /// [`Event::Ready`] (the origin was unreachable then): messages it published in
+        /// between, up to `after`, may have been missed by local subscribers.
+        late: bool,
+        /// Origin node.
+        origin: NodeId,
+        /// Channel.
+        channel: ChannelName,
+        /// Origin epoch.
+        epoch: Epoch,
+        /// The stream begins after this sequence.
+        after: Seq,
+    },
+    /// Every peer confirmed this node's new interest in `channel` (peers unreachable for
+    /// longer than `interest_wait` excepted), or `interest_wait` passed: anything published
+    /// on a confirmed peer from now on will be delivered.
+    Ready {
+        /// Channel.
+        channel: ChannelName,
+    },
 }
 
 /// An origin log: the node's own messages of one channel, the last `retention` kept.
@@ -98,21 +143,68 @@ impl OriginLog {
 struct Recv {
     epoch: Epoch,
     delivered: u64,
-    /// Out-of-order messages waiting for the gap before them.
+    /// Out-of-order messages waiting for the gap before them (or, before the stream
+    /// started, for the origin's `Start`).
     held: BTreeMap<u64, Bytes>,
     last_nack: Option<Instant>,
+    /// False while an interest waits for the origin's `Start`.
+    started: bool,
+    /// When the pending interest was last sent to the origin.
+    asked: Option<Instant>,
+}
+
+impl Recv {
+    fn started(epoch: Epoch, delivered: u64) -> Self {
+        Self {
+            epoch,
+            delivered,
+            held: BTreeMap::new(),
+            last_nack: None,
+            started: true,
+            asked: None,
+        }
+    }
+
+    fn pending(asked: Option<Instant>) -> Self {
+        Self { started: false, asked, ..Self::started(Epoch(0), 0) }
+    }
+}
+
+/// What one peer receives of one of this node's channels.
+#[derive(Debug, Clone)]
+struct Out {
+    /// Delivered by the peer (current epoch), as far as its acks tell.
+    acked: u64,
+    /// When the peer last made progress, or data was last sent.
+    progress_at: Instant,
+    /// The peer's interest generation (0 for replicate-all channels).
+    generation: u64,
+    /// Where its stream started (the `Start` reply).
+    start: u64,
 }
 
 /// Per-peer link state (for this node's own channels).
 #[derive(Debug, Clone, Default)]
 struct Link {
     up: bool,
+    /// The peer's `Hello` arrived since the link came up.
+    greeted: bool,
+    /// When the link went down (`None` while up, or if it never was).
+    down_since: Option<Instant>,
     /// The peer's epoch, once heard. A change means it lost its state.
     peer_epoch: Option<Epoch>,
-    /// What the peer acknowledged of each of this node's channels (current epoch).
-    acked: BTreeMap<ChannelName, u64>,
-    /// When the peer last made progress on a channel, or data was last sent for it.
-    progress_at: BTreeMap<ChannelName, Instant>,
+    /// The channels the peer receives from this node, with its progress.
+    out: BTreeMap<ChannelName, Out>,
+}
+
+/// The channels this node receives from its peers.
+#[derive(Debug, Clone)]
+struct Interest {
+    generation: u64,
+    /// Set once the last local subscriber left: withdraw at this time.
+    withdraw_at: Option<Instant>,
+    /// Set while waiting for peers' `Start`: report ready at this time at the latest.
+    ready_by: Option<Instant>,
 }
 
 /// The state that survives a restart when the node keeps its log.
@@ -121,6 +213,7 @@ pub struct Persisted {
     epoch: Epoch,
     logs: BTreeMap<ChannelName, OriginLog>,
     positions: BTreeMap<(NodeId, ChannelName), (Epoch, u64)>,
+    generation: u64,
 }
 
 /// The replication core of one node. See the module docs for the data path.
@@ -132,10 +225,18 @@ pub struct Replica {
     logs: BTreeMap<ChannelName, OriginLog>,
     recv: BTreeMap<(NodeId, ChannelName), Recv>,
     links: BTreeMap<NodeId, Link>,
+    /// Channels this node asked its peers for (replicate-all ones are not listed).
+    interest: BTreeMap<ChannelName, Interest>,
+    /// Last interest generation issued.
+    generation: u64,
+    /// Peers that sent data of channels this node does not want: tell them again.
+    withdraw_due: BTreeSet<(NodeId, ChannelName)>,
     /// (origin, channel) whose progress has not been acknowledged yet.
     ack_due: BTreeSet<(NodeId, ChannelName)>,
     next_tick: Option<Instant>,
     last_heartbeat: Option<Instant>,
+    /// The first time anything happened (links never up count as down since then).
+    born: Option<Instant>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
 }
@@ -153,24 +254,30 @@ impl Replica {
             logs: BTreeMap::new(),
             recv: BTreeMap::new(),
             links,
+            interest: BTreeMap::new(),
+            generation: 0,
+            withdraw_due: BTreeSet::new(),
             ack_due: BTreeSet::new(),
             next_tick: None,
             last_heartbeat: None,
+            born: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
 
-    /// A node restarted with its log: same epoch, sequences continue, positions kept.
+    /// A node restarted with its log: same epoch, sequences continue, positions of
+    /// replicate-all channels kept (a restarted node has no local subscribers, so it holds
+    /// no interest).
     pub fn restore(me: NodeId, peers: &[NodeId], config: Config, state: Persisted) -> Self {
         let mut r = Self::new(me, state.epoch, peers, config);
         r.logs = state.logs;
+        r.generation = state.generation;
         r.recv = state
             .positions
             .into_iter()
-            .map(|(k, (epoch, delivered))| {
-                (k, Recv { epoch, delivered, held: BTreeMap::new(), last_nack: None })
-            })
+            .filter(|((_, channel), _)| r.config.replicates_all(channel))
+            .map(|(k, (epoch, delivered))| (k, Recv::started(epoch, delivered)))
             .collect();
         r
     }
@@ -180,7 +287,13 @@ impl Replica {
         Persisted {
             epoch: self.epoch,
             logs: self.logs.clone(),
-            positions: self.recv.iter().map(|(k, r)| (k.clone(), (r.epoch, r.delivered))).collect(),
+            positions: self
+                .recv
+                .iter()
+                .filter(|(_, r)| r.started)
+                .map(|(k, r)| (k.clone(), (r.epoch, r.delivered)))
+                .collect(),
+            generation: self.generation,
         }
     }
 
@@ -189,7 +302,13 @@ impl Replica {
         self.epoch
     }
 
-    /// Sequences a local publish and sends it to every reachable peer. Returns its sequence.
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Sequences a local publish and sends it to every reachable peer that wants the
+    /// channel. Returns its sequence.
     pub fn publish(&mut self, now: Instant, channel: ChannelName, payload: Bytes) -> Seq {
         let retention = self.config.retention.max(1);
         let log = self.logs.entry(channel.clone()).or_default();
@@ -200,18 +319,76 @@ impl Replica {
             log.entries.pop_front();
         }
         let frame = self.data(&channel, seq, payload);
+        let all = self.config.replicates_all(&channel);
         for (peer, link) in &mut self.links {
-            if link.up {
-                // A peer that was caught up starts its retransmission clock now; one still
-                // behind keeps its older clock, so the repair continues on time.
-                if link.acked.get(&channel).copied().unwrap_or(0) + 1 >= seq {
-                    link.progress_at.insert(channel.clone(), now);
-                }
-                self.transmit.push_back((peer.clone(), frame.clone()));
+            if !link.up {
+                continue;
             }
+            let Some(out) = out_for(link, &channel, all, now) else { continue };
+            // A peer that was caught up starts its retransmission clock now; one still
+            // behind keeps its older clock, so the repair continues on time.
+            if out.acked + 1 >= seq {
+                out.progress_at = now;
+            }
+            self.transmit.push_back((peer.clone(), frame.clone()));
         }
         self.arm(now);
         Seq(seq)
+    }
+
+    /// A local subscriber needs `channel`: ask every peer for it (idempotent; cancels a
+    /// pending withdrawal). Returns true when it is already flowing; otherwise
+    /// [`Event::Ready`] follows once the reachable peers confirmed.
+    pub fn add_interest(&mut self, now: Instant, channel: &ChannelName) -> bool {
+        if self.config.replicates_all(channel) {
+            return true;
+        }
+        if let Some(i) = self.interest.get_mut(channel) {
+            i.withdraw_at = None;
+            return i.ready_by.is_none();
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.arm(now);
+        let mut wait = false;
+        for (peer, link) in &self.links {
+            let asked = link.up.then_some(now);
+            self.recv.insert((peer.clone(), channel.clone()), Recv::pending(asked));
+            wait |= !self.written_off(link, now);
+            if link.up {
+                let frame =
+                    Frame::Interest { channel: channel.clone(), generation, withdraw: false };
+                self.transmit.push_back((peer.clone(), frame));
+            }
+        }
+        let ready_by = wait.then(|| now + self.config.interest_wait);
+        self.interest.insert(channel.clone(), Interest { generation, withdraw_at: None, ready_by });
+        !wait
+    }
+
+    /// A peer that has been unreachable for longer than `interest_wait` (or since this node
+    /// started): new interests do not wait for it. When it returns, its streams start late
+    /// ([`Event::Started`] with `late`).
+    fn written_off(&self, link: &Link, now: Instant) -> bool {
+        !link.up
+            && link
+                .down_since
+                .or(self.born)
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.interest_wait)
+    }
+
+    /// The last local subscriber of `channel` left: withdraw from peers after the grace
+    /// period unless [`Replica::add_interest`] comes first.
+    pub fn remove_interest(&mut self, now: Instant, channel: &ChannelName) {
+        if let Some(i) = self.interest.get_mut(channel) {
+            i.withdraw_at = Some(now + self.config.interest_grace);
+            self.arm(now);
+        }
+    }
+
+    /// Whether this node currently receives `channel` from its peers.
+    pub fn has_interest(&self, channel: &ChannelName) -> bool {
+        self.config.replicates_all(channel) || self.interest.contains_key(channel)
     }
 
     fn data(&self, channel: &ChannelName, seq: u64, payload: Bytes) -> Frame {
@@ -225,6 +402,7 @@ impl Replica {
     }
 
     fn arm(&mut self, now: Instant) {
+        self.born.get_or_insert(now);
         if self.next_tick.is_none() {
             self.next_tick = Some(now + self.config.tick);
         }
@@ -234,25 +412,45 @@ impl Replica {
     pub fn handle_link_up(&mut self, now: Instant, peer: &NodeId) {
         let Some(link) = self.links.get_mut(peer) else { return };
         link.up = true;
-        let have = self
-            .recv
-            .iter()
-            .filter(|((origin, _), _)| origin == peer)
-            .map(|((_, channel), r)| Have {
-                channel: channel.clone(),
-                epoch: r.epoch,
-                delivered: Seq(r.delivered),
-            })
-            .collect();
-        self.transmit.push_back((peer.clone(), Frame::Hello { epoch: self.epoch, have }));
+        link.greeted = false;
+        link.down_since = None;
+        self.send_hello(now, peer);
         self.arm(now);
     }
 
+    /// Tells `peer` this node's epoch and what it wants of the peer's channels.
+    fn send_hello(&mut self, now: Instant, peer: &NodeId) {
+        let mut have = Vec::new();
+        let mut want = Vec::new();
+        for ((origin, channel), r) in &mut self.recv {
+            if origin != peer {
+                continue;
+            }
+            let generation = self.interest.get(channel).map_or(0, |i| i.generation);
+            if r.started {
+                have.push(Have {
+                    channel: channel.clone(),
+                    epoch: r.epoch,
+                    delivered: Seq(r.delivered),
+                    generation,
+                });
+            } else {
+                r.asked = Some(now);
+                want.push(Want { channel: channel.clone(), generation });
+            }
+        }
+        self.transmit.push_back((peer.clone(), Frame::Hello { epoch: self.epoch, have, want }));
+    }
+
     /// The transport reports that the link to `peer` is down.
-    pub fn handle_link_down(&mut self, _now: Instant, peer: &NodeId) {
+    pub fn handle_link_down(&mut self, now: Instant, peer: &NodeId) {
         if let Some(link) = self.links.get_mut(peer) {
+            if link.up {
+                link.down_since = Some(now);
+            }
             link.up = false;
         }
+        self.arm(now);
     }
 
     /// A frame arrived from `from`.
@@ -262,8 +460,13 @@ impl Replica {
         }
         self.arm(now);
         match frame {
-            Frame::Hello { epoch, have } => self.on_hello(now, from, epoch, have),
-            Frame::Heartbeat { epoch } => self.on_peer_epoch(from, epoch),
+            Frame::Hello { epoch, have, want } => self.on_hello(now, from, epoch, have, want),
+            Frame::Heartbeat { epoch, greeted } => {
+                self.on_peer_epoch(from, epoch);
+                if !greeted && self.links.get(from).is_some_and(|l| l.up) {
+                    self.send_hello(now, from); // ours was lost
+                }
+            }
             Frame::Data { origin, epoch, channel, seq, payload } => {
                 if origin != self.me {
                     self.on_data(now, origin, epoch, channel, seq.0, payload);
@@ -271,11 +474,13 @@ impl Replica {
             }
             Frame::Ack { channel, epoch, seq } => {
                 if epoch == self.epoch {
+                    let all = self.config.replicates_all(&channel);
                     let link = self.links.get_mut(from).expect("checked above");
-                    let acked = link.acked.entry(channel.clone()).or_insert(0);
-                    if seq.0 > *acked {
-                        *acked = seq.0;
-                        link.progress_at.insert(channel, now);
+                    if let Some(out) = out_for(link, &channel, all, now) {
+                        if seq.0 > out.acked {
+                            out.acked = seq.0;
+                            out.progress_at = now;
+                        }
                     }
                 }
             }
@@ -287,6 +492,12 @@ impl Replica {
             Frame::Gone { channel, epoch, through } => {
                 self.on_gone(from, channel, epoch, through.0)
             }
+            Frame::Interest { channel, generation, withdraw } => {
+                self.on_interest(now, from, channel, generation, withdraw)
+            }
+            Frame::Start { channel, epoch, after, generation } => {
+                self.on_start(now, from, channel, epoch, after.0, generation)
+            }
         }
     }
 
@@ -295,16 +506,16 @@ impl Replica {
     fn on_peer_epoch(&mut self, from: &NodeId, epoch: Epoch) {
         if let Some(link) = self.links.get_mut(from) {
             if link.peer_epoch.is_some_and(|e| e != epoch) {
-                // It lost what it had of our channels too: resend everything retained.
-                link.acked.clear();
-                link.progress_at.clear();
+                // It lost what it had of our channels, and its interest: its Hello says
+                // what it wants now.
+                link.out.clear();
             }
             link.peer_epoch = Some(epoch);
         }
         let stale: Vec<ChannelName> = self
             .recv
             .iter()
-            .filter(|((origin, _), r)| origin == from && r.epoch < epoch)
+            .filter(|((origin, _), r)| origin == from && r.started && r.epoch < epoch)
             .map(|((_, c), _)| c.clone())
             .collect();
         for channel in stale {
@@ -312,25 +523,168 @@ impl Replica {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, from: &NodeId, epoch: Epoch, have: Vec<Have>) {
+    fn on_hello(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        epoch: Epoch,
+        have: Vec<Have>,
+        want: Vec<Want>,
+    ) {
         self.on_peer_epoch(from, epoch);
-        let my_epoch = self.epoch;
-        let channels: Vec<ChannelName> = self.logs.keys().cloned().collect();
-        let link = self.links.get_mut(from).expect("checked by caller");
-        for channel in &channels {
-            let acked = have
-                .iter()
-                .find(|h| &h.channel == channel && h.epoch == my_epoch)
-                .map_or(0, |h| h.delivered.0);
-            link.acked.insert(channel.clone(), acked);
-            link.progress_at.insert(channel.clone(), now);
+        if let Some(link) = self.links.get_mut(from) {
+            link.greeted = true;
         }
-        for channel in channels {
-            let last = self.logs[&channel].last;
-            let acked = self.links[from].acked[&channel];
-            if acked < last {
-                self.resend(from, &channel, acked + 1, last);
+        let my_epoch = self.epoch;
+        let last = |logs: &BTreeMap<ChannelName, OriginLog>, c: &ChannelName| {
+            logs.get(c).map_or(0, |l| l.last)
+        };
+        // Merged into what the peer already asked for: an `Interest` sent after this Hello
+        // may have overtaken it. (Interests the peer dropped while the link was down are
+        // withdrawn again when their data reaches it.)
+        let link = self.links.get_mut(from).expect("checked by caller");
+        let mut starts = Vec::new();
+        for h in have {
+            if link.out.get(&h.channel).is_some_and(|o| o.generation > h.generation) {
+                continue;
             }
+            // A position in an older epoch of ours: we lost that log; start from 1.
+            let acked = if h.epoch == my_epoch {
+                h.delivered.0.min(last(&self.logs, &h.channel))
+            } else {
+                0
+            };
+            let out = Out { acked, progress_at: now, generation: h.generation, start: acked };
+            link.out.insert(h.channel, out);
+        }
+        for w in want {
+            let after = match link.out.get(&w.channel) {
+                Some(o) if o.generation > w.generation => continue,
+                Some(o) if o.generation == w.generation => o.start,
+                _ => {
+                    let after = last(&self.logs, &w.channel);
+                    let out = Out {
+                        acked: after,
+                        progress_at: now,
+                        generation: w.generation,
+                        start: after,
+                    };
+                    link.out.insert(w.channel.clone(), out);
+                    after
+                }
+            };
+            starts.push(Frame::Start {
+                channel: w.channel,
+                epoch: my_epoch,
+                after: Seq(after),
+                generation: w.generation,
+            });
+        }
+        for channel in self.logs.keys() {
+            if self.config.replicates_all(channel) && !link.out.contains_key(channel) {
+                let out = Out { acked: 0, progress_at: now, generation: 0, start: 0 };
+                link.out.insert(channel.clone(), out);
+            }
+        }
+        let resend: Vec<(ChannelName, u64, u64)> = link
+            .out
+            .iter()
+            .filter_map(|(c, o)| {
+                let last = last(&self.logs, c);
+                (o.acked < last).then(|| (c.clone(), o.acked + 1, last))
+            })
+            .collect();
+        self.transmit.extend(starts.into_iter().map(|f| (from.clone(), f)));
+        for (channel, first, last) in resend {
+            self.resend(from, &channel, first, last);
+        }
+    }
+
+    fn on_interest(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        channel: ChannelName,
+        generation: u64,
+        withdraw: bool,
+    ) {
+        let all = self.config.replicates_all(&channel);
+        let after = self.logs.get(&channel).map_or(0, |l| l.last);
+        let epoch = self.epoch;
+        let link = self.links.get_mut(from).expect("checked by caller");
+        if withdraw {
+            if !all && link.out.get(&channel).is_some_and(|o| generation >= o.generation) {
+                link.out.remove(&channel);
+            }
+            return;
+        }
+        let start = match link.out.get(&channel) {
+            Some(o) if o.generation > generation => return, // stale: a newer interest is being answered
+            Some(o) if o.generation == generation => o.start, // a repeat: same answer
+            _ => {
+                link.out.insert(
+                    channel.clone(),
+                    Out { acked: after, progress_at: now, generation, start: after },
+                );
+                after
+            }
+        };
+        let frame = Frame::Start { channel, epoch, after: Seq(start), generation };
+        self.transmit.push_back((from.clone(), frame));
+    }
+
+    fn on_start(
+        &mut self,
+        now: Instant,
+        origin: &NodeId,
+        channel: ChannelName,
+        epoch: Epoch,
+        after: u64,
+        generation: u64,
+    ) {
+        if self.interest.get(&channel).is_none_or(|i| i.generation != generation) {
+            return; // an answer to an interest already withdrawn or replaced
+        }
+        let key = (origin.clone(), channel.clone());
+        let r = self.recv.entry(key.clone()).or_insert_with(|| Recv::pending(None));
+        if r.started {
+            return;
+        }
+        if r.epoch != epoch {
+            r.held.clear(); // held frames of another epoch
+        }
+        r.epoch = epoch;
+        r.delivered = after;
+        r.started = true;
+        r.asked = None;
+        r.held = r.held.split_off(&(after + 1));
+        let late = self.interest.get(&channel).is_some_and(|i| i.ready_by.is_none());
+        self.events.push_back(Event::Started {
+            origin: origin.clone(),
+            channel: channel.clone(),
+            epoch,
+            after: Seq(after),
+            late,
+        });
+        self.drain(&key);
+        self.nack_gap(now, &key);
+        self.check_ready(now, &channel);
+    }
+
+    /// Reports [`Event::Ready`] for a pending interest once every peer not written off
+    /// started its stream.
+    fn check_ready(&mut self, now: Instant, channel: &ChannelName) {
+        if self.interest.get(channel).is_none_or(|i| i.ready_by.is_none()) {
+            return;
+        }
+        let all_started = self.links.iter().all(|(peer, link)| {
+            self.written_off(link, now)
+                || self.recv.get(&(peer.clone(), channel.clone())).is_some_and(|r| r.started)
+        });
+        if all_started {
+            let i = self.interest.get_mut(channel).expect("checked above");
+            i.ready_by = None;
+            self.events.push_back(Event::Ready { channel: channel.clone() });
         }
     }
 
@@ -362,15 +716,17 @@ impl Replica {
     fn new_epoch(&mut self, origin: NodeId, channel: ChannelName, epoch: Epoch) {
         let key = (origin.clone(), channel.clone());
         if let Some(old) = self.recv.remove(&key) {
-            self.events.push_back(Event::Discontinuity {
-                origin,
-                channel,
-                epoch: old.epoch,
-                after: Seq(old.delivered),
-                through: None,
-            });
+            if old.started {
+                self.events.push_back(Event::Discontinuity {
+                    origin,
+                    channel,
+                    epoch: old.epoch,
+                    after: Seq(old.delivered),
+                    through: None,
+                });
+            }
         }
-        self.recv.insert(key, Recv { epoch, delivered: 0, held: BTreeMap::new(), last_nack: None });
+        self.recv.insert(key, Recv::started(epoch, 0));
     }
 
     fn on_data(
@@ -383,12 +739,26 @@ impl Replica {
         payload: Bytes,
     ) {
         let key = (origin.clone(), channel.clone());
-        match self.recv.get(&key) {
+        match self.recv.get_mut(&key) {
+            None if self.config.replicates_all(&channel) => {
+                self.recv.insert(key.clone(), Recv::started(epoch, 0));
+            }
             None => {
-                self.recv.insert(
-                    key.clone(),
-                    Recv { epoch, delivered: 0, held: BTreeMap::new(), last_nack: None },
-                );
+                // Not wanted (a withdrawal the origin has not seen yet): say it again.
+                self.withdraw_due.insert(key);
+                return;
+            }
+            Some(r) if !r.started => {
+                // Hold until the origin's Start says where the stream begins.
+                if r.epoch != epoch {
+                    if epoch < r.epoch {
+                        return;
+                    }
+                    r.held.clear();
+                    r.epoch = epoch;
+                }
+                r.held.entry(seq).or_insert(payload);
+                return;
             }
             Some(r) if r.epoch < epoch => self.new_epoch(origin.clone(), channel.clone(), epoch),
             Some(r) if r.epoch > epoch => return, // a frame of an epoch already left behind
@@ -401,19 +771,23 @@ impl Replica {
         }
         r.held.insert(seq, payload);
         self.drain(&key);
+        self.nack_gap(now, &key);
+    }
+
+    /// Asks the origin for the gap before the first held message (at most once per rto).
+    fn nack_gap(&mut self, now: Instant, key: &(NodeId, ChannelName)) {
         let rto = self.config.rto;
-        let r = self.recv.get_mut(&key).expect("still there");
-        if let Some((&first_held, _)) = r.held.iter().next() {
-            if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
-                r.last_nack = Some(now);
-                let nack = Frame::Nack {
-                    channel,
-                    epoch,
-                    from: Seq(r.delivered + 1),
-                    to: Seq(first_held - 1),
-                };
-                self.transmit.push_back((origin, nack));
-            }
+        let Some(r) = self.recv.get_mut(key) else { return };
+        let Some((&first_held, _)) = r.held.iter().next() else { return };
+        if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
+            r.last_nack = Some(now);
+            let nack = Frame::Nack {
+                channel: key.1.clone(),
+                epoch: r.epoch,
+                from: Seq(r.delivered + 1),
+                to: Seq(first_held - 1),
+            };
+            self.transmit.push_back((key.0.clone(), nack));
         }
     }
 
@@ -439,13 +813,14 @@ impl Replica {
 
     fn on_gone(&mut self, origin: &NodeId, channel: ChannelName, epoch: Epoch, through: u64) {
         let key = (origin.clone(), channel.clone());
-        let r = self.recv.entry(key.clone()).or_insert_with(|| Recv {
-            epoch,
-            delivered: 0,
-            held: BTreeMap::new(),
-            last_nack: None,
-        });
-        if r.epoch != epoch || r.delivered >= through {
+        if !self.recv.contains_key(&key) {
+            if !self.config.replicates_all(&channel) {
+                return;
+            }
+            self.recv.insert(key.clone(), Recv::started(epoch, 0));
+        }
+        let r = self.recv.get_mut(&key).expect("inserted above");
+        if !r.started || r.epoch != epoch || r.delivered >= through {
             return;
         }
         self.events.push_back(Event::Discontinuity {
@@ -461,7 +836,8 @@ impl Replica {
         self.drain(&key);
     }
 
-    /// Time passed: send due acks, retransmit what peers have not acknowledged, re-Nack gaps.
+    /// Time passed: send due acks, retransmit what peers have not acknowledged, re-Nack gaps,
+    /// repeat unanswered interests, withdraw interests whose grace ended.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.next_tick {
             Some(t) if now >= t => self.next_tick = Some(now + self.config.tick),
@@ -471,13 +847,15 @@ impl Replica {
             self.last_heartbeat = Some(now);
             for (peer, link) in &self.links {
                 if link.up {
-                    self.transmit.push_back((peer.clone(), Frame::Heartbeat { epoch: self.epoch }));
+                    let frame = Frame::Heartbeat { epoch: self.epoch, greeted: link.greeted };
+                    self.transmit.push_back((peer.clone(), frame));
                 }
             }
         }
+        self.interest_timers(now);
         for (origin, channel) in std::mem::take(&mut self.ack_due) {
             if let Some(r) = self.recv.get(&(origin.clone(), channel.clone())) {
-                if self.links.get(&origin).is_some_and(|l| l.up) {
+                if r.started && self.links.get(&origin).is_some_and(|l| l.up) {
                     let ack = Frame::Ack { channel, epoch: r.epoch, seq: Seq(r.delivered) };
                     self.transmit.push_back((origin, ack));
                 }
@@ -489,16 +867,27 @@ impl Replica {
             if !link.up {
                 continue;
             }
-            for (channel, log) in &self.logs {
-                let acked = link.acked.get(channel).copied().unwrap_or(0);
-                if acked >= log.last {
+            for (channel, out) in &mut link.out {
+                let Some(log) = self.logs.get(channel) else { continue };
+                if out.acked >= log.last {
                     continue;
                 }
-                let since = link.progress_at.entry(channel.clone()).or_insert(now);
-                if now.duration_since(*since) >= rto {
-                    *since = now;
-                    let last = log.last.min(acked + self.config.resend_batch as u64);
-                    resends.push((peer.clone(), channel.clone(), acked + 1, last));
+                if now.duration_since(out.progress_at) >= rto {
+                    out.progress_at = now;
+                    let last = log.last.min(out.acked + self.config.resend_batch as u64);
+                    resends.push((peer.clone(), channel.clone(), out.acked + 1, last));
+                }
+            }
+            // Replicate-all channels the peer has not acknowledged anything of yet.
+            for (channel, log) in &self.logs {
+                if log.last > 0
+                    && !link.out.contains_key(channel)
+                    && self.config.replicates_all(channel)
+                {
+                    link.out.insert(
+                        channel.clone(),
+                        Out { acked: 0, progress_at: now, generation: 0, start: 0 },
+                    );
                 }
             }
         }
@@ -507,6 +896,9 @@ impl Replica {
         }
         let mut nacks = Vec::new();
         for ((origin, channel), r) in &mut self.recv {
+            if !r.started {
+                continue;
+            }
             let Some((&first_held, _)) = r.held.iter().next() else { continue };
             if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto)
                 && self.links.get(origin).is_some_and(|l| l.up)
@@ -524,6 +916,63 @@ impl Replica {
         self.transmit.extend(nacks);
     }
 
+    fn interest_timers(&mut self, now: Instant) {
+        let rto = self.config.rto;
+        // Withdrawals whose grace ended.
+        let ended: Vec<ChannelName> = self
+            .interest
+            .iter()
+            .filter(|(_, i)| i.withdraw_at.is_some_and(|t| now >= t))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in ended {
+            self.interest.remove(&channel);
+            self.recv.retain(|(_, c), _| *c != channel);
+            self.ack_due.retain(|(_, c)| *c != channel);
+            for (peer, link) in &self.links {
+                if link.up {
+                    let frame = Frame::Interest {
+                        channel: channel.clone(),
+                        generation: self.generation,
+                        withdraw: true,
+                    };
+                    self.transmit.push_back((peer.clone(), frame));
+                }
+            }
+        }
+        for (origin, channel) in std::mem::take(&mut self.withdraw_due) {
+            if !self.has_interest(&channel) && self.links.get(&origin).is_some_and(|l| l.up) {
+                let frame =
+                    Frame::Interest { channel, generation: self.generation, withdraw: true };
+                self.transmit.push_back((origin, frame));
+            }
+        }
+        // Interests not answered yet.
+        for ((origin, channel), r) in &mut self.recv {
+            if r.started
+                || !self.links.get(origin).is_some_and(|l| l.up)
+                || r.asked.is_some_and(|t| now.duration_since(t) < rto)
+            {
+                continue;
+            }
+            let Some(i) = self.interest.get(channel) else { continue };
+            r.asked = Some(now);
+            let frame = Frame::Interest {
+                channel: channel.clone(),
+                generation: i.generation,
+                withdraw: false,
+            };
+            self.transmit.push_back((origin.clone(), frame));
+        }
+        // Interests that waited long enough.
+        for (channel, i) in &mut self.interest {
+            if i.ready_by.is_some_and(|t| now >= t) {
+                i.ready_by = None;
+                self.events.push_back(Event::Ready { channel: channel.clone() });
+            }
+        }
+    }
+
     /// When `handle_timeout` wants to be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.next_tick
@@ -538,4 +987,23 @@ impl Replica {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// What `link`'s peer receives of `channel`: its interest entry, or a fresh one for a
+/// replicate-all channel (`all`); `None` when the peer does not want the channel.
+fn out_for<'a>(
+    link: &'a mut Link,
+    channel: &ChannelName,
+    all: bool,
+    now: Instant,
+) -> Option<&'a mut Out> {
+    if !all {
+        return link.out.get_mut(channel);
+    }
+    Some(link.out.entry(channel.clone()).or_insert(Out {
+        acked: 0,
+        progress_at: now,
+        generation: 0,
+        start: 0,
+    }))
 }
