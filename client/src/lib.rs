@@ -21,9 +21,11 @@
 //! tells every subscription with [`Event::Discontinuity`] that messages may have been missed:
 //! never a silent hole.
 //!
-//! Modules: [`options`] (settings), [`driver`] (the connection task), [`subscription`].
+//! Modules: [`options`] (settings), [`driver`] (the connection task), [`subscription`],
+//! [`nearest`] (nearest-edge selection by `/v1/ping` probes).
 
 pub mod driver;
+pub mod nearest;
 pub mod options;
 pub mod subscription;
 

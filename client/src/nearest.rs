@@ -1,0 +1,104 @@
+//! Nearest-edge selection: probe each candidate's `/v1/ping` and rank them by round-trip
+//! time.
+//!
+//! Each candidate gets its own TCP connection; the first request pays for the connection
+//! set-up, so the figure kept is the fastest of `probes` requests on that kept-alive
+//! connection (a connect-time figure would count the handshake twice). Probes run
+//! concurrently, bounded by `timeout` each; an unreachable candidate ranks last.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A probed candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// The candidate's URL, as given.
+    pub url: String,
+    /// Fastest `/v1/ping` round trip, or `None` when it could not be reached.
+    pub rtt: Option<Duration>,
+    /// The region the edge reported (`x-tern-region`), if any.
+    pub region: Option<String>,
+}
+
+/// Probes every candidate (`ws://` or `http://` base URLs) with `probes` pings each and
+/// returns them fastest first; unreachable ones last, in the given order.
+pub async fn rank(candidates: &[String], probes: usize, timeout: Duration) -> Vec<Probe> {
+    let tasks = candidates.iter().map(|url| {
+        let url = url.clone();
+        async move {
+            let res = tokio::time::timeout(timeout, probe(&url, probes.max(1))).await;
+            let (rtt, region) = match res {
+                Ok(Ok((rtt, region))) => (Some(rtt), region),
+                _ => (None, None),
+            };
+            Probe { url, rtt, region }
+        }
+    });
+    let mut out = futures_util::future::join_all(tasks).await;
+    // Stable: equal or unreachable candidates keep their given order.
+    out.sort_by_key(|p| p.rtt.unwrap_or(Duration::MAX));
+    out
+}
+
+/// The authority (`host:port`) of a `ws://`, `wss://`, `http://` or `https://` URL.
+fn authority(url: &str) -> std::io::Result<&str> {
+    let rest = ["ws://", "http://", "wss://", "https://"]
+        .iter()
+        .find_map(|s| url.strip_prefix(s))
+        .ok_or_else(|| std::io::Error::other(format!("unsupported URL {url:?}")))?;
+    Ok(rest.split('/').next().unwrap_or(rest))
+}
+
+async fn probe(url: &str, probes: usize) -> std::io::Result<(Duration, Option<String>)> {
+    let host = authority(url)?;
+    let mut stream = TcpStream::connect(host).await?;
+    stream.set_nodelay(true)?;
+    let request = format!("GET /v1/ping HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut best = Duration::MAX;
+    let mut region = None;
+    let mut buf = Vec::with_capacity(512);
+    for _ in 0..probes {
+        let start = Instant::now();
+        stream.write_all(request.as_bytes()).await?;
+        buf.clear();
+        // A 204 has no body: the response ends with the blank line after the headers.
+        loop {
+            let mut chunk = [0u8; 512];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+            if buf.len() > 16 * 1024 {
+                return Err(std::io::Error::other("oversized ping response"));
+            }
+        }
+        best = best.min(start.elapsed());
+        let head = String::from_utf8_lossy(&buf);
+        if !head.starts_with("HTTP/1.1 2") {
+            return Err(std::io::Error::other("ping refused"));
+        }
+        region = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-tern-region").then(|| v.trim().to_owned())
+        });
+    }
+    Ok((best, region))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_of_urls() {
+        assert_eq!(authority("ws://127.0.0.1:7400/v1/ws").unwrap(), "127.0.0.1:7400");
+        assert_eq!(authority("http://h:1").unwrap(), "h:1");
+        assert!(authority("ftp://h").is_err());
+    }
+}
