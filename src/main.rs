@@ -157,7 +157,8 @@ async fn sim(
     let out = out.unwrap_or_else(|| PathBuf::from("sim-results").join(&s.name));
     let started = std::time::Instant::now();
     let log = |line: &str| eprintln!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
-    let (tern, hub) = tern_sim::simulate(&s, &out, &log).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (tern, hub) =
+        tern_sim::simulate(&s, &out, &log).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     for r in std::iter::once(&tern).chain(hub.as_ref()) {
         if !r.integrity.clean() {
             anyhow::bail!("{}: messages were lost, repeated or reordered (see the table)", r.label);

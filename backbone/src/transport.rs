@@ -125,7 +125,7 @@ impl std::fmt::Debug for Backbone {
 }
 
 enum LinkEvent {
-    Up { peer: NodeId, conn: usize, lanes: Vec<mpsc::Sender<Bytes>> },
+    Up { peer: NodeId, conn: usize, lanes: Vec<mpsc::Sender<Bytes>>, quic: quinn::Connection },
     Down { peer: NodeId, conn: usize },
 }
 
@@ -260,6 +260,10 @@ async fn drive(
     shutdown: CancellationToken,
 ) {
     let mut writers: HashMap<NodeId, (usize, Vec<mpsc::Sender<Bytes>>)> = HashMap::new();
+    // Each link's QUIC connection, for its round-trip time (the core's retransmission timers
+    // scale with it).
+    let mut quic: HashMap<NodeId, quinn::Connection> = HashMap::new();
+    let mut rtt_at = Instant::now();
     let mut dropped = 0u64;
     loop {
         let deadline = lock(&shared.replica).poll_timeout();
@@ -286,8 +290,10 @@ async fn drive(
                 let now = Instant::now();
                 let mut r = lock(&shared.replica);
                 match ev {
-                    LinkEvent::Up { peer, conn, lanes } => {
+                    LinkEvent::Up { peer, conn, lanes, quic: q } => {
                         info!(%peer, "link up");
+                        r.set_link_rtt(&peer, q.rtt());
+                        quic.insert(peer.clone(), q);
                         writers.insert(peer.clone(), (conn, lanes));
                         r.handle_link_up(now, &peer);
                     }
@@ -295,6 +301,7 @@ async fn drive(
                         if writers.get(&peer).is_some_and(|(c, _)| *c == conn) {
                             info!(%peer, "link down");
                             writers.remove(&peer);
+                            quic.remove(&peer);
                             r.handle_link_down(now, &peer);
                         }
                     }
@@ -306,15 +313,18 @@ async fn drive(
         {
             let now = Instant::now();
             let mut r = lock(&shared.replica);
+            if now.duration_since(rtt_at) >= Duration::from_millis(100) {
+                rtt_at = now;
+                for (peer, q) in &quic {
+                    r.set_link_rtt(peer, q.rtt());
+                }
+            }
             for (from, frame) in batch {
                 r.handle_frame(now, &from, frame);
             }
             r.handle_timeout(now);
             while let Some((peer, frame)) = r.poll_transmit() {
-                let Some((_, lanes)) = writers.get(&peer) else {
-                    eprintln!("DEBUG no writer {:?}", frame);
-                    continue;
-                };
+                let Some((_, lanes)) = writers.get(&peer) else { continue };
                 let lane = lane_of(&frame, lanes.len() - 1);
                 if lanes[lane].try_send(wire::encode(&frame)).is_err() {
                     dropped += 1;
@@ -451,7 +461,8 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
         });
         lanes.push(tx);
     }
-    if ctx.events.send(LinkEvent::Up { peer: peer.clone(), conn: id, lanes }).await.is_err() {
+    let up = LinkEvent::Up { peer: peer.clone(), conn: id, lanes, quic: conn.clone() };
+    if ctx.events.send(up).await.is_err() {
         return;
     }
     let reader_conn = conn.clone();

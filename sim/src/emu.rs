@@ -16,8 +16,8 @@
 //! line (the reader waits for room: back-pressure, like a real pipe), and the scheduler's
 //! UDP queue drops beyond [`UDP_QUEUE`] datagrams (like a router queue).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -234,13 +234,20 @@ impl DirState {
     }
 
     /// When a packet of `len` bytes arriving now leaves the link, or `None` if lost.
+    ///
+    /// Jitter is queueing delay: packets of one direction never overtake each other (a
+    /// real path reorders rarely; independent per-packet jitter would reorder constantly
+    /// and make QUIC and TCP see losses that a real link would not cause).
     fn due(&mut self, len: usize) -> Option<Instant> {
         if self.model.loss > 0.0 && self.rng.random::<f64>() < self.model.loss {
             return None;
         }
         let now = Instant::now();
         self.free_at = self.free_at.max(now) + self.model.serialization(len);
-        Some(self.free_at + self.model.delay + self.model.draw_jitter(&mut self.rng))
+        let due = (self.free_at + self.model.delay + self.model.draw_jitter(&mut self.rng))
+            .max(self.last_due);
+        self.last_due = due;
+        Some(due)
     }
 }
 
@@ -393,7 +400,13 @@ async fn pump(
         let now = Instant::now();
         if n == 0 {
             let due = state.last_due.max(now);
-            sched.push(due, Action::Stream { to: tx.clone(), chunk: Chunk { data: Bytes::new(), _permit: None } });
+            sched.push(
+                due,
+                Action::Stream {
+                    to: tx.clone(),
+                    chunk: Chunk { data: Bytes::new(), _permit: None },
+                },
+            );
             break;
         }
         let Ok(permit) = budget.clone().acquire_many_owned(n as u32).await else { break };
@@ -440,7 +453,10 @@ mod tests {
         let mut got = [0u8; 5];
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
-        assert!(start.elapsed() >= Duration::from_millis(60), "a round trip is never below 2 × 30 ms");
+        assert!(
+            start.elapsed() >= Duration::from_millis(60),
+            "a round trip is never below 2 × 30 ms"
+        );
         stop.cancel();
         assert!(sched.timing().packets >= 2);
     }

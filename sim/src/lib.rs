@@ -34,7 +34,10 @@ pub async fn simulate(
 ) -> Result<(measure::RunResult, Option<measure::RunResult>), Box<dyn std::error::Error>> {
     let matrix = matrix::RttMatrix::builtin();
     let sched = emu::Scheduler::start();
-    log(&format!("tern: {} regions with a node each, backbone over emulated links", scenario.regions.len()));
+    log(&format!(
+        "tern: {} regions with a node each, backbone over emulated links",
+        scenario.regions.len()
+    ));
     let tern = run::run(scenario, &matrix, run::Mode::Tern, &sched, log).await?;
     let hub = if scenario.compare_hub {
         log(&format!("hub baseline: one node in {}, every client connects to it", scenario.hub));
@@ -45,6 +48,10 @@ pub async fn simulate(
     let report = report::Report { scenario, tern: &tern, hub: hub.as_ref() };
     println!("{}", report.table());
     report.write(out)?;
-    log(&format!("wrote {} and {}", out.join("results.json").display(), out.join("report.html").display()));
+    log(&format!(
+        "wrote {} and {}",
+        out.join("results.json").display(),
+        out.join("report.html").display()
+    ));
     Ok((tern, hub))
 }

@@ -46,14 +46,21 @@ impl Report<'_> {
             s.duration.as_secs_f64(),
             BUILTIN_SOURCE
         );
-        let _ = writeln!(out, "latency in ms (publish → delivery, end to end); floor = emulated last mile up + path + last mile down");
+        let _ = writeln!(
+            out,
+            "latency in ms (publish → delivery, end to end); floor = emulated last mile up + path + last mile down"
+        );
         let _ = write!(
             out,
             "\n{:<30} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
             "publisher → subscriber", "p50", "p99", "p99.9", "stddev", "floor", "over50", "n"
         );
         if self.hub.is_some() {
-            let _ = write!(out, " │ {:>7} {:>7} {:>7} │ {:>7}", "hub p50", "hub p99", "hub sd", "p99 ×");
+            let _ = write!(
+                out,
+                " │ {:>7} {:>7} {:>7} │ {:>7}",
+                "hub p50", "hub p99", "hub sd", "p99 ×"
+            );
         }
         let _ = writeln!(out);
         for pair in pairs(s) {
@@ -82,12 +89,23 @@ impl Report<'_> {
         }
         for r in std::iter::once(self.tern).chain(self.hub) {
             let below: u64 = r.pairs.values().map(|p| p.below_floor).sum();
-            let _ = writeln!(out, "\n{:<5} deliveries faster than their emulated floor: {below} (must be 0)", r.label);
+            let _ = writeln!(
+                out,
+                "\n{:<5} deliveries faster than their emulated floor: {below} (must be 0)",
+                r.label
+            );
             let i = &r.integrity;
             let _ = writeln!(
                 out,
                 "{:<5} integrity: {} published, {} deliveries owed, {} delivered; lost {}, duplicated {}, out of order {}, discontinuities {}",
-                r.label, r.published, i.expected, i.delivered, i.lost, i.duplicated, i.out_of_order, i.discontinuities
+                r.label,
+                r.published,
+                i.expected,
+                i.delivered,
+                i.lost,
+                i.duplicated,
+                i.out_of_order,
+                i.discontinuities
             );
             let t = &r.timing;
             let _ = writeln!(
@@ -105,7 +123,8 @@ impl Report<'_> {
                 format!("{r} → {}", e.join(" "))
             })
             .collect();
-        let _ = writeln!(out, "nearest-edge choice (client region → edge): {}", placement.join("; "));
+        let _ =
+            writeln!(out, "nearest-edge choice (client region → edge): {}", placement.join("; "));
         out
     }
 
@@ -114,7 +133,9 @@ impl Report<'_> {
         let run = |r: &RunResult| {
             let pairs: Vec<_> = pairs(self.scenario)
                 .into_iter()
-                .filter_map(|p| summary(r, &p).map(|s| json!({"from": p.0, "to": p.1, "latency": s})))
+                .filter_map(|p| {
+                    summary(r, &p).map(|s| json!({"from": p.0, "to": p.1, "latency": s}))
+                })
                 .collect();
             json!({
                 "label": r.label,
@@ -177,15 +198,31 @@ impl Report<'_> {
             s.backbone.jitter,
             s.backbone.jitter_ms,
             s.backbone.loss,
-            esc(&s.regions.iter().map(|r| format!("{}: {}", r.name, r.profiles.join("/"))).collect::<Vec<_>>().join("; ")),
+            esc(&s
+                .regions
+                .iter()
+                .map(|r| format!("{}: {}", r.name, r.profiles.join("/")))
+                .collect::<Vec<_>>()
+                .join("; ")),
             esc(&s.name),
         );
-        let _ = write!(h, "<table><tr><th>profile</th><th>RTT ms</th><th>jitter ms</th><th>loss</th></tr>");
+        let _ = write!(
+            h,
+            "<table><tr><th>profile</th><th>RTT ms</th><th>jitter ms</th><th>loss</th></tr>"
+        );
         for p in PROFILES {
-            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", p.name, p.rtt_ms, p.jitter_ms, p.loss);
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                p.name, p.rtt_ms, p.jitter_ms, p.loss
+            );
         }
         let _ = write!(h, "</table><h2>Results</h2><pre>{}</pre>", esc(&self.table()));
-        let _ = write!(h, "<h2>Latency CDF per region pair</h2><p>Solid: Tern. Faint: single-region hub in {}.</p><div class=\"charts\">", esc(&s.hub));
+        let _ = write!(
+            h,
+            "<h2>Latency CDF per region pair</h2><p>Solid: Tern. Faint: single-region hub in {}.</p><div class=\"charts\">",
+            esc(&s.hub)
+        );
         for from in &s.regions {
             h.push_str(&self.cdf_chart(&from.name));
         }
@@ -228,10 +265,13 @@ impl Report<'_> {
                 let color = Palette99::pick(i);
                 let key = (from.to_owned(), to.name.clone());
                 if let Some(hub) = self.hub.and_then(|h| h.pairs.get(&key)) {
-                    let _ = chart.draw_series(LineSeries::new(hub.cdf(), color.mix(0.3).stroke_width(1)));
+                    let _ = chart
+                        .draw_series(LineSeries::new(hub.cdf(), color.mix(0.3).stroke_width(1)));
                 }
                 if let Some(p) = self.tern.pairs.get(&key) {
-                    if let Ok(series) = chart.draw_series(LineSeries::new(p.cdf(), color.stroke_width(2))) {
+                    if let Ok(series) =
+                        chart.draw_series(LineSeries::new(p.cdf(), color.stroke_width(2)))
+                    {
                         series.label(format!("to {}", to.name)).legend(move |(x, y)| {
                             PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
                         });
@@ -295,9 +335,10 @@ impl Report<'_> {
                 )));
             }
             let step = (points.len() / 20_000).max(1);
-            let _ = chart.draw_series(points.iter().step_by(step).map(|&(x, y, to)| {
-                Circle::new((x, y), 2, Palette99::pick(to as usize).filled())
-            }));
+            let _ =
+                chart.draw_series(points.iter().step_by(step).map(|&(x, y, to)| {
+                    Circle::new((x, y), 2, Palette99::pick(to as usize).filled())
+                }));
             let _ = root.present();
         }
         svg
@@ -316,10 +357,15 @@ fn heatmap(s: &Scenario, r: &RunResult, title: &str) -> String {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         let _ = root.fill(&WHITE);
         let _ = root.draw(&Text::new(title.to_owned(), (10, 10), ("sans-serif", 16)));
-        let _ = root.draw(&Text::new("rows: publisher, columns: subscriber", (10, 32), ("sans-serif", 11)));
+        let _ = root.draw(&Text::new(
+            "rows: publisher, columns: subscriber",
+            (10, 32),
+            ("sans-serif", 11),
+        ));
         for (i, a) in names.iter().enumerate() {
             let y = top + i as i32 * cell;
-            let _ = root.draw(&Text::new((*a).to_owned(), (4, y + cell / 2 - 6), ("sans-serif", 11)));
+            let _ =
+                root.draw(&Text::new((*a).to_owned(), (4, y + cell / 2 - 6), ("sans-serif", 11)));
             for (j, b) in names.iter().enumerate() {
                 let x = left + j as i32 * cell;
                 if i == 0 {
@@ -329,8 +375,13 @@ fn heatmap(s: &Scenario, r: &RunResult, title: &str) -> String {
                 let v = p.summary().p99_ms;
                 let t = (v / max).clamp(0.0, 1.0);
                 let color = RGBColor((255.0 * t) as u8, (200.0 * (1.0 - t)) as u8 + 40, 80);
-                let _ = root.draw(&Rectangle::new([(x, y), (x + cell - 2, y + cell - 2)], color.filled()));
-                let _ = root.draw(&Text::new(format!("{v:.0}"), (x + 14, y + cell / 2 - 6), ("sans-serif", 13).into_font().color(&WHITE)));
+                let _ = root
+                    .draw(&Rectangle::new([(x, y), (x + cell - 2, y + cell - 2)], color.filled()));
+                let _ = root.draw(&Text::new(
+                    format!("{v:.0}"),
+                    (x + 14, y + cell / 2 - 6),
+                    ("sans-serif", 13).into_font().color(&WHITE),
+                ));
             }
         }
         let _ = root.present();

@@ -150,14 +150,17 @@ async fn run_inner(
             }
             let region = &s.regions[c.region].name;
             let dir = Direction {
-                delay: half(Duration::from_secs_f64(c.profile.rtt_ms / 1e3)) + half(rtt(region, &e.region)),
+                delay: half(Duration::from_secs_f64(c.profile.rtt_ms / 1e3))
+                    + half(rtt(region, &e.region)),
                 jitter: Duration::from_secs_f64(c.profile.jitter_ms / 1e3),
                 kind: s.lastmile.jitter,
                 loss: c.profile.loss,
                 bandwidth_bps: 0,
             };
-            let seed = s.seed ^ ((c.region as u64) << 32) ^ ((ei as u64) << 16) ^ relays.len() as u64;
-            let addr = tcp_relay(sched, e.url_addr, dir, dir, seed, stop.clone()).await.map_err(setup)?;
+            let seed =
+                s.seed ^ ((c.region as u64) << 32) ^ ((ei as u64) << 16) ^ relays.len() as u64;
+            let addr =
+                tcp_relay(sched, e.url_addr, dir, dir, seed, stop.clone()).await.map_err(setup)?;
             relays.insert(key, addr);
         }
     }
@@ -195,7 +198,11 @@ async fn run_inner(
             .entry(edges[*edge].region.clone())
             .or_default() += 1;
     }
-    log(&format!("  {} clients connected in {:.1}s", conns.len(), connect_started.elapsed().as_secs_f64()));
+    log(&format!(
+        "  {} clients connected in {:.1}s",
+        conns.len(),
+        connect_started.elapsed().as_secs_f64()
+    ));
 
     // Subscribe everyone, and wait until every subscription is confirmed.
     let mut subscribing = Vec::new();
@@ -226,10 +233,14 @@ async fn run_inner(
     };
     let access: Arc<Vec<Duration>> = Arc::new((0..sim_clients.len()).map(access).collect());
     let hop: Arc<Vec<Vec<Duration>>> = Arc::new(
-        edges.iter().map(|a| edges.iter().map(|b| half(rtt(&a.region, &b.region))).collect()).collect(),
+        edges
+            .iter()
+            .map(|a| edges.iter().map(|b| half(rtt(&a.region, &b.region))).collect())
+            .collect(),
     );
-    let meta: Arc<Vec<(usize, usize, usize)>> =
-        Arc::new(sim_clients.iter().enumerate().map(|(i, c)| (c.region, c.room, edge_of[i])).collect());
+    let meta: Arc<Vec<(usize, usize, usize)>> = Arc::new(
+        sim_clients.iter().enumerate().map(|(i, c)| (c.region, c.room, edge_of[i])).collect(),
+    );
 
     let mut readers = Vec::new();
     for (i, sub) in subs.into_iter().enumerate() {
@@ -363,8 +374,12 @@ async fn read(
         let now_us = t0.elapsed().as_micros() as u64;
         let Some(Data::Text(text)) = &m.data else { continue };
         let mut parts = text.splitn(4, ':');
-        let (Some(p), Some(q), Some(t)) = (parts.next(), parts.next(), parts.next()) else { continue };
-        let (Ok(publisher), Ok(seq), Ok(sent_us)) = (p.parse::<usize>(), q.parse::<u64>(), t.parse::<u64>()) else {
+        let (Some(p), Some(q), Some(t)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(publisher), Ok(seq), Ok(sent_us)) =
+            (p.parse::<usize>(), q.parse::<u64>(), t.parse::<u64>())
+        else {
             continue;
         };
         if publisher >= meta.len() {
@@ -418,17 +433,17 @@ fn schedule_partitions(
     }
     for p in &s.partitions {
         let flags: Vec<_> = cuts
-                .iter()
-                .filter(|(a, b, _)| *a == p.region || *b == p.region)
-                .map(|(_, _, f)| f.clone())
-                .collect();
-            let (at, until, stop) = (t0 + p.at, t0 + p.at + p.duration, stop.clone());
-            tokio::spawn(async move {
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep_until(at.into()) => {} }
-                flags.iter().for_each(|f| f.store(true, Ordering::Relaxed));
-                tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep_until(until.into()) => {} }
-                flags.iter().for_each(|f| f.store(false, Ordering::Relaxed));
-            });
+            .iter()
+            .filter(|(a, b, _)| *a == p.region || *b == p.region)
+            .map(|(_, _, f)| f.clone())
+            .collect();
+        let (at, until, stop) = (t0 + p.at, t0 + p.at + p.duration, stop.clone());
+        tokio::spawn(async move {
+            tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep_until(at.into()) => {} }
+            flags.iter().for_each(|f| f.store(true, Ordering::Relaxed));
+            tokio::select! { _ = stop.cancelled() => {}, _ = tokio::time::sleep_until(until.into()) => {} }
+            flags.iter().for_each(|f| f.store(false, Ordering::Relaxed));
+        });
     }
 }
 
@@ -468,7 +483,8 @@ async fn start_edges(
                     bandwidth_bps: (bb.bandwidth_mbps * 1e6) as u64,
                 };
                 let seed = s.seed ^ ((a as u64) << 8 | b as u64).wrapping_mul(0x2545_F491);
-                let relay = UdpRelay::bind(sched, dir, dir, seed, stop.clone()).await.map_err(setup)?;
+                let relay =
+                    UdpRelay::bind(sched, dir, dir, seed, stop.clone()).await.map_err(setup)?;
                 cuts.push((regions[a].clone(), regions[b].clone(), relay.cut.clone()));
                 relays.insert((a, b), relay);
             }
@@ -522,7 +538,8 @@ async fn start_edges(
     }
     // Let the mesh come up before clients arrive (a first subscriber would wait for it).
     if !relays.is_empty() {
-        let longest = relays.keys().map(|(a, b)| rtt(&regions[*a], &regions[*b])).max().unwrap_or_default();
+        let longest =
+            relays.keys().map(|(a, b)| rtt(&regions[*a], &regions[*b])).max().unwrap_or_default();
         tokio::time::sleep(longest * 3 + Duration::from_millis(300)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -180,7 +180,9 @@ pub enum ScenarioError {
         reason: String,
     },
     /// Neither a built-in name nor a readable file.
-    #[error("no scenario {0:?}: built-in ones are global, broadcast, partition, lossy; or give a .toml path")]
+    #[error(
+        "no scenario {0:?}: built-in ones are global, broadcast, partition, lossy; or give a .toml path"
+    )]
     Unknown(String),
 }
 
@@ -218,7 +220,9 @@ impl Scenario {
             }
             for p in &r.profiles {
                 if profile::profile(p).is_none() {
-                    return Err(bad(format!("unknown profile {p:?} (fibre, cable, dsl, 5g, 4g, poor, starlink)")));
+                    return Err(bad(format!(
+                        "unknown profile {p:?} (fibre, cable, dsl, 5g, 4g, poor, starlink)"
+                    )));
                 }
             }
         }

@@ -181,6 +181,9 @@ struct Out {
     generation: u64,
     /// Where its stream started (the `Start` reply).
     start: u64,
+    /// Timer retransmissions since the last progress: each doubles the wait (backoff), so
+    /// a slow or congested link is not flooded with copies.
+    retries: u32,
 }
 
 /// Per-peer link state (for this node's own channels).
@@ -191,6 +194,8 @@ struct Link {
     greeted: bool,
     /// When the link went down (`None` while up, or if it never was).
     down_since: Option<Instant>,
+    /// The link's round-trip time, as the transport measures it.
+    rtt: Duration,
     /// The peer's epoch, once heard. A change means it lost its state.
     peer_epoch: Option<Epoch>,
     /// The channels the peer receives from this node, with its progress.
@@ -442,6 +447,18 @@ impl Replica {
         self.transmit.push_back((peer.clone(), Frame::Hello { epoch: self.epoch, have, want }));
     }
 
+    /// The transport reports the link's measured round-trip time. Retransmission and
+    /// re-request timers wait at least twice this long (and `Config::rto`).
+    pub fn set_link_rtt(&mut self, peer: &NodeId, rtt: Duration) {
+        if let Some(link) = self.links.get_mut(peer) {
+            link.rtt = rtt;
+        }
+    }
+
+    fn rto(&self, peer: &NodeId) -> Duration {
+        self.config.rto.max(self.links.get(peer).map_or(Duration::ZERO, |l| l.rtt * 2))
+    }
+
     /// The transport reports that the link to `peer` is down.
     pub fn handle_link_down(&mut self, now: Instant, peer: &NodeId) {
         if let Some(link) = self.links.get_mut(peer) {
@@ -480,6 +497,7 @@ impl Replica {
                         if seq.0 > out.acked {
                             out.acked = seq.0;
                             out.progress_at = now;
+                            out.retries = 0;
                         }
                     }
                 }
@@ -554,7 +572,8 @@ impl Replica {
             } else {
                 0
             };
-            let out = Out { acked, progress_at: now, generation: h.generation, start: acked };
+            let out =
+                Out { acked, progress_at: now, generation: h.generation, start: acked, retries: 0 };
             link.out.insert(h.channel, out);
         }
         for w in want {
@@ -568,6 +587,7 @@ impl Replica {
                         progress_at: now,
                         generation: w.generation,
                         start: after,
+                        retries: 0,
                     };
                     link.out.insert(w.channel.clone(), out);
                     after
@@ -582,7 +602,7 @@ impl Replica {
         }
         for channel in self.logs.keys() {
             if self.config.replicates_all(channel) && !link.out.contains_key(channel) {
-                let out = Out { acked: 0, progress_at: now, generation: 0, start: 0 };
+                let out = Out { acked: 0, progress_at: now, generation: 0, start: 0, retries: 0 };
                 link.out.insert(channel.clone(), out);
             }
         }
@@ -624,7 +644,7 @@ impl Replica {
             _ => {
                 link.out.insert(
                     channel.clone(),
-                    Out { acked: after, progress_at: now, generation, start: after },
+                    Out { acked: after, progress_at: now, generation, start: after, retries: 0 },
                 );
                 after
             }
@@ -776,7 +796,7 @@ impl Replica {
 
     /// Asks the origin for the gap before the first held message (at most once per rto).
     fn nack_gap(&mut self, now: Instant, key: &(NodeId, ChannelName)) {
-        let rto = self.config.rto;
+        let rto = self.rto(&key.0);
         let Some(r) = self.recv.get_mut(key) else { return };
         let Some((&first_held, _)) = r.held.iter().next() else { return };
         if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
@@ -861,19 +881,20 @@ impl Replica {
                 }
             }
         }
-        let rto = self.config.rto;
         let mut resends = Vec::new();
         for (peer, link) in &mut self.links {
             if !link.up {
                 continue;
             }
+            let rto = self.config.rto.max(link.rtt * 2);
             for (channel, out) in &mut link.out {
                 let Some(log) = self.logs.get(channel) else { continue };
                 if out.acked >= log.last {
                     continue;
                 }
-                if now.duration_since(out.progress_at) >= rto {
+                if now.duration_since(out.progress_at) >= rto * (1 << out.retries) {
                     out.progress_at = now;
+                    out.retries = (out.retries + 1).min(3);
                     let last = log.last.min(out.acked + self.config.resend_batch as u64);
                     resends.push((peer.clone(), channel.clone(), out.acked + 1, last));
                 }
@@ -886,7 +907,7 @@ impl Replica {
                 {
                     link.out.insert(
                         channel.clone(),
-                        Out { acked: 0, progress_at: now, generation: 0, start: 0 },
+                        Out { acked: 0, progress_at: now, generation: 0, start: 0, retries: 0 },
                     );
                 }
             }
@@ -900,9 +921,9 @@ impl Replica {
                 continue;
             }
             let Some((&first_held, _)) = r.held.iter().next() else { continue };
-            if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto)
-                && self.links.get(origin).is_some_and(|l| l.up)
-            {
+            let Some(link) = self.links.get(origin).filter(|l| l.up) else { continue };
+            let rto = self.config.rto.max(link.rtt * 2);
+            if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
                 r.last_nack = Some(now);
                 let nack = Frame::Nack {
                     channel: channel.clone(),
@@ -917,7 +938,6 @@ impl Replica {
     }
 
     fn interest_timers(&mut self, now: Instant) {
-        let rto = self.config.rto;
         // Withdrawals whose grace ended.
         let ended: Vec<ChannelName> = self
             .interest
@@ -949,10 +969,9 @@ impl Replica {
         }
         // Interests not answered yet.
         for ((origin, channel), r) in &mut self.recv {
-            if r.started
-                || !self.links.get(origin).is_some_and(|l| l.up)
-                || r.asked.is_some_and(|t| now.duration_since(t) < rto)
-            {
+            let Some(link) = self.links.get(origin).filter(|l| l.up) else { continue };
+            let rto = self.config.rto.max(link.rtt * 2);
+            if r.started || r.asked.is_some_and(|t| now.duration_since(t) < rto) {
                 continue;
             }
             let Some(i) = self.interest.get(channel) else { continue };
@@ -1005,5 +1024,6 @@ fn out_for<'a>(
         progress_at: now,
         generation: 0,
         start: 0,
+        retries: 0,
     }))
 }
