@@ -348,7 +348,7 @@ impl Report<'_> {
 fn heatmap(s: &Scenario, r: &RunResult, title: &str) -> String {
     let names: Vec<&str> = s.regions.iter().map(|x| x.name.as_str()).collect();
     let n = names.len();
-    let cell = 64i32;
+    let cell = 86i32;
     let (left, top) = (120i32, 60i32);
     let size = ((left + cell * n as i32 + 20) as u32, (top + cell * n as i32 + 20) as u32);
     let max = r.pairs.values().map(|p| p.summary().p99_ms).fold(1.0, f64::max);
@@ -369,7 +369,11 @@ fn heatmap(s: &Scenario, r: &RunResult, title: &str) -> String {
             for (j, b) in names.iter().enumerate() {
                 let x = left + j as i32 * cell;
                 if i == 0 {
-                    let _ = root.draw(&Text::new(short(b), (x + 2, top - 14), ("sans-serif", 10)));
+                    let _ = root.draw(&Text::new(
+                        (*b).to_owned(),
+                        (x + 2, top - 14),
+                        ("sans-serif", 10),
+                    ));
                 }
                 let Some(p) = r.pairs.get(&((*a).to_owned(), (*b).to_owned())) else { continue };
                 let v = p.summary().p99_ms;
@@ -387,10 +391,6 @@ fn heatmap(s: &Scenario, r: &RunResult, title: &str) -> String {
         let _ = root.present();
     }
     svg
-}
-
-fn short(region: &str) -> String {
-    region.chars().take(12).collect()
 }
 
 fn esc(s: &str) -> String {
