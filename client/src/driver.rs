@@ -147,18 +147,32 @@ fn decode(msg: &WsMessage) -> Option<server_frame::Kind> {
     r.map_err(|e| warn!(error = %e, "undecodable frame from node")).ok()
 }
 
-/// Opens the first connection and starts the driver.
+/// Opens the first connection (to the first of `urls` that answers, in order) and starts
+/// the driver. Later reconnects fail over along the same list.
 pub(crate) async fn start(
-    url: &str,
+    urls: &[String],
     options: Arc<ClientOptions>,
 ) -> Result<(mpsc::Sender<Command>, watch::Receiver<ConnectionState>), ClientError> {
-    let url = normalize_url(url, options.format)?;
-    let (ws, connected) = open(&url, &options).await?;
+    let urls: Vec<String> =
+        urls.iter().map(|u| normalize_url(u, options.format)).collect::<Result<_, _>>()?;
+    let mut first = None;
+    let mut last_err = ClientError::InvalidUrl("no URL given".into());
+    for (i, url) in urls.iter().enumerate() {
+        match open(url, &options).await {
+            Ok(c) => {
+                first = Some((i, c));
+                break;
+            }
+            Err(e) => last_err = e,
+        }
+    }
+    let Some((current, (ws, connected))) = first else { return Err(last_err) };
     // Commands wait here while the driver writes; 256 bounds a burst of API calls.
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected));
     let driver = Driver {
-        url,
+        urls,
+        current,
         options,
         cmd_weak: cmd_tx.downgrade(),
         state: state_tx,
@@ -182,7 +196,10 @@ struct ChannelSubs {
 }
 
 struct Driver {
-    url: String,
+    /// Where to connect, in order of preference; reconnects fail over along it.
+    urls: Vec<String>,
+    /// The one in use.
+    current: usize,
     options: Arc<ClientOptions>,
     cmd_weak: mpsc::WeakSender<Command>,
     state: watch::Sender<ConnectionState>,
@@ -250,8 +267,14 @@ impl Driver {
                     }
                 }
             }
-            match open(&self.url, &self.options).await {
+            // Two tries per URL, then the next one (failover to the next-nearest edge).
+            let idx = (self.current + (attempt as usize - 1) / 2) % self.urls.len();
+            match open(&self.urls[idx], &self.options).await {
                 Ok((mut ws, c)) => {
+                    if idx != self.current {
+                        debug!(from = %self.urls[self.current], to = %self.urls[idx], "failed over");
+                        self.current = idx;
+                    }
                     let _ = self.state.send(ConnectionState::Connected(c));
                     match self.resume(&mut ws).await {
                         Ok(()) => return Some(ws),

@@ -131,10 +131,30 @@ impl Client {
     /// Connects to `url` (`ws://host:port`; `/v1/ws` is added when the path is empty). The
     /// first connection must succeed; later losses are repaired in the background.
     pub async fn connect(url: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        Self::connect_any(&[url.to_owned()], options).await
+    }
+
+    /// Connects to the first of `urls` that answers (in order of preference); when that
+    /// connection is lost, reconnects try it twice, then fail over along the list.
+    pub async fn connect_any(urls: &[String], options: ClientOptions) -> Result<Self, ClientError> {
         let options = Arc::new(options);
-        let (cmd, state) = driver::start(url, options.clone()).await?;
+        let (cmd, state) = driver::start(urls, options.clone()).await?;
         let prefix = format!("{:016x}", rand::random::<u64>());
         Ok(Self { cmd, state, ids: Arc::new(IdGen { prefix, next: AtomicU64::new(1) }), options })
+    }
+
+    /// Connects to the nearest region: asks `seed` (any edge) for every region's URL
+    /// (`/v1/regions`), probes each (`/v1/ping`), and connects to the fastest, keeping the
+    /// others, fastest first, for failover.
+    pub async fn connect_nearest(seed: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let timeout = std::time::Duration::from_secs(5);
+        let urls = match nearest::regions(seed, timeout).await {
+            Ok(list) if !list.is_empty() => list.into_iter().map(|r| r.url).collect(),
+            Ok(_) | Err(_) => vec![seed.to_owned()],
+        };
+        let ranked: Vec<String> =
+            nearest::rank(&urls, 2, timeout).await.into_iter().map(|p| p.url).collect();
+        Self::connect_any(&ranked, options).await
     }
 
     /// The current connection state.

@@ -42,6 +42,48 @@ pub async fn rank(candidates: &[String], probes: usize, timeout: Duration) -> Ve
     out
 }
 
+/// A region and its public URL, as `/v1/regions` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Region {
+    /// Region id.
+    pub region: String,
+    /// Base URL.
+    pub url: String,
+}
+
+#[derive(serde::Deserialize)]
+struct RegionsBody {
+    regions: Vec<Region>,
+}
+
+/// Asks an edge (`seed`, any region) for every region's URL (`GET /v1/regions`).
+pub async fn regions(seed: &str, timeout: Duration) -> std::io::Result<Vec<Region>> {
+    let fetch = async {
+        let host = authority(seed)?;
+        let mut stream = TcpStream::connect(host).await?;
+        let request =
+            format!("GET /v1/regions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        // Bounded: a region list is small.
+        (&mut stream).take(1 << 20).read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("truncated /v1/regions response"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!(
+                "/v1/regions: {}",
+                head.lines().next().unwrap_or("")
+            )));
+        }
+        let parsed: RegionsBody =
+            serde_json::from_str(body.trim()).map_err(std::io::Error::other)?;
+        Ok(parsed.regions)
+    };
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
 /// The authority (`host:port`) of a `ws://`, `wss://`, `http://` or `https://` URL.
 fn authority(url: &str) -> std::io::Result<&str> {
     let rest = ["ws://", "http://", "wss://", "https://"]

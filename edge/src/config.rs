@@ -29,6 +29,20 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Replication to other nodes; absent for a single node.
     pub backbone: Option<BackboneSection>,
+    /// `[[regions]]`: every region's public URL, served at `/v1/regions` so clients can
+    /// pick the nearest and fail over to the next. The same list on every node. Empty: the
+    /// node lists only itself, at the URL the client used to reach it.
+    pub regions: Vec<RegionUrl>,
+}
+
+/// `[[regions]]`: one region's public client URL.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionUrl {
+    /// Region id.
+    pub name: String,
+    /// Base URL clients connect to: `ws://`, `wss://`, `http://` or `https://`.
+    pub url: String,
 }
 
 /// `[backbone]`: QUIC links to the other nodes, mutual TLS with the cluster CA.
@@ -337,6 +351,18 @@ impl Config {
                 field: "heartbeat.idle_timeout",
                 reason: "must be longer than heartbeat.interval, which must be above 0".into(),
             });
+        }
+        for r in &self.regions {
+            RegionId::parse(&r.name)?;
+            let scheme_ok = ["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|p| r.url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+            if !scheme_ok {
+                return Err(ConfigError::Invalid {
+                    field: "regions.url",
+                    reason: format!("{:?} is not a ws://, wss://, http:// or https:// URL", r.url),
+                });
+            }
         }
         let mut peers = Vec::new();
         if let Some(b) = &self.backbone {

@@ -30,6 +30,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/ping", get(ping))
+        .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
         .route("/v1/channels/{channel}/messages", post(http_publish))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -46,6 +47,25 @@ async fn ping(State(node): State<Arc<Node>>) -> Response {
         res.headers_mut().insert("x-tern-region", v);
     }
     res
+}
+
+/// Every region's public URL (from `[[regions]]`), so clients can probe them and pick the
+/// nearest. Without a configured list, this node alone, at the host the client used.
+async fn regions(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let settings = node.settings();
+    let mut list: Vec<serde_json::Value> = settings
+        .config
+        .regions
+        .iter()
+        .map(|r| serde_json::json!({"region": r.name, "url": r.url}))
+        .collect();
+    if list.is_empty() {
+        if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            list.push(serde_json::json!({"region": settings.region.as_str(), "url": format!("ws://{host}")}));
+        }
+    }
+    let body = serde_json::json!({"self": settings.region.as_str(), "regions": list});
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Response {
