@@ -27,6 +27,9 @@ enum Command {
         /// Client listen address; overrides the config.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Directory of the durable history log; overrides `[history] data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Subscribe to channels and print each message as a JSON line.
     Sub {
@@ -107,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Edge { config, listen } => edge(config, listen).await,
+            Command::Edge { config, listen, data_dir } => edge(config, listen, data_dir).await,
             Command::Sub { url, channels, count } => sub(&url, &channels, count).await,
             Command::Pub { url, channel, data, name, id } => {
                 publish(&url, &channel, data, &name, id.as_deref()).await
@@ -119,7 +122,11 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn edge(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+async fn edge(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => Config::from_file(path)?,
         None => {
@@ -129,6 +136,9 @@ async fn edge(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Re
     };
     if let Some(addr) = listen {
         cfg.listen.client = addr;
+    }
+    if let Some(dir) = data_dir {
+        cfg.history.data_dir = dir;
     }
     let settings = cfg.validate()?;
     let shutdown = CancellationToken::new();

@@ -81,7 +81,12 @@ pub struct HubLimits {
 #[derive(Debug)]
 pub struct Hub {
     node: NodeId,
+    /// This start's origin epoch (backbone sequences, generated message ids).
     epoch: Epoch,
+    /// The epoch of log positions: kept across restarts with a durable store.
+    log_epoch: Epoch,
+    /// Durable history for the namespaces that keep it.
+    store: Option<crate::store::Store>,
     limits: HubLimits,
     channels: RwLock<HashMap<ChannelName, Arc<Channel>>>,
     /// Replication to other nodes, when configured.
@@ -152,11 +157,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
-    /// Creates an empty registry for `node` in `epoch`.
-    pub fn new(node: NodeId, epoch: Epoch, limits: HubLimits) -> Self {
+    /// Creates an empty registry for `node`: origin sequences in `epoch`, log positions in
+    /// `log_epoch`, history in `store`.
+    pub fn new(
+        node: NodeId,
+        epoch: Epoch,
+        log_epoch: Epoch,
+        limits: HubLimits,
+        store: Option<crate::store::Store>,
+    ) -> Self {
         Self {
             node,
             epoch,
+            log_epoch,
+            store,
             limits,
             channels: RwLock::new(HashMap::new()),
             backbone: OnceLock::new(),
@@ -186,21 +200,44 @@ impl Hub {
             return false;
         }
         let channel = message.channel.clone();
-        let epoch = self.epoch.0;
+        let epoch = self.log_epoch.0;
         let mut message = Some(&mut message);
         self.with_state(&channel, |state| {
             state.offset += 1;
             let Some(m) = message.take() else { return };
             m.position = Some(Position { epoch, offset: state.offset });
             let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
+            self.log(&channel, state.offset, &encoded);
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
         });
         true
     }
 
-    /// This node's log epoch.
+    /// This start's origin epoch (the backbone's).
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// The epoch of log positions (kept across restarts with a durable store).
+    pub fn log_epoch(&self) -> Epoch {
+        self.log_epoch
+    }
+
+    /// The durable history, when configured.
+    pub fn store(&self) -> Option<&crate::store::Store> {
+        self.store.as_ref()
+    }
+
+    /// Writes a message to the durable log if its namespace keeps history.
+    fn log(&self, channel: &str, offset: u64, encoded: &EncodedMessage) {
+        let Some(store) = &self.store else { return };
+        if !store.keeps(channel) {
+            return;
+        }
+        let Ok(name) = ChannelName::parse(channel) else { return };
+        if !store.append(&name, offset, encoded.protobuf()) {
+            tracing::error!(%channel, offset, "history writer is gone; message not logged");
+        }
     }
 
     /// Number of channels held.
@@ -218,7 +255,17 @@ impl Hub {
             return c.clone();
         }
         let key = ChannelName::parse(name).unwrap_or_else(|_| unvalidated(name));
-        let channel = Arc::new(Channel { state: Mutex::new(ChannelState::default()) });
+        let mut state = ChannelState::default();
+        // A logged channel continues its offsets after a restart.
+        if let Some(store) = self.store.as_ref().filter(|s| s.keeps(name)) {
+            match store.last_offset(name) {
+                Ok(last) => state.offset = last,
+                Err(e) => {
+                    tracing::error!(channel = name, error = %e, "cannot read the history log")
+                }
+            }
+        }
+        let channel = Arc::new(Channel { state: Mutex::new(state) });
         map.insert(key, channel.clone());
         channel
     }
@@ -248,7 +295,7 @@ impl Hub {
         outbox: Outbox,
         request_id: u32,
     ) -> Option<Position> {
-        let epoch = self.epoch.0;
+        let epoch = self.log_epoch.0;
         let backbone = self.backbone.get();
         self.with_state(name.as_str(), |state| {
             if !state.interested {
@@ -277,7 +324,7 @@ impl Hub {
             return;
         };
         let mut state = lock(&channel.state);
-        let position = Position { epoch: self.epoch.0, offset: state.offset };
+        let position = Position { epoch: self.log_epoch.0, offset: state.offset };
         for p in std::mem::take(&mut state.pending) {
             let subscribed = server_frame::Kind::Subscribed(Subscribed {
                 request_id: p.request_id,
@@ -352,7 +399,7 @@ impl Hub {
                 offset: Offset(state.offset),
                 timestamp_ms,
                 duplicate: false,
-                epoch: self.epoch,
+                epoch: self.log_epoch,
             };
             if let Some(id) = &msg.id {
                 state.dedupe.seen.insert(id.clone(), accepted.clone());
@@ -367,9 +414,10 @@ impl Hub {
                 origin: self.node.as_str().to_owned(),
                 origin_epoch: self.epoch.0,
                 origin_seq: state.seq,
-                position: Some(Position { epoch: self.epoch.0, offset: state.offset }),
+                position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
                 timestamp_ms,
             }));
+            self.log(&name, state.offset, &encoded);
             // Overflowed subscribers are dropped here; their sessions close with 4001.
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
             // Still under the channel lock, so the backbone sees this channel's messages in
@@ -398,7 +446,9 @@ mod tests {
         Hub::new(
             node,
             Epoch(7),
+            Epoch(7),
             HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120) },
+            None,
         )
     }
 

@@ -29,10 +29,76 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Replication to other nodes; absent for a single node.
     pub backbone: Option<BackboneSection>,
+    /// `[history]`: durable channel logs for the namespaces listed there.
+    pub history: HistoryConfig,
     /// `[[regions]]`: every region's public URL, served at `/v1/regions` so clients can
     /// pick the nearest and fail over to the next. The same list on every node. Empty: the
     /// node lists only itself, at the URL the client used to reach it.
     pub regions: Vec<RegionUrl>,
+}
+
+/// `[history]`: durable channel logs (see `tern_edge::store`). Nothing is stored, and no
+/// data directory is created, unless at least one namespace is listed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Where the log lives (`tern.redb` inside). Relative paths are relative to the working
+    /// directory; `tern edge --data-dir` overrides it.
+    pub data_dir: PathBuf,
+    /// `group`: every group of writes is fsynced before the next (a crash loses at most the
+    /// group in flight); `interval`: fsync at most every `sync_interval` (fewer fsyncs; a
+    /// crash loses at most that interval).
+    pub sync: SyncMode,
+    /// For `sync = "interval"`.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Writes queued for the log before publishers wait for it.
+    pub queue: usize,
+    /// `[[history.namespaces]]`: namespaces whose channels are logged, with retention.
+    pub namespaces: Vec<HistoryNamespace>,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("tern-data"),
+            sync: SyncMode::Group,
+            sync_interval: Duration::from_millis(100),
+            queue: 65_536,
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+/// When history writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync every group.
+    Group,
+    /// fsync every `sync_interval`.
+    Interval,
+}
+
+/// `[[history.namespaces]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryNamespace {
+    /// The namespace (channel name up to the first `:`).
+    pub name: String,
+    /// Messages kept per channel.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: u64,
+    /// Older messages are deleted.
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+fn default_max_messages() -> u64 {
+    1_000
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// `[[regions]]`: one region's public client URL.
@@ -350,6 +416,29 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "heartbeat.idle_timeout",
                 reason: "must be longer than heartbeat.interval, which must be above 0".into(),
+            });
+        }
+        for ns in &self.history.namespaces {
+            if ns.name.contains(':') || ChannelName::validate(&ns.name).is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "history.namespaces.name",
+                    reason: format!(
+                        "{:?} is not a namespace (a channel name without ':')",
+                        ns.name
+                    ),
+                });
+            }
+            if ns.max_messages == 0 || ns.max_age.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field: "history.namespaces",
+                    reason: format!("{}: max_messages and max_age must be above 0", ns.name),
+                });
+            }
+        }
+        if self.history.queue == 0 || self.history.sync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "history",
+                reason: "queue and sync_interval must be above 0".into(),
             });
         }
         for r in &self.regions {

@@ -32,7 +32,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/ping", get(ping))
         .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
-        .route("/v1/channels/{channel}/messages", post(http_publish))
+        .route("/v1/channels/{channel}/messages", post(http_publish).get(http_history))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }
@@ -72,6 +72,108 @@ fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Respon
     let body = client::Error { request_id: 0, code: code as i32, reason, channel: String::new() };
     let json = serde_json::to_vec(&body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+/// Most messages one history page returns.
+pub const MAX_HISTORY_PAGE: usize = 1_000;
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    direction: Option<String>,
+    from: Option<u64>,
+    to: Option<u64>,
+    since: Option<u64>,
+    until: Option<u64>,
+}
+
+/// `GET /v1/channels/{channel}/messages`: a page of the channel's durable history.
+/// `direction=backwards` (default, newest first) or `forwards`; `from`/`to` offsets
+/// (inclusive, in the direction of travel); `since`/`until` unix ms; `limit` (default 100,
+/// at most 1000). The answer's `next` holds the `from` of the following page, or null.
+async fn http_history(
+    State(node): State<Arc<Node>>,
+    Path(channel): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad = |reason: String| {
+        error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason)
+    };
+    let Ok(Query(q)) = query else {
+        return bad("bad query: limit, from, to, since, until are integers".into());
+    };
+    if let Err(e) = tern_proto::types::ChannelName::validate(&channel) {
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidChannel, e.to_string());
+    }
+    let backwards = match q.direction.as_deref() {
+        None | Some("backwards") => true,
+        Some("forwards") => false,
+        Some(other) => return bad(format!("direction {other:?}: use forwards or backwards")),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_HISTORY_PAGE {
+        return bad(format!("limit must be between 1 and {MAX_HISTORY_PAGE}"));
+    }
+    let Some(store) = node.hub().store().filter(|s| s.keeps(&channel)) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unsupported,
+            format!(
+                "history is not kept for {channel:?}: its namespace is not in [history.namespaces]"
+            ),
+        );
+    };
+    let query = crate::store::Query {
+        from: q.from,
+        to: q.to,
+        since_ms: q.since,
+        until_ms: q.until,
+        limit,
+        backwards,
+    };
+    let store = store.clone();
+    let ch = channel.clone();
+    let page = match tokio::task::spawn_blocking(move || store.read(&ch, query)).await {
+        Ok(Ok(page)) => page,
+        Ok(Err(e)) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            );
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "history read failed".into(),
+            );
+        }
+    };
+    let next = match page.last() {
+        Some(last) if page.len() == limit => {
+            if backwards {
+                last.offset.checked_sub(1).filter(|o| *o > 0)
+            } else {
+                Some(last.offset + 1)
+            }
+        }
+        _ => None,
+    };
+    let messages: Vec<serde_json::Value> = page
+        .iter()
+        .filter_map(|m| {
+            let msg = <client::Message as prost::Message>::decode(m.message.as_slice()).ok()?;
+            serde_json::to_value(&msg).ok()
+        })
+        .collect();
+    let body = serde_json::json!({
+        "channel": channel,
+        "epoch": node.hub().log_epoch().0.to_string(),
+        "messages": messages,
+        "next": next.map(|from| serde_json::json!({"from": from})),
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response {

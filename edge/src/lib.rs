@@ -30,6 +30,7 @@ pub mod node;
 pub mod publish;
 pub mod server;
 pub mod session;
+pub mod store;
 
 pub use config::{Config, ConfigError, Settings};
 pub use server::{BindError, Server};

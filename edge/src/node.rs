@@ -22,8 +22,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Builds the node state. The epoch is random until the durable log gives it a home.
-    pub fn new(settings: Settings, shutdown: CancellationToken) -> Arc<Self> {
+    /// Builds the node state. With a history `store`, channel positions keep the log epoch
+    /// stored there (so offsets continue across restarts); the origin epoch of the
+    /// backbone is always this start's.
+    pub fn new(
+        settings: Settings,
+        shutdown: CancellationToken,
+        store: Option<crate::store::Store>,
+    ) -> Result<Arc<Self>, crate::store::StoreError> {
         let limits = &settings.config.limits;
         let hub_limits = HubLimits {
             dedupe_ids: limits.dedupe_ids_per_channel,
@@ -36,15 +42,19 @@ impl Node {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_micros() as u64),
         );
-        let hub = Hub::new(settings.node.clone(), epoch, hub_limits);
-        Arc::new(Self {
+        let log_epoch = match &store {
+            Some(s) => Epoch(s.epoch_or(epoch.0)?),
+            None => epoch,
+        };
+        let hub = Hub::new(settings.node.clone(), epoch, log_epoch, hub_limits, store);
+        Ok(Arc::new(Self {
             settings,
             hub,
             connections: AtomicUsize::new(0),
             next_connection: AtomicU64::new(1),
             shutdown,
             tracker: TaskTracker::new(),
-        })
+        }))
     }
 
     /// Validated settings.

@@ -39,6 +39,9 @@ pub enum BindError {
         #[source]
         source: std::io::Error,
     },
+    /// The history store could not open.
+    #[error(transparent)]
+    History(#[from] crate::store::StoreError),
     /// The backbone could not start (certificates, UDP port).
     #[error("backbone: {0}")]
     Backbone(#[from] BackboneError),
@@ -87,7 +90,36 @@ impl Server {
         let addr = settings.config.listen.client;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
-        let node = Node::new(settings, shutdown);
+        let history = &settings.config.history;
+        let store = if history.namespaces.is_empty() {
+            None
+        } else {
+            let options = crate::store::StoreOptions {
+                dir: history.data_dir.clone(),
+                sync: match history.sync {
+                    crate::config::SyncMode::Group => crate::store::SyncPolicy::Group,
+                    crate::config::SyncMode::Interval => {
+                        crate::store::SyncPolicy::Interval(history.sync_interval)
+                    }
+                },
+                namespaces: history
+                    .namespaces
+                    .iter()
+                    .map(|n| {
+                        let r = crate::store::Retention {
+                            max_messages: n.max_messages,
+                            max_age: n.max_age,
+                        };
+                        (n.name.clone(), r)
+                    })
+                    .collect(),
+                queue: history.queue,
+            };
+            let store = crate::store::Store::open(options)?;
+            info!(path = %store.path().display(), "history: durable channel log");
+            Some(store)
+        };
+        let node = Node::new(settings, shutdown, store)?;
         if let Some(b) = node.settings().config.backbone.clone() {
             let config = BackboneConfig {
                 listen: b.listen,
@@ -185,6 +217,10 @@ impl Server {
         info!(open, ?grace, "shutting down: closing connections");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!(left = tracker.len(), "shutdown grace period over; dropping the rest");
+        }
+        if let Some(store) = node.hub().store().cloned() {
+            // Everything logged so far made durable; the file released.
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
     }
 }

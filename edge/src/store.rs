@@ -1,0 +1,429 @@
+//! Durable channel history: an embedded redb database under the node's data directory.
+//!
+//! Why redb: pure Rust (nothing to install, no C toolchain), one file, ACID commits that
+//! survive a crash (copy-on-write B-trees with checksums), MVCC so history reads never block
+//! the writer, a stable 2.x file format, and ordered range scans — a channel log keyed by
+//! (channel, offset) is exactly a range. An LSM store (fjall) would take higher write rates
+//! at the cost of compaction tuning; a relay's history writes are small and are grouped here,
+//! well within a B-tree's reach.
+//!
+//! ```text
+//!  hub (under the channel lock) ──append──▶ bounded queue ──▶ writer thread
+//!                                                              one transaction per group,
+//!                                                              commit (fsync per policy),
+//!                                                              retention trim every second
+//!  HTTP GET /v1/channels/{ch}/messages ──▶ read transaction (never waits for the writer)
+//! ```
+//!
+//! Sync policy ([`SyncPolicy`]): `group` makes every group durable before the next starts
+//! (an fsync per group; a crash loses at most the group being written); `interval` commits
+//! groups without fsync and makes them durable every `sync_interval` (fewer fsyncs, a crash
+//! loses at most that interval). Publish acks do not yet wait for the log (durability
+//! levels are the next step of the message-integrity work).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use tern_proto::types::ChannelName;
+
+/// (channel, offset) → 8-byte big-endian unix-ms timestamp, then the protobuf `Message`.
+const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
+/// Node-wide values (the log epoch).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// When groups are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fsync every group before the next.
+    Group,
+    /// fsync at most this often; groups in between are committed without it.
+    Interval(Duration),
+}
+
+/// Retention of one namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept per channel.
+    pub max_messages: u64,
+    /// Older messages are deleted.
+    pub max_age: Duration,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Directory holding `tern.redb`.
+    pub dir: PathBuf,
+    /// When commits are made durable.
+    pub sync: SyncPolicy,
+    /// Retention per namespace; only these namespaces are stored.
+    pub namespaces: HashMap<String, Retention>,
+    /// Entries queued for the writer before publishers wait for it.
+    pub queue: usize,
+}
+
+/// Why the store could not open or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("data directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    /// The database failed.
+    #[error("history store: {0}")]
+    Db(String),
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                db_err(e)
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+enum Msg {
+    Append(Entry),
+    /// Commit durably, release the database, and answer.
+    Close(std::sync::mpsc::Sender<()>),
+}
+
+struct Entry {
+    channel: ChannelName,
+    offset: u64,
+    timestamp_ms: u64,
+    message: Bytes,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its offset in the channel log.
+    pub offset: u64,
+    /// When it was logged, unix ms.
+    pub timestamp_ms: u64,
+    /// The protobuf `Message`.
+    pub message: Vec<u8>,
+}
+
+/// A history request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    /// First offset (inclusive) in the direction of travel: the lowest when forwards, the
+    /// highest when backwards. `None`: the oldest (forwards) or newest (backwards).
+    pub from: Option<u64>,
+    /// Last offset (inclusive) in the direction of travel.
+    pub to: Option<u64>,
+    /// Only messages logged at or after this unix ms.
+    pub since_ms: Option<u64>,
+    /// Only messages logged at or before this unix ms.
+    pub until_ms: Option<u64>,
+    /// Most messages returned.
+    pub limit: usize,
+    /// Newest first.
+    pub backwards: bool,
+}
+
+/// The durable channel logs of a node.
+///
+/// The writer thread owns the database; handles reach it weakly, so [`Store::close`]
+/// releases the file (and its lock) at once.
+#[derive(Clone)]
+pub struct Store {
+    db: Weak<Database>,
+    tx: SyncSender<Msg>,
+    namespaces: Arc<HashMap<String, Retention>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Opens (or creates) `dir/tern.redb` and starts the writer thread.
+    pub fn open(options: StoreOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&options.dir)
+            .map_err(|e| StoreError::Dir(options.dir.clone(), e))?;
+        let path = options.dir.join("tern.redb");
+        let db = Arc::new(Database::create(&path).map_err(db_err)?);
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(LOG).map_err(db_err)?;
+        txn.open_table(META).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        let (tx, rx) = sync_channel(options.queue.max(1));
+        let namespaces = Arc::new(options.namespaces);
+        let (weak, ns2) = (Arc::downgrade(&db), namespaces.clone());
+        std::thread::Builder::new()
+            .name("tern-history".into())
+            .spawn(move || writer(db, rx, options.sync, ns2))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer: {e}")))?;
+        Ok(Self { db: weak, tx, namespaces, path })
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.upgrade().ok_or_else(|| StoreError::Db("the history store is closed".into()))
+    }
+
+    /// Writes everything queued durably and releases the database (graceful shutdown).
+    pub fn close(&self) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Close(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        }
+        // A reader still inside a transaction holds the database a moment longer.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.db.strong_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The log epoch kept across restarts: the stored one, or `fresh` (stored now).
+    pub fn epoch_or(&self, fresh: u64) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_write().map_err(db_err)?;
+        let epoch = {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let stored = meta.get("epoch").map_err(db_err)?.map(|v| v.value());
+            match stored {
+                Some(e) => e,
+                None => {
+                    meta.insert("epoch", fresh).map_err(db_err)?;
+                    fresh
+                }
+            }
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(epoch)
+    }
+
+    /// Whether `channel`'s namespace keeps history.
+    pub fn keeps(&self, channel: &str) -> bool {
+        let ns = channel.split_once(':').map_or("", |(ns, _)| ns);
+        self.namespaces.contains_key(ns)
+    }
+
+    /// The last offset logged for `channel` (0 when none).
+    pub fn last_offset(&self, channel: &str) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_err)?;
+        let log = txn.open_table(LOG).map_err(db_err)?;
+        let last = log
+            .range((channel, 0)..=(channel, u64::MAX))
+            .map_err(db_err)?
+            .next_back()
+            .transpose()
+            .map_err(db_err)?
+            .map_or(0, |(k, _)| k.value().1);
+        Ok(last)
+    }
+
+    /// Queues a message for the log. Waits only when the writer is `queue` entries behind
+    /// (back-pressure; nothing is dropped). Returns false if the writer is gone.
+    pub fn append(&self, channel: &ChannelName, offset: u64, message: Bytes) -> bool {
+        let entry = Msg::Append(Entry {
+            channel: channel.clone(),
+            offset,
+            timestamp_ms: now_ms(),
+            message,
+        });
+        match self.tx.try_send(entry) {
+            Ok(()) => true,
+            Err(TrySendError::Full(entry)) => self.tx.send(entry).is_ok(),
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Reads a page of `channel`'s log.
+    pub fn read(&self, channel: &str, q: Query) -> Result<Vec<Stored>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_err)?;
+        let log = txn.open_table(LOG).map_err(db_err)?;
+        let (lo, hi) = if q.backwards {
+            (q.to.unwrap_or(0), q.from.unwrap_or(u64::MAX))
+        } else {
+            (q.from.unwrap_or(0), q.to.unwrap_or(u64::MAX))
+        };
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let range = log.range((channel, lo)..=(channel, hi)).map_err(db_err)?;
+        let mut out = Vec::new();
+        let mut take = |offset: u64, v: &[u8]| -> bool {
+            if v.len() < 8 {
+                return true;
+            }
+            let ts = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
+            if q.since_ms.is_some_and(|s| ts < s) || q.until_ms.is_some_and(|u| ts > u) {
+                return true;
+            }
+            out.push(Stored { offset, timestamp_ms: ts, message: v[8..].to_vec() });
+            out.len() < q.limit
+        };
+        if q.backwards {
+            for item in range.rev() {
+                let (k, v) = item.map_err(db_err)?;
+                if !take(k.value().1, v.value()) {
+                    break;
+                }
+            }
+        } else {
+            for item in range {
+                let (k, v) = item.map_err(db_err)?;
+                if !take(k.value().1, v.value()) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The writer: groups queued entries into one transaction each, commits per the sync
+/// policy, and trims by retention every second.
+fn writer(
+    db: Arc<Database>,
+    rx: Receiver<Msg>,
+    sync: SyncPolicy,
+    namespaces: Arc<HashMap<String, Retention>>,
+) {
+    const GROUP: usize = 4096;
+    let mut last_sync = Instant::now();
+    let mut last_trim = Instant::now();
+    let mut pending_sync = false;
+    // Channels written since the start, with their last offset (trimmed every second).
+    let mut touched: HashMap<ChannelName, u64> = HashMap::new();
+    let mut group = Vec::with_capacity(GROUP);
+    let mut closing: Option<std::sync::mpsc::Sender<()>> = None;
+    loop {
+        let wait = Duration::from_millis(200);
+        let mut take = |msg: Msg, group: &mut Vec<Entry>| match msg {
+            Msg::Append(e) => group.push(e),
+            Msg::Close(done) => closing = Some(done),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(first) => {
+                take(first, &mut group);
+                while group.len() < GROUP {
+                    match rx.try_recv() {
+                        Ok(m) => take(m, &mut group),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                if pending_sync || !group.is_empty() {
+                    let _ = commit_group(&db, &mut group, true);
+                }
+                return;
+            }
+        }
+        if let Some(done) = closing.take() {
+            if let Err(e) = commit_group(&db, &mut group, true) {
+                tracing::error!(error = %e, "history write failed at close");
+            }
+            drop(db);
+            let _ = done.send(());
+            return;
+        }
+        let durable = match sync {
+            SyncPolicy::Group => true,
+            SyncPolicy::Interval(every) => last_sync.elapsed() >= every,
+        };
+        let trim = last_trim.elapsed() >= Duration::from_secs(1);
+        if group.is_empty() && !trim && !(durable && pending_sync) {
+            continue;
+        }
+        let result = (|| -> Result<(), StoreError> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
+            {
+                let mut log = txn.open_table(LOG)?;
+                for e in &group {
+                    touched.insert(e.channel.clone(), e.offset);
+                }
+                insert_all(&mut log, &mut group)?;
+                if trim {
+                    let now = now_ms();
+                    for (channel, &last) in &touched {
+                        let Some(r) = namespaces.get(channel.namespace()) else { continue };
+                        let keep_from = last.saturating_sub(r.max_messages.saturating_sub(1));
+                        let cutoff = now.saturating_sub(r.max_age.as_millis() as u64);
+                        let c = channel.as_str();
+                        log.retain_in((c, 0)..(c, keep_from), |_, _| false)?;
+                        log.retain_in((c, keep_from)..=(c, last), |_, v| {
+                            v.len() < 8
+                                || u64::from_be_bytes(v[..8].try_into().unwrap_or_default())
+                                    >= cutoff
+                        })?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "history write failed");
+            group.clear();
+        }
+        if trim {
+            last_trim = Instant::now();
+        }
+        if durable {
+            last_sync = Instant::now();
+            pending_sync = false;
+        } else {
+            pending_sync = true;
+        }
+    }
+}
+
+/// Writes `group` in one transaction (durably when `durable`).
+fn commit_group(db: &Database, group: &mut Vec<Entry>, durable: bool) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
+    insert_all(&mut txn.open_table(LOG)?, group)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Inserts (and drains) `group`: each value is the timestamp, then the message.
+fn insert_all(
+    log: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    group: &mut Vec<Entry>,
+) -> Result<(), StoreError> {
+    let mut value = Vec::new();
+    for e in group.drain(..) {
+        value.clear();
+        value.extend_from_slice(&e.timestamp_ms.to_be_bytes());
+        value.extend_from_slice(&e.message);
+        log.insert((e.channel.as_str(), e.offset), value.as_slice())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Durable history: `GET /v1/channels/{channel}/messages` pages in both directions, time
+//! filters, retention, and a restart that keeps the log, its epoch and its offsets.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{TestNode, WAIT, http};
+use serde_json::Value;
+use tern_edge::config::HistoryNamespace;
+
+fn data_dir(tag: &str) -> PathBuf {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::env::temp_dir().join(format!("tern-history-{tag}-{}-{nanos}", std::process::id()))
+}
+
+async fn node(dir: &PathBuf, max_messages: u64) -> TestNode {
+    let dir = dir.clone();
+    TestNode::start(move |cfg| {
+        cfg.history.data_dir = dir;
+        cfg.history.namespaces = vec![HistoryNamespace {
+            name: "log".into(),
+            max_messages,
+            max_age: Duration::from_secs(3600),
+        }];
+    })
+    .await
+}
+
+async fn publish(n: &TestNode, channel: &str, text: &str) -> Value {
+    let (status, body) = http(
+        n.addr,
+        "POST",
+        &format!("/v1/channels/{channel}/messages"),
+        "text/plain",
+        text.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn get(n: &TestNode, path: &str) -> (u16, Value) {
+    let (status, body) = http(n.addr, "GET", path, "text/plain", b"").await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn texts(page: &Value) -> Vec<String> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Polls until the log holds `n` messages of `channel` (writes are grouped, asynchronously).
+async fn until_logged(node: &TestNode, channel: &str, n: usize) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, page) =
+            get(node, &format!("/v1/channels/{channel}/messages?direction=forwards&limit=1000"))
+                .await;
+        assert_eq!(status, 200, "{page}");
+        if page["messages"].as_array().unwrap().len() == n {
+            return page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "log never reached {n}: {page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn history_pages_forwards_and_backwards() {
+    let dir = data_dir("pages");
+    let n = node(&dir, 1000).await;
+    for i in 1..=25 {
+        publish(&n, "log:a", &format!("m{i}")).await;
+    }
+    publish(&n, "log:other", "elsewhere").await;
+    until_logged(&n, "log:a", 25).await;
+
+    // Forwards, 10 at a time, following `next`.
+    let mut got = Vec::new();
+    let mut path = "/v1/channels/log:a/messages?direction=forwards&limit=10".to_owned();
+    loop {
+        let (status, page) = get(&n, &path).await;
+        assert_eq!(status, 200);
+        got.extend(texts(&page));
+        match page["next"]["from"].as_u64() {
+            Some(from) => {
+                path =
+                    format!("/v1/channels/log:a/messages?direction=forwards&limit=10&from={from}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(got, (1..=25).map(|i| format!("m{i}")).collect::<Vec<_>>());
+
+    // Backwards (the default): newest first, then older pages.
+    let (_, page) = get(&n, "/v1/channels/log:a/messages?limit=10").await;
+    assert_eq!(texts(&page), (16..=25).rev().map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(page["next"]["from"], 15);
+    let (_, page) = get(&n, "/v1/channels/log:a/messages?limit=10&from=15&to=11").await;
+    assert_eq!(texts(&page), (11..=15).rev().map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(page["messages"][0]["position"]["offset"], "15");
+
+    // Time filter: nothing logged in the future.
+    let future =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            + 60_000;
+    let (_, page) = get(&n, &format!("/v1/channels/log:a/messages?since={future}")).await;
+    assert_eq!(texts(&page), Vec::<String>::new());
+
+    // Errors: a namespace without history, bad parameters, a bad channel.
+    let (status, body) = get(&n, "/v1/channels/chat:x/messages").await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("ERROR_CODE_UNSUPPORTED")));
+    assert_eq!(get(&n, "/v1/channels/log:a/messages?limit=0").await.0, 400);
+    assert_eq!(get(&n, "/v1/channels/log:a/messages?limit=5000").await.0, 400);
+    assert_eq!(get(&n, "/v1/channels/log:a/messages?direction=sideways").await.0, 400);
+    assert_eq!(get(&n, "/v1/channels/log:a/messages?from=abc").await.0, 400);
+    assert_eq!(get(&n, "/v1/channels/bad%20name/messages").await.0, 400);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_messages() {
+    let dir = data_dir("retention");
+    let n = node(&dir, 5).await;
+    for i in 1..=12 {
+        publish(&n, "log:r", &format!("m{i}")).await;
+    }
+    // The writer trims once a second.
+    let page = until_logged(&n, "log:r", 5).await;
+    assert_eq!(texts(&page), (8..=12).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_history_its_epoch_and_offsets() {
+    let dir = data_dir("restart");
+    let n = node(&dir, 1000).await;
+    let first = publish(&n, "log:k", "before").await;
+    until_logged(&n, "log:k", 1).await;
+    n.stop().await;
+
+    let n = node(&dir, 1000).await;
+    let page = until_logged(&n, "log:k", 1).await;
+    assert_eq!(texts(&page), vec!["before"]);
+    let second = publish(&n, "log:k", "after").await;
+    assert_eq!(second["position"]["epoch"], first["position"]["epoch"], "the log epoch is kept");
+    assert_eq!(second["position"]["offset"], "2", "offsets continue: {second}");
+    let page = until_logged(&n, "log:k", 2).await;
+    assert_eq!(texts(&page), vec!["before", "after"]);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
