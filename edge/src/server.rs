@@ -129,7 +129,21 @@ impl Server {
                 lane_queue: b.lane_queue,
                 core: tern_backbone::core::Config {
                     retention: b.retention,
-                    replicate_all: b.replicate_all.iter().cloned().collect(),
+                    // Namespaces with history go to every node, so history and resume are
+                    // served locally and survive a region loss.
+                    replicate_all: b
+                        .replicate_all
+                        .iter()
+                        .cloned()
+                        .chain(
+                            node.settings()
+                                .config
+                                .history
+                                .namespaces
+                                .iter()
+                                .map(|n| n.name.clone()),
+                        )
+                        .collect(),
                     interest_grace: b.interest_grace,
                     interest_wait: b.interest_wait,
                     ..Default::default()

@@ -1,0 +1,102 @@
+//! A real `tern edge` process with durable history is SIGKILLed: what it had logged is there
+//! after the restart, with the same log epoch, and new messages continue the offsets.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(60);
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+async fn start(config: &std::path::Path) -> Child {
+    let mut child = Command::new(TERN)
+        .args(["edge", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(line.contains("listening"), "{line}");
+    child
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+async fn logged(addr: SocketAddr) -> Vec<Value> {
+    let (status, page) =
+        http(addr, "GET", "/v1/channels/log:crash/messages?direction=forwards&limit=1000", "")
+            .await;
+    assert_eq!(status, 200, "{page}");
+    page["messages"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_survives_sigkill_with_its_epoch_and_offsets() {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("tern-crash-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nregion = \"solo\"\nname = \"edge-1\"\n[listen]\nclient = \"{addr}\"\n\
+             [history]\ndata_dir = \"{}\"\n[[history.namespaces]]\nname = \"log\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+
+    let mut node = start(&config).await;
+    let mut epoch = Value::Null;
+    for i in 1..=50 {
+        let (status, ack) =
+            http(addr, "POST", "/v1/channels/log:crash/messages", &format!("m{i}")).await;
+        assert_eq!(status, 201, "{ack}");
+        epoch = ack["position"]["epoch"].clone();
+    }
+    // Wait until the log holds them (writes are grouped), then kill without warning.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while logged(addr).await.len() < 50 {
+        assert!(tokio::time::Instant::now() < deadline, "never logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.start_kill().unwrap();
+    let _ = node.wait().await;
+
+    let mut node = start(&config).await;
+    let after = logged(addr).await;
+    let texts: Vec<&str> = after.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, (1..=50).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert!(after.iter().all(|m| m["position"]["epoch"] == epoch), "same log epoch");
+    let (_, ack) = http(addr, "POST", "/v1/channels/log:crash/messages", "m51").await;
+    assert_eq!(
+        (ack["position"]["epoch"].clone(), ack["position"]["offset"].clone()),
+        (epoch, Value::from("51"))
+    );
+    node.start_kill().unwrap();
+    let _ = node.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
