@@ -51,6 +51,9 @@ pub struct Accepted {
     pub duplicate: bool,
     /// The log epoch `offset` belongs to.
     pub epoch: Epoch,
+    /// When the channel keeps history: the store ticket to wait for before the ack (the
+    /// message is in the log once the store's committed ticket reaches it).
+    pub log_ticket: Option<u64>,
 }
 
 impl Accepted {
@@ -207,7 +210,7 @@ impl Hub {
             let Some(m) = message.take() else { return };
             m.position = Some(Position { epoch, offset: state.offset });
             let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
-            self.log(&channel, state.offset, &encoded);
+            let _ = self.log(&channel, state.offset, &encoded);
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
         });
         true
@@ -228,16 +231,19 @@ impl Hub {
         self.store.as_ref()
     }
 
-    /// Writes a message to the durable log if its namespace keeps history.
-    fn log(&self, channel: &str, offset: u64, encoded: &EncodedMessage) {
-        let Some(store) = &self.store else { return };
+    /// Writes a message to the durable log if its namespace keeps history; returns the
+    /// store ticket to wait for.
+    fn log(&self, channel: &str, offset: u64, encoded: &EncodedMessage) -> Option<u64> {
+        let store = self.store.as_ref()?;
         if !store.keeps(channel) {
-            return;
+            return None;
         }
-        let Ok(name) = ChannelName::parse(channel) else { return };
-        if !store.append(&name, offset, encoded.protobuf()) {
+        let name = ChannelName::parse(channel).ok()?;
+        let ticket = store.append(&name, offset, encoded.protobuf());
+        if ticket.is_none() {
             tracing::error!(%channel, offset, "history writer is gone; message not logged");
         }
+        ticket
     }
 
     /// Number of channels held.
@@ -393,21 +399,9 @@ impl Hub {
                 Some(id) => id.clone(),
                 None => format!("{}:{:x}:{}", self.node, self.epoch.0, state.seq),
             };
-            let accepted = Accepted {
-                message_id: message_id.clone(),
-                seq: Seq(state.seq),
-                offset: Offset(state.offset),
-                timestamp_ms,
-                duplicate: false,
-                epoch: self.log_epoch,
-            };
-            if let Some(id) = &msg.id {
-                state.dedupe.seen.insert(id.clone(), accepted.clone());
-                state.dedupe.order.push_back((now, id.clone()));
-            }
             let encoded = Arc::new(EncodedMessage::new(Message {
                 channel: name.clone(),
-                id: message_id,
+                id: message_id.clone(),
                 name: msg.name.clone(),
                 data: msg.data.clone(),
                 client_id: msg.client_id.clone(),
@@ -417,7 +411,20 @@ impl Hub {
                 position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
                 timestamp_ms,
             }));
-            self.log(&name, state.offset, &encoded);
+            let log_ticket = self.log(&name, state.offset, &encoded);
+            let accepted = Accepted {
+                message_id,
+                seq: Seq(state.seq),
+                offset: Offset(state.offset),
+                timestamp_ms,
+                duplicate: false,
+                epoch: self.log_epoch,
+                log_ticket,
+            };
+            if let Some(id) = &msg.id {
+                state.dedupe.seen.insert(id.clone(), accepted.clone());
+                state.dedupe.order.push_back((now, id.clone()));
+            }
             // Overflowed subscribers are dropped here; their sessions close with 4001.
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
             // Still under the channel lock, so the backbone sees this channel's messages in

@@ -74,6 +74,9 @@ fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Respon
     (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
 
+/// Longest an HTTP publish waits for its message to reach the history log.
+const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most messages one history page returns.
 pub const MAX_HISTORY_PAGE: usize = 1_000;
 
@@ -331,6 +334,18 @@ async fn http_publish(
     let channel_name = req.channel.clone();
     match pubmod::publish(&node, req, "http") {
         Ok(a) => {
+            // Answer once the message is in the history log, if it goes there.
+            if let (Some(ticket), Some(store)) = (a.log_ticket, node.hub().store()) {
+                let mut committed = store.committed();
+                let logged = committed.wait_for(|t| *t >= ticket);
+                if !matches!(tokio::time::timeout(LOG_WAIT, logged).await, Ok(Ok(_))) {
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Internal,
+                        "delivered, but not confirmed in the history log in time".into(),
+                    );
+                }
+            }
             let duplicate = a.duplicate;
             let ack = a.into_ack(0, channel_name);
             let json = serde_json::to_vec(&ack).unwrap_or_default();

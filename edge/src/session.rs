@@ -24,6 +24,7 @@ use tern_proto::close;
 use tern_proto::codec::{self, EncodedMessage, Format};
 use tern_proto::types::{ChannelName, ConnectionId};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
@@ -59,6 +60,11 @@ struct Session {
     pending: VecDeque<Outgoing>,
     /// Reused between batches.
     batch: Vec<Arc<EncodedMessage>>,
+    /// Acks waiting for their messages to reach the history log (store ticket, frame), in
+    /// publish order.
+    acks: VecDeque<(u64, server_frame::Kind)>,
+    /// The history store's committed ticket, when the node keeps history.
+    committed: Option<watch::Receiver<u64>>,
 }
 
 /// Runs a session to its end.
@@ -92,7 +98,11 @@ where
         replies: Vec::new(),
         pending: VecDeque::new(),
         batch: Vec::new(),
+        acks: VecDeque::new(),
+        committed: node.hub().store().map(|s| s.committed()),
     };
+    // A second watcher of the same value, to wait on in the loop below.
+    let mut committed = node.hub().store().map(|s| s.committed());
     let hb = cfg.heartbeat.interval;
     let idle = cfg.heartbeat.idle_timeout;
     let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
@@ -138,6 +148,15 @@ where
                 } else {
                     Ok(())
                 }
+            }
+            _ = async {
+                match committed.as_mut() {
+                    Some(c) => { let _ = c.changed().await; }
+                    None => std::future::pending().await,
+                }
+            }, if !session.acks.is_empty() => {
+                session.flush_acks();
+                Ok(())
             }
             frame = ws.next() => {
                 unread = 0;
@@ -463,7 +482,14 @@ impl Session {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
         let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
         match publish::publish(&self.node, req, client_id) {
-            Ok(a) => self.reply(server_frame::Kind::Ack(a.into_ack(request_id, channel))),
+            Ok(a) => {
+                // The ack waits until the message is in the history log, if it goes there;
+                // acks leave in publish order.
+                let ticket = a.log_ticket.unwrap_or(0);
+                self.acks
+                    .push_back((ticket, server_frame::Kind::Ack(a.into_ack(request_id, channel))));
+                self.flush_acks();
+            }
             Err(e) => self.reply(server_frame::Kind::Nack(Nack {
                 request_id,
                 channel,
@@ -471,6 +497,16 @@ impl Session {
                 code: e.code() as i32,
                 reason: e.to_string(),
             })),
+        }
+    }
+
+    /// Sends the acks whose messages are logged, in order.
+    fn flush_acks(&mut self) {
+        let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
+        while self.acks.front().is_some_and(|(t, _)| *t <= logged) {
+            if let Some((_, ack)) = self.acks.pop_front() {
+                self.reply(ack);
+            }
         }
     }
 

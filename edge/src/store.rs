@@ -106,6 +106,8 @@ enum Msg {
 }
 
 struct Entry {
+    /// Append order, from 1; the writer publishes the last committed one.
+    ticket: u64,
     channel: ChannelName,
     offset: u64,
     timestamp_ms: u64,
@@ -148,7 +150,10 @@ pub struct Query {
 #[derive(Clone)]
 pub struct Store {
     db: Weak<Database>,
-    tx: SyncSender<Msg>,
+    /// The queue, with the last ticket handed out: taken together so tickets enter the
+    /// queue in order.
+    tx: Arc<std::sync::Mutex<(SyncSender<Msg>, u64)>>,
+    committed: tokio::sync::watch::Receiver<u64>,
     namespaces: Arc<HashMap<String, Retention>>,
     path: PathBuf,
 }
@@ -177,21 +182,30 @@ impl Store {
         let (tx, rx) = sync_channel(options.queue.max(1));
         let namespaces = Arc::new(options.namespaces);
         let (weak, ns2) = (Arc::downgrade(&db), namespaces.clone());
+        let (committed_tx, committed) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("tern-history".into())
-            .spawn(move || writer(db, rx, options.sync, ns2))
+            .spawn(move || writer(db, rx, options.sync, ns2, committed_tx))
             .map_err(|e| StoreError::Db(format!("cannot start the writer: {e}")))?;
-        Ok(Self { db: weak, tx, namespaces, path })
+        let tx = Arc::new(std::sync::Mutex::new((tx, 0)));
+        Ok(Self { db: weak, tx, committed, namespaces, path })
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         self.db.upgrade().ok_or_else(|| StoreError::Db("the history store is closed".into()))
     }
 
+    /// The last ticket written to the log (see [`Store::append`]); watch it to learn when a
+    /// message is logged.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
     /// Writes everything queued durably and releases the database (graceful shutdown).
     pub fn close(&self) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        if self.tx.send(Msg::Close(done_tx)).is_ok() {
+        let sent = self.lock_tx().0.send(Msg::Close(done_tx)).is_ok();
+        if sent {
             let _ = done_rx.recv_timeout(Duration::from_secs(10));
         }
         // A reader still inside a transaction holds the database a moment longer.
@@ -244,20 +258,33 @@ impl Store {
         Ok(last)
     }
 
-    /// Queues a message for the log. Waits only when the writer is `queue` entries behind
-    /// (back-pressure; nothing is dropped). Returns false if the writer is gone.
-    pub fn append(&self, channel: &ChannelName, offset: u64, message: Bytes) -> bool {
+    fn lock_tx(&self) -> std::sync::MutexGuard<'_, (SyncSender<Msg>, u64)> {
+        self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a message for the log and returns its ticket: it is logged once
+    /// [`Store::committed`] reaches the ticket. Waits only when the writer is `queue`
+    /// entries behind (back-pressure; nothing is dropped). `None` if the writer is gone.
+    pub fn append(&self, channel: &ChannelName, offset: u64, message: Bytes) -> Option<u64> {
+        let mut tx = self.lock_tx();
+        let ticket = tx.1 + 1;
         let entry = Msg::Append(Entry {
+            ticket,
             channel: channel.clone(),
             offset,
             timestamp_ms: now_ms(),
             message,
         });
-        match self.tx.try_send(entry) {
+        let sent = match tx.0.try_send(entry) {
             Ok(()) => true,
-            Err(TrySendError::Full(entry)) => self.tx.send(entry).is_ok(),
+            Err(TrySendError::Full(entry)) => tx.0.send(entry).is_ok(),
             Err(TrySendError::Disconnected(_)) => false,
+        };
+        if !sent {
+            return None;
         }
+        tx.1 = ticket;
+        Some(ticket)
     }
 
     /// Reads a page of `channel`'s log.
@@ -311,6 +338,7 @@ fn writer(
     rx: Receiver<Msg>,
     sync: SyncPolicy,
     namespaces: Arc<HashMap<String, Retention>>,
+    committed: tokio::sync::watch::Sender<u64>,
 ) {
     const GROUP: usize = 4096;
     let mut last_sync = Instant::now();
@@ -344,9 +372,12 @@ fn writer(
                 return;
             }
         }
+        let last_ticket = group.last().map(|e| e.ticket);
         if let Some(done) = closing.take() {
             if let Err(e) = commit_group(&db, &mut group, true) {
                 tracing::error!(error = %e, "history write failed at close");
+            } else if let Some(t) = last_ticket {
+                committed.send_replace(t);
             }
             drop(db);
             let _ = done.send(());
@@ -388,9 +419,18 @@ fn writer(
             txn.commit()?;
             Ok(())
         })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "history write failed");
-            group.clear();
+        match result {
+            Ok(()) => {
+                if let Some(t) = last_ticket {
+                    committed.send_replace(t);
+                }
+            }
+            Err(e) => {
+                // Publishers waiting for these tickets time out with an error: the messages
+                // were delivered but are not in the log.
+                tracing::error!(error = %e, "history write failed");
+                group.clear();
+            }
         }
         if trim {
             last_trim = Instant::now();

@@ -126,6 +126,29 @@ async fn history_pages_forwards_and_backwards() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The ack comes once the message is in the log: a history read right after it sees it.
+#[tokio::test]
+async fn acks_wait_for_the_log() {
+    let dir = data_dir("acks");
+    let n = node(&dir, 1000).await;
+    let client = tern_client::Client::connect(&n.url(), tern_client::ClientOptions::default())
+        .await
+        .unwrap();
+    for i in 1..=20 {
+        client.publish("log:acked", format!("ws{i}")).await.unwrap();
+        let (_, page) = get(&n, "/v1/channels/log:acked/messages?limit=1").await;
+        assert_eq!(texts(&page), vec![format!("ws{i}")], "acked, so logged");
+    }
+    for i in 1..=5 {
+        publish(&n, "log:acked", &format!("http{i}")).await;
+        let (_, page) = get(&n, "/v1/channels/log:acked/messages?limit=1").await;
+        assert_eq!(texts(&page), vec![format!("http{i}")], "answered, so logged");
+    }
+    client.close().await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn retention_keeps_the_newest_messages() {
     let dir = data_dir("retention");
