@@ -29,6 +29,9 @@ pub enum Command {
     Subscribe {
         /// Channel name.
         channel: String,
+        /// Recent messages to start with (only when this starts the channel's subscription
+        /// on the connection).
+        rewind: Option<tern_proto::client::Rewind>,
         /// Where the subscription goes.
         reply: oneshot::Sender<Result<Subscription, ClientError>>,
     },
@@ -296,7 +299,7 @@ impl Driver {
             send(
                 ws,
                 self.options.format,
-                client_frame::Kind::Subscribe(Subscribe { request_id, channel }),
+                client_frame::Kind::Subscribe(Subscribe { request_id, channel, rewind: None }),
             )
             .await?;
         }
@@ -356,7 +359,7 @@ impl Driver {
 
     async fn command(&mut self, ws: Option<&mut Ws>, cmd: Command) -> Flow {
         match cmd {
-            Command::Subscribe { channel, reply } => {
+            Command::Subscribe { channel, rewind, reply } => {
                 let (tx, rx) = mpsc::channel(self.options.subscription_buffer.max(1));
                 self.next_sub += 1;
                 let id = self.next_sub;
@@ -373,8 +376,11 @@ impl Driver {
                 }
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
-                self.write(ws, client_frame::Kind::Subscribe(Subscribe { request_id, channel }))
-                    .await
+                self.write(
+                    ws,
+                    client_frame::Kind::Subscribe(Subscribe { request_id, channel, rewind }),
+                )
+                .await
             }
             Command::Publish { mut frame, reply } => {
                 frame.request_id = self.request_id();

@@ -187,7 +187,20 @@ impl Client {
     /// returned stream.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, ClientError> {
         let channel = channel.to_owned();
-        self.request(|reply| Command::Subscribe { channel, reply }).await
+        self.request(|reply| Command::Subscribe { channel, rewind: None, reply }).await
+    }
+
+    /// Subscribes, starting with the channel's last `count` messages (at most 100; channels
+    /// in history namespaces), then live, with no gap or duplicate between the two. Applies
+    /// when this starts the connection's subscription to the channel.
+    pub async fn subscribe_rewind(
+        &self,
+        channel: &str,
+        count: u32,
+    ) -> Result<Subscription, ClientError> {
+        let channel = channel.to_owned();
+        let rewind = Some(tern_proto::client::Rewind { count, since_ms: 0 });
+        self.request(|reply| Command::Subscribe { channel, rewind, reply }).await
     }
 
     /// Publishes `data` on `channel` and waits for the node's ack.

@@ -117,7 +117,13 @@ struct ChannelState {
     dedupe: Dedupe,
     /// Set when the registry dropped this channel; holders must look it up again.
     removed: bool,
+    /// The newest messages of a channel that keeps history (at most [`REWIND_MAX`]), so a
+    /// rewind is served under the channel lock, seamlessly joined to the live stream.
+    recent: VecDeque<Arc<EncodedMessage>>,
 }
+
+/// Most messages a subscription can rewind.
+pub const REWIND_MAX: usize = 100;
 
 #[derive(Debug)]
 struct PendingSub {
@@ -145,6 +151,22 @@ impl Dedupe {
             }
         }
     }
+}
+
+/// The recent messages a rewind asks for: the last `count`, or those of the last
+/// `since_ms` (both capped at [`REWIND_MAX`]).
+fn rewound(
+    recent: &VecDeque<Arc<EncodedMessage>>,
+    r: tern_proto::client::Rewind,
+) -> impl Iterator<Item = &Arc<EncodedMessage>> {
+    let skip = if r.since_ms > 0 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let cutoff = now.saturating_sub(r.since_ms);
+        recent.iter().take_while(|m| m.message().timestamp_ms < cutoff).count()
+    } else {
+        recent.len().saturating_sub((r.count as usize).min(REWIND_MAX))
+    };
+    recent.iter().skip(skip)
 }
 
 /// Only reachable if a caller skipped validation: keep serving rather than panic.
@@ -210,7 +232,8 @@ impl Hub {
             let Some(m) = message.take() else { return };
             m.position = Some(Position { epoch, offset: state.offset });
             let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
-            let _ = self.log(&channel, state.offset, &encoded);
+            let offset = state.offset;
+            let _ = self.log(state, &channel, offset, &encoded);
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
         });
         true
@@ -231,12 +254,22 @@ impl Hub {
         self.store.as_ref()
     }
 
-    /// Writes a message to the durable log if its namespace keeps history; returns the
-    /// store ticket to wait for.
-    fn log(&self, channel: &str, offset: u64, encoded: &EncodedMessage) -> Option<u64> {
+    /// Writes a message to the durable log if its namespace keeps history (and keeps it
+    /// among the channel's recent ones); returns the store ticket to wait for.
+    fn log(
+        &self,
+        state: &mut ChannelState,
+        channel: &str,
+        offset: u64,
+        encoded: &Arc<EncodedMessage>,
+    ) -> Option<u64> {
         let store = self.store.as_ref()?;
         if !store.keeps(channel) {
             return None;
+        }
+        state.recent.push_back(encoded.clone());
+        if state.recent.len() > REWIND_MAX {
+            state.recent.pop_front();
         }
         let name = ChannelName::parse(channel).ok()?;
         let ticket = store.append(&name, offset, encoded.protobuf());
@@ -270,6 +303,20 @@ impl Hub {
                     tracing::error!(channel = name, error = %e, "cannot read the history log")
                 }
             }
+            // And its newest messages, for rewinds.
+            let newest = crate::store::Query {
+                from: None,
+                to: None,
+                since_ms: None,
+                until_ms: None,
+                limit: REWIND_MAX,
+                backwards: true,
+            };
+            for m in store.read(name, newest).unwrap_or_default().into_iter().rev() {
+                if let Ok(msg) = Message::decode(m.message.as_slice()) {
+                    state.recent.push_back(Arc::new(EncodedMessage::new(msg)));
+                }
+            }
         }
         let channel = Arc::new(Channel { state: Mutex::new(state) });
         map.insert(key, channel.clone());
@@ -294,16 +341,43 @@ impl Hub {
     /// backbone's `interest_wait`), so that from its `Subscribed` reply on, everything
     /// published anywhere reaches it. Until then this returns `None`, and the `Subscribed`
     /// frame for `request_id` is queued to `outbox` when it takes effect.
+    ///
+    /// With `rewind` on a channel that keeps history, the `Subscribed` frame and the recent
+    /// messages it asks for are queued to `outbox` at once, ahead of the live stream (so
+    /// this returns `None` too): the seam has no gap and no duplicate.
     pub fn subscribe(
         &self,
         name: &ChannelName,
         conn: ConnectionId,
         outbox: Outbox,
         request_id: u32,
+        rewind: Option<tern_proto::client::Rewind>,
     ) -> Option<Position> {
         let epoch = self.log_epoch.0;
         let backbone = self.backbone.get();
         self.with_state(name.as_str(), |state| {
+            if let Some(r) = rewind.filter(|_| !state.recent.is_empty()) {
+                if !state.interested {
+                    state.interested = true;
+                    if let Some(b) = backbone {
+                        b.add_interest(name); // history channels go everywhere: ready
+                    }
+                }
+                let position = Position { epoch, offset: state.offset };
+                let subscribed = server_frame::Kind::Subscribed(Subscribed {
+                    request_id,
+                    channel: name.to_string(),
+                    position: Some(position),
+                });
+                let mut ok = outbox.push(Outgoing::Frame(Box::new(subscribed)));
+                for m in rewound(&state.recent, r) {
+                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
+                }
+                if ok {
+                    state.subscribers.insert(conn, outbox.clone());
+                }
+                return None;
+            }
             if !state.interested {
                 state.interested = true;
                 if let Some(b) = backbone {
@@ -411,7 +485,8 @@ impl Hub {
                 position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
                 timestamp_ms,
             }));
-            let log_ticket = self.log(&name, state.offset, &encoded);
+            let offset = state.offset;
+            let log_ticket = self.log(state, &name, offset, &encoded);
             let accepted = Accepted {
                 message_id,
                 seq: Seq(state.seq),
@@ -488,11 +563,11 @@ mod tests {
         let hub = hub();
         let ch = ChannelName::parse("a").unwrap();
         let (tx, _rx) = outbox(8, 1 << 20, tokio_util::sync::CancellationToken::new());
-        hub.subscribe(&ch, ConnectionId(1), tx.clone(), 1);
+        hub.subscribe(&ch, ConnectionId(1), tx.clone(), 1, None);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 0);
         hub.publish(ch.to_string(), msg(None));
-        hub.subscribe(&ch, ConnectionId(1), tx, 2);
+        hub.subscribe(&ch, ConnectionId(1), tx, 2, None);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(hub.publish(ch.to_string(), msg(None)).seq, Seq(2));

@@ -441,8 +441,13 @@ impl Session {
                 s.channel,
             );
         }
-        let position =
-            self.node.hub().subscribe(&channel, self.id, self.outbox.clone(), s.request_id);
+        let position = self.node.hub().subscribe(
+            &channel,
+            self.id,
+            self.outbox.clone(),
+            s.request_id,
+            s.rewind,
+        );
         self.channels.insert(channel);
         // `None`: the peers are confirming the channel; the hub queues `Subscribed` then.
         if let Some(position) = position {

@@ -182,3 +182,67 @@ async fn a_restart_keeps_history_its_epoch_and_offsets() {
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn text_of(ev: Option<tern_client::Event>) -> String {
+    match ev {
+        Some(tern_client::Event::Message(m)) => match m.data {
+            Some(tern_proto::client::message::Data::Text(t)) => t,
+            other => panic!("expected text, got {other:?}"),
+        },
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Rewind while a publisher is busy: the recent messages, then live, with no gap and no
+/// duplicate at the seam.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_joins_the_live_stream_without_gap_or_duplicate() {
+    use futures_util::StreamExt;
+    let dir = data_dir("rewind");
+    let n = node(&dir, 1000).await;
+    let opts = tern_client::ClientOptions::default;
+    let publisher = tern_client::Client::connect(&n.url(), opts()).await.unwrap();
+    const TOTAL: usize = 400;
+    let pubs = tokio::spawn(async move {
+        for i in 1..=TOTAL {
+            publisher.publish("log:seam", format!("{i}")).await.unwrap();
+        }
+    });
+    // Subscribers join at different moments of the stream.
+    let mut readers = Vec::new();
+    for k in 0..4 {
+        tokio::time::sleep(Duration::from_millis(15 * k)).await;
+        let client = tern_client::Client::connect(&n.url(), opts()).await.unwrap();
+        let mut sub = client.subscribe_rewind("log:seam", 50).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut got: Vec<usize> = Vec::new();
+            while got.last() != Some(&TOTAL) {
+                let t = text_of(tokio::time::timeout(WAIT, sub.next()).await.unwrap());
+                got.push(t.parse().unwrap());
+            }
+            drop(client);
+            got
+        }));
+    }
+    pubs.await.unwrap();
+    for r in readers {
+        let got = r.await.unwrap();
+        let first = got[0];
+        assert_eq!(got, (first..=TOTAL).collect::<Vec<_>>(), "contiguous, once each");
+        assert!(got.len() >= 50 || first == 1, "rewound 50 (or everything there was)");
+    }
+    n.stop().await;
+
+    // After a restart the recent messages come from the log.
+    let n = node(&dir, 1000).await;
+    let client = tern_client::Client::connect(&n.url(), opts()).await.unwrap();
+    let mut sub = client.subscribe_rewind("log:seam", 3).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(text_of(tokio::time::timeout(WAIT, sub.next()).await.unwrap()));
+    }
+    assert_eq!(got, vec!["398", "399", "400"]);
+    client.close().await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

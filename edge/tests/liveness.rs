@@ -91,6 +91,7 @@ async fn a_stalled_subscriber_is_cut_off_with_4001_while_others_get_everything()
         .send(pb(client_frame::Kind::Subscribe(Subscribe {
             request_id: 1,
             channel: "feed:x".into(),
+            rewind: None,
         })))
         .await
         .unwrap();

@@ -228,7 +228,11 @@ mod tests {
         let ok = decode_client(br#"{"subscribe":{"requestId":3,"channel":"a:b"}}"#, true);
         assert_eq!(
             ok,
-            Ok(client_frame::Kind::Subscribe(Subscribe { request_id: 3, channel: "a:b".into() }))
+            Ok(client_frame::Kind::Subscribe(Subscribe {
+                request_id: 3,
+                channel: "a:b".into(),
+                rewind: None
+            }))
         );
     }
 

@@ -69,8 +69,11 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
                 Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
             }
         ),
-        (any::<u32>(), s())
-            .prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe { request_id, channel })),
+        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe {
+            request_id,
+            channel,
+            rewind: None
+        })),
         (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribe(Unsubscribe {
             request_id,
             channel
