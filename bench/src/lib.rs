@@ -9,6 +9,7 @@
 //! The figures are printed, never asserted: a shared 2-core machine is too noisy for that.
 
 pub mod fanout;
+pub mod history;
 pub mod hop;
 pub mod idle;
 pub mod process;
@@ -91,6 +92,9 @@ enum BenchKind {
     /// One backbone hop: two nodes joined by the backbone; messages/s over the link and the
     /// latency the hop adds (beside NATS gateways with --nats-url and --nats-remote-url).
     Backbone,
+    /// The durable log: publish ack latency and throughput on history channels, per sync
+    /// policy, beside a channel without history.
+    History,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -162,6 +166,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let c = args.common;
     if matches!(kind, BenchKind::Backbone) {
         return backbone(&c).await;
+    }
+    if matches!(kind, BenchKind::History) {
+        return history::run(c.hop_rate.min(1_000), c.duration, 32).await;
     }
     let mut spawned = None;
     let (tern_url, tern_pid) = match &c.url {
