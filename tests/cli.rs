@@ -1,5 +1,9 @@
 //! The `tern` binary end to end: `tern edge`, `tern sub`, `tern pub`, SIGTERM, bad config.
 
+mod common;
+
+use common::TERN;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -9,7 +13,6 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(30);
-const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 struct Edge {
     child: Child,
@@ -17,16 +20,8 @@ struct Edge {
 }
 
 async fn start_edge(extra: &[&str]) -> Edge {
-    let mut child = Command::new(TERN)
-        .args(["edge", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    let args = ["--listen", "127.0.0.1:0"].iter().chain(extra);
+    let (child, line) = common::spawn_edge(args, WAIT).await;
     let addr = line.split_whitespace().skip_while(|w| *w != "on").nth(1).unwrap().to_owned();
     Edge { child, addr }
 }

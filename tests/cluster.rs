@@ -1,20 +1,21 @@
 //! A three-region cluster of real `tern edge` processes joined by the QUIC backbone: one node
 //! is SIGKILLed mid-stream and restarted.
 
+mod common;
+
+use common::TERN;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tern_client::{Client, ClientOptions, Event};
 use tern_proto::client::message::Data;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(60);
-const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 
 fn free_tcp() -> SocketAddr {
@@ -49,18 +50,7 @@ fn write_configs(dir: &Path, client: &[SocketAddr], backbone: &[SocketAddr]) -> 
 }
 
 async fn start(config: &Path) -> Child {
-    let mut child = Command::new(TERN)
-        .args(["edge", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
-    assert!(line.contains("listening"), "{line}");
-    child
+    common::spawn_edge([std::ffi::OsStr::new("--config"), config.as_os_str()], WAIT).await.0
 }
 
 /// Publishes probes from every node until every node has seen one from each other node:

@@ -1,31 +1,20 @@
 //! A real `tern edge` process with durable history is SIGKILLed right after its last ack:
 //! everything it acknowledged is there after the restart, with the same log epoch, and new messages continue the offsets.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(60);
-const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 async fn start(config: &std::path::Path) -> Child {
-    let mut child = Command::new(TERN)
-        .args(["edge", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
-    assert!(line.contains("listening"), "{line}");
-    child
+    common::spawn_edge([std::ffi::OsStr::new("--config"), config.as_os_str()], WAIT).await.0
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
