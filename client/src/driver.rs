@@ -457,6 +457,8 @@ impl Driver {
                     }
                 }
             }
+            // The SDK does not request history pages (yet): none arrive.
+            Kind::History(_) => {}
             Kind::Subscribed(s) => {
                 if let Some(channel) = self.sub_requests.remove(&s.request_id) {
                     let waiting = match self.channels.get_mut(&channel) {

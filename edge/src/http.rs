@@ -153,16 +153,7 @@ async fn http_history(
             );
         }
     };
-    let next = match page.last() {
-        Some(last) if page.len() == limit => {
-            if backwards {
-                last.offset.checked_sub(1).filter(|o| *o > 0)
-            } else {
-                Some(last.offset + 1)
-            }
-        }
-        _ => None,
-    };
+    let next = crate::store::next_from(&page, limit, backwards);
     let messages: Vec<serde_json::Value> = page
         .iter()
         .filter_map(|m| {

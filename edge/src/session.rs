@@ -370,6 +370,7 @@ impl Session {
             Kind::Unsubscribe(u) => self.unsubscribe(u),
             Kind::Publish(p) => self.publish(p, &client_id),
             Kind::Heartbeat(h) => self.reply(server_frame::Kind::Heartbeat(h)),
+            Kind::History(h) => self.history(h),
         }
         Ok(())
     }
@@ -503,6 +504,53 @@ impl Session {
                 reason: e.to_string(),
             })),
         }
+    }
+
+    /// A history page: read off the session task (the page follows in the outbox, in order
+    /// with deliveries queued after the request).
+    fn history(&mut self, h: client::HistoryRequest) {
+        if let Err(e) = ChannelName::validate(&h.channel) {
+            return self.error(h.request_id, ErrorCode::InvalidChannel, e.to_string(), h.channel);
+        }
+        let limit = if h.limit == 0 { 100 } else { h.limit as usize };
+        if limit > crate::http::MAX_HISTORY_PAGE {
+            let reason = format!("limit must be at most {}", crate::http::MAX_HISTORY_PAGE);
+            return self.error(h.request_id, ErrorCode::InvalidArgument, reason, h.channel);
+        }
+        let Some(store) = self.node.hub().store().filter(|s| s.keeps(&h.channel)).cloned() else {
+            let reason = "history is not kept for this channel's namespace".to_owned();
+            return self.error(h.request_id, ErrorCode::Unsupported, reason, h.channel);
+        };
+        let backwards = !h.forwards;
+        let query = crate::store::Query {
+            from: h.from,
+            to: h.to,
+            since_ms: (h.since_ms > 0).then_some(h.since_ms),
+            until_ms: (h.until_ms > 0).then_some(h.until_ms),
+            limit,
+            backwards,
+        };
+        let outbox = self.outbox.clone();
+        self.node.tracker().spawn_blocking(move || {
+            let frame = match store.read(&h.channel, query) {
+                Ok(page) => server_frame::Kind::History(client::HistoryPage {
+                    request_id: h.request_id,
+                    next_from: crate::store::next_from(&page, limit, backwards),
+                    messages: page
+                        .iter()
+                        .filter_map(|m| prost::Message::decode(m.message.as_slice()).ok())
+                        .collect(),
+                    channel: h.channel,
+                }),
+                Err(e) => server_frame::Kind::Error(client::Error {
+                    request_id: h.request_id,
+                    code: ErrorCode::Internal as i32,
+                    reason: e.to_string(),
+                    channel: h.channel,
+                }),
+            };
+            outbox.push(Outgoing::Frame(Box::new(frame)));
+        });
     }
 
     /// Sends the acks whose messages are logged, in order.

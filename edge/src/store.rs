@@ -143,6 +143,13 @@ pub struct Query {
     pub backwards: bool,
 }
 
+/// The `from` of the page after `page` (read with `limit` in the given direction), or
+/// `None` when `page` was the last.
+pub fn next_from(page: &[Stored], limit: usize, backwards: bool) -> Option<u64> {
+    let last = page.last().filter(|_| page.len() == limit)?;
+    if backwards { last.offset.checked_sub(1).filter(|o| *o > 0) } else { Some(last.offset + 1) }
+}
+
 /// The durable channel logs of a node.
 ///
 /// The writer thread owns the database; handles reach it weakly, so [`Store::close`]

@@ -246,3 +246,50 @@ async fn rewind_joins_the_live_stream_without_gap_or_duplicate() {
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// History over the WebSocket protocol (JSON frames): pages, and the documented errors.
+#[tokio::test]
+async fn history_over_websocket() {
+    let dir = data_dir("ws");
+    let n = node(&dir, 1000).await;
+    for i in 1..=5 {
+        publish(&n, "log:w", &format!("m{i}")).await;
+    }
+    let (mut c, _) = common::RawJson::connected(n.addr).await;
+    c.send(r#"{"history":{"requestId":7,"channel":"log:w","limit":3}}"#).await;
+    let page = c.recv().await;
+    let h = &page["history"];
+    assert_eq!(h["requestId"], 7, "{page}");
+    let got: Vec<&str> =
+        h["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(got, vec!["m5", "m4", "m3"]);
+    assert_eq!(h["nextFrom"], "2");
+    c.send(
+        r#"{"history":{"requestId":8,"channel":"log:w","forwards":true,"from":"2","limit":10}}"#,
+    )
+    .await;
+    let page = c.recv().await;
+    let got: Vec<&str> = page["history"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec!["m2", "m3", "m4", "m5"]);
+    assert!(page["history"].get("nextFrom").is_none(), "last page: {page}");
+
+    for (req, code) in [
+        (r#"{"history":{"requestId":9,"channel":"chat:x"}}"#, "ERROR_CODE_UNSUPPORTED"),
+        (
+            r#"{"history":{"requestId":9,"channel":"log:w","limit":5000}}"#,
+            "ERROR_CODE_INVALID_ARGUMENT",
+        ),
+        (r#"{"history":{"requestId":9,"channel":"bad name"}}"#, "ERROR_CODE_INVALID_CHANNEL"),
+    ] {
+        c.send(req).await;
+        let e = c.recv().await;
+        assert_eq!(e["error"]["code"], code, "{req}: {e}");
+    }
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,11 +69,32 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
                 Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
             }
         ),
-        (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Subscribe(Subscribe {
-            request_id,
-            channel,
-            rewind: None
-        })),
+        (any::<u32>(), s(), proptest::option::of((any::<u32>(), any::<u64>()))).prop_map(
+            |(request_id, channel, rewind)| Kind::Subscribe(Subscribe {
+                request_id,
+                channel,
+                rewind: rewind.map(|(count, since_ms)| Rewind { count, since_ms }),
+            })
+        ),
+        (
+            (any::<u32>(), s(), any::<u32>(), any::<bool>()),
+            (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
+            (any::<u64>(), any::<u64>())
+        )
+            .prop_map(
+                |((request_id, channel, limit, forwards), (from, to), (since_ms, until_ms))| {
+                    Kind::History(HistoryRequest {
+                        request_id,
+                        channel,
+                        limit,
+                        forwards,
+                        from,
+                        to,
+                        since_ms,
+                        until_ms,
+                    })
+                }
+            ),
         (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribe(Unsubscribe {
             request_id,
             channel
