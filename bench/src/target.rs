@@ -101,7 +101,12 @@ impl Target {
         match self.system {
             System::Tern => {
                 tern_connect(&mut ws).await?;
-                let sub = Subscribe { request_id: 1, channel: channel.into(), rewind: None };
+                let sub = Subscribe {
+                    request_id: 1,
+                    channel: channel.into(),
+                    rewind: None,
+                    resume: None,
+                };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Subscribed(_))).await?;
                 Ok(Subscriber { ws, nats: None })

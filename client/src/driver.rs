@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use tern_proto::client::{
-    Ack, Connect, Connected, ErrorCode, Publish, Subscribe, Unsubscribe, client_frame, server_frame,
+    Ack, Connect, Connected, ErrorCode, Message, OriginPosition, Position, Publish, Resume,
+    Subscribe, Unsubscribe, client_frame, server_frame,
 };
 use tern_proto::codec::{self, Format};
 use tokio::net::TcpStream;
@@ -172,7 +173,7 @@ pub(crate) async fn start(
     let Some((current, (ws, connected))) = first else { return Err(last_err) };
     // Commands wait here while the driver writes; 256 bounds a burst of API calls.
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected));
+    let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected.clone()));
     let driver = Driver {
         urls,
         current,
@@ -184,6 +185,9 @@ pub(crate) async fn start(
         channels: HashMap::new(),
         sub_requests: HashMap::new(),
         publishes: BTreeMap::new(),
+        node: connected.node.clone(),
+        resume_window: resume_window(&connected),
+        lost_at: None,
     };
     tokio::spawn(driver.run(ws, cmd_rx));
     Ok((cmd_tx, state_rx))
@@ -191,11 +195,67 @@ pub(crate) async fn start(
 
 type SubReply = oneshot::Sender<Result<Subscription, ClientError>>;
 
+/// The node's resume window (2 minutes when it does not say).
+fn resume_window(c: &Connected) -> std::time::Duration {
+    match c.resume_window_ms {
+        0 => std::time::Duration::from_secs(120),
+        ms => std::time::Duration::from_millis(u64::from(ms)),
+    }
+}
+
 #[derive(Default)]
 struct ChannelSubs {
     confirmed: bool,
     sinks: Vec<(u64, mpsc::Sender<Event>)>,
     waiting: Vec<(u64, mpsc::Sender<Event>, mpsc::Receiver<Event>, SubReply)>,
+    /// Where the application is: the node that delivered the last message (or confirmed
+    /// the subscription) and the position there.
+    node: String,
+    position: Option<Position>,
+    /// Per origin, the last message received (from `Subscribed.origins`, then messages).
+    /// Resuming on another node presents it; messages it covers are dropped as repeats.
+    vector: Vec<OriginPosition>,
+    /// Whether `vector` is known (the channel was confirmed at least once).
+    resumable: bool,
+}
+
+impl ChannelSubs {
+    /// Whether the application already has `m` (a repeat after a resume or failover).
+    fn covers(&self, m: &Message) -> bool {
+        self.vector.iter().any(|v| {
+            v.origin == m.origin
+                && (m.origin_epoch < v.epoch
+                    || (m.origin_epoch == v.epoch && m.origin_seq <= v.seq))
+        })
+    }
+
+    /// Records `m` as received from `node`.
+    fn note(&mut self, node: &str, m: &Message) {
+        if self.node != node {
+            node.clone_into(&mut self.node);
+        }
+        self.position = m.position;
+        match self.vector.iter_mut().find(|v| v.origin == m.origin) {
+            Some(v) => {
+                v.epoch = m.origin_epoch;
+                v.seq = m.origin_seq;
+            }
+            None => self.vector.push(OriginPosition {
+                origin: m.origin.clone(),
+                epoch: m.origin_epoch,
+                seq: m.origin_seq,
+            }),
+        }
+    }
+
+    /// What to present when subscribing again after a reconnect.
+    fn resume(&self) -> Option<Resume> {
+        self.resumable.then(|| Resume {
+            node: self.node.clone(),
+            position: self.position,
+            origins: self.vector.clone(),
+        })
+    }
 }
 
 struct Driver {
@@ -213,6 +273,11 @@ struct Driver {
     sub_requests: HashMap<u32, String>,
     /// Unacknowledged publishes, in the order they were made (re-sent after a reconnect).
     publishes: BTreeMap<u32, (Publish, oneshot::Sender<Result<Ack, ClientError>>)>,
+    /// The connected node's id and resume window.
+    node: String,
+    resume_window: std::time::Duration,
+    /// When the last connection was lost.
+    lost_at: Option<Instant>,
 }
 
 enum Flow {
@@ -238,15 +303,7 @@ impl Driver {
                 break;
             }
             let _ = self.state.send(ConnectionState::Connecting);
-            for subs in self.channels.values_mut() {
-                let mut live = Vec::with_capacity(subs.sinks.len());
-                for (id, sink) in subs.sinks.drain(..) {
-                    if sink.send(Event::Discontinuity { reason: why.clone() }).await.is_ok() {
-                        live.push((id, sink));
-                    }
-                }
-                subs.sinks = live;
-            }
+            self.lost_at = Some(Instant::now());
             match self.reconnect(&mut cmds).await {
                 Some(new_ws) => ws = new_ws,
                 None => break,
@@ -278,6 +335,8 @@ impl Driver {
                         debug!(from = %self.urls[self.current], to = %self.urls[idx], "failed over");
                         self.current = idx;
                     }
+                    self.node = c.node.clone();
+                    self.resume_window = resume_window(&c);
                     let _ = self.state.send(ConnectionState::Connected(c));
                     match self.resume(&mut ws).await {
                         Ok(()) => return Some(ws),
@@ -289,19 +348,33 @@ impl Driver {
         }
     }
 
-    /// After a reconnect: subscribe again, then re-send unacknowledged publishes in order.
+    /// After a reconnect: subscribe again where each channel left off (within the resume
+    /// window; beyond it, the application is told it missed messages), then re-send
+    /// unacknowledged publishes in order.
     async fn resume(&mut self, ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
         self.sub_requests.clear();
+        let expired = self.lost_at.is_some_and(|t| t.elapsed() > self.resume_window);
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for channel in channels {
             let request_id = self.request_id();
             self.sub_requests.insert(request_id, channel.clone());
-            send(
-                ws,
-                self.options.format,
-                client_frame::Kind::Subscribe(Subscribe { request_id, channel, rewind: None }),
-            )
-            .await?;
+            let Some(entry) = self.channels.get_mut(&channel) else { continue };
+            let resume = if expired && entry.resumable {
+                let reason = format!(
+                    "disconnected longer than the resume window ({:?}): messages were missed",
+                    self.resume_window
+                );
+                entry.resumable = false;
+                entry.vector.clear();
+                for (_, sink) in &entry.sinks {
+                    let _ = sink.send(Event::Discontinuity { reason: reason.clone() }).await;
+                }
+                None
+            } else {
+                entry.resume()
+            };
+            let frame = Subscribe { request_id, channel, rewind: None, resume };
+            send(ws, self.options.format, client_frame::Kind::Subscribe(frame)).await?;
         }
         let frames: Vec<Publish> = self.publishes.values().map(|(p, _)| p.clone()).collect();
         for p in frames {
@@ -376,11 +449,8 @@ impl Driver {
                 }
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
-                self.write(
-                    ws,
-                    client_frame::Kind::Subscribe(Subscribe { request_id, channel, rewind }),
-                )
-                .await
+                let frame = Subscribe { request_id, channel, rewind, resume: None };
+                self.write(ws, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Publish { mut frame, reply } => {
                 frame.request_id = self.request_id();
@@ -430,6 +500,11 @@ impl Driver {
             Kind::Deliver(d) => {
                 for m in d.messages {
                     let Some(entry) = self.channels.get_mut(&m.channel) else { continue };
+                    if entry.covers(&m) {
+                        // Already delivered to the application (before a resume).
+                        continue;
+                    }
+                    entry.note(&self.node, &m);
                     let mut live = Vec::with_capacity(entry.sinks.len());
                     for (id, sink) in entry.sinks.drain(..) {
                         // Waiting here is the back-pressure: see ClientOptions::subscription_buffer.
@@ -459,11 +534,25 @@ impl Driver {
             }
             // The SDK does not request history pages (yet): none arrive.
             Kind::History(_) => {}
+            Kind::Discontinuity(d) => {
+                if let Some(entry) = self.channels.get_mut(&d.channel) {
+                    for (_, sink) in &entry.sinks {
+                        let _ = sink.send(Event::Discontinuity { reason: d.reason.clone() }).await;
+                    }
+                }
+            }
             Kind::Subscribed(s) => {
                 if let Some(channel) = self.sub_requests.remove(&s.request_id) {
                     let waiting = match self.channels.get_mut(&channel) {
                         Some(entry) => {
                             entry.confirmed = true;
+                            if !s.resumed {
+                                // A fresh start: the stream begins at the node's vector.
+                                entry.vector = s.origins;
+                                entry.position = s.position;
+                                entry.node.clone_from(&self.node);
+                                entry.resumable = true;
+                            }
                             std::mem::take(&mut entry.waiting)
                         }
                         None => Vec::new(),

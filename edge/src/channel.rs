@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use tern_backbone::transport::Backbone;
-use tern_proto::client::{Message, Position, Subscribed, message, server_frame};
+use tern_proto::client::{
+    Discontinuity, Message, OriginPosition, Position, Resume, Subscribed, message, server_frame,
+};
 use tern_proto::codec::EncodedMessage;
 use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId, Offset, Seq};
 
@@ -120,6 +122,19 @@ struct ChannelState {
     /// The newest messages of a channel that keeps history (at most [`REWIND_MAX`]), so a
     /// rewind is served under the channel lock, seamlessly joined to the live stream.
     recent: VecDeque<Arc<EncodedMessage>>,
+    /// Per other origin, the last message delivered here (newest epoch only).
+    remote: Vec<OriginPosition>,
+}
+
+/// What [`Hub::resume`] did.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The subscription is set up (any replay, discontinuity and `Subscribed` are queued, or
+    /// the frame is returned for the session to send, as with [`Hub::subscribe`]).
+    Done(Option<Subscribed>),
+    /// The session must replay from the log first (see [`crate::resume`]); the subscription
+    /// is not live until [`Hub::finish_catchup`] says so.
+    Catchup(Box<crate::resume::Catchup>, Subscribed),
 }
 
 /// Most messages a subscription can rewind.
@@ -167,6 +182,23 @@ fn rewound(
         recent.len().saturating_sub((r.count as usize).min(REWIND_MAX))
     };
     recent.iter().skip(skip)
+}
+
+/// The log offset a message was delivered at on this node.
+fn offset_of(m: &EncodedMessage) -> u64 {
+    m.message().position.map_or(0, |p| p.offset)
+}
+
+/// Records the newest message of an origin in a channel's vector.
+fn note_origin(vector: &mut Vec<OriginPosition>, origin: &str, epoch: u64, seq: u64) {
+    match vector.iter_mut().find(|p| p.origin == origin) {
+        Some(p) if (epoch, seq) > (p.epoch, p.seq) => {
+            p.epoch = epoch;
+            p.seq = seq;
+        }
+        Some(_) => {}
+        None => vector.push(OriginPosition { origin: origin.to_owned(), epoch, seq }),
+    }
 }
 
 /// Only reachable if a caller skipped validation: keep serving rather than panic.
@@ -231,6 +263,7 @@ impl Hub {
             state.offset += 1;
             let Some(m) = message.take() else { return };
             m.position = Some(Position { epoch, offset: state.offset });
+            note_origin(&mut state.remote, &m.origin, m.origin_epoch, m.origin_seq);
             let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
             let offset = state.offset;
             let _ = self.log(state, &channel, offset, &encoded);
@@ -334,7 +367,39 @@ impl Hub {
         }
     }
 
-    /// Adds a subscriber. Returns the channel position at which its live stream starts.
+    /// The channel's vector: per origin (this node first), the last message delivered here.
+    fn origins(&self, state: &ChannelState) -> Vec<OriginPosition> {
+        let own = OriginPosition {
+            origin: self.node.as_str().to_owned(),
+            epoch: self.epoch.0,
+            seq: state.seq,
+        };
+        std::iter::once(own).chain(state.remote.iter().cloned()).collect()
+    }
+
+    /// The `Subscribed` frame for a subscription whose live stream starts now.
+    fn subscribed(&self, state: &ChannelState, request_id: u32, name: &ChannelName) -> Subscribed {
+        Subscribed {
+            request_id,
+            channel: name.to_string(),
+            position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
+            origins: self.origins(state),
+            resumed: false,
+        }
+    }
+
+    /// Marks the channel wanted from the backbone. False when the peers must confirm first
+    /// (see [`Hub::subscribe`]).
+    fn want(&self, state: &mut ChannelState, name: &ChannelName) -> bool {
+        if state.interested {
+            return state.pending.is_empty();
+        }
+        state.interested = true;
+        self.backbone.get().is_none_or(|b| b.add_interest(name))
+    }
+
+    /// Adds a subscriber. Returns the `Subscribed` frame to send when its live stream starts
+    /// at once.
     ///
     /// With a backbone, the first local subscriber of a channel makes the node ask its peers
     /// for it; the subscription then takes effect once they confirmed (or after the
@@ -352,24 +417,31 @@ impl Hub {
         outbox: Outbox,
         request_id: u32,
         rewind: Option<tern_proto::client::Rewind>,
-    ) -> Option<Position> {
-        let epoch = self.log_epoch.0;
-        let backbone = self.backbone.get();
+    ) -> Option<Subscribed> {
         self.with_state(name.as_str(), |state| {
             if let Some(r) = rewind.filter(|_| !state.recent.is_empty()) {
-                if !state.interested {
-                    state.interested = true;
-                    if let Some(b) = backbone {
-                        b.add_interest(name); // history channels go everywhere: ready
+                // History channels go everywhere: the backbone is ready at once.
+                self.want(state, name);
+                let mut subscribed = self.subscribed(state, request_id, name);
+                // The client's vector starts before the rewound messages.
+                let mut seen = Vec::new();
+                for m in rewound(&state.recent, r).map(|m| m.message()) {
+                    if seen.contains(&&m.origin) {
+                        continue;
+                    }
+                    seen.push(&m.origin);
+                    let (epoch, seq) = (m.origin_epoch, m.origin_seq.saturating_sub(1));
+                    match subscribed.origins.iter_mut().find(|p| p.origin == m.origin) {
+                        Some(p) => (p.epoch, p.seq) = (epoch, seq),
+                        None => subscribed.origins.push(OriginPosition {
+                            origin: m.origin.clone(),
+                            epoch,
+                            seq,
+                        }),
                     }
                 }
-                let position = Position { epoch, offset: state.offset };
-                let subscribed = server_frame::Kind::Subscribed(Subscribed {
-                    request_id,
-                    channel: name.to_string(),
-                    position: Some(position),
-                });
-                let mut ok = outbox.push(Outgoing::Frame(Box::new(subscribed)));
+                let mut ok = outbox
+                    .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
                 for m in rewound(&state.recent, r) {
                     ok = ok && outbox.push(Outgoing::Message(m.clone()));
                 }
@@ -378,22 +450,185 @@ impl Hub {
                 }
                 return None;
             }
-            if !state.interested {
-                state.interested = true;
-                if let Some(b) = backbone {
-                    if !b.add_interest(name) {
-                        state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
-                        return None;
-                    }
+            self.join(state, name, conn, &outbox, request_id)
+        })
+    }
+
+    /// Registers a live subscriber (or a pending one, until the peers confirm).
+    fn join(
+        &self,
+        state: &mut ChannelState,
+        name: &ChannelName,
+        conn: ConnectionId,
+        outbox: &Outbox,
+        request_id: u32,
+    ) -> Option<Subscribed> {
+        if !self.want(state, name) {
+            state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
+            return None;
+        }
+        state.subscribers.insert(conn, outbox.clone());
+        Some(self.subscribed(state, request_id, name))
+    }
+
+    /// Adds a subscriber that continues where an earlier subscription left off (see
+    /// [`crate::resume`]). Channels that keep history replay what the client missed; others
+    /// can only tell it (with a `Discontinuity`) that it missed something.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        &self,
+        name: &ChannelName,
+        conn: ConnectionId,
+        outbox: Outbox,
+        request_id: u32,
+        resume: Resume,
+        window: Duration,
+        max_scan: usize,
+    ) -> Resumed {
+        let same_node = resume.node == self.node.as_str()
+            && resume.position.is_some_and(|p| p.epoch == self.log_epoch.0);
+        let after = resume.position.map_or(0, |p| p.offset);
+        let history = self.store.as_ref().filter(|s| s.keeps(name.as_str()));
+        self.with_state(name.as_str(), |state| {
+            let Some(store) = history else {
+                // No log: say whether anything was missed, then go live.
+                let missed = if same_node {
+                    state.offset > after
+                } else {
+                    let known = self.origins(state);
+                    !resume.origins.iter().all(|v| {
+                        known
+                            .iter()
+                            .any(|k| k.origin == v.origin && k.epoch == v.epoch && k.seq == v.seq)
+                    }) || known
+                        .iter()
+                        .any(|k| k.seq > 0 && !resume.origins.iter().any(|v| v.origin == k.origin))
+                };
+                if missed {
+                    let d = Discontinuity {
+                        channel: name.to_string(),
+                        reason: "this channel keeps no history: messages published while \
+                                 disconnected cannot be replayed"
+                            .into(),
+                        origins: Vec::new(),
+                    };
+                    outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
+                }
+                return Resumed::Done(
+                    self.join(state, name, conn, &outbox, request_id).map(|s| Subscribed {
+                        resumed: true,
+                        origins: Vec::new(),
+                        ..s
+                    }),
+                );
+            };
+            self.want(state, name);
+            let mut subscribed = self.subscribed(state, request_id, name);
+            subscribed.resumed = true;
+            subscribed.origins = Vec::new();
+            // Same node, and the in-memory tail reaches back to the client's position: no
+            // log read needed.
+            let now =
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let cutoff_ms = now.saturating_sub(window.as_millis() as u64);
+            if same_node
+                && (after >= state.offset
+                    || state.recent.front().is_some_and(|m| offset_of(m) <= after + 1))
+            {
+                let mut ok = outbox
+                    .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
+                let missed = state.recent.iter().filter(|m| offset_of(m) > after);
+                let stale = missed.clone().take_while(|m| m.message().timestamp_ms < cutoff_ms);
+                let stale = stale.count();
+                if stale > 0 {
+                    let d = Discontinuity {
+                        channel: name.to_string(),
+                        reason: format!(
+                            "{stale} message(s) are older than the resume window; fetch history"
+                        ),
+                        origins: Vec::new(),
+                    };
+                    ok = ok
+                        && outbox
+                            .push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
+                }
+                for m in missed.skip(stale) {
+                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
+                }
+                if ok {
+                    state.subscribers.insert(conn, outbox.clone());
+                }
+                return Resumed::Done(None);
+            }
+            let catchup = crate::resume::Catchup {
+                id: 0,
+                channel: name.clone(),
+                request_id,
+                next: after + 1,
+                head: state.offset,
+                wait_ticket: store.last_ticket(),
+                vector: if same_node { Vec::new() } else { resume.origins.clone() },
+                found: same_node,
+                started: false,
+                cutoff_ms,
+                known: self.origins(state),
+                max_scan,
+            };
+            Resumed::Catchup(Box::new(catchup), subscribed)
+        })
+    }
+
+    /// Ends a replay that reached `next`: when the in-memory tail covers the rest, queues it
+    /// (skipping what `vector` covers) and makes the subscription live; otherwise returns
+    /// false (the log is behind; read more once it caught up).
+    pub fn finish_catchup(
+        &self,
+        name: &ChannelName,
+        conn: ConnectionId,
+        outbox: &Outbox,
+        next: u64,
+        vector: &[OriginPosition],
+        force: bool,
+    ) -> bool {
+        self.with_state(name.as_str(), |state| {
+            let covered =
+                next > state.offset || state.recent.front().is_some_and(|m| offset_of(m) <= next);
+            if !covered && !force {
+                return false;
+            }
+            let mut ok = true;
+            for m in state.recent.iter().filter(|m| offset_of(m) >= next) {
+                if !crate::resume::covers(vector, m.message()) {
+                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
                 }
             }
-            if !state.pending.is_empty() {
-                state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
-                return None;
+            self.want(state, name);
+            if ok {
+                state.subscribers.insert(conn, outbox.clone());
             }
-            state.subscribers.insert(conn, outbox.clone());
-            Some(Position { epoch, offset: state.offset })
+            true
         })
+    }
+
+    /// Tells the channel's subscribers that messages of `origin` were lost between regions
+    /// (its log no longer held them when the link came back).
+    pub fn discontinuity(&self, name: &ChannelName, origin: &str, epoch: u64, after: u64) {
+        let Some(channel) =
+            self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        else {
+            return;
+        };
+        let mut state = lock(&channel.state);
+        let frame = Discontinuity {
+            channel: name.to_string(),
+            reason: format!(
+                "messages of {origin} after sequence {after} were lost between regions"
+            ),
+            origins: vec![OriginPosition { origin: origin.to_owned(), epoch, seq: after }],
+        };
+        state.subscribers.retain(|_, outbox| {
+            outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(frame.clone()))))
+        });
     }
 
     /// The peers confirmed this node's interest in `name`: pending subscriptions take effect.
@@ -404,14 +639,10 @@ impl Hub {
             return;
         };
         let mut state = lock(&channel.state);
-        let position = Position { epoch: self.log_epoch.0, offset: state.offset };
         for p in std::mem::take(&mut state.pending) {
-            let subscribed = server_frame::Kind::Subscribed(Subscribed {
-                request_id: p.request_id,
-                channel: name.to_string(),
-                position: Some(position),
-            });
-            if p.outbox.push(Outgoing::Frame(Box::new(subscribed))) {
+            let subscribed = self.subscribed(&state, p.request_id, name);
+            let frame = server_frame::Kind::Subscribed(subscribed);
+            if p.outbox.push(Outgoing::Frame(Box::new(frame))) {
                 state.subscribers.insert(p.conn, p.outbox);
             }
         }

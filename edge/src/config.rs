@@ -35,6 +35,32 @@ pub struct Config {
     /// pick the nearest and fail over to the next. The same list on every node. Empty: the
     /// node lists only itself, at the URL the client used to reach it.
     pub regions: Vec<RegionUrl>,
+    /// `[resume]`: how a reconnecting client continues its subscriptions.
+    pub resume: ResumeConfig,
+}
+
+/// `[resume]`: a client that reconnects (to this node or, after a failover, to any other)
+/// presents where it left off; the node replays the missed messages from its log, then goes
+/// live. Channels without history can only be told whether something was missed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResumeConfig {
+    /// Messages older than this are not replayed: a client away longer gets a discontinuity
+    /// for what it missed before and fetches history. Also told to clients in `Connected`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Most log entries one resume reads to find where a client left off on another node
+    /// (bounds the work a resume costs; beyond it the client gets a discontinuity).
+    pub max_scan: usize,
+    /// Messages read from the log per step of a replay. The next step waits until the
+    /// previous one was written to the socket, so a replay never floods the send queue.
+    pub page: usize,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self { window: Duration::from_secs(120), max_scan: 200_000, page: 256 }
+    }
 }
 
 /// `[history]`: durable channel logs (see `tern_edge::store`). Nothing is stored, and no
@@ -380,6 +406,8 @@ impl Config {
             ("websocket.read_buffer_bytes", self.websocket.read_buffer_bytes),
             ("websocket.max_batch_messages", self.websocket.max_batch_messages),
             ("websocket.max_batch_bytes", self.websocket.max_batch_bytes),
+            ("resume.max_scan", self.resume.max_scan),
+            ("resume.page", self.resume.page),
         ];
         for (field, v) in nonzero {
             if v == 0 {

@@ -28,6 +28,7 @@ pub mod fanout;
 pub mod http;
 pub mod node;
 pub mod publish;
+pub mod resume;
 pub mod server;
 pub mod session;
 pub mod store;

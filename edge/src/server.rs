@@ -78,8 +78,10 @@ impl Sink for HubSink {
         after: Seq,
         through: Option<Seq>,
     ) {
-        // The client-facing discontinuity event arrives with resume (message integrity).
         warn!(%origin, %channel, %epoch, %after, ?through, "replication discontinuity");
+        if let Some(node) = self.0.upgrade() {
+            node.hub().discontinuity(channel, origin.as_str(), epoch.0, after.0);
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_proto::client::{
-    self, Connected, ErrorCode, Limits, Nack, Subscribed, Unsubscribed, client_frame, server_frame,
+    self, Connected, ErrorCode, Limits, Nack, Unsubscribed, client_frame, server_frame,
 };
 use tern_proto::close;
 use tern_proto::codec::{self, EncodedMessage, Format};
@@ -37,6 +37,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::fanout::{self, Outbox, OutboxReceiver, Outgoing};
 use crate::node::{Admission, Node};
 use crate::publish::{self, PublishRequest};
+use crate::resume::{Catchup, Step};
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -65,7 +66,19 @@ struct Session {
     acks: VecDeque<(u64, server_frame::Kind)>,
     /// The history store's committed ticket, when the node keeps history.
     committed: Option<watch::Receiver<u64>>,
+    /// Resumed subscriptions replaying from the log, one at a time (see `crate::resume`).
+    catchups: VecDeque<Catchup>,
+    /// Serial for the next catch-up.
+    next_catchup: u64,
 }
+
+/// One replay step in flight: the catch-up's id, whether waiting for the log timed out,
+/// and the step.
+type StepFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u64, bool, Result<Step, String>)> + Send>>;
+
+/// How long a replay waits for the log to catch up with the messages it must replay.
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a session to its end.
 pub async fn run<S>(ws: WebSocketStream<S>, format: Format, admission: Admission)
@@ -100,7 +113,11 @@ where
         batch: Vec::new(),
         acks: VecDeque::new(),
         committed: node.hub().store().map(|s| s.committed()),
+        catchups: VecDeque::new(),
+        next_catchup: 1,
     };
+    // The replay step in flight, if any.
+    let mut step: Option<StepFuture> = None;
     // A second watcher of the same value, to wait on in the loop below.
     let mut committed = node.hub().store().map(|s| s.committed());
     let hb = cfg.heartbeat.interval;
@@ -114,6 +131,9 @@ where
     let mut unread = 0u32;
 
     let end = loop {
+        if step.is_none() {
+            step = session.start_step();
+        }
         // Order matters: deliveries come before reads, so a wake-up for a delivery does not
         // also poll the socket (each read attempt costs a buffer fill in the WebSocket
         // library); a read is forced every few deliveries so a flooded client is still heard.
@@ -156,6 +176,16 @@ where
                 }
             }, if !session.acks.is_empty() => {
                 session.flush_acks();
+                Ok(())
+            }
+            (id, timed_out, result) = async {
+                match step.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if step.is_some() => {
+                step = None;
+                session.on_step(id, timed_out, result);
                 Ok(())
             }
             frame = ws.next() => {
@@ -415,6 +445,7 @@ impl Session {
             client_id: client_id.clone(),
             resumed: false,
             protocol: tern_proto::PROTOCOL_VERSION,
+            resume_window_ms: u32::try_from(cfg.resume.window.as_millis()).unwrap_or(u32::MAX),
         };
         self.client_id = Some(client_id);
         self.reply(server_frame::Kind::Connected(connected));
@@ -442,21 +473,115 @@ impl Session {
                 s.channel,
             );
         }
-        let position = self.node.hub().subscribe(
-            &channel,
-            self.id,
-            self.outbox.clone(),
-            s.request_id,
-            s.rewind,
-        );
+        if self.catchups.iter().any(|c| c.channel == channel) {
+            return self.error(
+                s.request_id,
+                ErrorCode::InvalidArgument,
+                "this channel is still being resumed on this connection".into(),
+                s.channel,
+            );
+        }
+        let hub = self.node.hub();
+        let subscribed = match s.resume {
+            Some(resume) => {
+                let r = &self.cfg().resume;
+                let (window, max_scan) = (r.window, r.max_scan);
+                match hub.resume(
+                    &channel,
+                    self.id,
+                    self.outbox.clone(),
+                    s.request_id,
+                    resume,
+                    window,
+                    max_scan,
+                ) {
+                    crate::channel::Resumed::Done(subscribed) => subscribed,
+                    crate::channel::Resumed::Catchup(mut catchup, subscribed) => {
+                        catchup.id = self.next_catchup;
+                        self.next_catchup += 1;
+                        self.catchups.push_back(*catchup);
+                        Some(subscribed)
+                    }
+                }
+            }
+            None => hub.subscribe(&channel, self.id, self.outbox.clone(), s.request_id, s.rewind),
+        };
         self.channels.insert(channel);
-        // `None`: the peers are confirming the channel; the hub queues `Subscribed` then.
-        if let Some(position) = position {
-            self.reply(server_frame::Kind::Subscribed(Subscribed {
-                request_id: s.request_id,
-                channel: s.channel,
-                position: Some(position),
-            }));
+        // `None`: the hub queued `Subscribed` (peers confirming the channel, or a rewind).
+        if let Some(subscribed) = subscribed {
+            self.reply(server_frame::Kind::Subscribed(subscribed));
+        }
+    }
+
+    /// The next replay step of the first catch-up, if there is one.
+    fn start_step(&self) -> Option<StepFuture> {
+        let c = self.catchups.front()?.clone();
+        let store = self.node.hub().store()?.clone();
+        let page = self.cfg().resume.page;
+        let tracker = self.node.tracker().clone();
+        let mut committed = self.committed.clone();
+        Some(Box::pin(async move {
+            let id = c.id;
+            let wait = async {
+                if let Some(w) = committed.as_mut() {
+                    while *w.borrow_and_update() < c.wait_ticket {
+                        if w.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            let timed_out = tokio::time::timeout(LOG_WAIT, wait).await.is_err();
+            let result = tracker
+                .spawn_blocking(move || crate::resume::step(&store, &c, page))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            (id, timed_out, result)
+        }))
+    }
+
+    /// Applies a replay step: queues its messages (written before anything the outbox
+    /// holds for later), and makes the subscription live once the replay reached the
+    /// channel's in-memory tail.
+    fn on_step(&mut self, id: u64, timed_out: bool, result: Result<Step, String>) {
+        let Some(c) = self.catchups.front_mut().filter(|c| c.id == id) else { return };
+        let (forward, force) = match result {
+            Ok(step) => {
+                let forward = c.found;
+                if forward {
+                    c.started = true;
+                } else {
+                    c.found = true;
+                }
+                c.next = step.next;
+                if let Some(d) = step.discontinuity {
+                    self.reply(server_frame::Kind::Discontinuity(d));
+                }
+                self.pending.extend(step.messages.into_iter().map(Outgoing::Message));
+                self.on_outgoing();
+                (forward && step.at_end, timed_out)
+            }
+            Err(e) => {
+                let d = client::Discontinuity {
+                    channel: c.channel.to_string(),
+                    reason: format!("replay failed: {e}"),
+                    origins: Vec::new(),
+                };
+                self.reply(server_frame::Kind::Discontinuity(d));
+                (true, true)
+            }
+        };
+        if !forward {
+            return;
+        }
+        let Some(c) = self.catchups.front_mut() else { return };
+        let hub = self.node.hub();
+        if hub.finish_catchup(&c.channel, self.id, &self.outbox, c.next, &c.vector, force) {
+            self.catchups.pop_front();
+        } else {
+            // The log is behind the live tail: read on once it caught up.
+            c.wait_ticket = hub.store().map_or(0, |s| s.last_ticket());
         }
     }
 
@@ -476,7 +601,13 @@ impl Session {
             request_id: u.request_id,
             channel: u.channel,
         });
-        if self.channels.remove(&channel) {
+        if let Some(i) = self.catchups.iter().position(|c| c.channel == channel) {
+            // Not live yet: nothing of it is queued.
+            self.catchups.remove(i);
+            self.channels.remove(&channel);
+            self.node.hub().unsubscribe(&channel, self.id, None);
+            self.reply(done);
+        } else if self.channels.remove(&channel) {
             // Queued behind the channel's last delivery to this connection.
             self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(Box::new(done))));
         } else {

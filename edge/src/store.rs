@@ -208,6 +208,12 @@ impl Store {
         self.committed.clone()
     }
 
+    /// The last ticket handed out: once [`Store::committed`] reaches it, everything appended
+    /// so far is in the log.
+    pub fn last_ticket(&self) -> u64 {
+        self.lock_tx().1
+    }
+
     /// Writes everything queued durably and releases the database (graceful shutdown).
     pub fn close(&self) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -247,8 +253,7 @@ impl Store {
 
     /// Whether `channel`'s namespace keeps history.
     pub fn keeps(&self, channel: &str) -> bool {
-        let ns = channel.split_once(':').map_or("", |(ns, _)| ns);
-        self.namespaces.contains_key(ns)
+        self.namespaces.contains_key(tern_proto::types::namespace_of(channel))
     }
 
     /// The last offset logged for `channel` (0 when none).

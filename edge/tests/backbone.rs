@@ -3,81 +3,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{TestNode, WAIT};
+use common::{TestNode, WAIT, cluster, free_udp_port, section, temp_dir};
 use futures_util::StreamExt;
 use tern_backbone::certs;
 use tern_client::{Client, ClientOptions, Event};
-use tern_edge::config::{BackboneSection, PeerConfig};
 use tern_proto::client::message::Data;
 use tern_proto::types::NodeId;
-
-fn free_udp_port() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("tern-{tag}-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-}
-
-struct Cluster {
-    nodes: Vec<TestNode>,
-    dir: PathBuf,
-}
-
-fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> BackboneSection {
-    let (cert, key) = certs::node_files(dir, &ids[me]);
-    BackboneSection {
-        listen: addrs[me],
-        ca: dir.join("ca.pem"),
-        cert,
-        key,
-        lanes: 4,
-        lane_queue: 4096,
-        retention: 20_000,
-        replicate_all: Vec::new(),
-        interest_grace: Duration::from_secs(120),
-        interest_wait: Duration::from_secs(5),
-        peers: (0..ids.len())
-            .filter(|&i| i != me)
-            .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })
-            .collect(),
-    }
-}
-
-async fn cluster(regions: &[&str]) -> Cluster {
-    let dir = temp_dir("cluster");
-    certs::init_ca(&dir).unwrap();
-    let ids: Vec<NodeId> =
-        regions.iter().map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap()).collect();
-    for id in &ids {
-        certs::issue_node(&dir, id).unwrap();
-    }
-    let addrs: Vec<SocketAddr> = ids.iter().map(|_| free_udp_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, r) in regions.iter().enumerate() {
-        let b = section(&dir, i, &ids, &addrs);
-        let region = r.to_string();
-        nodes.push(
-            TestNode::start(move |cfg| {
-                cfg.node.region = region;
-                cfg.backbone = Some(b);
-            })
-            .await,
-        );
-    }
-    Cluster { nodes, dir }
-}
 
 fn text(d: &Option<Data>) -> String {
     match d {
@@ -88,7 +21,7 @@ fn text(d: &Option<Data>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_deliver_every_message_once_in_publisher_order() {
-    let c = cluster(&["eu-west", "us-east", "ap-south"]).await;
+    let c = cluster(&["eu-west", "us-east", "ap-south"], |_, _| {}).await;
     const EACH: usize = 3_400; // 10,200 in total
     let mut readers = Vec::new();
     for n in &c.nodes {
@@ -143,7 +76,7 @@ async fn three_nodes_deliver_every_message_once_in_publisher_order() {
 
 #[tokio::test]
 async fn nodes_with_a_foreign_certificate_or_an_unexpected_id_are_refused() {
-    let c = cluster(&["eu-west", "us-east"]).await;
+    let c = cluster(&["eu-west", "us-east"], |_, _| {}).await;
     // An impostor: a certificate for a peer's name, but from another CA.
     let other = temp_dir("impostor");
     certs::init_ca(&other).unwrap();

@@ -147,13 +147,14 @@ async fn the_sdk_reconnects_resubscribes_and_reports_the_gap() {
     assert_eq!(collect_texts(&mut sub, 1).await, ["before"]);
 
     node.stop().await;
-    // The subscription learns that messages may have been missed.
+    // A new node on the same address: the client reconnects and subscribes again,
+    // presenting where it left off. The channel keeps no history and the node lost its
+    // state: the subscription learns that messages may have been missed.
+    let node = TestNode::start(|cfg| cfg.listen.client = addr).await;
     match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
-        Some(Event::Discontinuity { .. }) => {}
+        Some(Event::Discontinuity { reason }) => assert!(reason.contains("no history"), "{reason}"),
         other => panic!("expected a discontinuity, got {other:?}"),
     }
-    // A new node on the same address: the client reconnects and subscribes again.
-    let node = TestNode::start(|cfg| cfg.listen.client = addr).await;
     let mut state = c.state();
     tokio::time::timeout(
         WAIT,

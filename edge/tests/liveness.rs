@@ -94,6 +94,7 @@ async fn a_stalled_subscriber_is_cut_off_with_4001_while_others_get_everything()
             request_id: 1,
             channel: "feed:x".into(),
             rewind: None,
+            resume: None,
         })))
         .await
         .unwrap();

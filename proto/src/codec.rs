@@ -231,7 +231,8 @@ mod tests {
             Ok(client_frame::Kind::Subscribe(Subscribe {
                 request_id: 3,
                 channel: "a:b".into(),
-                rewind: None
+                rewind: None,
+                resume: None
             }))
         );
     }

@@ -89,8 +89,14 @@ impl ChannelName {
 
     /// The namespace (the part before the first `:`), or `""` for the default namespace.
     pub fn namespace(&self) -> &str {
-        self.0.split_once(':').map_or("", |(ns, _)| ns)
+        namespace_of(&self.0)
     }
+}
+
+/// The namespace of a channel name given as a string (the part before the first `:`, or
+/// `""`).
+pub fn namespace_of(channel: &str) -> &str {
+    channel.split_once(':').map_or("", |(ns, _)| ns)
 }
 
 fn is_channel_char(c: char) -> bool {

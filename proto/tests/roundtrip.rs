@@ -56,6 +56,17 @@ fn message() -> impl Strategy<Value = Message> {
         )
 }
 
+fn origins() -> impl Strategy<Value = Vec<OriginPosition>> {
+    proptest::collection::vec(
+        (s(), any::<u64>(), any::<u64>()).prop_map(|(origin, epoch, seq)| OriginPosition {
+            origin,
+            epoch,
+            seq,
+        }),
+        0..3,
+    )
+}
+
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
     use client_frame::Kind;
     let publish_data = prop_oneof![
@@ -69,13 +80,18 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
                 Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
             }
         ),
-        (any::<u32>(), s(), proptest::option::of((any::<u32>(), any::<u64>()))).prop_map(
-            |(request_id, channel, rewind)| Kind::Subscribe(Subscribe {
+        (
+            any::<u32>(),
+            s(),
+            proptest::option::of((any::<u32>(), any::<u64>())),
+            proptest::option::of((s(), position(), origins()))
+        )
+            .prop_map(|(request_id, channel, rewind, resume)| Kind::Subscribe(Subscribe {
                 request_id,
                 channel,
                 rewind: rewind.map(|(count, since_ms)| Rewind { count, since_ms }),
-            })
-        ),
+                resume: resume.map(|(node, position, origins)| Resume { node, position, origins }),
+            })),
         (
             (any::<u32>(), s(), any::<u32>(), any::<bool>()),
             (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
@@ -120,19 +136,14 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             },
         ));
     prop_oneof![
-        (s(), s(), s(), any::<u32>(), any::<u32>(), limits, s(), s(), any::<bool>(), any::<u32>())
+        (
+            (s(), s(), s(), any::<u32>(), any::<u32>(), limits),
+            (s(), s(), any::<bool>(), any::<u32>(), any::<u32>())
+        )
             .prop_map(
                 |(
-                    connection_id,
-                    node,
-                    region,
-                    hb,
-                    idle,
-                    limits,
-                    resume_token,
-                    client_id,
-                    resumed,
-                    protocol,
+                    (connection_id, node, region, hb, idle, limits),
+                    (resume_token, client_id, resumed, protocol, resume_window_ms),
                 )| {
                     Kind::Connected(Connected {
                         connection_id,
@@ -145,11 +156,17 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                         client_id,
                         resumed,
                         protocol,
+                        resume_window_ms,
                     })
                 }
             ),
-        (any::<u32>(), s(), position()).prop_map(|(request_id, channel, position)| {
-            Kind::Subscribed(Subscribed { request_id, channel, position })
+        (any::<u32>(), s(), position(), origins(), any::<bool>()).prop_map(
+            |(request_id, channel, position, origins, resumed)| {
+                Kind::Subscribed(Subscribed { request_id, channel, position, origins, resumed })
+            }
+        ),
+        (s(), s(), origins()).prop_map(|(channel, reason, origins)| {
+            Kind::Discontinuity(Discontinuity { channel, reason, origins })
         }),
         (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribed(Unsubscribed {
             request_id,

@@ -2,13 +2,17 @@
 //! WebSocket clients that speak hand-written JSON or protobuf frames.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tern_backbone::certs;
+use tern_edge::config::{BackboneSection, PeerConfig};
 use tern_edge::node::Node;
 use tern_edge::{Config, Server};
+use tern_proto::types::NodeId;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -156,4 +160,71 @@ pub async fn http(
     let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+pub fn free_udp_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("tern-{tag}-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Real nodes joined by the QUIC backbone, and the directory of their certificates.
+pub struct Cluster {
+    pub nodes: Vec<TestNode>,
+    pub dir: PathBuf,
+}
+
+pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> BackboneSection {
+    let (cert, key) = certs::node_files(dir, &ids[me]);
+    BackboneSection {
+        listen: addrs[me],
+        ca: dir.join("ca.pem"),
+        cert,
+        key,
+        lanes: 4,
+        lane_queue: 4096,
+        retention: 20_000,
+        replicate_all: Vec::new(),
+        interest_grace: Duration::from_secs(120),
+        interest_wait: Duration::from_secs(5),
+        peers: (0..ids.len())
+            .filter(|&i| i != me)
+            .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })
+            .collect(),
+    }
+}
+
+/// One node per region (`REGION/edge-1`), each with `edit(index, config)` applied.
+pub async fn cluster(regions: &[&str], edit: impl Fn(usize, &mut Config)) -> Cluster {
+    let dir = temp_dir("cluster");
+    certs::init_ca(&dir).unwrap();
+    let ids: Vec<NodeId> =
+        regions.iter().map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap()).collect();
+    for id in &ids {
+        certs::issue_node(&dir, id).unwrap();
+    }
+    let addrs: Vec<SocketAddr> = ids.iter().map(|_| free_udp_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let b = section(&dir, i, &ids, &addrs);
+        let region = r.to_string();
+        nodes.push(
+            TestNode::start(|cfg| {
+                cfg.node.region = region;
+                cfg.backbone = Some(b);
+                edit(i, cfg);
+            })
+            .await,
+        );
+    }
+    Cluster { nodes, dir }
 }
