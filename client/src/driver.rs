@@ -217,10 +217,23 @@ struct ChannelSubs {
     vector: Vec<OriginPosition>,
     /// Whether `vector` is known (the channel was confirmed at least once).
     resumable: bool,
+    /// Ids of the newest messages delivered (at most [`RECENT_IDS`]): a publish retried on
+    /// two regions may reach different nodes in either copy, so a resume elsewhere could
+    /// offer the other copy.
+    recent_ids: std::collections::HashSet<String>,
+    recent_order: std::collections::VecDeque<String>,
 }
 
+/// Message ids remembered per channel to drop a retried publish's second copy.
+pub const RECENT_IDS: usize = 1024;
+
 impl ChannelSubs {
-    /// Whether the application already has `m` (a repeat after a resume or failover).
+    /// Whether the application already has `m` by its id (a retried publish's other copy).
+    fn has_id(&self, m: &Message) -> bool {
+        !m.id.is_empty() && self.recent_ids.contains(&m.id)
+    }
+
+    /// Whether the vector covers `m` (a repeat after a resume or failover).
     fn covers(&self, m: &Message) -> bool {
         self.vector.iter().any(|v| {
             v.origin == m.origin
@@ -231,6 +244,14 @@ impl ChannelSubs {
 
     /// Records `m` as received from `node`.
     fn note(&mut self, node: &str, m: &Message) {
+        if !m.id.is_empty() && self.recent_ids.insert(m.id.clone()) {
+            self.recent_order.push_back(m.id.clone());
+            if self.recent_order.len() > RECENT_IDS {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent_ids.remove(&old);
+                }
+            }
+        }
         if self.node != node {
             node.clone_into(&mut self.node);
         }
@@ -504,7 +525,11 @@ impl Driver {
                         // Already delivered to the application (before a resume).
                         continue;
                     }
+                    let repeat = entry.has_id(&m);
                     entry.note(&self.node, &m);
+                    if repeat {
+                        continue;
+                    }
                     let mut live = Vec::with_capacity(entry.sinks.len());
                     for (id, sink) in entry.sinks.drain(..) {
                         // Waiting here is the back-pressure: see ClientOptions::subscription_buffer.

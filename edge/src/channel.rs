@@ -258,12 +258,38 @@ impl Hub {
         }
         let channel = message.channel.clone();
         let epoch = self.log_epoch.0;
+        let now = Instant::now();
         let mut message = Some(&mut message);
         self.with_state(&channel, |state| {
-            state.offset += 1;
             let Some(m) = message.take() else { return };
-            m.position = Some(Position { epoch, offset: state.offset });
+            // Already here: a message the restarted origin relayed again from its log (see
+            // `Hub::relay_recent`), which reached this node before the crash.
+            if crate::resume::covers(&state.remote, m) {
+                return;
+            }
             note_origin(&mut state.remote, &m.origin, m.origin_epoch, m.origin_seq);
+            // A publish retried on another region (after a failover) carries the same id:
+            // whichever copy reaches this node first is the one delivered here.
+            state.dedupe.prune(now, &self.limits);
+            if !m.id.is_empty() {
+                if state.dedupe.seen.contains_key(&m.id) {
+                    tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
+                    return;
+                }
+                let accepted = Accepted {
+                    message_id: m.id.clone(),
+                    seq: Seq(m.origin_seq),
+                    offset: Offset(state.offset + 1),
+                    timestamp_ms: m.timestamp_ms,
+                    duplicate: false,
+                    epoch: self.log_epoch,
+                    log_ticket: None,
+                };
+                state.dedupe.seen.insert(m.id.clone(), accepted);
+                state.dedupe.order.push_back((now, m.id.clone()));
+            }
+            state.offset += 1;
+            m.position = Some(Position { epoch, offset: state.offset });
             let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
             let offset = state.offset;
             let _ = self.log(state, &channel, offset, &encoded);
@@ -312,6 +338,56 @@ impl Hub {
         ticket
     }
 
+    /// After a restart (a new origin epoch): sends this node's own messages of earlier epochs
+    /// logged in the last `within` (at most `max` per channel) to the peers again, each
+    /// keeping its original origin, epoch and sequence. What the peers already have they
+    /// drop (by origin vector or id); what the crash kept from reaching them arrives now,
+    /// ahead of the new epoch's messages. Returns the number relayed.
+    pub fn relay_recent(&self, within: Duration, max: usize) -> usize {
+        let (Some(store), Some(backbone)) = (self.store.as_ref(), self.backbone.get()) else {
+            return 0;
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let since = now.saturating_sub(within.as_millis() as u64);
+        let channels = store.channels().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list the logged channels");
+            Vec::new()
+        });
+        let mut relayed = 0;
+        for name in channels.iter().filter(|c| store.keeps(c)) {
+            let Ok(channel) = ChannelName::parse(name) else { continue };
+            let q = crate::store::Query {
+                from: None,
+                to: None,
+                since_ms: Some(since),
+                until_ms: None,
+                limit: max,
+                backwards: true,
+            };
+            let rows = store.read(name, q).unwrap_or_default();
+            let own: Vec<_> = rows
+                .into_iter()
+                .rev()
+                .filter(|r| {
+                    Message::decode(r.message.as_slice()).is_ok_and(|m| {
+                        m.origin == self.node.as_str() && m.origin_epoch != self.epoch.0
+                    })
+                })
+                .collect();
+            if own.is_empty() {
+                continue;
+            }
+            self.with_state(name, |state| {
+                for r in &own {
+                    state.seq += 1;
+                    backbone.publish(channel.clone(), bytes::Bytes::from(r.message.clone()));
+                }
+            });
+            relayed += own.len();
+        }
+        relayed
+    }
+
     /// Number of channels held.
     pub fn channel_count(&self) -> usize {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
@@ -345,8 +421,32 @@ impl Hub {
                 limit: REWIND_MAX,
                 backwards: true,
             };
+            let now = Instant::now();
             for m in store.read(name, newest).unwrap_or_default().into_iter().rev() {
                 if let Ok(msg) = Message::decode(m.message.as_slice()) {
+                    // What arrived from other origins, and the ids already sequenced: a
+                    // retry or a relayed copy after a restart is recognised.
+                    if msg.origin != self.node.as_str() {
+                        note_origin(
+                            &mut state.remote,
+                            &msg.origin,
+                            msg.origin_epoch,
+                            msg.origin_seq,
+                        );
+                    }
+                    if !msg.id.is_empty() && !state.dedupe.seen.contains_key(&msg.id) {
+                        let accepted = Accepted {
+                            message_id: msg.id.clone(),
+                            seq: Seq(msg.origin_seq),
+                            offset: Offset(m.offset),
+                            timestamp_ms: msg.timestamp_ms,
+                            duplicate: false,
+                            epoch: self.log_epoch,
+                            log_ticket: None,
+                        };
+                        state.dedupe.seen.insert(msg.id.clone(), accepted);
+                        state.dedupe.order.push_back((now, msg.id.clone()));
+                    }
                     state.recent.push_back(Arc::new(EncodedMessage::new(msg)));
                 }
             }
@@ -485,11 +585,25 @@ impl Hub {
         window: Duration,
         max_scan: usize,
     ) -> Resumed {
-        let same_node = resume.node == self.node.as_str()
+        let claimed = resume.node == self.node.as_str()
             && resume.position.is_some_and(|p| p.epoch == self.log_epoch.0);
         let after = resume.position.map_or(0, |p| p.offset);
         let history = self.store.as_ref().filter(|s| s.keeps(name.as_str()));
         self.with_state(name.as_str(), |state| {
+            // A position on this node counts only if this node still has the client's last
+            // message there: after a crash, offsets delivered but not yet logged are issued
+            // again to other messages.
+            let mut verify_at = None;
+            let same_node = claimed
+                && after <= state.offset
+                && (after == 0
+                    || match state.recent.iter().find(|m| offset_of(m) == after) {
+                        Some(m) => crate::resume::covers(&resume.origins, m.message()),
+                        None => {
+                            verify_at = Some(after);
+                            history.is_some()
+                        }
+                    });
             let Some(store) = history else {
                 // No log: say whether anything was missed, then go live.
                 let missed = if same_node {
@@ -567,8 +681,9 @@ impl Hub {
                 next: after + 1,
                 head: state.offset,
                 wait_ticket: store.last_ticket(),
-                vector: if same_node { Vec::new() } else { resume.origins.clone() },
+                vector: resume.origins.clone(),
                 found: same_node,
+                verify_at,
                 started: false,
                 cutoff_ms,
                 known: self.origins(state),

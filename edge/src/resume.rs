@@ -62,6 +62,10 @@ pub struct Catchup {
     pub vector: Vec<OriginPosition>,
     /// Whether `next` is known; false until the backward scan ran (cross-node resume).
     pub found: bool,
+    /// Same-node resume from a position the in-memory tail no longer holds: the log entry
+    /// at this offset must be a message the client had (a crash can reissue offsets that
+    /// were delivered but not yet logged); otherwise the vector decides.
+    pub verify_at: Option<u64>,
     /// Whether the first forward page was read (it checks for a gap at the start).
     pub started: bool,
     /// Messages logged before this (unix ms) are not replayed (the resume window).
@@ -83,6 +87,8 @@ pub struct Step {
     pub next: u64,
     /// The log holds nothing more right now (the session then tries to go live).
     pub at_end: bool,
+    /// This step was the backward scan: `next` is where the forward replay starts.
+    pub scanned: bool,
 }
 
 fn decode(bytes: &[u8]) -> Option<Message> {
@@ -112,6 +118,22 @@ const NEW_ORIGIN_MARGIN_MS: u64 = 10_000;
 pub fn step(store: &Store, c: &Catchup, page: usize) -> Result<Step, StoreError> {
     if !c.found {
         return scan(store, c);
+    }
+    if let Some(at) = c.verify_at.filter(|_| !c.started) {
+        let q = Query {
+            from: Some(at),
+            to: Some(at),
+            since_ms: None,
+            until_ms: None,
+            limit: 1,
+            backwards: false,
+        };
+        let rows = store.read(c.channel.as_str(), q)?;
+        let had =
+            rows.first().and_then(|r| decode(&r.message)).is_some_and(|m| covers(&c.vector, &m));
+        if !had {
+            return scan(store, c);
+        }
     }
     let first = !c.started;
     let q = Query {
@@ -239,7 +261,7 @@ fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
         ),
         origins: gaps,
     });
-    Ok(Step { messages: Vec::new(), discontinuity, next: start, at_end: false })
+    Ok(Step { messages: Vec::new(), discontinuity, next: start, at_end: false, scanned: true })
 }
 
 #[cfg(test)]

@@ -50,6 +50,12 @@ pub enum BindError {
 /// Hands replicated messages to the hub (weakly: the node owns the backbone).
 struct HubSink(Weak<Node>);
 
+/// After a restart, own messages logged this long before are offered to the peers again
+/// (what was in flight when the node died).
+pub const RELAY_WITHIN: Duration = Duration::from_secs(30);
+/// At most this many per channel.
+pub const RELAY_MAX: usize = 10_000;
+
 impl Sink for HubSink {
     fn deliver(
         &self,
@@ -78,10 +84,16 @@ impl Sink for HubSink {
         after: Seq,
         through: Option<Seq>,
     ) {
-        warn!(%origin, %channel, %epoch, %after, ?through, "replication discontinuity");
-        if let Some(node) = self.0.upgrade() {
-            node.hub().discontinuity(channel, origin.as_str(), epoch.0, after.0);
+        let Some(node) = self.0.upgrade() else { return };
+        let logged = node.hub().store().is_some_and(|s| s.keeps(channel.as_str()));
+        if through.is_none() && logged {
+            // The origin restarted: it relays what it logged of its previous run (see
+            // `Hub::relay_recent`), so nothing acknowledged is missing.
+            debug!(%origin, %channel, %epoch, %after, "origin restarted; its log repairs the stream");
+            return;
         }
+        warn!(%origin, %channel, %epoch, %after, ?through, "replication discontinuity");
+        node.hub().discontinuity(channel, origin.as_str(), epoch.0, after.0);
     }
 }
 
@@ -161,6 +173,13 @@ impl Server {
                 node.tracker(),
             )?;
             node.hub().set_backbone(backbone);
+            let relayed = node.hub().relay_recent(RELAY_WITHIN, RELAY_MAX);
+            if relayed > 0 {
+                tracing::info!(
+                    relayed,
+                    "own messages of the previous run offered to the peers again"
+                );
+            }
         }
         Ok(Self { node, listener })
     }

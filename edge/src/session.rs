@@ -548,11 +548,11 @@ impl Session {
         let Some(c) = self.catchups.front_mut().filter(|c| c.id == id) else { return };
         let (forward, force) = match result {
             Ok(step) => {
-                let forward = c.found;
-                if forward {
-                    c.started = true;
-                } else {
-                    c.found = true;
+                let forward = !step.scanned;
+                c.found = true;
+                c.started = forward;
+                if step.scanned {
+                    c.verify_at = None;
                 }
                 c.next = step.next;
                 if let Some(d) = step.discontinuity {

@@ -299,6 +299,26 @@ impl Store {
         Some(ticket)
     }
 
+    /// Every channel with a log (in name order).
+    pub fn channels(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_err)?;
+        let log = txn.open_table(LOG).map_err(db_err)?;
+        let mut out = Vec::new();
+        let mut next = log.first().map_err(db_err)?.map(|(k, _)| k.value().0.to_owned());
+        while let Some(channel) = next {
+            let after = (channel.as_str(), u64::MAX);
+            next = log
+                .range(after..)
+                .map_err(db_err)?
+                .find(|r| r.as_ref().is_ok_and(|(k, _)| k.value().0 != channel))
+                .transpose()
+                .map_err(db_err)?
+                .map(|(k, _)| k.value().0.to_owned());
+            out.push(channel);
+        }
+        Ok(out)
+    }
+
     /// Reads a page of `channel`'s log.
     pub fn read(&self, channel: &str, q: Query) -> Result<Vec<Stored>, StoreError> {
         let txn = self.db()?.begin_read().map_err(db_err)?;

@@ -127,3 +127,51 @@ async fn nodes_with_a_foreign_certificate_or_an_unexpected_id_are_refused() {
     let _ = std::fs::remove_dir_all(&c.dir);
     let _ = std::fs::remove_dir_all(&other);
 }
+
+/// A publish retried on another region (the client failed over before its ack) is
+/// delivered once everywhere: after it was replicated (the retry is acknowledged as a
+/// duplicate), and when both copies race (each node delivers whichever came first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_on_another_region_is_delivered_once() {
+    let c = cluster(&["eu-west", "us-east"], |_, _| {}).await;
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let on_a = Client::connect(&a.url(), ClientOptions::default()).await.unwrap();
+    let on_b = Client::connect(&b.url(), ClientOptions::default()).await.unwrap();
+    let mut sub_a = on_a.subscribe("chat:pay").await.unwrap();
+    let mut sub_b = on_b.subscribe("chat:pay").await.unwrap();
+    let first = on_a.publish_with("chat:pay", "", Some("order-1"), "paid").await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(next_text(&mut sub_b).await, "paid", "replicated before the retry");
+    let retry = on_b.publish_with("chat:pay", "", Some("order-1"), "paid").await.unwrap();
+    assert!(retry.duplicate, "the other region knows the id");
+    // Both copies at once.
+    let (x, y) = tokio::join!(
+        on_a.publish_with("chat:pay", "", Some("order-2"), "paid2"),
+        on_b.publish_with("chat:pay", "", Some("order-2"), "paid2"),
+    );
+    x.unwrap();
+    y.unwrap();
+    on_a.publish("chat:pay", "end-a").await.unwrap();
+    on_b.publish("chat:pay", "end-b").await.unwrap();
+    // Per-origin order puts any second copy before the end markers of its origin.
+    for (name, sub) in [("a", &mut sub_a), ("b", &mut sub_b)] {
+        let mut got = Vec::new();
+        while !(got.contains(&"end-a".to_owned()) && got.contains(&"end-b".to_owned())) {
+            got.push(next_text(sub).await);
+        }
+        got.retain(|t| !t.starts_with("end"));
+        let expect: &[&str] = if name == "a" { &["paid", "paid2"] } else { &["paid2"] };
+        assert_eq!(got, expect, "subscriber on {name}");
+    }
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+async fn next_text(sub: &mut tern_client::Subscription) -> String {
+    match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+        Some(Event::Message(m)) => text(&m.data),
+        other => panic!("unexpected {other:?}"),
+    }
+}
