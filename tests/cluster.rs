@@ -142,6 +142,11 @@ async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated
                         let (who, k) = t.split_once(':').unwrap();
                         per.entry(who.to_owned()).or_default().push(k.parse().unwrap());
                     }
+                    // The killed node's restart: its messages in flight at the kill may be
+                    // lost (this namespace keeps no history), and subscribers are told.
+                    Some(Event::Discontinuity { .. }) => {
+                        per.entry("discontinuity".into()).or_default().push(0);
+                    }
                     other => panic!("subscriber on node {i} was interrupted: {other:?}"),
                 }
             }
@@ -190,6 +195,8 @@ async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated
         // After the restart: a new epoch whose sequences start again at 1 — all delivered,
         // none mistaken for an old message.
         assert_eq!(per["Apost"], (0..POST).collect::<Vec<_>>());
+        // The restart is announced once (a new epoch of a stream that had started).
+        assert_eq!(per.get("discontinuity").map_or(0, Vec::len), 1, "one discontinuity");
     }
     for mut n in nodes {
         let _ = n.kill().await;
