@@ -84,6 +84,10 @@ pub trait Sink: Send + Sync + 'static {
         after: Seq,
         through: Option<Seq>,
     );
+    /// A node of another region acknowledged this node's messages of `channel` up to `seq`.
+    fn replicated(&self, channel: &ChannelName, seq: Seq) {
+        let _ = (channel, seq);
+    }
 }
 
 /// Why the backbone could not start.
@@ -348,6 +352,7 @@ async fn drive(
                     sink.discontinuity(&origin, &channel, epoch, after, through)
                 }
                 Event::Ready { channel } => sink.ready(&channel),
+                Event::Replicated { channel, seq } => sink.replicated(&channel, seq),
                 Event::Started { origin, channel, epoch, after, late } => {
                     if late && after.0 > 0 {
                         warn!(%origin, %channel, %epoch, %after, "stream started after subscribers joined (the origin was unreachable): its messages up to here may be missing");

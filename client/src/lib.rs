@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use options::{ClientOptions, ReconnectPolicy};
 pub use subscription::{Event, Subscription};
-pub use tern_proto::client::Message;
+pub use tern_proto::client::{Durability, Message};
 pub use tern_proto::codec::Format;
 
 use driver::Command;
@@ -221,6 +221,20 @@ impl Client {
         id: Option<&str>,
         data: impl Into<Payload>,
     ) -> Result<Ack, ClientError> {
+        self.publish_durable(channel, name, id, data, Durability::Local).await
+    }
+
+    /// Publishes and waits until the message is as durable as asked: in the node's log
+    /// (`Local`), or also acknowledged by a node of another region (`Replicated`; fails with
+    /// `NotReplicated` when none is reachable in time — the message is still delivered).
+    pub async fn publish_durable(
+        &self,
+        channel: &str,
+        name: &str,
+        id: Option<&str>,
+        data: impl Into<Payload>,
+        durability: Durability,
+    ) -> Result<Ack, ClientError> {
         let id = match id {
             Some(id) => id.to_owned(),
             None => {
@@ -237,6 +251,7 @@ impl Client {
             id,
             name: name.to_owned(),
             data: Some(data),
+            durability: durability as i32,
         };
         self.request(|reply| Command::Publish { frame, reply }).await
     }

@@ -56,6 +56,9 @@ pub struct Accepted {
     /// When the channel keeps history: the store ticket to wait for before the ack (the
     /// message is in the log once the store's committed ticket reaches it).
     pub log_ticket: Option<u64>,
+    /// Sequenced by this node in this epoch (so `seq` is this node's own origin sequence);
+    /// false for an id first seen from another origin.
+    pub own: bool,
 }
 
 impl Accepted {
@@ -96,6 +99,9 @@ pub struct Hub {
     channels: RwLock<HashMap<ChannelName, Arc<Channel>>>,
     /// Replication to other nodes, when configured.
     backbone: OnceLock<Backbone>,
+    /// Bumped whenever another region acknowledges something (publishers waiting for
+    /// `DURABILITY_REPLICATED` re-check their channel).
+    replicated: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -119,6 +125,8 @@ struct ChannelState {
     dedupe: Dedupe,
     /// Set when the registry dropped this channel; holders must look it up again.
     removed: bool,
+    /// Own sequences (this epoch) a node of another region acknowledged.
+    replicated: u64,
     /// The newest messages of a channel that keeps history (at most [`REWIND_MAX`]), so a
     /// rewind is served under the channel lock, seamlessly joined to the live stream.
     recent: VecDeque<Arc<EncodedMessage>>,
@@ -231,6 +239,7 @@ impl Hub {
             limits,
             channels: RwLock::new(HashMap::new()),
             backbone: OnceLock::new(),
+            replicated: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -284,6 +293,7 @@ impl Hub {
                     duplicate: false,
                     epoch: self.log_epoch,
                     log_ticket: None,
+                    own: false,
                 };
                 state.dedupe.seen.insert(m.id.clone(), accepted);
                 state.dedupe.order.push_back((now, m.id.clone()));
@@ -296,6 +306,40 @@ impl Hub {
             state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
         });
         true
+    }
+
+    /// Whether a backbone runs (publishes can wait for another region).
+    pub fn replicates(&self) -> bool {
+        self.backbone.get().is_some()
+    }
+
+    /// A node of another region acknowledged this node's messages of `name` up to `seq`.
+    pub fn note_replicated(&self, name: &ChannelName, seq: u64) {
+        let Some(channel) =
+            self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        else {
+            return;
+        };
+        let mut state = lock(&channel.state);
+        if seq > state.replicated {
+            state.replicated = seq;
+            drop(state);
+            self.replicated.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Whether another region has this node's message `seq` of `name`.
+    pub fn is_replicated(&self, name: &str, seq: u64) -> bool {
+        self.channels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .is_some_and(|c| lock(&c.state).replicated >= seq)
+    }
+
+    /// Changes whenever another region acknowledged something.
+    pub fn replicated_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replicated.subscribe()
     }
 
     /// This start's origin epoch (the backbone's).
@@ -443,6 +487,8 @@ impl Hub {
                             duplicate: false,
                             epoch: self.log_epoch,
                             log_ticket: None,
+                            own: msg.origin == self.node.as_str()
+                                && msg.origin_epoch == self.epoch.0,
                         };
                         state.dedupe.seen.insert(msg.id.clone(), accepted);
                         state.dedupe.order.push_back((now, msg.id.clone()));
@@ -841,6 +887,7 @@ impl Hub {
                 duplicate: false,
                 epoch: self.log_epoch,
                 log_ticket,
+                own: true,
             };
             if let Some(id) = &msg.id {
                 state.dedupe.seen.insert(id.clone(), accepted.clone());

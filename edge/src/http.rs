@@ -281,6 +281,7 @@ async fn http_publish(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
         .unwrap_or_else(|| "application/json".into());
+    let mut replicated = false;
     let req = match content_type.as_str() {
         "application/json" => match serde_json::from_slice::<client::Publish>(&body) {
             Ok(p) if !p.channel.is_empty() && p.channel != channel => {
@@ -290,7 +291,10 @@ async fn http_publish(
                     "the body's channel differs from the URL's".into(),
                 );
             }
-            Ok(p) => PublishRequest { channel, id: p.id, name: p.name, data: p.data },
+            Ok(p) => {
+                replicated = p.durability == client::Durability::Replicated as i32;
+                PublishRequest { channel, id: p.id, name: p.name, data: p.data }
+            }
             Err(e) => {
                 return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
             }
@@ -323,6 +327,13 @@ async fn http_publish(
         }
     };
     let channel_name = req.channel.clone();
+    if replicated && !node.hub().replicates() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::Unsupported,
+            "this node has no backbone: no other region can hold the message".into(),
+        );
+    }
     match pubmod::publish(&node, req, "http") {
         Ok(a) => {
             // Answer once the message is in the history log, if it goes there.
@@ -334,6 +345,20 @@ async fn http_publish(
                         StatusCode::SERVICE_UNAVAILABLE,
                         ErrorCode::Internal,
                         "delivered, but not confirmed in the history log in time".into(),
+                    );
+                }
+            }
+            if replicated && a.own {
+                let mut changes = node.hub().replicated_watch();
+                let hub = node.hub();
+                let (ch, seq) = (channel_name.clone(), a.seq.0);
+                let wait = changes.wait_for(|_| hub.is_replicated(&ch, seq));
+                if !matches!(tokio::time::timeout(LOG_WAIT, wait).await, Ok(Ok(_))) {
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::NotReplicated,
+                        "delivered and logged here, but no other region acknowledged it in time"
+                            .into(),
                     );
                 }
             }

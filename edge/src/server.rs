@@ -76,6 +76,12 @@ impl Sink for HubSink {
         }
     }
 
+    fn replicated(&self, channel: &ChannelName, seq: Seq) {
+        if let Some(node) = self.0.upgrade() {
+            node.hub().note_replicated(channel, seq.0);
+        }
+    }
+
     fn discontinuity(
         &self,
         origin: &NodeId,

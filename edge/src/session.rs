@@ -63,7 +63,7 @@ struct Session {
     batch: Vec<Arc<EncodedMessage>>,
     /// Acks waiting for their messages to reach the history log (store ticket, frame), in
     /// publish order.
-    acks: VecDeque<(u64, server_frame::Kind)>,
+    acks: VecDeque<PendingAck>,
     /// The history store's committed ticket, when the node keeps history.
     committed: Option<watch::Receiver<u64>>,
     /// Resumed subscriptions replaying from the log, one at a time (see `crate::resume`).
@@ -71,6 +71,19 @@ struct Session {
     /// Serial for the next catch-up.
     next_catchup: u64,
 }
+
+/// An ack waiting for its message to be durable enough.
+struct PendingAck {
+    /// Store ticket of the log write (0: none).
+    ticket: u64,
+    /// `DURABILITY_REPLICATED`: the channel and own sequence another region must have, and
+    /// when to give up.
+    replicated: Option<(String, u64, Instant)>,
+    ack: client::Ack,
+}
+
+/// How long a `DURABILITY_REPLICATED` publish waits for another region.
+const REPLICATION_WAIT: Duration = Duration::from_secs(10);
 
 /// One replay step in flight: the catch-up's id, whether waiting for the log timed out,
 /// and the step.
@@ -120,6 +133,7 @@ where
     let mut step: Option<StepFuture> = None;
     // A second watcher of the same value, to wait on in the loop below.
     let mut committed = node.hub().store().map(|s| s.committed());
+    let mut replicated = node.hub().replicated_watch();
     let hb = cfg.heartbeat.interval;
     let idle = cfg.heartbeat.idle_timeout;
     let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
@@ -175,6 +189,19 @@ where
                     None => std::future::pending().await,
                 }
             }, if !session.acks.is_empty() => {
+                session.flush_acks();
+                Ok(())
+            }
+            _ = async {
+                let deadline = session.acks.front().and_then(|a| a.replicated.as_ref()).map(|r| r.2);
+                match deadline {
+                    Some(d) => tokio::select! {
+                        _ = replicated.changed() => {}
+                        _ = sleep_until(d) => {}
+                    },
+                    None => std::future::pending().await,
+                }
+            }, if session.acks.front().is_some_and(|a| a.replicated.is_some()) => {
                 session.flush_acks();
                 Ok(())
             }
@@ -617,23 +644,35 @@ impl Session {
 
     fn publish(&mut self, p: client::Publish, client_id: &str) {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
+        let replicated = p.durability == client::Durability::Replicated as i32;
+        let nack = |code: ErrorCode, reason: String| {
+            server_frame::Kind::Nack(Nack {
+                request_id,
+                channel: channel.clone(),
+                message_id: id.clone(),
+                code: code as i32,
+                reason,
+            })
+        };
+        if replicated && !self.node.hub().replicates() {
+            let reason = "this node has no backbone: no other region can hold the message".into();
+            return self.reply(nack(ErrorCode::Unsupported, reason));
+        }
         let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
         match publish::publish(&self.node, req, client_id) {
             Ok(a) => {
-                // The ack waits until the message is in the history log, if it goes there;
-                // acks leave in publish order.
-                let ticket = a.log_ticket.unwrap_or(0);
-                self.acks
-                    .push_back((ticket, server_frame::Kind::Ack(a.into_ack(request_id, channel))));
+                // The ack waits until the message is in the history log, if it goes there,
+                // and in another region if asked; acks leave in publish order.
+                let wait = (replicated && a.own)
+                    .then(|| (channel.clone(), a.seq.0, Instant::now() + REPLICATION_WAIT));
+                self.acks.push_back(PendingAck {
+                    ticket: a.log_ticket.unwrap_or(0),
+                    replicated: wait,
+                    ack: a.into_ack(request_id, channel),
+                });
                 self.flush_acks();
             }
-            Err(e) => self.reply(server_frame::Kind::Nack(Nack {
-                request_id,
-                channel,
-                message_id: id,
-                code: e.code() as i32,
-                reason: e.to_string(),
-            })),
+            Err(e) => self.reply(nack(e.code(), e.to_string())),
         }
     }
 
@@ -684,12 +723,34 @@ impl Session {
         });
     }
 
-    /// Sends the acks whose messages are logged, in order.
+    /// Sends the acks whose messages are durable enough, in order; a replicated publish
+    /// that no other region acknowledged in time is answered with `NOT_REPLICATED`.
     fn flush_acks(&mut self) {
         let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
-        while self.acks.front().is_some_and(|(t, _)| *t <= logged) {
-            if let Some((_, ack)) = self.acks.pop_front() {
-                self.reply(ack);
+        let now = Instant::now();
+        while let Some(front) = self.acks.front() {
+            if front.ticket > logged {
+                break;
+            }
+            let frame = match &front.replicated {
+                None => None,
+                Some((ch, seq, _)) if self.node.hub().is_replicated(ch, *seq) => None,
+                Some((_, _, deadline)) if now >= *deadline => Some(Nack {
+                    request_id: front.ack.request_id,
+                    channel: front.ack.channel.clone(),
+                    message_id: front.ack.message_id.clone(),
+                    code: ErrorCode::NotReplicated as i32,
+                    reason: format!(
+                        "no other region acknowledged the message within {REPLICATION_WAIT:?}; \
+                         it was delivered here and is replicated once a region is reachable"
+                    ),
+                }),
+                Some(_) => break,
+            };
+            let Some(done) = self.acks.pop_front() else { break };
+            match frame {
+                None => self.reply(server_frame::Kind::Ack(done.ack)),
+                Some(nack) => self.reply(server_frame::Kind::Nack(nack)),
             }
         }
     }

@@ -175,3 +175,47 @@ async fn next_text(sub: &mut tern_client::Subscription) -> String {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// `DURABILITY_REPLICATED`: the ack comes once a node of another region has the message;
+/// with no other region reachable the publisher gets `NOT_REPLICATED` (while a local-only
+/// publish is acknowledged at once), and a node without a backbone refuses the level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_durability_waits_for_another_region() {
+    use tern_client::{ClientError, Durability};
+    use tern_proto::client::ErrorCode;
+    let mut c = cluster(&["eu-west", "us-east"], |_, _| {}).await;
+    // Longer than the node's 10 s replication wait, so the node's answer is what arrives.
+    let patient = ClientOptions { request_timeout: Duration::from_secs(30), ..Default::default() };
+    let on_a = Client::connect(&c.nodes[0].url(), patient).await.unwrap();
+    let on_b = Client::connect(&c.nodes[1].url(), ClientOptions::default()).await.unwrap();
+    let mut sub_b = on_b.subscribe("chat:safe").await.unwrap();
+    let ack = on_a
+        .publish_durable("chat:safe", "", None, "kept twice", Durability::Replicated)
+        .await
+        .unwrap();
+    assert!(!ack.duplicate);
+    assert_eq!(next_text(&mut sub_b).await, "kept twice");
+
+    // The other region goes away.
+    drop(sub_b);
+    on_b.close().await;
+    c.nodes.remove(1).stop().await;
+    on_a.publish("chat:safe", "local only").await.unwrap();
+    match on_a.publish_durable("chat:safe", "", None, "lonely", Durability::Replicated).await {
+        Err(ClientError::Refused { code: ErrorCode::NotReplicated, .. }) => {}
+        other => panic!("expected NOT_REPLICATED, got {other:?}"),
+    }
+
+    // A node without a backbone cannot offer it.
+    let single = TestNode::start(|_| {}).await;
+    let alone = Client::connect(&single.url(), ClientOptions::default()).await.unwrap();
+    match alone.publish_durable("chat:x", "", None, "x", Durability::Replicated).await {
+        Err(ClientError::Refused { code: ErrorCode::Unsupported, .. }) => {}
+        other => panic!("expected UNSUPPORTED, got {other:?}"),
+    }
+    single.stop().await;
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}

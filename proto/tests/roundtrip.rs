@@ -115,9 +115,9 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
             request_id,
             channel
         })),
-        (any::<u32>(), s(), s(), s(), publish_data).prop_map(
-            |(request_id, channel, id, name, data)| {
-                Kind::Publish(Publish { request_id, channel, id, name, data })
+        (any::<u32>(), s(), s(), s(), publish_data, 0..2i32).prop_map(
+            |(request_id, channel, id, name, data, durability)| {
+                Kind::Publish(Publish { request_id, channel, id, name, data, durability })
             }
         ),
         any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),

@@ -113,6 +113,14 @@ pub enum Event {
         /// Channel.
         channel: ChannelName,
     },
+    /// A node of another region acknowledged this node's messages of `channel` up to `seq`
+    /// (this epoch): they survive the loss of this region.
+    Replicated {
+        /// Channel.
+        channel: ChannelName,
+        /// Highest sequence acknowledged.
+        seq: Seq,
+    },
 }
 
 /// An origin log: the node's own messages of one channel, the last `retention` kept.
@@ -498,6 +506,9 @@ impl Replica {
                             out.acked = seq.0;
                             out.progress_at = now;
                             out.retries = 0;
+                            if from.region() != self.me.region() {
+                                self.events.push_back(Event::Replicated { channel, seq });
+                            }
                         }
                     }
                 }
