@@ -323,8 +323,12 @@ async fn drive(
                     r.set_link_rtt(peer, q.rtt());
                 }
             }
+            let received = !batch.is_empty();
             for (from, frame) in batch {
                 r.handle_frame(now, &from, frame);
+            }
+            if received {
+                r.send_acks();
             }
             r.handle_timeout(now);
             while let Some((peer, frame)) = r.poll_transmit() {

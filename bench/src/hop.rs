@@ -58,6 +58,11 @@ pub struct TernPair {
 impl TernPair {
     /// Starts the pair.
     pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(|_| String::new()).await
+    }
+
+    /// Starts the pair, appending `extra(i, dir)` to node `i`'s configuration.
+    pub async fn spawn_with(extra: impl Fn(usize) -> String) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("tern-bench-pair-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         tern_backbone::certs::init_ca(&dir)?;
@@ -86,7 +91,7 @@ impl TernPair {
                 udp[other],
             );
             let path = dir.join(format!("{}.toml", id.region()));
-            std::fs::write(&path, toml)?;
+            std::fs::write(&path, toml + &extra(i))?;
             configs.push(path);
         }
         let a = TernServer::spawn_with(&["--config", configs[0].to_str().context("path")?]).await?;

@@ -867,6 +867,20 @@ impl Replica {
         self.drain(&key);
     }
 
+    /// Acknowledges what was delivered since the last acks (one frame per origin and
+    /// channel). Runs on every tick; a driver may also call it after each batch of received
+    /// frames so origins learn sooner (publishers waiting for replication).
+    pub fn send_acks(&mut self) {
+        for (origin, channel) in std::mem::take(&mut self.ack_due) {
+            if let Some(r) = self.recv.get(&(origin.clone(), channel.clone())) {
+                if r.started && self.links.get(&origin).is_some_and(|l| l.up) {
+                    let ack = Frame::Ack { channel, epoch: r.epoch, seq: Seq(r.delivered) };
+                    self.transmit.push_back((origin, ack));
+                }
+            }
+        }
+    }
+
     /// Time passed: send due acks, retransmit what peers have not acknowledged, re-Nack gaps,
     /// repeat unanswered interests, withdraw interests whose grace ended.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -884,14 +898,7 @@ impl Replica {
             }
         }
         self.interest_timers(now);
-        for (origin, channel) in std::mem::take(&mut self.ack_due) {
-            if let Some(r) = self.recv.get(&(origin.clone(), channel.clone())) {
-                if r.started && self.links.get(&origin).is_some_and(|l| l.up) {
-                    let ack = Frame::Ack { channel, epoch: r.epoch, seq: Seq(r.delivered) };
-                    self.transmit.push_back((origin, ack));
-                }
-            }
-        }
+        self.send_acks();
         let mut resends = Vec::new();
         for (peer, link) in &mut self.links {
             if !link.up {
