@@ -17,9 +17,11 @@
 //! One background task (the driver) owns the WebSocket. It answers pings, matches replies
 //! to requests, routes deliveries to subscriptions, and on a lost connection reconnects with
 //! exponential back-off and jitter, subscribes again and re-sends unacknowledged publishes
-//! with their original ids (the node de-duplicates them). Until resume lands, a reconnect
-//! tells every subscription with [`Event::Discontinuity`] that messages may have been missed:
-//! never a silent hole.
+//! with their original ids (the node de-duplicates them). Every subscription resumes where it
+//! left off: the SDK presents the node, log position and per-origin vector of the last
+//! message it delivered, the node replays what was missed, and the SDK drops anything the
+//! application already has, so it sees each message once, in order. What cannot be replayed
+//! arrives as [`Event::Discontinuity`]: never a silent hole.
 //!
 //! Modules: [`options`] (settings), [`driver`] (the connection task), [`subscription`],
 //! [`nearest`] (nearest-edge selection by `/v1/ping` probes).

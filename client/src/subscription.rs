@@ -14,8 +14,9 @@ use crate::driver::Command;
 pub enum Event {
     /// A message, in the channel's delivery order.
     Message(Message),
-    /// Messages may have been missed (the connection was lost and re-established without
-    /// resume). Fetch history or resynchronise if the application needs every message.
+    /// Messages were missed and cannot be replayed (away longer than the resume window,
+    /// past the log's retention, or a channel without history). Fetch history or
+    /// resynchronise if the application needs every message.
     Discontinuity {
         /// Why.
         reason: String,

@@ -11,8 +11,8 @@
 //! `limits.send_queue_bytes` payload bytes. A push that would exceed either marks the
 //! outbox overflowed; the channel drops that subscriber, and the session closes the
 //! connection with 4001 (slow consumer). Publishers and other subscribers never wait for a
-//! slow reader, and memory stays bounded. (Once resume lands, the client picks up the rest
-//! from the channel log.)
+//! slow reader, and memory stays bounded. The client resumes and picks up the rest from the
+//! channel log (see `crate::resume`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

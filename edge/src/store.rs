@@ -18,8 +18,8 @@
 //! Sync policy ([`SyncPolicy`]): `group` makes every group durable before the next starts
 //! (an fsync per group; a crash loses at most the group being written); `interval` commits
 //! groups without fsync and makes them durable every `sync_interval` (fewer fsyncs, a crash
-//! loses at most that interval). Publish acks do not yet wait for the log (durability
-//! levels are the next step of the message-integrity work).
+//! loses at most that interval). Publish acks on history channels wait until the message's
+//! group is committed (and, with `DURABILITY_REPLICATED`, until another region has it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
