@@ -43,6 +43,13 @@ pub enum Command {
         /// Where the ack goes.
         reply: oneshot::Sender<Result<Ack, ClientError>>,
     },
+    /// Read a page of a channel's history; the request id is assigned by the driver.
+    History {
+        /// The request.
+        request: tern_proto::client::HistoryRequest,
+        /// Where the page goes.
+        reply: oneshot::Sender<Result<tern_proto::client::HistoryPage, ClientError>>,
+    },
     /// A subscription was dropped.
     Drop {
         /// Its channel.
@@ -185,6 +192,7 @@ pub(crate) async fn start(
         channels: HashMap::new(),
         sub_requests: HashMap::new(),
         publishes: BTreeMap::new(),
+        history: HashMap::new(),
         node: connected.node.clone(),
         resume_window: resume_window(&connected),
         lost_at: None,
@@ -294,6 +302,9 @@ struct Driver {
     sub_requests: HashMap<u32, String>,
     /// Unacknowledged publishes, in the order they were made (re-sent after a reconnect).
     publishes: BTreeMap<u32, (Publish, oneshot::Sender<Result<Ack, ClientError>>)>,
+    /// History requests in flight on the current connection (a lost connection fails them
+    /// with [`ClientError::Closed`]; history is read again on the next).
+    history: HashMap<u32, oneshot::Sender<Result<tern_proto::client::HistoryPage, ClientError>>>,
     /// The connected node's id and resume window.
     node: String,
     resume_window: std::time::Duration,
@@ -325,6 +336,8 @@ impl Driver {
             }
             let _ = self.state.send(ConnectionState::Connecting);
             self.lost_at = Some(Instant::now());
+            // Their answers would have come on the lost connection: the callers see Closed.
+            self.history.clear();
             match self.reconnect(&mut cmds).await {
                 Some(new_ws) => ws = new_ws,
                 None => break,
@@ -478,6 +491,11 @@ impl Driver {
                 self.publishes.insert(frame.request_id, (frame.clone(), reply));
                 self.write(ws, client_frame::Kind::Publish(frame)).await
             }
+            Command::History { mut request, reply } => {
+                request.request_id = self.request_id();
+                self.history.insert(request.request_id, reply);
+                self.write(ws, client_frame::Kind::History(request)).await
+            }
             Command::Drop { channel, id } => {
                 let Some(entry) = self.channels.get_mut(&channel) else { return Flow::Continue };
                 entry.sinks.retain(|(sid, _)| *sid != id);
@@ -557,8 +575,11 @@ impl Driver {
                     }
                 }
             }
-            // The SDK does not request history pages (yet): none arrive.
-            Kind::History(_) => {}
+            Kind::History(page) => {
+                if let Some(reply) = self.history.remove(&page.request_id) {
+                    let _ = reply.send(Ok(page));
+                }
+            }
             Kind::Discontinuity(d) => {
                 if let Some(entry) = self.channels.get_mut(&d.channel) {
                     for (_, sink) in &entry.sinks {
@@ -610,6 +631,8 @@ impl Driver {
                                 .send(Err(ClientError::Refused { code, reason: e.reason.clone() }));
                         }
                     }
+                } else if let Some(reply) = self.history.remove(&e.request_id) {
+                    let _ = reply.send(Err(ClientError::Refused { code, reason: e.reason }));
                 } else {
                     warn!(?code, reason = %e.reason, "error from node");
                 }

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use options::{ClientOptions, ReconnectPolicy};
 pub use subscription::{Event, Subscription};
-pub use tern_proto::client::{Durability, Message};
+pub use tern_proto::client::{Durability, HistoryPage, HistoryRequest, Message};
 pub use tern_proto::codec::Format;
 
 use driver::Command;
@@ -256,6 +256,18 @@ impl Client {
             durability: durability as i32,
         };
         self.request(|reply| Command::Publish { frame, reply }).await
+    }
+
+    /// Reads a page of a channel's durable history (namespaces that keep it): set `limit`
+    /// (default 100, at most 1000), `forwards` (default newest first), `from`/`to` offsets
+    /// and `since_ms`/`until_ms`; `HistoryPage::next_from` is the next page's `from`.
+    pub async fn history(
+        &self,
+        channel: &str,
+        mut request: tern_proto::client::HistoryRequest,
+    ) -> Result<tern_proto::client::HistoryPage, ClientError> {
+        channel.clone_into(&mut request.channel);
+        self.request(|reply| Command::History { request, reply }).await
     }
 
     /// Closes the connection (close code 1000) and stops reconnecting.

@@ -293,3 +293,36 @@ async fn history_over_websocket() {
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The SDK's history call: pages both ways, and the node's refusal as an error.
+#[tokio::test]
+async fn history_through_the_sdk() {
+    use tern_client::{ClientError, HistoryRequest};
+    let dir = data_dir("sdk");
+    let n = node(&dir, 1000).await;
+    for i in 1..=5 {
+        publish(&n, "log:s", &format!("m{i}")).await;
+    }
+    let client = tern_client::Client::connect(&n.url(), tern_client::ClientOptions::default())
+        .await
+        .unwrap();
+    let text = |m: &tern_client::Message| match &m.data {
+        Some(tern_proto::client::message::Data::Text(t)) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    let page = client.history("log:s", HistoryRequest { limit: 3, ..Default::default() }).await;
+    let page = page.unwrap();
+    assert_eq!(page.messages.iter().map(text).collect::<Vec<_>>(), ["m5", "m4", "m3"]);
+    assert_eq!(page.next_from, Some(2));
+    let back = HistoryRequest { forwards: true, from: page.next_from, ..Default::default() };
+    let page = client.history("log:s", back).await.unwrap();
+    assert_eq!(page.messages.iter().map(text).collect::<Vec<_>>(), ["m2", "m3", "m4", "m5"]);
+    assert_eq!(page.next_from, None);
+    match client.history("chat:none", HistoryRequest::default()).await {
+        Err(ClientError::Refused { code: tern_proto::client::ErrorCode::Unsupported, .. }) => {}
+        other => panic!("expected UNSUPPORTED, got {other:?}"),
+    }
+    client.close().await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
