@@ -11,11 +11,10 @@
 
 mod common;
 
-use common::TERN;
+use common::{ProcessCluster, REGIONS};
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,67 +24,15 @@ use rand::{Rng, SeedableRng};
 use tern_client::{Client, ClientOptions, Event, ReconnectPolicy};
 use tern_proto::client::message::Data;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Child;
 use tokio::task::AbortHandle;
 
 const WAIT: Duration = Duration::from_secs(90);
-const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 /// Messages per publisher.
 const EACH: usize = 1_000;
 /// Subscribers per node.
 const SUBS_PER_NODE: usize = 2;
 /// Messages published while the retention subscriber is away (its namespace keeps 20).
 const FORCED: usize = 150;
-
-fn free_tcp() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn write_configs(dir: &Path, client: &[SocketAddr], backbone: &[SocketAddr]) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    for (i, r) in REGIONS.iter().enumerate() {
-        let d = dir.display();
-        let mut toml = format!(
-            "[node]\nregion = \"{r}\"\nname = \"edge-1\"\n[listen]\nclient = \"{}\"\n\
-             [heartbeat]\ninterval = \"500ms\"\nidle_timeout = \"5s\"\n\
-             [history]\ndata_dir = \"{d}/{r}-data\"\n\
-             [[history.namespaces]]\nname = \"chaos\"\nmax_messages = 100000\n\
-             [[history.namespaces]]\nname = \"tiny\"\nmax_messages = 20\n\
-             [backbone]\nlisten = \"{}\"\nca = \"{d}/ca.pem\"\ncert = \"{d}/{r}-edge-1.pem\"\nkey = \"{d}/{r}-edge-1.key\"\n",
-            client[i], backbone[i]
-        );
-        for (j, r2) in REGIONS.iter().enumerate() {
-            if j != i {
-                toml += &format!(
-                    "[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"{}\"\n",
-                    backbone[j]
-                );
-            }
-        }
-        let path = dir.join(format!("{r}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        paths.push(path);
-    }
-    paths
-}
-
-async fn start(config: &Path) -> Child {
-    common::spawn_edge([std::ffi::OsStr::new("--config"), config.as_os_str()], WAIT).await.0
-}
-
-fn certs(dir: &Path) {
-    let d = dir.to_str().unwrap();
-    let run = |args: &[&str]| {
-        assert!(std::process::Command::new(TERN).args(args).status().unwrap().success());
-    };
-    run(&["certs", "init", "--dir", d]);
-    for r in REGIONS {
-        run(&["certs", "node", &format!("{r}/edge-1"), "--dir", d]);
-    }
-}
 
 /// Makes dropping `s` send a TCP reset. (A zero linger never blocks, which is why tokio's
 /// deprecation of `set_linger` does not apply here.)
@@ -233,15 +180,20 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
 
     let dir = std::env::temp_dir().join(format!("tern-chaos-{}-{seed}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    certs(&dir);
-    let client: Vec<SocketAddr> = (0..3).map(|_| free_tcp()).collect();
-    let backbone: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
-    let configs = write_configs(&dir, &client, &backbone);
+    let cluster = ProcessCluster::write(&dir, |r| {
+        format!(
+            "[history]\ndata_dir = \"{}/{r}-data\"\n\
+             [[history.namespaces]]\nname = \"chaos\"\nmax_messages = 100000\n\
+             [[history.namespaces]]\nname = \"tiny\"\nmax_messages = 20\n",
+            dir.display()
+        )
+    });
+    let client = cluster.client.clone();
     let mut nodes = Vec::new();
-    for c in &configs {
-        nodes.push(start(c).await);
+    for i in 0..3 {
+        nodes.push(cluster.start(i, WAIT).await);
     }
-    let url = |i: usize| format!("ws://{}", client[i]);
+    let url = |i: usize| cluster.url(i);
 
     // Subscribers: each behind its own cutting proxy, subscribed before anything is
     // published, so "everything published during its subscription" is everything.
@@ -318,7 +270,7 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
             killed = true;
             nodes[victim].kill().await.unwrap(); // SIGKILL
             tokio::time::sleep(Duration::from_millis(300)).await;
-            nodes[victim] = start(&configs[victim]).await;
+            nodes[victim] = cluster.start(victim, WAIT).await;
         }
     }
     for p in pubs {

@@ -3,55 +3,16 @@
 
 mod common;
 
-use common::TERN;
+use common::ProcessCluster;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tern_client::{Client, ClientOptions, Event};
 use tern_proto::client::message::Data;
-use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(60);
-const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
-
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn write_configs(dir: &Path, client: &[SocketAddr], backbone: &[SocketAddr]) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    for (i, r) in REGIONS.iter().enumerate() {
-        let d = dir.display();
-        let mut toml = format!(
-            "[node]\nregion = \"{r}\"\nname = \"edge-1\"\n[listen]\nclient = \"{}\"\n[heartbeat]\ninterval = \"500ms\"\nidle_timeout = \"5s\"\n\
-             [backbone]\nlisten = \"{}\"\nca = \"{d}/ca.pem\"\ncert = \"{d}/{r}-edge-1.pem\"\nkey = \"{d}/{r}-edge-1.key\"\n",
-            client[i], backbone[i]
-        );
-        for (j, r2) in REGIONS.iter().enumerate() {
-            if j != i {
-                toml += &format!(
-                    "[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"{}\"\n",
-                    backbone[j]
-                );
-            }
-        }
-        let path = dir.join(format!("{r}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        paths.push(path);
-    }
-    paths
-}
-
-async fn start(config: &Path) -> Child {
-    common::spawn_edge([std::ffi::OsStr::new("--config"), config.as_os_str()], WAIT).await.0
-}
 
 /// Publishes probes from every node until every node has seen one from each other node:
 /// then all backbone links are up.
@@ -92,32 +53,12 @@ fn text(m: &tern_client::Message) -> String {
 async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated() {
     let dir = std::env::temp_dir().join(format!("tern-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let d = dir.to_str().unwrap();
-    assert!(
-        std::process::Command::new(TERN)
-            .args(["certs", "init", "--dir", d])
-            .status()
-            .unwrap()
-            .success()
-    );
-    for r in REGIONS {
-        let id = format!("{r}/edge-1");
-        assert!(
-            std::process::Command::new(TERN)
-                .args(["certs", "node", &id, "--dir", d])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-    let client: Vec<SocketAddr> = (0..3).map(|_| free_tcp()).collect();
-    let backbone: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
-    let configs = write_configs(&dir, &client, &backbone);
+    let cluster = ProcessCluster::write(&dir, |_| String::new());
     let mut nodes = Vec::new();
-    for c in &configs {
-        nodes.push(start(c).await);
+    for i in 0..3 {
+        nodes.push(cluster.start(i, WAIT).await);
     }
-    let url = |i: usize| format!("ws://{}", client[i]);
+    let url = |i: usize| cluster.url(i);
     wait_for_mesh(&(0..3).map(url).collect::<Vec<_>>()).await;
 
     // Subscribers on the two nodes that survive.
@@ -175,7 +116,7 @@ async fn a_killed_node_restarts_with_a_new_epoch_and_nothing_is_lost_or_repeated
     nodes[0].kill().await.unwrap(); // SIGKILL: no shutdown, no goodbye
     drop(a);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    nodes[0] = start(&configs[0]).await;
+    nodes[0] = cluster.start(0, WAIT).await;
     let a = Client::connect(&url(0), ClientOptions::default()).await.unwrap();
     for k in 0..POST {
         a.publish("chat:k", format!("Apost:{k}")).await.unwrap();

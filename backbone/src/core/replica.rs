@@ -210,6 +210,14 @@ struct Link {
     out: BTreeMap<ChannelName, Out>,
 }
 
+impl Link {
+    /// How long to wait for progress before repeating a frame: the configured `rto`, and at
+    /// least twice the measured round trip.
+    fn rto(&self, config: &Config) -> Duration {
+        config.rto.max(self.rtt * 2)
+    }
+}
+
 /// The channels this node receives from its peers.
 #[derive(Debug, Clone)]
 struct Interest {
@@ -464,7 +472,7 @@ impl Replica {
     }
 
     fn rto(&self, peer: &NodeId) -> Duration {
-        self.config.rto.max(self.links.get(peer).map_or(Duration::ZERO, |l| l.rtt * 2))
+        self.links.get(peer).map_or(self.config.rto, |l| l.rto(&self.config))
     }
 
     /// The transport reports that the link to `peer` is down.
@@ -904,7 +912,7 @@ impl Replica {
             if !link.up {
                 continue;
             }
-            let rto = self.config.rto.max(link.rtt * 2);
+            let rto = link.rto(&self.config);
             for (channel, out) in &mut link.out {
                 let Some(log) = self.logs.get(channel) else { continue };
                 if out.acked >= log.last {
@@ -940,7 +948,7 @@ impl Replica {
             }
             let Some((&first_held, _)) = r.held.iter().next() else { continue };
             let Some(link) = self.links.get(origin).filter(|l| l.up) else { continue };
-            let rto = self.config.rto.max(link.rtt * 2);
+            let rto = link.rto(&self.config);
             if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
                 r.last_nack = Some(now);
                 let nack = Frame::Nack {
@@ -988,7 +996,7 @@ impl Replica {
         // Interests not answered yet.
         for ((origin, channel), r) in &mut self.recv {
             let Some(link) = self.links.get(origin).filter(|l| l.up) else { continue };
-            let rto = self.config.rto.max(link.rtt * 2);
+            let rto = link.rto(&self.config);
             if r.started || r.asked.is_some_and(|t| now.duration_since(t) < rto) {
                 continue;
             }
