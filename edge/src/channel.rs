@@ -12,6 +12,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,6 +103,8 @@ pub struct Hub {
     /// Bumped whenever another region acknowledges something (publishers waiting for
     /// `DURABILITY_REPLICATED` re-check their channel).
     replicated: tokio::sync::watch::Sender<u64>,
+    /// Keys the hashes of replicated message ids (see `Dedupe::remote`).
+    id_hash: std::collections::hash_map::RandomState,
 }
 
 #[derive(Debug)]
@@ -159,6 +162,11 @@ struct PendingSub {
 struct Dedupe {
     seen: HashMap<String, Accepted>,
     order: VecDeque<(Instant, String)>,
+    /// Ids of messages that arrived from other origins, as keyed 64-bit hashes (the
+    /// replication path stays allocation-free; the key is random per process, so ids
+    /// cannot be crafted to collide).
+    remote: std::collections::HashSet<u64>,
+    remote_order: VecDeque<(Instant, u64)>,
 }
 
 impl Dedupe {
@@ -171,6 +179,16 @@ impl Dedupe {
             }
             if let Some((_, id)) = self.order.pop_front() {
                 self.seen.remove(&id);
+            }
+        }
+        while let Some((at, _)) = self.remote_order.front() {
+            if now.duration_since(*at) < limits.dedupe_window
+                && self.remote_order.len() <= limits.dedupe_ids
+            {
+                break;
+            }
+            if let Some((_, h)) = self.remote_order.pop_front() {
+                self.remote.remove(&h);
             }
         }
     }
@@ -240,6 +258,7 @@ impl Hub {
             channels: RwLock::new(HashMap::new()),
             backbone: OnceLock::new(),
             replicated: tokio::sync::watch::Sender::new(0),
+            id_hash: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -281,22 +300,12 @@ impl Hub {
             // whichever copy reaches this node first is the one delivered here.
             state.dedupe.prune(now, &self.limits);
             if !m.id.is_empty() {
-                if state.dedupe.seen.contains_key(&m.id) {
+                let h = self.id_hash.hash_one(&m.id);
+                if state.dedupe.seen.contains_key(&m.id) || !state.dedupe.remote.insert(h) {
                     tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
                     return;
                 }
-                let accepted = Accepted {
-                    message_id: m.id.clone(),
-                    seq: Seq(m.origin_seq),
-                    offset: Offset(state.offset + 1),
-                    timestamp_ms: m.timestamp_ms,
-                    duplicate: false,
-                    epoch: self.log_epoch,
-                    log_ticket: None,
-                    own: false,
-                };
-                state.dedupe.seen.insert(m.id.clone(), accepted);
-                state.dedupe.order.push_back((now, m.id.clone()));
+                state.dedupe.remote_order.push_back((now, h));
             }
             state.offset += 1;
             m.position = Some(Position { epoch, offset: state.offset });
@@ -857,6 +866,19 @@ impl Hub {
             if let Some(id) = &msg.id {
                 if let Some(prev) = state.dedupe.seen.get(id) {
                     return Accepted { duplicate: true, ..prev.clone() };
+                }
+                if state.dedupe.remote.contains(&self.id_hash.hash_one(id)) {
+                    // First sequenced by another origin (the publisher failed over here).
+                    return Accepted {
+                        message_id: id.clone(),
+                        seq: Seq(0),
+                        offset: Offset(state.offset),
+                        timestamp_ms,
+                        duplicate: true,
+                        epoch: self.log_epoch,
+                        log_ticket: None,
+                        own: false,
+                    };
                 }
             }
             state.seq += 1;
