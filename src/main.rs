@@ -72,6 +72,22 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
     },
+    /// Mint a signed client token (HS256) for development and tests; prints it.
+    Token {
+        /// The app secret shared with the nodes (`[auth] hs256_secret`, at least 32 bytes).
+        #[arg(long, env = "TERN_HS256_SECRET")]
+        secret: String,
+        /// Client id (the token's subject).
+        #[arg(long)]
+        client_id: String,
+        /// Lifetime, e.g. 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Capability: PATTERN=op[,op…] (ops: subscribe, publish, history, presence);
+        /// repeatable. Example: --capability 'chat:*=subscribe,publish'.
+        #[arg(long = "capability", required = true)]
+        capabilities: Vec<String>,
+    },
     /// Development certificates for the backbone (mutual TLS with a cluster CA).
     Certs {
         #[command(subcommand)]
@@ -117,6 +133,9 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench(args) => tern_bench::run(args).await,
             Command::Certs { command } => certs(command),
+            Command::Token { secret, client_id, ttl, capabilities } => {
+                token(&secret, client_id, ttl, &capabilities)
+            }
             Command::Sim { scenario, out, duration } => sim(&scenario, out, duration).await,
         }
     })
@@ -141,6 +160,13 @@ async fn edge(
         cfg.history.data_dir = dir;
     }
     let settings = cfg.validate()?;
+    if settings.auth.mode() == tern_edge::auth::AuthMode::Dev {
+        tracing::warn!(
+            "auth.mode = \"dev\": anonymous clients may subscribe and publish anywhere. Never \
+             expose this node to untrusted clients; set [auth] mode = \"token\" (see \
+             deploy/edge.example.toml)"
+        );
+    }
     let shutdown = CancellationToken::new();
     let server = Server::bind(settings, shutdown.clone()).await?;
     let addr = server.local_addr();
@@ -152,6 +178,31 @@ async fn edge(
     });
     server.run().await;
     signals.abort();
+    Ok(())
+}
+
+fn token(
+    secret: &str,
+    client_id: String,
+    ttl: std::time::Duration,
+    capabilities: &[String],
+) -> anyhow::Result<()> {
+    if secret.len() < 32 {
+        anyhow::bail!("--secret must be at least 32 bytes (as the nodes require)");
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let mut capability = std::collections::BTreeMap::new();
+    for c in capabilities {
+        let (pattern, ops) = tern_edge::auth::parse_capability(c).map_err(anyhow::Error::msg)?;
+        capability.insert(pattern, ops);
+    }
+    let claims = tern_edge::auth::Claims {
+        sub: client_id,
+        exp: now + ttl.as_secs(),
+        iat: Some(now),
+        capability,
+    };
+    println!("{}", tern_edge::auth::mint_hs256(secret, &claims).map_err(anyhow::Error::msg)?);
     Ok(())
 }
 

@@ -103,3 +103,32 @@ async fn a_bad_config_exits_non_zero_naming_the_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tern_token_mints_a_token_the_nodes_accept() {
+    let secret = "a-cli-test-secret-that-is-long-enough-123456";
+    let out = std::process::Command::new(TERN)
+        .args(["token", "--secret", secret, "--client-id", "zoe", "--ttl", "10m"])
+        .args(["--capability", "chat:*=subscribe,publish", "--capability", "log:*=history"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let auth = tern_edge::auth::AuthConfig {
+        mode: tern_edge::auth::AuthMode::Token,
+        hs256_secret: Some(secret.into()),
+        ..Default::default()
+    };
+    let claims = tern_edge::auth::Verifier::new(&auth).unwrap().verify(token.trim()).unwrap();
+    assert_eq!(claims.sub, "zoe");
+    assert!(claims.allows(tern_edge::auth::Operation::Publish, "chat:x"));
+    assert!(claims.allows(tern_edge::auth::Operation::History, "log:x"));
+    assert!(!claims.allows(tern_edge::auth::Operation::Publish, "log:x"));
+    // A capability naming an unknown operation is refused.
+    let bad = std::process::Command::new(TERN)
+        .args(["token", "--secret", secret, "--client-id", "zoe", "--capability", "chat:*=shout"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown operation"));
+}

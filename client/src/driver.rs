@@ -104,6 +104,7 @@ async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), Cli
         let connect = Connect {
             protocol: tern_proto::PROTOCOL_VERSION,
             client_id: options.client_id.clone().unwrap_or_default(),
+            token: options.token.clone().unwrap_or_default(),
             agent: concat!("tern-rust/", env!("CARGO_PKG_VERSION")).into(),
             ..Default::default()
         };

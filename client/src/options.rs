@@ -11,6 +11,9 @@ pub struct ClientOptions {
     pub format: Format,
     /// Client id to declare in Connect (dev mode); the node generates one when `None`.
     pub client_id: Option<String>,
+    /// Signed token to present in Connect (required by nodes in token mode; its subject is
+    /// the client id there).
+    pub token: Option<String>,
     /// How long a subscribe or publish waits for the node's answer.
     pub request_timeout: Duration,
     /// How long one connection attempt (TCP, WebSocket, Connect) may take.
@@ -54,6 +57,7 @@ impl Default for ClientOptions {
         Self {
             format: Format::Protobuf,
             client_id: None,
+            token: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             reconnect: ReconnectPolicy::default(),

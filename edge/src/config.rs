@@ -37,6 +37,8 @@ pub struct Config {
     pub regions: Vec<RegionUrl>,
     /// `[resume]`: how a reconnecting client continues its subscriptions.
     pub resume: ResumeConfig,
+    /// `[auth]`: who may connect and what they may do (see `crate::auth`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// `[resume]`: a client that reconnects (to this node or, after a failover, to any other)
@@ -516,7 +518,9 @@ impl Config {
                 peers.push(tern_backbone::transport::Peer { id, addr: p.addr });
             }
         }
-        Ok(Settings { node, region, peers, config: self })
+        let auth = crate::auth::Verifier::new(&self.auth)
+            .map_err(|e| ConfigError::Invalid { field: "auth", reason: e.to_string() })?;
+        Ok(Settings { node, region, peers, auth, config: self })
     }
 }
 
@@ -529,6 +533,8 @@ pub struct Settings {
     pub region: RegionId,
     /// Backbone peers, parsed.
     pub peers: Vec<tern_backbone::transport::Peer>,
+    /// Token verification, from `[auth]`.
+    pub auth: crate::auth::Verifier,
     /// The validated configuration.
     pub config: Config,
 }

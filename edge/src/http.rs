@@ -97,8 +97,12 @@ struct HistoryQuery {
 async fn http_history(
     State(node): State<Arc<Node>>,
     Path(channel): Path<String>,
+    headers: HeaderMap,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    if let Err(r) = authorize(&node, &headers, crate::auth::Operation::History, &channel) {
+        return *r;
+    }
     let bad = |reason: String| {
         error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason)
     };
@@ -177,6 +181,39 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
 #[derive(Deserialize)]
 struct WsQuery {
     format: Option<String>,
+    /// The auth token, for clients that cannot send it in `Connect` (it then stays out of
+    /// the first frame; note that URLs may end up in proxy logs).
+    token: Option<String>,
+}
+
+/// In token mode, the HTTP API wants `Authorization: Bearer <token>` whose capabilities
+/// allow `op` on `channel`: 401 without a valid token, 403 outside its capabilities.
+fn authorize(
+    node: &Node,
+    headers: &HeaderMap,
+    op: crate::auth::Operation,
+    channel: &str,
+) -> Result<(), Box<Response>> {
+    let verifier = &node.settings().auth;
+    if verifier.mode() == crate::auth::AuthMode::Dev {
+        return Ok(());
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let claims = verifier.verify(token).map_err(|e| {
+        Box::new(error_response(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, e.to_string()))
+    })?;
+    if !claims.allows(op, channel) {
+        return Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("the token does not allow {op:?} on {channel}"),
+        )));
+    }
+    Ok(())
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -220,6 +257,7 @@ async fn websocket(
     if node.shutdown().is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
     }
+    let token = q.token;
     let Some(admission) = node.admit() else {
         let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n");
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -245,7 +283,7 @@ async fn websocket(
                     Some(ws_config),
                 )
                 .await;
-                session::run(ws, format, admission).await;
+                session::run(ws, format, admission, token).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
@@ -276,6 +314,9 @@ async fn http_publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(r) = authorize(&node, &headers, crate::auth::Operation::Publish, &channel) {
+        return *r;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -22,6 +22,7 @@
 //! - [`node`]: shared state (settings, hub, connection slots, shutdown token, task tracker).
 //! - [`server`]: the listener and graceful shutdown.
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod fanout;

@@ -70,6 +70,11 @@ struct Session {
     catchups: VecDeque<Catchup>,
     /// Serial for the next catch-up.
     next_catchup: u64,
+    /// The token given in the upgrade URL.
+    url_token: Option<String>,
+    /// The verified token's claims (token mode), and when it expires.
+    claims: Option<crate::auth::Claims>,
+    expires: Option<Instant>,
 }
 
 /// An ack waiting for its message to be durable enough.
@@ -94,16 +99,25 @@ type StepFuture =
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a session to its end.
-pub async fn run<S>(ws: WebSocketStream<S>, format: Format, admission: Admission)
-where
+/// `token` is the one given in the upgrade URL, if any (`Connect.token` takes precedence).
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    format: Format,
+    admission: Admission,
+    token: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let span = info_span!("session", conn = %admission.id, ?format);
-    run_inner(ws, format, admission).instrument(span).await
+    run_inner(ws, format, admission, token).instrument(span).await
 }
 
-async fn run_inner<S>(mut ws: WebSocketStream<S>, format: Format, admission: Admission)
-where
+async fn run_inner<S>(
+    mut ws: WebSocketStream<S>,
+    format: Format,
+    admission: Admission,
+    url_token: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let node = admission.node().clone();
@@ -128,6 +142,9 @@ where
         committed: node.hub().store().map(|s| s.committed()),
         catchups: VecDeque::new(),
         next_catchup: 1,
+        url_token,
+        claims: None,
+        expires: None,
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -157,6 +174,15 @@ where
             _ = &mut connect_deadline, if session.client_id.is_none() => Err(End::Close(
                 close::PROTOCOL_VIOLATION,
                 "no Connect frame within the connect timeout".into(),
+            )),
+            _ = async {
+                match session.expires {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            }, if session.expires.is_some() => Err(End::Close(
+                close::UNAUTHORIZED,
+                "the token expired".into(),
             )),
             _ = ping.tick() => {
                 if last_seen.elapsed() >= idle {
@@ -243,7 +269,16 @@ where
 
     session.leave_all();
     debug!(?end, "session ended");
-    if let End::Close(code, reason) = end {
+    if let End::Close(code, mut reason) = end {
+        // A close frame's reason fits in 123 bytes (control frames carry at most 125).
+        if reason.len() > 123 {
+            let mut cut = 120;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push('…');
+        }
         let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
         // The peer gets `timeouts.close` to take the close frame (after whatever is still
         // buffered for it); then the socket is dropped regardless.
@@ -442,8 +477,29 @@ impl Session {
             );
             return Ok(());
         }
-        let client_id =
-            if c.client_id.is_empty() { format!("anon-{}", self.id) } else { c.client_id };
+        let verifier = &self.node.settings().auth;
+        let client_id = if verifier.mode() == crate::auth::AuthMode::Token {
+            let token = if c.token.is_empty() {
+                self.url_token.take().unwrap_or_default()
+            } else {
+                c.token
+            };
+            let claims = verifier
+                .verify(&token)
+                .map_err(|e| End::Close(close::UNAUTHORIZED, e.to_string()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.expires =
+                Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+            let sub = claims.sub.clone();
+            self.claims = Some(claims);
+            sub
+        } else if c.client_id.is_empty() {
+            format!("anon-{}", self.id)
+        } else {
+            c.client_id
+        };
         if let Err(reason) = tern_proto::types::check_message_id(&client_id) {
             self.error(
                 0,
@@ -479,7 +535,21 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the connection's token allows `op` on `channel` (always, in dev mode).
+    fn allowed(&self, op: crate::auth::Operation, channel: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.allows(op, channel))
+    }
+
+    fn forbidden(op: crate::auth::Operation, channel: &str) -> String {
+        format!("the token does not allow {op:?} on {channel}").to_lowercase()
+    }
+
     fn subscribe(&mut self, s: client::Subscribe) {
+        use crate::auth::Operation;
+        if !self.allowed(Operation::Subscribe, &s.channel) {
+            let reason = Self::forbidden(Operation::Subscribe, &s.channel);
+            return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
+        }
         let channel = match ChannelName::parse(&s.channel) {
             Ok(c) => c,
             Err(e) => {
@@ -644,6 +714,16 @@ impl Session {
 
     fn publish(&mut self, p: client::Publish, client_id: &str) {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
+        if !self.allowed(crate::auth::Operation::Publish, &channel) {
+            let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
+            return self.reply(server_frame::Kind::Nack(Nack {
+                request_id,
+                channel,
+                message_id: id,
+                code: ErrorCode::Forbidden as i32,
+                reason,
+            }));
+        }
         let replicated = p.durability == client::Durability::Replicated as i32;
         let nack = |code: ErrorCode, reason: String| {
             server_frame::Kind::Nack(Nack {
@@ -679,6 +759,10 @@ impl Session {
     /// A history page: read off the session task (the page follows in the outbox, in order
     /// with deliveries queued after the request).
     fn history(&mut self, h: client::HistoryRequest) {
+        if !self.allowed(crate::auth::Operation::History, &h.channel) {
+            let reason = Self::forbidden(crate::auth::Operation::History, &h.channel);
+            return self.error(h.request_id, ErrorCode::Forbidden, reason, h.channel);
+        }
         if let Err(e) = ChannelName::validate(&h.channel) {
             return self.error(h.request_id, ErrorCode::InvalidChannel, e.to_string(), h.channel);
         }

@@ -58,4 +58,7 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// The client broke the session rules (a frame before Connect, no Connect in time).
     pub const PROTOCOL_VIOLATION: u16 = 4002;
+    /// The token is missing, malformed, wrongly signed, of a refused algorithm, or expired:
+    /// get a new token before reconnecting.
+    pub const UNAUTHORIZED: u16 = 4003;
 }

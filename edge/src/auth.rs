@@ -1,0 +1,269 @@
+//! Client authentication: signed tokens (JWT) carrying a client id, an expiry and
+//! capabilities.
+//!
+//! ```json
+//! {"sub": "alice", "exp": 1795900000, "capability": {"chat:*": ["subscribe", "publish", "history"],
+//!                                                    "scores:*": ["subscribe"]}}
+//! ```
+//! Tokens are signed with HS256 (a secret shared with the application's backend) or ES256
+//! (the backend keeps the private key; nodes hold the public key). Any other algorithm —
+//! `none` included — is refused, as are expired, not-yet-valid, wrongly signed and malformed
+//! tokens. A capability pattern is a channel name, a prefix ending in `*` (`chat:*`,
+//! `chat:room-*`), or `*` for every channel; operations are `subscribe`, `publish`,
+//! `history` and `presence`.
+//!
+//! Modes: `dev` (the default) lets anonymous clients do anything and ignores tokens, with a
+//! loud warning at start; `token` requires a valid token on every connection.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::{Deserialize, Serialize};
+
+/// `[auth]` in the node's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `dev`: anonymous clients may do anything (never on the internet); `token`: every
+    /// connection presents a signed token.
+    pub mode: AuthMode,
+    /// HS256: the secret shared with the application's backend (at least 32 bytes).
+    pub hs256_secret: Option<String>,
+    /// ES256: PEM file with the public key whose private key signs tokens.
+    pub es256_public_key: Option<PathBuf>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Dev,
+            hs256_secret: None,
+            es256_public_key: None,
+            leeway: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anonymous clients allowed; tokens ignored.
+    Dev,
+    /// A valid token is required.
+    Token,
+}
+
+/// Operations a capability grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// Receive a channel's messages.
+    Subscribe,
+    /// Publish on a channel.
+    Publish,
+    /// Read a channel's history.
+    History,
+    /// Enter a channel's presence set (reserved).
+    Presence,
+}
+
+/// A token's claims.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The client id.
+    pub sub: String,
+    /// Expiry, unix seconds.
+    pub exp: u64,
+    /// Issued at, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Channel pattern → operations.
+    #[serde(default)]
+    pub capability: BTreeMap<String, Vec<Operation>>,
+}
+
+impl Claims {
+    /// Whether the token allows `op` on `channel`.
+    pub fn allows(&self, op: Operation, channel: &str) -> bool {
+        self.capability
+            .iter()
+            .any(|(pattern, ops)| ops.contains(&op) && pattern_matches(pattern, channel))
+    }
+}
+
+/// `*` matches everything, `prefix*` every name starting with `prefix`, anything else only
+/// itself.
+pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => channel.starts_with(prefix),
+        None => pattern == channel,
+    }
+}
+
+/// Why a token was refused (sent to the client as the close reason).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// No token was presented.
+    #[error("a token is required (this node runs in token mode)")]
+    Missing,
+    /// The token expired.
+    #[error("the token expired")]
+    Expired,
+    /// Not valid yet (`nbf`).
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// An algorithm this node does not accept (including `none`).
+    #[error("token algorithm not accepted: {0}")]
+    Algorithm(String),
+    /// Wrong signature, wrong key.
+    #[error("the token's signature does not verify")]
+    Signature,
+    /// Not a JWT, or claims of the wrong shape.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+}
+
+/// Verifies tokens with the configured keys.
+#[derive(Clone)]
+pub struct Verifier {
+    mode: AuthMode,
+    hs256: Option<DecodingKey>,
+    es256: Option<DecodingKey>,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("mode", &self.mode)
+            .field("hs256", &self.hs256.is_some())
+            .field("es256", &self.es256.is_some())
+            .finish()
+    }
+}
+
+/// Why the auth configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// Token mode without a key.
+    #[error("auth.mode = \"token\" needs auth.hs256_secret or auth.es256_public_key")]
+    NoKey,
+    /// A secret too short to resist guessing.
+    #[error("auth.hs256_secret must be at least 32 bytes")]
+    ShortSecret,
+    /// The public key file could not be read or parsed.
+    #[error("auth.es256_public_key {0}: {1}")]
+    PublicKey(PathBuf, String),
+}
+
+impl Verifier {
+    /// Builds the verifier; reads the public key file.
+    pub fn new(c: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let hs256 = match &c.hs256_secret {
+            Some(s) if s.len() < 32 => return Err(AuthConfigError::ShortSecret),
+            Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
+            None => None,
+        };
+        let es256 = match &c.es256_public_key {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?;
+                Some(
+                    DecodingKey::from_ec_pem(&pem)
+                        .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        if c.mode == AuthMode::Token && hs256.is_none() && es256.is_none() {
+            return Err(AuthConfigError::NoKey);
+        }
+        Ok(Self { mode: c.mode, hs256, es256, leeway: c.leeway.as_secs() })
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Verifies a token and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        let header = decode_header(token).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
+                TokenError::Algorithm("unknown or none".into())
+            }
+            _ => TokenError::Malformed(e.to_string()),
+        })?;
+        let key = match header.alg {
+            Algorithm::HS256 => self.hs256.as_ref(),
+            Algorithm::ES256 => self.es256.as_ref(),
+            _ => None,
+        }
+        .ok_or_else(|| TokenError::Algorithm(format!("{:?}", header.alg)))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let data = decode::<Claims>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => TokenError::Expired,
+                K::ImmatureSignature => TokenError::NotYetValid,
+                K::InvalidSignature => TokenError::Signature,
+                K::InvalidAlgorithm => TokenError::Algorithm(format!("{:?}", header.alg)),
+                _ => TokenError::Malformed(e.to_string()),
+            }
+        })?;
+        Ok(data.claims)
+    }
+}
+
+/// Mints a development token (HS256): `tern token`.
+pub fn mint_hs256(secret: &str, claims: &Claims) -> Result<String, String> {
+    let header = jsonwebtoken::Header::new(Algorithm::HS256);
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&header, claims, &key).map_err(|e| e.to_string())
+}
+
+/// Parses `PATTERN=op,op` (as given to `tern token --capability`).
+pub fn parse_capability(s: &str) -> Result<(String, Vec<Operation>), String> {
+    let (pattern, ops) =
+        s.split_once('=').ok_or_else(|| format!("{s:?}: expected PATTERN=op[,op…]"))?;
+    let ops = ops
+        .split(',')
+        .map(|o| match o.trim() {
+            "subscribe" => Ok(Operation::Subscribe),
+            "publish" => Ok(Operation::Publish),
+            "history" => Ok(Operation::History),
+            "presence" => Ok(Operation::Presence),
+            other => {
+                Err(format!("unknown operation {other:?} (subscribe, publish, history, presence)"))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((pattern.to_owned(), ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*", "chat:a"));
+        assert!(pattern_matches("chat:*", "chat:a"));
+        assert!(!pattern_matches("chat:*", "chatter:a"));
+        assert!(pattern_matches("chat:room-*", "chat:room-1"));
+        assert!(!pattern_matches("chat:room-1", "chat:room-10"));
+        assert!(pattern_matches("lobby", "lobby"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Token mode over real connections: signed tokens (HS256, ES256) carrying a client id, an
+//! expiry and capabilities; every refusal has its documented code, and an operation outside
+//! the capabilities leaves the connection usable.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{RawJson, TestNode, WAIT, close_code, http_with};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tern_edge::auth::{AuthMode, Claims, Operation, mint_hs256};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn claims(sub: &str, exp: u64) -> Claims {
+    let mut capability = BTreeMap::new();
+    capability.insert("chat:*".to_owned(), vec![Operation::Subscribe, Operation::Publish]);
+    capability.insert("news:*".to_owned(), vec![Operation::Subscribe]);
+    Claims { sub: sub.into(), exp, iat: Some(now()), capability }
+}
+
+fn token(sub: &str) -> String {
+    mint_hs256(SECRET, &claims(sub, now() + 3600)).unwrap()
+}
+
+async fn node() -> TestNode {
+    TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+        cfg.auth.leeway = Duration::ZERO;
+    })
+    .await
+}
+
+/// Opens a JSON connection and sends Connect with `token`; returns the first answer frame,
+/// or the close code.
+async fn connect(addr: std::net::SocketAddr, token: &str) -> Result<(RawJson, Value), Option<u16>> {
+    let mut c = RawJson::open(addr).await;
+    let frame =
+        serde_json::json!({"connect": {"protocol": 1, "clientId": "ignored", "token": token}});
+    c.send(&frame.to_string()).await;
+    match tokio::time::timeout(WAIT, c.ws.next()).await.unwrap() {
+        Some(Ok(WsMessage::Text(t))) => Ok((c, serde_json::from_str(&t).unwrap())),
+        Some(Ok(WsMessage::Close(f))) => {
+            let code = f.map(|f| u16::from(f.code));
+            Err(code)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_valid_token_names_the_client_and_bounds_what_it_may_do() {
+    let n = node().await;
+    let (mut c, connected) = connect(n.addr, &token("alice")).await.unwrap();
+    assert_eq!(
+        connected["connected"]["clientId"], "alice",
+        "the token's subject, not the declared id"
+    );
+
+    // Inside the capabilities.
+    c.send(r#"{"subscribe":{"requestId":1,"channel":"chat:a"}}"#).await;
+    assert!(c.recv().await.get("subscribed").is_some());
+    // Outside: each refused with FORBIDDEN, and the connection stays usable.
+    for (frame, kind) in [
+        (r#"{"subscribe":{"requestId":2,"channel":"admin:x"}}"#, "error"),
+        (r#"{"publish":{"requestId":3,"channel":"news:x","text":"fake news"}}"#, "nack"),
+        (r#"{"history":{"requestId":4,"channel":"chat:a"}}"#, "error"),
+        (r#"{"subscribe":{"requestId":5,"channel":"chatter:a"}}"#, "error"),
+    ] {
+        c.send(frame).await;
+        let answer = c.recv().await;
+        assert_eq!(answer[kind]["code"], "ERROR_CODE_FORBIDDEN", "{frame}: {answer}");
+    }
+    c.send(r#"{"publish":{"requestId":6,"channel":"chat:a","text":"hi"}}"#).await;
+    let mut got = (false, false);
+    while got != (true, true) {
+        let f = c.recv().await;
+        got.0 |= f.get("ack").is_some();
+        if let Some(d) = f.get("deliver") {
+            assert_eq!(d["messages"][0]["clientId"], "alice");
+            got.1 = true;
+        }
+    }
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_4003() {
+    let n = node().await;
+    let good = token("bob");
+    let payload = good.split('.').nth(1).unwrap();
+    let cases = [
+        ("missing", String::new()),
+        ("expired", mint_hs256(SECRET, &claims("bob", now() - 60)).unwrap()),
+        (
+            "wrong key",
+            mint_hs256("another-secret-that-is-long-enough-000000", &claims("bob", now() + 60))
+                .unwrap(),
+        ),
+        // {"alg":"none","typ":"JWT"}, the real payload, no signature.
+        ("alg none", format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.")),
+        ("malformed", "not-a-token".into()),
+        ("tampered", {
+            let mut parts: Vec<&str> = good.split('.').collect();
+            let forged = mint_hs256(SECRET, &claims("root", now() + 60)).unwrap();
+            let forged_payload = forged.split('.').nth(1).unwrap().to_owned();
+            parts[1] = &forged_payload;
+            parts.join(".")
+        }),
+    ];
+    for (what, t) in cases {
+        match connect(n.addr, &t).await {
+            Err(code) => assert_eq!(code, Some(tern_proto::close::UNAUTHORIZED), "{what}"),
+            Ok((_, f)) => panic!("{what}: accepted: {f}"),
+        }
+    }
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_may_come_in_the_url_and_the_connection_ends_when_it_expires() {
+    let n = node().await;
+    let short = mint_hs256(SECRET, &claims("carol", now() + 2)).unwrap();
+    let url = format!("ws://{}/v1/ws?format=json&token={short}", n.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(WsMessage::Text(r#"{"connect":{"protocol":1}}"#.into())).await.unwrap();
+    let first = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    let v: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
+    assert_eq!(v["connected"]["clientId"], "carol");
+    // Then, at expiry (no renewal), the node closes with 4003.
+    assert_eq!(close_code(&mut ws).await, Some(tern_proto::close::UNAUTHORIZED));
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn es256_tokens_verify_with_the_public_key_only() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dir = common::temp_dir("es256");
+    let public = dir.join("public.pem");
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.es256_public_key = Some(public.clone());
+    })
+    .await;
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    let t = jsonwebtoken::encode(&header, &claims("dave", now() + 60), &signing).unwrap();
+    let (_, connected) = connect(n.addr, &t).await.unwrap();
+    assert_eq!(connected["connected"]["clientId"], "dave");
+    // An HS256 token means nothing to a node that only holds an ES256 public key.
+    assert_eq!(
+        connect(n.addr, &token("dave")).await.err(),
+        Some(Some(tern_proto::close::UNAUTHORIZED))
+    );
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_http_api_wants_a_bearer_token_with_the_capability() {
+    let n = node().await;
+    let path = "/v1/channels/chat:h/messages";
+    let (status, _) = http_with(n.addr, "POST", path, "", "text/plain", b"x").await;
+    assert_eq!(status, 401, "no token");
+    let bearer = format!("Authorization: Bearer {}\r\n", token("erin"));
+    let (status, body) = http_with(n.addr, "POST", path, &bearer, "text/plain", b"x").await;
+    assert_eq!(status, 201, "{body}");
+    let news = "/v1/channels/news:h/messages";
+    let (status, _) = http_with(n.addr, "POST", news, &bearer, "text/plain", b"x").await;
+    assert_eq!(status, 403, "subscribe-only namespace");
+    let (status, _) = http_with(n.addr, "GET", path, &bearer, "text/plain", b"").await;
+    assert_eq!(status, 403, "no history capability");
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn token_mode_without_a_key_is_a_config_error() {
+    let mut cfg = tern_edge::Config::default();
+    cfg.auth.mode = AuthMode::Token;
+    let e = cfg.clone().validate().unwrap_err().to_string();
+    assert!(e.contains("auth"), "{e}");
+    cfg.auth.hs256_secret = Some("short".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("32 bytes"), "{e}");
+}
