@@ -638,7 +638,11 @@ impl Driver {
                     warn!(?code, reason = %e.reason, "error from node");
                 }
             }
-            Kind::Unsubscribed(_) | Kind::Heartbeat(_) | Kind::Connected(_) => {}
+            // The SDK does not renew tokens in-band yet.
+            Kind::Unsubscribed(_)
+            | Kind::Heartbeat(_)
+            | Kind::Connected(_)
+            | Kind::AuthRenewed(_) => {}
         }
         Flow::Continue
     }

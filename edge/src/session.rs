@@ -463,6 +463,7 @@ impl Session {
             Kind::Publish(p) => self.publish(p, &client_id),
             Kind::Heartbeat(h) => self.reply(server_frame::Kind::Heartbeat(h)),
             Kind::History(h) => self.history(h),
+            Kind::Auth(a) => self.renew(a, &client_id),
         }
         Ok(())
     }
@@ -533,6 +534,46 @@ impl Session {
         self.client_id = Some(client_id);
         self.reply(server_frame::Kind::Connected(connected));
         Ok(())
+    }
+
+    /// Replaces the token in force (see `Auth` in the protocol).
+    fn renew(&mut self, a: client::Auth, client_id: &str) {
+        let verifier = &self.node.settings().auth;
+        if verifier.mode() == crate::auth::AuthMode::Dev {
+            let renewed = client::AuthRenewed {
+                request_id: a.request_id,
+                client_id: client_id.to_owned(),
+                expires_at_ms: 0,
+            };
+            return self.reply(server_frame::Kind::AuthRenewed(renewed));
+        }
+        let claims = match verifier.verify(&a.token) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.error(
+                    a.request_id,
+                    ErrorCode::Forbidden,
+                    e.to_string(),
+                    String::new(),
+                );
+            }
+        };
+        if claims.sub != client_id {
+            let reason =
+                format!("the new token names {:?}, this connection is {client_id:?}", claims.sub);
+            return self.error(a.request_id, ErrorCode::InvalidArgument, reason, String::new());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.expires = Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+        let renewed = client::AuthRenewed {
+            request_id: a.request_id,
+            client_id: client_id.to_owned(),
+            expires_at_ms: claims.exp.saturating_mul(1000),
+        };
+        self.claims = Some(claims);
+        self.reply(server_frame::Kind::AuthRenewed(renewed));
     }
 
     /// Whether the connection's token allows `op` on `channel` (always, in dev mode).

@@ -192,3 +192,25 @@ async fn token_mode_without_a_key_is_a_config_error() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("32 bytes"), "{e}");
 }
+
+#[tokio::test]
+async fn a_token_renewed_in_band_keeps_the_connection() {
+    let n = node().await;
+    let short = mint_hs256(SECRET, &claims("fred", now() + 2)).unwrap();
+    let (mut c, _) = connect(n.addr, &short).await.unwrap();
+    // Refused renewals leave the old token in force.
+    let other = token("mallory");
+    c.send(&format!(r#"{{"auth":{{"requestId":1,"token":"{other}"}}}}"#)).await;
+    assert_eq!(c.recv().await["error"]["code"], "ERROR_CODE_INVALID_ARGUMENT");
+    c.send(r#"{"auth":{"requestId":2,"token":"garbage"}}"#).await;
+    assert_eq!(c.recv().await["error"]["code"], "ERROR_CODE_FORBIDDEN");
+    let fresh = token("fred");
+    c.send(&format!(r#"{{"auth":{{"requestId":3,"token":"{fresh}"}}}}"#)).await;
+    let renewed = c.recv().await;
+    assert_eq!(renewed["authRenewed"]["clientId"], "fred", "{renewed}");
+    // Past the first token's expiry the connection still works.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    c.send(r#"{"heartbeat":{"nonce":"9"}}"#).await;
+    assert_eq!(c.recv().await["heartbeat"]["nonce"], "9");
+    n.stop().await;
+}

@@ -121,6 +121,7 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
             }
         ),
         any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
+        (any::<u32>(), s()).prop_map(|(request_id, token)| Kind::Auth(Auth { request_id, token })),
     ]
 }
 
@@ -167,6 +168,9 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
         ),
         (s(), s(), origins()).prop_map(|(channel, reason, origins)| {
             Kind::Discontinuity(Discontinuity { channel, reason, origins })
+        }),
+        (any::<u32>(), s(), any::<u64>()).prop_map(|(request_id, client_id, expires_at_ms)| {
+            Kind::AuthRenewed(AuthRenewed { request_id, client_id, expires_at_ms })
         }),
         (any::<u32>(), s()).prop_map(|(request_id, channel)| Kind::Unsubscribed(Unsubscribed {
             request_id,
