@@ -78,7 +78,8 @@ impl TernPair {
             let (cert, key) = tern_backbone::certs::issue_node(&dir, id)?;
             let other = 1 - i;
             let toml = format!(
-                "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n[backbone]\nlisten = \"{}\"\n\
+                "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n\
+                 [limits]\nmax_connections_per_ip = 1000000\n[backbone]\nlisten = \"{}\"\n\
                  ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[[backbone.peers]]\nid = \"{}\"\naddr = \"{}\"\n",
                 id.region(),
                 id.name(),

@@ -17,9 +17,20 @@ pub struct TernServer {
 }
 
 impl TernServer {
-    /// Starts `tern edge` from the current executable on a free loopback port.
+    /// Starts `tern edge` from the current executable on a free loopback port. The load
+    /// generator opens all its connections from one address, so the per-address limit is
+    /// lifted.
     pub async fn spawn() -> anyhow::Result<Self> {
-        Self::spawn_with(&["--listen", "127.0.0.1:0"]).await
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let path =
+            std::env::temp_dir().join(format!("tern-bench-{}-{nanos}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[listen]\nclient = \"127.0.0.1:0\"\n[limits]\nmax_connections_per_ip = 1000000\n",
+        )?;
+        let server = Self::spawn_with(&["--config", path.to_str().context("path")?]).await;
+        let _ = std::fs::remove_file(&path);
+        server
     }
 
     /// Starts `tern edge ARGS…` from the current executable.

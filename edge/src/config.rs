@@ -236,6 +236,9 @@ pub struct ListenConfig {
 pub struct LimitsConfig {
     /// Most concurrent WebSocket connections; more get HTTP 503.
     pub max_connections: usize,
+    /// Most concurrent TCP connections from one IP address (handshakes included, so a
+    /// slow-loris or a flood from one source is cut at the door); more are closed at once.
+    pub max_connections_per_ip: usize,
     /// Most channels one connection may be subscribed to.
     pub max_channels_per_connection: usize,
     /// Largest message payload in bytes; larger publishes are refused (nack / HTTP 413).
@@ -312,6 +315,8 @@ impl Default for LimitsConfig {
         Self {
             // Tuned for a 2-core node with a few GiB: idle connections cost a few KiB each.
             max_connections: 100_000,
+            // Room for a large office or carrier NAT behind one address.
+            max_connections_per_ip: 1_000,
             // Enough for a chat app with many rooms open; bounds per-connection state.
             max_channels_per_connection: 100,
             max_message_bytes: 64 * 1024,
@@ -401,6 +406,7 @@ impl Config {
         let l = &self.limits;
         let nonzero = [
             ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.max_channels_per_connection", l.max_channels_per_connection),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.send_queue_messages", l.send_queue_messages),

@@ -19,6 +19,8 @@ pub struct Node {
     next_connection: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Open TCP connections per source address.
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 impl Node {
@@ -54,6 +56,7 @@ impl Node {
             next_connection: AtomicU64::new(1),
             shutdown,
             tracker: TaskTracker::new(),
+            per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -90,6 +93,39 @@ impl Node {
             .ok()?;
         let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
         Some(Admission { node: self.clone(), id })
+    }
+}
+
+impl Node {
+    /// Counts a TCP connection from `ip`, or `None` at `limits.max_connections_per_ip`.
+    pub fn open_from(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let max = self.settings.config.limits.max_connections_per_ip;
+        let mut map = self.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { node: self.clone(), ip })
+    }
+}
+
+/// One TCP connection counted against its source address; released on drop.
+#[derive(Debug)]
+pub struct IpSlot {
+    node: Arc<Node>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.node.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 

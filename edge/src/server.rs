@@ -47,6 +47,58 @@ pub enum BindError {
     Backbone(#[from] BackboneError),
 }
 
+/// A client socket counted against its source address for as long as it is open.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    _slot: crate::node::IpSlot,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Hands replicated messages to the hub (weakly: the node owns the backbone).
 struct HubSink(Weak<Node>);
 
@@ -228,9 +280,16 @@ impl Server {
                     }
                 },
             };
+            let Some(slot) = node.open_from(peer.ip()) else {
+                debug!(%peer, "connection limit for this address reached; closed");
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let service = service.clone();
             let shutdown = shutdown.clone();
+            // The slot travels with the socket, into the WebSocket session after an upgrade.
+            let stream = Counted { stream, _slot: slot };
             node.tracker().spawn(async move {
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())

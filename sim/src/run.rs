@@ -494,6 +494,8 @@ async fn start_edges(
     let mut backbone_addrs = Vec::new();
     for (i, region) in regions.iter().enumerate() {
         let mut cfg = Config::default();
+        // Every emulated client reaches the node from a loopback relay: one address.
+        cfg.limits.max_connections_per_ip = usize::MAX;
         cfg.node.region = region.clone();
         cfg.node.name = "edge-1".into();
         cfg.listen.client = "127.0.0.1:0".parse().expect("valid address");
