@@ -296,6 +296,10 @@ pub struct WebSocketConfig {
     pub max_batch_messages: usize,
     /// Most bytes packed into one Deliver frame (a single larger message still goes alone).
     pub max_batch_bytes: usize,
+    /// Browser origins allowed to open a WebSocket (`https://app.example.com`); an upgrade
+    /// whose `Origin` header is not listed gets HTTP 403. Empty: any origin (non-browser
+    /// clients send none and are always allowed; tokens decide what they may do).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -354,7 +358,12 @@ impl Default for WebSocketConfig {
     fn default() -> Self {
         // 2 KiB reads a typical chat publish in one syscall and keeps an idle connection
         // near 6 KiB of server memory; raise it for publishers of large messages.
-        Self { read_buffer_bytes: 2048, max_batch_messages: 256, max_batch_bytes: 64 * 1024 }
+        Self {
+            read_buffer_bytes: 2048,
+            max_batch_messages: 256,
+            max_batch_bytes: 64 * 1024,
+            allowed_origins: Vec::new(),
+        }
     }
 }
 

@@ -254,6 +254,13 @@ async fn websocket(
         None if offered(SUBPROTOCOL_JSON) => (Format::Json, Some(SUBPROTOCOL_JSON)),
         None => (Format::Json, None),
     };
+    let allowed = &node.settings().config.websocket.allowed_origins;
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let listed = origin.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o));
+        if !allowed.is_empty() && !listed {
+            return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+    }
     if node.shutdown().is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
     }

@@ -102,3 +102,27 @@ async fn a_slow_loris_and_a_flood_from_one_address_are_cut_off_others_connect() 
     drop(sessions);
     n.stop().await;
 }
+
+#[tokio::test]
+async fn only_listed_browser_origins_may_open_a_websocket() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::error::Error as WsError;
+    let n = TestNode::start(|cfg| {
+        cfg.websocket.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let open = |origin: Option<&'static str>| {
+        let mut req = format!("ws://{}/v1/ws", n.addr).into_client_request().unwrap();
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    match open(Some("https://evil.example")).await {
+        Err(WsError::Http(res)) => assert_eq!(res.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    assert!(open(Some("https://app.example")).await.is_ok(), "a listed origin");
+    assert!(open(None).await.is_ok(), "non-browser clients send no Origin");
+    n.stop().await;
+}
