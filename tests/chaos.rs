@@ -156,12 +156,21 @@ fn fast_reconnect() -> ClientOptions {
 struct Seen {
     per: BTreeMap<String, Vec<usize>>,
     discontinuities: usize,
+    /// (text, id, origin, epoch, seq) of every message, for diagnosing a failure.
+    log: Vec<(String, String, String, u64, u64)>,
 }
 
 fn record(seen: &mut Seen, ev: Event) {
     match ev {
         Event::Message(m) => {
             let t = text(&m);
+            seen.log.push((
+                t.clone(),
+                m.id.clone(),
+                m.origin.clone(),
+                m.origin_epoch,
+                m.origin_seq,
+            ));
             let (who, k) = t.split_once(':').unwrap();
             seen.per.entry(who.to_owned()).or_default().push(k.parse().unwrap());
         }
@@ -304,6 +313,15 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         let seen = r.await.unwrap();
         for p in 0..3 {
             let got = &seen.per[&format!("P{p}")];
+            if got != &(0..EACH).collect::<Vec<_>>() {
+                let mut counts = BTreeMap::new();
+                for e in &seen.log {
+                    *counts.entry(e.0.clone()).or_insert(0) += 1;
+                }
+                for e in seen.log.iter().filter(|e| counts[&e.0] > 1) {
+                    println!("subscriber {i} repeated: {e:?}");
+                }
+            }
             assert_eq!(
                 got,
                 &(0..EACH).collect::<Vec<_>>(),
