@@ -244,11 +244,7 @@ impl ChannelSubs {
 
     /// Whether the vector covers `m` (a repeat after a resume or failover).
     fn covers(&self, m: &Message) -> bool {
-        self.vector.iter().any(|v| {
-            v.origin == m.origin
-                && (m.origin_epoch < v.epoch
-                    || (m.origin_epoch == v.epoch && m.origin_seq <= v.seq))
-        })
+        tern_proto::vector::covers(&self.vector, m)
     }
 
     /// Records `m` as received from `node`.

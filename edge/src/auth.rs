@@ -89,6 +89,14 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// How long until the token expires (zero if it already has).
+    pub fn remaining(&self) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Duration::from_secs(self.exp.saturating_sub(now))
+    }
+
     /// Whether the token allows `op` on `channel`.
     pub fn allows(&self, op: Operation, channel: &str) -> bool {
         self.capability

@@ -14,7 +14,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use tern_backbone::transport::Backbone;
@@ -171,25 +171,29 @@ struct Dedupe {
 
 impl Dedupe {
     fn prune(&mut self, now: Instant, limits: &HubLimits) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < limits.dedupe_window
-                && self.order.len() <= limits.dedupe_ids
-            {
-                break;
-            }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.seen.remove(&id);
-            }
+        expire(&mut self.order, now, limits, |id| {
+            self.seen.remove(&id);
+        });
+        expire(&mut self.remote_order, now, limits, |h| {
+            self.remote.remove(&h);
+        });
+    }
+}
+
+/// Drops the entries of `order` older than the dedupe window or beyond its size, handing
+/// each to `forget`.
+fn expire<T>(
+    order: &mut VecDeque<(Instant, T)>,
+    now: Instant,
+    limits: &HubLimits,
+    mut forget: impl FnMut(T),
+) {
+    while let Some((at, _)) = order.front() {
+        if now.duration_since(*at) < limits.dedupe_window && order.len() <= limits.dedupe_ids {
+            break;
         }
-        while let Some((at, _)) = self.remote_order.front() {
-            if now.duration_since(*at) < limits.dedupe_window
-                && self.remote_order.len() <= limits.dedupe_ids
-            {
-                break;
-            }
-            if let Some((_, h)) = self.remote_order.pop_front() {
-                self.remote.remove(&h);
-            }
+        if let Some((_, key)) = order.pop_front() {
+            forget(key);
         }
     }
 }
@@ -201,7 +205,7 @@ fn rewound(
     r: tern_proto::client::Rewind,
 ) -> impl Iterator<Item = &Arc<EncodedMessage>> {
     let skip = if r.since_ms > 0 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = crate::store::now_ms();
         let cutoff = now.saturating_sub(r.since_ms);
         recent.iter().take_while(|m| m.message().timestamp_ms < cutoff).count()
     } else {
@@ -400,7 +404,7 @@ impl Hub {
         let (Some(store), Some(backbone)) = (self.store.as_ref(), self.backbone.get()) else {
             return 0;
         };
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = crate::store::now_ms();
         let since = now.saturating_sub(within.as_millis() as u64);
         let channels = store.channels().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot list the logged channels");
@@ -697,8 +701,7 @@ impl Hub {
             subscribed.origins = Vec::new();
             // Same node, and the in-memory tail reaches back to the client's position: no
             // log read needed.
-            let now =
-                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now = crate::store::now_ms();
             let cutoff_ms = now.saturating_sub(window.as_millis() as u64);
             if same_node
                 && (after >= state.offset
@@ -859,8 +862,7 @@ impl Hub {
     /// it to every local subscriber.
     pub fn publish(&self, name: String, msg: NewMessage) -> Accepted {
         let now = Instant::now();
-        let timestamp_ms =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let timestamp_ms = crate::store::now_ms();
         self.with_state(&name, |state| {
             state.dedupe.prune(now, &self.limits);
             if let Some(id) = &msg.id {

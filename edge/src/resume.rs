@@ -26,13 +26,7 @@ use tern_proto::types::ChannelName;
 
 use crate::store::{Query, Store, StoreError};
 
-/// Whether the client's vector covers `m` (it had `m`, or a later message of its origin).
-pub fn covers(vector: &[OriginPosition], m: &Message) -> bool {
-    vector.iter().any(|v| {
-        v.origin == m.origin
-            && (m.origin_epoch < v.epoch || (m.origin_epoch == v.epoch && m.origin_seq <= v.seq))
-    })
-}
+pub use tern_proto::vector::covers;
 
 /// Where a replay starts.
 #[derive(Debug, Clone)]
@@ -215,9 +209,7 @@ fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
             from = r.offset.saturating_sub(1);
             let Some(m) = decode(&r.message) else { continue };
             for o in origins.iter_mut().filter(|o| o.pos.origin == m.origin) {
-                if m.origin_epoch < o.pos.epoch
-                    || (m.origin_epoch == o.pos.epoch && m.origin_seq <= o.pos.seq)
-                {
+                if o.pos.covers(&m) {
                     o.found = true;
                 } else if m.origin_epoch == o.pos.epoch {
                     o.lowest_above = Some(m.origin_seq);

@@ -488,11 +488,7 @@ impl Session {
             let claims = verifier
                 .verify(&token)
                 .map_err(|e| End::Close(close::UNAUTHORIZED, e.to_string()))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            self.expires =
-                Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+            self.expires = Some(Instant::now() + claims.remaining());
             let sub = claims.sub.clone();
             self.claims = Some(claims);
             sub
@@ -563,10 +559,7 @@ impl Session {
                 format!("the new token names {:?}, this connection is {client_id:?}", claims.sub);
             return self.error(a.request_id, ErrorCode::InvalidArgument, reason, String::new());
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.expires = Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+        self.expires = Some(Instant::now() + claims.remaining());
         let renewed = client::AuthRenewed {
             request_id: a.request_id,
             client_id: client_id.to_owned(),

@@ -171,7 +171,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in unix milliseconds (log timestamps, message timestamps).
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod types;
+pub mod vector;
 
 /// The client protocol, `tern.client.v1`, as generated from `proto/client.proto`.
 #[allow(missing_docs, clippy::all)]
