@@ -318,8 +318,8 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
                 for e in &seen.log {
                     *counts.entry(e.0.clone()).or_insert(0) += 1;
                 }
-                for e in seen.log.iter().filter(|e| counts[&e.0] > 1) {
-                    println!("subscriber {i} repeated: {e:?}");
+                for (at, e) in seen.log.iter().enumerate().filter(|(_, e)| counts[&e.0] > 1) {
+                    println!("subscriber {i} repeated, as message {at}: {e:?}");
                 }
             }
             assert_eq!(

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::TERN;
+use common::tern;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -30,7 +30,7 @@ async fn start_edge(extra: &[&str]) -> Edge {
 async fn sub_and_pub_deliver_a_message_through_a_running_edge() {
     let edge = start_edge(&[]).await;
     let url = format!("ws://{}", edge.addr);
-    let mut sub = Command::new(TERN)
+    let mut sub = Command::new(tern())
         .args(["sub", &url, "chat:cli", "--count", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -49,7 +49,7 @@ async fn sub_and_pub_deliver_a_message_through_a_running_edge() {
             break;
         }
     }
-    let out = Command::new(TERN)
+    let out = Command::new(tern())
         .args(["pub", &url, "chat:cli", "hello from the cli"])
         .output()
         .await
@@ -94,11 +94,11 @@ async fn a_bad_config_exits_non_zero_naming_the_field() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[limits]\nmax_connections = 0\n").unwrap();
-    let out = Command::new(TERN).args(["edge", "--config"]).arg(&path).output().await.unwrap();
+    let out = Command::new(tern()).args(["edge", "--config"]).arg(&path).output().await.unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_connections"));
     std::fs::write(&path, "[limits]\nmax_conections = 5\n").unwrap();
-    let out = Command::new(TERN).args(["edge", "--config"]).arg(&path).output().await.unwrap();
+    let out = Command::new(tern()).args(["edge", "--config"]).arg(&path).output().await.unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -107,7 +107,7 @@ async fn a_bad_config_exits_non_zero_naming_the_field() {
 #[test]
 fn tern_token_mints_a_token_the_nodes_accept() {
     let secret = "a-cli-test-secret-that-is-long-enough-123456";
-    let out = std::process::Command::new(TERN)
+    let out = std::process::Command::new(tern())
         .args(["token", "--secret", secret, "--client-id", "zoe", "--ttl", "10m"])
         .args(["--capability", "chat:*=subscribe,publish", "--capability", "log:*=history"])
         .output()
@@ -125,7 +125,7 @@ fn tern_token_mints_a_token_the_nodes_accept() {
     assert!(claims.allows(tern_edge::auth::Operation::History, "log:x"));
     assert!(!claims.allows(tern_edge::auth::Operation::Publish, "log:x"));
     // A capability naming an unknown operation is refused.
-    let bad = std::process::Command::new(TERN)
+    let bad = std::process::Command::new(tern())
         .args(["token", "--secret", secret, "--client-id", "zoe", "--capability", "chat:*=shout"])
         .output()
         .unwrap();

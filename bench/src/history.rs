@@ -201,7 +201,8 @@ async fn node(dir: &std::path::Path, sync: &str) -> anyhow::Result<TernServer> {
     std::fs::write(
         &config,
         format!(
-            "[node]\nregion = \"bench\"\nname = \"{sync}\"\n[listen]\nclient = \"127.0.0.1:0\"\n{}",
+            "[node]\nregion = \"bench\"\nname = \"{sync}\"\n[listen]\nclient = \"127.0.0.1:0\"\n{}{}",
+            crate::process::LOAD_LIMITS,
             history_section(&dir.join(sync), sync)
         ),
     )?;

@@ -79,11 +79,12 @@ impl TernPair {
             let other = 1 - i;
             let toml = format!(
                 "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n\
-                 [limits]\nmax_connections_per_ip = 1000000\n[backbone]\nlisten = \"{}\"\n\
+                 {}[backbone]\nlisten = \"{}\"\n\
                  ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[[backbone.peers]]\nid = \"{}\"\naddr = \"{}\"\n",
                 id.region(),
                 id.name(),
                 free_tcp()?,
+                crate::process::LOAD_LIMITS,
                 udp[i],
                 dir.join("ca.pem").display(),
                 cert.display(),

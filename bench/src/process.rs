@@ -7,6 +7,13 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The `[limits]` of benchmark nodes: the load generator opens all its connections from one
+/// address and publishes as fast as it can over a few connections, so the per-address and
+/// per-connection rate limits are lifted.
+pub const LOAD_LIMITS: &str = "[limits]\nmax_connections_per_ip = 1000000\n\
+    publish_rate = 100000000\npublish_burst = 100000000\n\
+    frame_rate = 100000000\nframe_burst = 100000000\n";
+
 /// A `tern edge` child process on a free loopback port.
 pub struct TernServer {
     child: Child,
@@ -24,10 +31,7 @@ impl TernServer {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let path =
             std::env::temp_dir().join(format!("tern-bench-{}-{nanos}.toml", std::process::id()));
-        std::fs::write(
-            &path,
-            "[listen]\nclient = \"127.0.0.1:0\"\n[limits]\nmax_connections_per_ip = 1000000\n",
-        )?;
+        std::fs::write(&path, format!("[listen]\nclient = \"127.0.0.1:0\"\n{LOAD_LIMITS}"))?;
         let server = Self::spawn_with(&["--config", path.to_str().context("path")?]).await;
         let _ = std::fs::remove_file(&path);
         server

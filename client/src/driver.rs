@@ -1,6 +1,7 @@
 //! The connection task: owns the WebSocket, survives reconnects.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -197,6 +198,9 @@ pub(crate) async fn start(
         node: connected.node.clone(),
         resume_window: resume_window(&connected),
         lost_at: None,
+        pacer: crate::pacer::Pacer::new(connected.limits.as_ref()),
+        unsent: std::collections::VecDeque::new(),
+        send_at: None,
     };
     tokio::spawn(driver.run(ws, cmd_rx));
     Ok((cmd_tx, state_rx))
@@ -226,20 +230,49 @@ struct ChannelSubs {
     vector: Vec<OriginPosition>,
     /// Whether `vector` is known (the channel was confirmed at least once).
     resumable: bool,
-    /// Ids of the newest messages delivered (at most [`RECENT_IDS`]): a publish retried on
-    /// two regions may reach different nodes in either copy, so a resume elsewhere could
-    /// offer the other copy.
-    recent_ids: std::collections::HashSet<String>,
-    recent_order: std::collections::VecDeque<String>,
+    /// Ids of the messages delivered within the dedupe window: a publish retried after a
+    /// failover or an origin's crash can come again as a new message with the same id
+    /// (its first copy was delivered but its ack lost), possibly much later on a busy
+    /// channel.
+    recent: RecentIds,
 }
 
-/// Message ids remembered per channel to drop a retried publish's second copy.
-pub const RECENT_IDS: usize = 1024;
+/// Message ids delivered recently, as keyed 64-bit hashes (a false match among 100,000 ids
+/// has odds near 1 in 10^9), forgotten after `ClientOptions::dedupe_window` or beyond
+/// `ClientOptions::dedupe_ids`.
+#[derive(Default)]
+struct RecentIds {
+    hasher: std::hash::RandomState,
+    set: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RecentIds {
+    fn contains(&self, id: &str) -> bool {
+        !self.set.is_empty() && self.set.contains(&self.hasher.hash_one(id))
+    }
+
+    fn insert(&mut self, id: &str, now: Instant, options: &ClientOptions) {
+        let h = self.hasher.hash_one(id);
+        if self.set.insert(h) {
+            self.order.push_back((now, h));
+        }
+        while let Some(&(at, old)) = self.order.front() {
+            if self.order.len() <= options.dedupe_ids
+                && now.duration_since(at) < options.dedupe_window
+            {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&old);
+        }
+    }
+}
 
 impl ChannelSubs {
     /// Whether the application already has `m` by its id (a retried publish's other copy).
     fn has_id(&self, m: &Message) -> bool {
-        !m.id.is_empty() && self.recent_ids.contains(&m.id)
+        !m.id.is_empty() && self.recent.contains(&m.id)
     }
 
     /// Whether the vector covers `m` (a repeat after a resume or failover).
@@ -248,14 +281,9 @@ impl ChannelSubs {
     }
 
     /// Records `m` as received from `node`.
-    fn note(&mut self, node: &str, m: &Message) {
-        if !m.id.is_empty() && self.recent_ids.insert(m.id.clone()) {
-            self.recent_order.push_back(m.id.clone());
-            if self.recent_order.len() > RECENT_IDS {
-                if let Some(old) = self.recent_order.pop_front() {
-                    self.recent_ids.remove(&old);
-                }
-            }
+    fn note(&mut self, node: &str, m: &Message, options: &ClientOptions) {
+        if !m.id.is_empty() {
+            self.recent.insert(&m.id, Instant::now(), options);
         }
         if self.node != node {
             node.clone_into(&mut self.node);
@@ -307,6 +335,12 @@ struct Driver {
     resume_window: std::time::Duration,
     /// When the last connection was lost.
     lost_at: Option<Instant>,
+    /// Keeps publishes under the node's announced rate.
+    pacer: crate::pacer::Pacer,
+    /// Publishes (request ids) not yet written on the current connection, in order.
+    unsent: std::collections::VecDeque<u32>,
+    /// When the first of `unsent` may go (the pacer's or a `retry_after_ms`'s wait).
+    send_at: Option<Instant>,
 }
 
 enum Flow {
@@ -368,6 +402,7 @@ impl Driver {
                     }
                     self.node = c.node.clone();
                     self.resume_window = resume_window(&c);
+                    self.pacer = crate::pacer::Pacer::new(c.limits.as_ref());
                     let _ = self.state.send(ConnectionState::Connected(c));
                     match self.resume(&mut ws).await {
                         Ok(()) => return Some(ws),
@@ -407,10 +442,9 @@ impl Driver {
             let frame = Subscribe { request_id, channel, rewind: None, resume };
             send(ws, self.options.format, client_frame::Kind::Subscribe(frame)).await?;
         }
-        let frames: Vec<Publish> = self.publishes.values().map(|(p, _)| p.clone()).collect();
-        for p in frames {
-            send(ws, self.options.format, client_frame::Kind::Publish(p)).await?;
-        }
+        // Unacknowledged publishes go again, paced, from the serve loop.
+        self.unsent = self.publishes.keys().copied().collect();
+        self.send_at = None;
         Ok(())
     }
 
@@ -444,6 +478,10 @@ impl Driver {
                         None => Flow::Lost("connection closed".into()),
                     }
                 }
+                _ = sleep_until(self.send_at.unwrap_or_else(Instant::now)), if !self.unsent.is_empty() => {
+                    self.send_at = None;
+                    self.pump(Some(ws)).await
+                }
                 _ = sleep_until(last_seen + idle) => Flow::Lost(format!("nothing received for {idle:?}")),
             };
             match flow {
@@ -459,6 +497,31 @@ impl Driver {
             Ok(()) => Flow::Continue,
             Err(e) => Flow::Lost(e.to_string()),
         }
+    }
+
+    /// Writes the unsent publishes the pacer allows now, in order; the rest wait for
+    /// `send_at` (or for the next connection).
+    async fn pump(&mut self, mut ws: Option<&mut Ws>) -> Flow {
+        if ws.is_none() || self.send_at.is_some_and(|at| at > Instant::now()) {
+            return Flow::Continue;
+        }
+        while let Some(&request_id) = self.unsent.front() {
+            let Some((frame, _)) = self.publishes.get(&request_id) else {
+                self.unsent.pop_front();
+                continue;
+            };
+            if let Err(wait) = self.pacer.take(&frame.channel, std::time::Instant::now()) {
+                self.send_at = Some(Instant::now() + wait);
+                break;
+            }
+            let frame = frame.clone();
+            self.unsent.pop_front();
+            let flow = self.write(ws.as_deref_mut(), client_frame::Kind::Publish(frame)).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        Flow::Continue
     }
 
     async fn command(&mut self, ws: Option<&mut Ws>, cmd: Command) -> Flow {
@@ -485,8 +548,9 @@ impl Driver {
             }
             Command::Publish { mut frame, reply } => {
                 frame.request_id = self.request_id();
-                self.publishes.insert(frame.request_id, (frame.clone(), reply));
-                self.write(ws, client_frame::Kind::Publish(frame)).await
+                self.unsent.push_back(frame.request_id);
+                self.publishes.insert(frame.request_id, (frame, reply));
+                self.pump(ws).await
             }
             Command::History { mut request, reply } => {
                 request.request_id = self.request_id();
@@ -541,7 +605,7 @@ impl Driver {
                         continue;
                     }
                     let repeat = entry.has_id(&m);
-                    entry.note(&self.node, &m);
+                    entry.note(&self.node, &m, &self.options);
                     if repeat {
                         continue;
                     }
@@ -613,6 +677,15 @@ impl Driver {
                     let _ = reply.send(Ok(a));
                 }
             }
+            Kind::Nack(n) if n.code == ErrorCode::RateLimited as i32 => {
+                // Over the node's rate despite the pacing (the network bunched publishes
+                // up): the same publish goes again after the node's hint, first in line.
+                if self.publishes.contains_key(&n.request_id) {
+                    self.unsent.push_front(n.request_id);
+                    let wait = std::time::Duration::from_millis(u64::from(n.retry_after_ms.max(1)));
+                    self.send_at = Some(Instant::now() + wait);
+                }
+            }
             Kind::Nack(n) => {
                 if let Some((_, reply)) = self.publishes.remove(&n.request_id) {
                     let code = ErrorCode::try_from(n.code).unwrap_or(ErrorCode::Unspecified);
@@ -657,5 +730,27 @@ mod tests {
         assert_eq!(n("ws://h:1/v1/ws?format=json").unwrap(), "ws://h:1/v1/ws?format=json");
         assert!(n("h:1").is_err());
         assert!(n("ftp://h").is_err());
+    }
+
+    #[test]
+    fn delivered_ids_are_remembered_for_the_window_and_up_to_the_count() {
+        let options = ClientOptions {
+            dedupe_window: std::time::Duration::from_secs(120),
+            dedupe_ids: 3,
+            ..ClientOptions::default()
+        };
+        let t0 = Instant::now();
+        let mut r = RecentIds::default();
+        r.insert("a", t0, &options);
+        for id in ["b", "c"] {
+            r.insert(id, t0, &options);
+        }
+        assert!(r.contains("a") && r.contains("b") && r.contains("c"));
+        r.insert("d", t0, &options);
+        assert!(!r.contains("a"), "beyond the count, the oldest goes");
+        assert!(r.contains("d"));
+        r.insert("e", t0 + std::time::Duration::from_secs(121), &options);
+        assert!(!r.contains("b") && !r.contains("c") && !r.contains("d"), "past the window");
+        assert!(r.contains("e"));
     }
 }

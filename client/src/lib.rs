@@ -29,6 +29,7 @@
 pub mod driver;
 pub mod nearest;
 pub mod options;
+mod pacer;
 pub mod subscription;
 
 use std::sync::Arc;

@@ -24,6 +24,14 @@ pub struct ClientOptions {
     /// arrive, the client stops reading the socket; the node then closes the connection as a
     /// slow consumer and the client reconnects (see `Event::Discontinuity`).
     pub subscription_buffer: usize,
+    /// How long the ids of delivered messages are remembered to drop a second copy of a
+    /// retried publish (one whose first copy was delivered but whose ack was lost to a
+    /// crash or a failover). The nodes' `limits.dedupe_window` (2 minutes) bounds how late
+    /// such a copy can come.
+    pub dedupe_window: Duration,
+    /// Most ids remembered per channel (as 8-byte hashes); a channel busier than this over
+    /// `dedupe_window` forgets the oldest first.
+    pub dedupe_ids: usize,
 }
 
 /// Exponential back-off with full jitter: attempt n waits a random time in
@@ -62,6 +70,8 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             reconnect: ReconnectPolicy::default(),
             subscription_buffer: 1024,
+            dedupe_window: Duration::from_secs(120),
+            dedupe_ids: 100_000,
         }
     }
 }

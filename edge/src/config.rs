@@ -254,6 +254,52 @@ pub struct LimitsConfig {
     /// How long a client-chosen message id is remembered.
     #[serde(with = "humantime_serde")]
     pub dedupe_window: Duration,
+    /// Publishes per second one connection may make, sustained (a token bucket refilled at
+    /// this rate). Beyond it publishes are refused with `RATE_LIMITED` and a
+    /// `retry_after_ms`; the connection stays open.
+    pub publish_rate: u32,
+    /// Publishes one connection may make at once before the rate applies.
+    pub publish_burst: u32,
+    /// WebSocket frames per second one connection may send, sustained (every frame counts:
+    /// publishes, subscribes, pings). Beyond the burst the connection is closed with 4004.
+    pub frame_rate: u32,
+    /// Frames one connection may send at once before `frame_rate` applies.
+    pub frame_burst: u32,
+    /// `[[limits.namespaces]]`: limits for the channels of one namespace that differ from
+    /// the ones above.
+    pub namespaces: Vec<NamespaceLimits>,
+}
+
+/// `[[limits.namespaces]]`: one namespace's own limits. Unset values fall back to
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceLimits {
+    /// The namespace (channel name up to the first `:`).
+    pub name: String,
+    /// Publishes per second one connection may make to this namespace's channels. They are
+    /// counted in a bucket of their own, not in the connection's `publish_rate`.
+    pub publish_rate: Option<u32>,
+    /// The burst of that bucket (default: `publish_rate`).
+    pub publish_burst: Option<u32>,
+    /// Largest payload on this namespace's channels (at most `limits.max_message_bytes`).
+    pub max_message_bytes: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// The limits of the namespace of `channel`, when it has its own.
+    pub fn namespace(&self, channel: &str) -> Option<&NamespaceLimits> {
+        if self.namespaces.is_empty() {
+            return None;
+        }
+        let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
+        self.namespaces.iter().find(|n| n.name == ns)
+    }
+
+    /// Largest payload allowed on `channel`.
+    pub fn max_message_bytes_for(&self, channel: &str) -> usize {
+        self.namespace(channel).and_then(|n| n.max_message_bytes).unwrap_or(self.max_message_bytes)
+    }
 }
 
 /// `[heartbeat]`: liveness in both directions.
@@ -332,6 +378,15 @@ impl Default for LimitsConfig {
             // Ably-like: retries within two minutes are de-duplicated.
             dedupe_ids_per_channel: 100_000,
             dedupe_window: Duration::from_secs(120),
+            // Ably's default per connection is 50/s; a chat or game client publishes far
+            // less. Backends publishing in bulk use the HTTP API or raise it.
+            publish_rate: 50,
+            publish_burst: 100,
+            // Room for the publish rate plus subscribes, history reads and heartbeats; a
+            // client sending more is flooding.
+            frame_rate: 200,
+            frame_burst: 400,
+            namespaces: Vec::new(),
         }
     }
 }
@@ -424,6 +479,10 @@ impl Config {
             ("websocket.max_batch_messages", self.websocket.max_batch_messages),
             ("websocket.max_batch_bytes", self.websocket.max_batch_bytes),
             ("resume.max_scan", self.resume.max_scan),
+            ("limits.publish_rate", l.publish_rate as usize),
+            ("limits.publish_burst", l.publish_burst as usize),
+            ("limits.frame_rate", l.frame_rate as usize),
+            ("limits.frame_burst", l.frame_burst as usize),
             ("resume.page", self.resume.page),
         ];
         for (field, v) in nonzero {
@@ -455,6 +514,35 @@ impl Config {
                 field: "limits.dedupe_window",
                 reason: "must be at least 2m (the delivery contract's dedupe window)".into(),
             });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for ns in &l.namespaces {
+            let invalid =
+                |reason: String| ConfigError::Invalid { field: "limits.namespaces", reason };
+            if ns.name.contains(':') || ChannelName::validate(&ns.name).is_err() {
+                return Err(invalid(format!(
+                    "{:?} is not a namespace (a channel name without ':')",
+                    ns.name
+                )));
+            }
+            if !seen.insert(ns.name.as_str()) {
+                return Err(invalid(format!("{:?} is listed twice", ns.name)));
+            }
+            if ns.publish_rate == Some(0) || ns.publish_burst == Some(0) {
+                return Err(invalid(format!(
+                    "{}: publish_rate and publish_burst must be above 0",
+                    ns.name
+                )));
+            }
+            if ns.publish_burst.is_some() && ns.publish_rate.is_none() {
+                return Err(invalid(format!("{}: publish_burst needs a publish_rate", ns.name)));
+            }
+            if ns.max_message_bytes.is_some_and(|m| m == 0 || m > l.max_message_bytes) {
+                return Err(invalid(format!(
+                    "{}: max_message_bytes must be between 1 and limits.max_message_bytes",
+                    ns.name
+                )));
+            }
         }
         let hb = &self.heartbeat;
         if hb.interval.is_zero() || hb.idle_timeout <= hb.interval {

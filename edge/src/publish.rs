@@ -67,7 +67,7 @@ pub fn publish(
     ChannelName::validate(&req.channel)?;
     check_message_id(&req.id).map_err(PublishError::InvalidArgument)?;
     check_event_name(&req.name).map_err(PublishError::InvalidArgument)?;
-    let max = node.settings().config.limits.max_message_bytes;
+    let max = node.settings().config.limits.max_message_bytes_for(&req.channel);
     let data = match req.data {
         Some(publish::Data::Text(t)) => Some(message::Data::Text(t)),
         Some(publish::Data::Binary(b)) => Some(message::Data::Binary(b)),

@@ -38,6 +38,7 @@ use crate::fanout::{self, Outbox, OutboxReceiver, Outgoing};
 use crate::node::{Admission, Node};
 use crate::publish::{self, PublishRequest};
 use crate::resume::{Catchup, Step};
+use tern_proto::rate::TokenBucket;
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -75,6 +76,12 @@ struct Session {
     /// The verified token's claims (token mode), and when it expires.
     claims: Option<crate::auth::Claims>,
     expires: Option<Instant>,
+    /// Every frame received takes a token (`limits.frame_rate`).
+    frames: TokenBucket,
+    /// Publishes take a token here (`limits.publish_rate`), or in their namespace's bucket
+    /// (by index into `limits.namespaces`; made on first use).
+    publishes: TokenBucket,
+    namespace_publishes: Vec<(usize, TokenBucket)>,
 }
 
 /// An ack waiting for its message to be durable enough.
@@ -145,6 +152,9 @@ async fn run_inner<S>(
         url_token,
         claims: None,
         expires: None,
+        frames: TokenBucket::new(cfg.limits.frame_rate, cfg.limits.frame_burst),
+        publishes: TokenBucket::new(cfg.limits.publish_rate, cfg.limits.publish_burst),
+        namespace_publishes: Vec::new(),
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -425,6 +435,13 @@ impl Session {
                 return Err(End::Gone);
             }
         };
+        if self.frames.take(std::time::Instant::now()).is_err() {
+            let l = &self.cfg().limits;
+            return Err(End::Close(
+                close::RATE_LIMITED,
+                format!("more than {} frames/s (burst {})", l.frame_rate, l.frame_burst),
+            ));
+        }
         let decoded = match &msg {
             WsMessage::Text(t) => codec::decode_client(t.as_bytes(), true),
             WsMessage::Binary(b) => codec::decode_client(b, false),
@@ -519,6 +536,21 @@ impl Session {
                 max_frame_bytes: cfg.limits.max_frame_bytes as u32,
                 max_channels: cfg.limits.max_channels_per_connection as u32,
                 send_queue: cfg.limits.send_queue_messages as u32,
+                publish_rate: cfg.limits.publish_rate,
+                publish_burst: cfg.limits.publish_burst,
+                frame_rate: cfg.limits.frame_rate,
+                frame_burst: cfg.limits.frame_burst,
+                namespaces: cfg
+                    .limits
+                    .namespaces
+                    .iter()
+                    .map(|n| client::NamespaceLimits {
+                        namespace: n.name.clone(),
+                        publish_rate: n.publish_rate.unwrap_or(0),
+                        publish_burst: n.publish_burst.or(n.publish_rate).unwrap_or(0),
+                        max_message_bytes: n.max_message_bytes.map_or(0, |m| m as u32),
+                    })
+                    .collect(),
             }),
             // Resume lands with the durable log; the token already names this session.
             resume_token: format!("{:x}.{}", self.node.hub().epoch().0, self.id),
@@ -756,6 +788,18 @@ impl Session {
                 message_id: id,
                 code: ErrorCode::Forbidden as i32,
                 reason,
+                retry_after_ms: 0,
+            }));
+        }
+        if let Err(wait) = self.take_publish(&channel) {
+            let rate = self.publish_rate(&channel);
+            return self.reply(server_frame::Kind::Nack(Nack {
+                request_id,
+                channel,
+                message_id: id,
+                code: ErrorCode::RateLimited as i32,
+                reason: format!("more than {rate} publishes/s; retry after {wait:?}"),
+                retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
             }));
         }
         let replicated = p.durability == client::Durability::Replicated as i32;
@@ -766,6 +810,7 @@ impl Session {
                 message_id: id.clone(),
                 code: code as i32,
                 reason,
+                retry_after_ms: 0,
             })
         };
         if replicated && !self.node.hub().replicates() {
@@ -788,6 +833,31 @@ impl Session {
             }
             Err(e) => self.reply(nack(e.code(), e.to_string())),
         }
+    }
+
+    /// Takes a publish token for `channel` (its namespace's bucket, if it has its own rate).
+    fn take_publish(&mut self, channel: &str) -> Result<(), Duration> {
+        let now = std::time::Instant::now();
+        let limits = &self.node.settings().config.limits;
+        let own = limits.namespace(channel).and_then(|ns| {
+            let i = limits.namespaces.iter().position(|n| std::ptr::eq(n, ns))?;
+            Some((i, TokenBucket::new(ns.publish_rate?, ns.publish_burst.or(ns.publish_rate)?)))
+        });
+        let Some((i, fresh)) = own else { return self.publishes.take(now) };
+        let at = match self.namespace_publishes.iter().position(|(n, _)| *n == i) {
+            Some(at) => at,
+            None => {
+                self.namespace_publishes.push((i, fresh));
+                self.namespace_publishes.len() - 1
+            }
+        };
+        self.namespace_publishes[at].1.take(now)
+    }
+
+    /// The publish rate that applies to `channel`.
+    fn publish_rate(&self, channel: &str) -> u32 {
+        let limits = &self.cfg().limits;
+        limits.namespace(channel).and_then(|n| n.publish_rate).unwrap_or(limits.publish_rate)
     }
 
     /// A history page: read off the session task (the page follows in the outbox, in order
@@ -862,6 +932,7 @@ impl Session {
                         "no other region acknowledged the message within {REPLICATION_WAIT:?}; \
                          it was delivered here and is replicated once a region is reachable"
                     ),
+                    retry_after_ms: 0,
                 }),
                 Some(_) => break,
             };

@@ -11,6 +11,7 @@
 //! system `protoc` is needed.
 
 pub mod codec;
+pub mod rate;
 pub mod types;
 pub mod vector;
 
@@ -62,4 +63,7 @@ pub mod close {
     /// The token is missing, malformed, wrongly signed, of a refused algorithm, or expired:
     /// get a new token before reconnecting.
     pub const UNAUTHORIZED: u16 = 4003;
+    /// The client sent frames faster than `Limits.frame_rate` beyond `Limits.frame_burst`
+    /// (a flood): reconnect after a back-off and send less.
+    pub const RATE_LIMITED: u16 = 4004;
 }

@@ -127,15 +127,38 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
 
 fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
     use server_frame::Kind;
-    let limits =
-        proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-            |(max_message_bytes, max_frame_bytes, max_channels, send_queue)| Limits {
-                max_message_bytes,
-                max_frame_bytes,
-                max_channels,
-                send_queue,
-            },
-        ));
+    let namespace = (s(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+        |(namespace, publish_rate, publish_burst, max_message_bytes)| NamespaceLimits {
+            namespace,
+            publish_rate,
+            publish_burst,
+            max_message_bytes,
+        },
+    );
+    let limits = proptest::option::of(
+        (
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+            proptest::collection::vec(namespace, 0..3),
+        )
+            .prop_map(
+                |(
+                    (max_message_bytes, max_frame_bytes, max_channels, send_queue),
+                    (publish_rate, publish_burst, frame_rate, frame_burst),
+                    namespaces,
+                )| Limits {
+                    max_message_bytes,
+                    max_frame_bytes,
+                    max_channels,
+                    send_queue,
+                    publish_rate,
+                    publish_burst,
+                    frame_rate,
+                    frame_burst,
+                    namespaces,
+                },
+            ),
+    );
     prop_oneof![
         (
             (s(), s(), s(), any::<u32>(), any::<u32>(), limits),
@@ -189,9 +212,9 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 })
             }
         ),
-        (any::<u32>(), s(), s(), code(), s()).prop_map(
-            |(request_id, channel, message_id, code, reason)| {
-                Kind::Nack(Nack { request_id, channel, message_id, code, reason })
+        (any::<u32>(), s(), s(), code(), s(), any::<u32>()).prop_map(
+            |(request_id, channel, message_id, code, reason, retry_after_ms)| {
+                Kind::Nack(Nack { request_id, channel, message_id, code, reason, retry_after_ms })
             }
         ),
         proptest::collection::vec(message(), 0..4)

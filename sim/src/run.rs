@@ -496,6 +496,11 @@ async fn start_edges(
         let mut cfg = Config::default();
         // Every emulated client reaches the node from a loopback relay: one address.
         cfg.limits.max_connections_per_ip = usize::MAX;
+        // Simulated publishers each stand for many users.
+        cfg.limits.publish_rate = u32::MAX;
+        cfg.limits.publish_burst = u32::MAX;
+        cfg.limits.frame_rate = u32::MAX;
+        cfg.limits.frame_burst = u32::MAX;
         cfg.node.region = region.clone();
         cfg.node.name = "edge-1".into();
         cfg.listen.client = "127.0.0.1:0".parse().expect("valid address");

@@ -10,8 +10,11 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The binary under test.
-pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+/// The binary under test: the one cargo built, or `TERN_BIN` when set (to loop a test
+/// against a copy while the workspace is rebuilt).
+pub fn tern() -> String {
+    std::env::var("TERN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tern").to_owned())
+}
 
 /// Starts `tern edge ARGS…` and waits for its first stdout line ("… listening on ADDR …"),
 /// which it returns with the child (killed when dropped).
@@ -20,7 +23,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut child = Command::new(TERN)
+    let mut child = Command::new(tern())
         .arg("edge")
         .args(args)
         .env("RUST_LOG", "warn")
@@ -51,7 +54,7 @@ impl ProcessCluster {
     pub fn write(dir: &Path, extra: impl Fn(&str) -> String) -> Self {
         let d = dir.to_str().unwrap();
         let run = |args: &[&str]| {
-            assert!(std::process::Command::new(TERN).args(args).status().unwrap().success());
+            assert!(std::process::Command::new(tern()).args(args).status().unwrap().success());
         };
         run(&["certs", "init", "--dir", d]);
         for r in REGIONS {
@@ -66,6 +69,8 @@ impl ProcessCluster {
             let mut toml = format!(
                 "[node]\nregion = \"{r}\"\nname = \"edge-1\"\n[listen]\nclient = \"{}\"\n\
                  [heartbeat]\ninterval = \"500ms\"\nidle_timeout = \"5s\"\n\
+                 [limits]\npublish_rate = 1000000\npublish_burst = 1000000\n\
+                 frame_rate = 1000000\nframe_burst = 1000000\n\
                  [backbone]\nlisten = \"{}\"\nca = \"{d}/ca.pem\"\ncert = \"{d}/{r}-edge-1.pem\"\nkey = \"{d}/{r}-edge-1.key\"\n",
                 client[i], backbone[i]
             );

@@ -36,6 +36,11 @@ impl TestNode {
         // Test clients often hold a socket without reading it: do not wait long for them.
         cfg.timeouts.close = Duration::from_millis(500);
         cfg.timeouts.shutdown_grace = Duration::from_secs(2);
+        // Tests publish in bulk over one connection; the rate-limit tests set their own.
+        cfg.limits.publish_rate = u32::MAX;
+        cfg.limits.publish_burst = u32::MAX;
+        cfg.limits.frame_rate = u32::MAX;
+        cfg.limits.frame_burst = u32::MAX;
         edit(&mut cfg);
         let shutdown = CancellationToken::new();
         let server = Server::bind(cfg.validate().unwrap(), shutdown.clone()).await.unwrap();
