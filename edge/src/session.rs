@@ -612,10 +612,7 @@ impl Session {
 
     fn subscribe(&mut self, s: client::Subscribe) {
         use crate::auth::Operation;
-        if !self.allowed(Operation::Subscribe, &s.channel) {
-            let reason = Self::forbidden(Operation::Subscribe, &s.channel);
-            return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
-        }
+        // A malformed name is INVALID_CHANNEL whatever the token allows.
         let channel = match ChannelName::parse(&s.channel) {
             Ok(c) => c,
             Err(e) => {
@@ -627,6 +624,10 @@ impl Session {
                 );
             }
         };
+        if !self.allowed(Operation::Subscribe, &s.channel) {
+            let reason = Self::forbidden(Operation::Subscribe, &s.channel);
+            return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
+        }
         let max = self.cfg().limits.max_channels_per_connection;
         if !self.channels.contains(&channel) && self.channels.len() >= max {
             return self.error(
@@ -780,6 +781,16 @@ impl Session {
 
     fn publish(&mut self, p: client::Publish, client_id: &str) {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
+        if let Err(e) = ChannelName::validate(&channel) {
+            return self.reply(server_frame::Kind::Nack(Nack {
+                request_id,
+                channel,
+                message_id: id,
+                code: ErrorCode::InvalidChannel as i32,
+                reason: e.to_string(),
+                retry_after_ms: 0,
+            }));
+        }
         if !self.allowed(crate::auth::Operation::Publish, &channel) {
             let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
             return self.reply(server_frame::Kind::Nack(Nack {
@@ -863,12 +874,12 @@ impl Session {
     /// A history page: read off the session task (the page follows in the outbox, in order
     /// with deliveries queued after the request).
     fn history(&mut self, h: client::HistoryRequest) {
+        if let Err(e) = ChannelName::validate(&h.channel) {
+            return self.error(h.request_id, ErrorCode::InvalidChannel, e.to_string(), h.channel);
+        }
         if !self.allowed(crate::auth::Operation::History, &h.channel) {
             let reason = Self::forbidden(crate::auth::Operation::History, &h.channel);
             return self.error(h.request_id, ErrorCode::Forbidden, reason, h.channel);
-        }
-        if let Err(e) = ChannelName::validate(&h.channel) {
-            return self.error(h.request_id, ErrorCode::InvalidChannel, e.to_string(), h.channel);
         }
         let limit = if h.limit == 0 { 100 } else { h.limit as usize };
         if limit > crate::http::MAX_HISTORY_PAGE {

@@ -1,0 +1,600 @@
+//! The bad-input suite: what a broken or hostile client (or peer) sends, each case with the
+//! answer it must get — an error frame, a nack, a close code, an HTTP status, a closed
+//! socket — and never a panic, a hang, or a lost message for anyone else. Two real nodes
+//! joined by the backbone run it in token mode, while a well-behaved publisher on one node
+//! and a subscriber on the other exchange a steady stream that must arrive whole, in order.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{WAIT, close_code, cluster, http_with};
+use futures_util::{SinkExt, StreamExt};
+use tern_client::{Client, ClientOptions, Event};
+use tern_edge::auth::{AuthMode, Claims, Operation, mint_hs256};
+use tern_proto::close;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const SECRET: &str = "bad-input-suite-secret-0123456789abcdefghij";
+const MAX_MESSAGE: usize = 1024;
+const MAX_FRAME: usize = MAX_MESSAGE / 3 * 4 + 4096;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A token for `sub` allowing `caps` (pattern → operations), expiring at `exp`.
+fn token_with(sub: &str, exp: u64, caps: &[(&str, &[Operation])]) -> String {
+    let capability: BTreeMap<String, Vec<Operation>> =
+        caps.iter().map(|(p, ops)| ((*p).to_owned(), ops.to_vec())).collect();
+    mint_hs256(SECRET, &Claims { sub: sub.into(), exp, iat: Some(now()), capability }).unwrap()
+}
+
+fn chat_token(sub: &str) -> String {
+    token_with(sub, now() + 3600, &[("chat:*", &[Operation::Subscribe, Operation::Publish])])
+}
+
+/// A JSON WebSocket connection that sent Connect with `token` and got `connected`.
+async fn connected(addr: SocketAddr, token: &str) -> common::Ws {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?format=json")).await.unwrap();
+    let frame = serde_json::json!({"connect": {"protocol": 1, "token": token}});
+    ws.send(WsMessage::Text(frame.to_string().into())).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert!(v.get("connected").is_some(), "{v}");
+    ws
+}
+
+async fn next_json(ws: &mut common::Ws) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("an answer in time") {
+            Some(Ok(WsMessage::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// "error:CODE", "nack:CODE", or the frame's kind.
+fn outcome(v: &serde_json::Value) -> String {
+    for kind in ["error", "nack"] {
+        if let Some(code) = v.get(kind).and_then(|e| e.get("code")).and_then(|c| c.as_str()) {
+            return format!("{kind}:{}", code.trim_start_matches("ERROR_CODE_"));
+        }
+    }
+    v.as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default()
+}
+
+/// Frames sent on one connected session, each answered by an error or a nack; the session
+/// stays usable throughout.
+fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
+    let long_channel = format!("chat:{}", "x".repeat(300));
+    let nested = format!("{}1{}", "[".repeat(2_000), "]".repeat(2_000));
+    let big = "y".repeat(MAX_MESSAGE + 1);
+    vec![
+        ("not JSON", "hello".into(), "error:BAD_FRAME"),
+        ("empty object", "{}".into(), "error:UNKNOWN_FRAME"),
+        ("JSON array", "[1,2]".into(), "error:BAD_FRAME"),
+        ("JSON null", "null".into(), "error:BAD_FRAME"),
+        ("truncated JSON", r#"{"subscribe":{"requestId":1,"#.into(), "error:BAD_FRAME"),
+        (
+            "requestId as a string",
+            r#"{"subscribe":{"requestId":"one","channel":"chat:a"}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "negative requestId",
+            r#"{"subscribe":{"requestId":-1,"channel":"chat:a"}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "requestId beyond u32",
+            r#"{"subscribe":{"requestId":1e30,"channel":"chat:a"}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "channel as a number",
+            r#"{"subscribe":{"requestId":1,"channel":5}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "text as an object",
+            r#"{"publish":{"requestId":1,"channel":"chat:a","text":{"a":1}}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "binary that is not base64",
+            r#"{"publish":{"requestId":1,"channel":"chat:a","binary":"***"}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        ("unknown frame type", r#"{"frobnicate":{"requestId":1}}"#.into(), "error:UNKNOWN_FRAME"),
+        ("two frame types in one", r#"{"heartbeat":{},"publish":{}}"#.into(), "error:BAD_FRAME"),
+        ("deeply nested JSON", nested, "error:BAD_FRAME"),
+        (
+            "empty channel",
+            r#"{"subscribe":{"requestId":1,"channel":""}}"#.into(),
+            "error:INVALID_CHANNEL",
+        ),
+        (
+            "channel with a space",
+            r#"{"subscribe":{"requestId":1,"channel":"chat:a b"}}"#.into(),
+            "error:INVALID_CHANNEL",
+        ),
+        (
+            "channel with a control character",
+            r#"{"subscribe":{"requestId":1,"channel":"chat:\u0001"}}"#.into(),
+            "error:INVALID_CHANNEL",
+        ),
+        (
+            "channel of 305 bytes",
+            format!(r#"{{"subscribe":{{"requestId":1,"channel":"{long_channel}"}}}}"#),
+            "error:INVALID_CHANNEL",
+        ),
+        (
+            "publish to an invalid channel",
+            r#"{"publish":{"requestId":1,"channel":"chat:a b","text":"x"}}"#.into(),
+            "nack:INVALID_CHANNEL",
+        ),
+        (
+            "message id of 200 bytes",
+            format!(
+                r#"{{"publish":{{"requestId":1,"channel":"chat:a","id":"{}","text":"x"}}}}"#,
+                "i".repeat(200)
+            ),
+            "nack:INVALID_ARGUMENT",
+        ),
+        (
+            "event name with a control character",
+            r#"{"publish":{"requestId":1,"channel":"chat:a","name":"a\u0007","text":"x"}}"#.into(),
+            "nack:INVALID_ARGUMENT",
+        ),
+        (
+            "payload over max_message_bytes",
+            format!(r#"{{"publish":{{"requestId":1,"channel":"chat:a","text":"{big}"}}}}"#),
+            "nack:MESSAGE_TOO_LARGE",
+        ),
+        (
+            "subscribe outside the capabilities",
+            r#"{"subscribe":{"requestId":1,"channel":"admin:all"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "publish outside the capabilities",
+            r#"{"publish":{"requestId":1,"channel":"admin:all","text":"x"}}"#.into(),
+            "nack:FORBIDDEN",
+        ),
+        (
+            "history without the capability",
+            r#"{"history":{"requestId":1,"channel":"chat:a"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "subscribe to a prefix-similar namespace",
+            r#"{"subscribe":{"requestId":1,"channel":"chatroom:a"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "renewal signed with another key",
+            format!(
+                r#"{{"auth":{{"requestId":1,"token":"{}"}}}}"#,
+                mint_hs256(
+                    "another-secret-another-secret-another-secret",
+                    &Claims {
+                        sub: "mallory".into(),
+                        exp: now() + 3600,
+                        iat: None,
+                        capability: [("*".to_owned(), vec![Operation::Publish])].into(),
+                    }
+                )
+                .unwrap()
+            ),
+            "error:FORBIDDEN",
+        ),
+        (
+            "renewal naming another client (escalation)",
+            format!(
+                r#"{{"auth":{{"requestId":1,"token":"{}"}}}}"#,
+                token_with("root", now() + 3600, &[("*", &[Operation::Publish])])
+            ),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "renewal with alg none",
+            format!(r#"{{"auth":{{"requestId":1,"token":"{}"}}}}"#, alg_none("mallory")),
+            "error:FORBIDDEN",
+        ),
+        (
+            "renewal with garbage",
+            r#"{"auth":{"requestId":1,"token":"a.b.c"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        ("second connect", r#"{"connect":{"protocol":1}}"#.into(), "error:ALREADY_CONNECTED"),
+    ]
+}
+
+/// An unsigned token (`alg: none`): a real token's claims under a `none` header, no
+/// signature.
+fn alg_none(sub: &str) -> String {
+    let real = token_with(sub, now() + 3600, &[("*", &[Operation::Subscribe, Operation::Publish])]);
+    let payload = real.split('.').nth(1).unwrap();
+    // {"alg":"none","typ":"JWT"}
+    format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.")
+}
+
+/// A WebSocket frame as a client sends it (masked, unless `masked` is false).
+fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | opcode];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A raw TCP connection upgraded to a JSON WebSocket (the 101 read off).
+async fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /v1/ws?format=json HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// Reads server frames off a raw connection until a close frame; its code (None: the
+/// socket ended without one).
+async fn raw_close_code(s: &mut TcpStream) -> Option<u16> {
+    let read = async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.ok()?;
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).await.ok()?;
+                len = u64::from(u16::from_be_bytes(l));
+            } else if len == 127 {
+                let mut l = [0u8; 8];
+                s.read_exact(&mut l).await.ok()?;
+                len = u64::from_be_bytes(l);
+            }
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0f == 0x8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("closed in time")
+}
+
+/// The Connect frame, as raw text frame bytes.
+fn raw_connect(token: &str) -> Vec<u8> {
+    let f = serde_json::json!({"connect": {"protocol": 1, "token": token}}).to_string();
+    raw_frame(true, 0x1, f.as_bytes(), true)
+}
+
+/// Cases that end the connection: (name, bytes after the upgrade, expected close code).
+fn close_cases(token: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
+    let connect = raw_connect(token);
+    let with_connect = |rest: Vec<u8>| [connect.clone(), rest].concat();
+    let mut ping_flood = connect.clone();
+    for _ in 0..2000 {
+        ping_flood.extend(raw_frame(true, 0x9, b"", true));
+    }
+    let mut publish_flood = connect.clone();
+    for i in 0..2000 {
+        let p = format!(r#"{{"publish":{{"requestId":{i},"channel":"chat:flood","text":"x"}}}}"#);
+        publish_flood.extend(raw_frame(true, 0x1, p.as_bytes(), true));
+    }
+    let huge_fragments: Vec<u8> = (0..40)
+        .flat_map(|i| {
+            let opcode = if i == 0 { 0x1 } else { 0x0 };
+            raw_frame(false, opcode, &[b'a'; 1024], true)
+        })
+        .collect();
+    vec![
+        ("a frame before connect", raw_frame(true, 0x1, br#"{"heartbeat":{}}"#, true), 4002),
+        (
+            "invalid UTF-8 in a text frame",
+            with_connect(raw_frame(true, 0x1, b"\xff\xfe", true)),
+            1007,
+        ),
+        ("invalid UTF-8 before connect", raw_frame(true, 0x1, b"{\xc3\x28}", true), 1007),
+        ("an unmasked client frame", raw_frame(true, 0x1, b"{}", false), 1002),
+        ("a reserved opcode", with_connect(raw_frame(true, 0x3, b"x", true)), 1002),
+        (
+            "reserved bits set",
+            with_connect({
+                let mut f = raw_frame(true, 0x1, b"{}", true);
+                f[0] |= 0x40;
+                f
+            }),
+            1002,
+        ),
+        ("a continuation without a start", with_connect(raw_frame(true, 0x0, b"x", true)), 1002),
+        ("a fragmented control frame", with_connect(raw_frame(false, 0x9, b"x", true)), 1002),
+        (
+            "a frame over max_frame_bytes",
+            with_connect(raw_frame(true, 0x1, &vec![b'a'; MAX_FRAME + 1], true)),
+            1009,
+        ),
+        ("fragments adding up past max_frame_bytes", with_connect(huge_fragments), 1009),
+        (
+            "a fragmented message that never ends",
+            with_connect(raw_frame(false, 0x1, b"{\"heart", true)),
+            4000,
+        ),
+        ("a ping flood", ping_flood, close::RATE_LIMITED),
+        ("a publish flood", publish_flood, close::RATE_LIMITED),
+        ("connect with an expired token", raw_connect(&token_with("eve", now() - 120, &[])), 4003),
+        ("connect with alg none", raw_connect(&alg_none("eve")), 4003),
+        (
+            "connect with a wrongly signed token",
+            raw_connect(&{
+                let t = chat_token("eve");
+                let (rest, _) = t.rsplit_once('.').unwrap();
+                format!("{rest}.AAAA")
+            }),
+            4003,
+        ),
+        ("connect with a malformed token", raw_connect("not-a-token"), 4003),
+        ("connect without a token", raw_connect(""), 4003),
+        ("no connect within the connect timeout", Vec::new(), 4002),
+    ]
+}
+
+/// HTTP requests: (name, method, path, extra headers, content type, body, status).
+type HttpCase = (&'static str, &'static str, String, String, &'static str, Vec<u8>, u16);
+
+fn http_cases(token: &str) -> Vec<HttpCase> {
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let reader = token_with("reader", now() + 3600, &[("chat:*", &[Operation::History])]);
+    let reader = format!("Authorization: Bearer {reader}\r\n");
+    let path = "/v1/channels/chat:http/messages".to_owned();
+    vec![
+        ("publish without a token", "POST", path.clone(), String::new(), "application/json", br#"{"text":"x"}"#.to_vec(), 401),
+        ("publish with a forged token", "POST", path.clone(), "Authorization: Bearer a.b.c\r\n".into(), "application/json", br#"{"text":"x"}"#.to_vec(), 401),
+        ("publish with a malformed Authorization", "POST", path.clone(), "Authorization: Basic Zm9vOmJhcg==\r\n".into(), "application/json", br#"{"text":"x"}"#.to_vec(), 401),
+        ("publish outside the capabilities", "POST", "/v1/channels/admin:x/messages".into(), auth.clone(), "application/json", br#"{"text":"x"}"#.to_vec(), 403),
+        ("publish malformed JSON", "POST", path.clone(), auth.clone(), "application/json", b"{\"text\":".to_vec(), 400),
+        ("publish with wrong field types", "POST", path.clone(), auth.clone(), "application/json", br#"{"text":5}"#.to_vec(), 400),
+        ("publish to an invalid channel", "POST", "/v1/channels/chat:a%20b/messages".into(), auth.clone(), "application/json", br#"{"text":"x"}"#.to_vec(), 400),
+        ("publish over max_message_bytes", "POST", path.clone(), auth.clone(), "text/plain", vec![b'z'; MAX_MESSAGE + 1], 413),
+        ("history with a limit too large", "GET", format!("{path}?limit=100000"), reader.clone(), "text/plain", Vec::new(), 400),
+        ("history in a direction that does not exist", "GET", format!("{path}?direction=sideways"), reader.clone(), "text/plain", Vec::new(), 400),
+        ("history with a non-numeric position", "GET", format!("{path}?from=abc"), reader.clone(), "text/plain", Vec::new(), 400),
+        ("history of a namespace that keeps none", "GET", path.clone(), reader, "text/plain", Vec::new(), 404),
+        ("an unknown path", "GET", "/v1/nothing-here".into(), String::new(), "text/plain", Vec::new(), 404),
+        ("a WebSocket path without an upgrade", "GET", "/v1/ws".into(), String::new(), "text/plain", Vec::new(), 426),
+        ("an upgrade with an unknown format", "GET", "/v1/ws?format=xml".into(), "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".into(), "text/plain", Vec::new(), 400),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
+    let c = cluster(&["eu-west", "us-east"], |_, cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+        cfg.auth.leeway = Duration::ZERO;
+        cfg.limits.max_message_bytes = MAX_MESSAGE;
+        cfg.limits.max_frame_bytes = MAX_FRAME;
+        cfg.limits.publish_rate = 200;
+        cfg.limits.publish_burst = 200;
+        cfg.limits.frame_rate = 500;
+        cfg.limits.frame_burst = 1000;
+        cfg.timeouts.connect = Duration::from_millis(500);
+        cfg.timeouts.http_header = Duration::from_millis(500);
+        cfg.heartbeat.interval = Duration::from_millis(200);
+        cfg.heartbeat.idle_timeout = Duration::from_millis(1500);
+    })
+    .await;
+    let (target, other) = (c.nodes[0].addr, c.nodes[1].addr);
+
+    // The well-behaved pair: a subscriber on the node under attack, a publisher on the
+    // other, so the stream crosses the backbone while garbage hits it too.
+    let opts =
+        |sub: &str| ClientOptions { token: Some(chat_token(sub)), ..ClientOptions::default() };
+    let watcher = Client::connect(&format!("ws://{target}"), opts("watcher")).await.unwrap();
+    let mut sub = watcher.subscribe("chat:steady").await.unwrap();
+    let publisher = Client::connect(&format!("ws://{other}"), opts("publisher")).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let steady = tokio::spawn(async move {
+        let mut sent = 0u32;
+        while !stopped.is_cancelled() {
+            publisher.publish("chat:steady", format!("{sent}")).await.unwrap();
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sent
+    });
+    // The stream is flowing before the attack starts.
+    let first = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    assert!(matches!(first, Event::Message(_)), "{first:?}");
+    let reader = tokio::spawn(async move {
+        let mut got = vec![first];
+        while let Some(ev) = tokio::time::timeout(WAIT, sub.next()).await.ok().flatten() {
+            let done = matches!(&ev, Event::Message(m) if m.id == "last");
+            got.push(ev);
+            if done {
+                break;
+            }
+        }
+        got
+    });
+
+    let mut failures = Vec::new();
+    let mut cases = 0;
+
+    // 1. Frames on one session: each gets its error or nack; the session stays usable.
+    let token = chat_token("mallory");
+    let mut ws = connected(target, &token).await;
+    for (name, frame, expected) in frame_cases() {
+        cases += 1;
+        ws.send(WsMessage::Text(frame.into())).await.unwrap();
+        let got = outcome(&next_json(&mut ws).await);
+        if got != expected {
+            failures.push(format!("{name}: expected {expected}, got {got}"));
+        }
+    }
+    // Random binary frames (protobuf is tried on binary frames): errors, never a close.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..200 {
+        let len = (seed % 64) as usize;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        ws.send(WsMessage::Binary(bytes.into())).await.unwrap();
+        // Some random bytes decode as a valid frame (a heartbeat, an empty subscribe):
+        // whatever the answer, it is an answer.
+        let v = next_json(&mut ws).await;
+        assert!(v.is_object(), "{v}");
+    }
+    cases += 1;
+    ws.send(WsMessage::Text(r#"{"heartbeat":{"nonce":"7"}}"#.into())).await.unwrap();
+    let v = next_json(&mut ws).await;
+    if v["heartbeat"]["nonce"] != "7" {
+        failures.push(format!("the session did not stay usable: {v}"));
+    }
+
+    // 2. Cases that must end the connection, each with its close code.
+    for (name, bytes, expected) in close_cases(&token) {
+        cases += 1;
+        let mut s = raw_ws(target).await;
+        // The peer may close before taking everything (floods): that is fine.
+        let _ = s.write_all(&bytes).await;
+        let got = raw_close_code(&mut s).await;
+        if got != Some(expected) {
+            failures.push(format!("{name}: expected close {expected}, got {got:?}"));
+        }
+    }
+
+    // 3. A token that expires during the connection, then is replayed.
+    cases += 1;
+    let short = token_with("replayer", now() + 2, &[("chat:*", &[Operation::Subscribe])]);
+    let mut ws = connected(target, &short).await;
+    let code = close_code(&mut ws).await;
+    if code != Some(close::UNAUTHORIZED) {
+        failures.push(format!("token expiring mid-connection: got {code:?}"));
+    }
+    cases += 1;
+    let mut s = raw_ws(target).await;
+    s.write_all(&raw_connect(&short)).await.unwrap();
+    let code = raw_close_code(&mut s).await;
+    if code != Some(close::UNAUTHORIZED) {
+        failures.push(format!("expired token replayed: got {code:?}"));
+    }
+
+    // 4. HTTP.
+    for (name, method, path, headers, ct, body, expected) in http_cases(&token) {
+        cases += 1;
+        let (status, text) = http_with(target, method, &path, &headers, ct, &body).await;
+        if status != expected {
+            failures.push(format!("HTTP {name}: expected {expected}, got {status} ({text})"));
+        }
+    }
+
+    // 5. Raw TCP: a handshake that never completes, and bytes that are not HTTP.
+    cases += 1;
+    let mut slow = TcpStream::connect(target).await.unwrap();
+    slow.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, slow.read(&mut buf)).await.expect("cut off in time");
+    if !matches!(n, Ok(0) | Err(_)) && !String::from_utf8_lossy(&buf).contains(" 408 ") {
+        failures.push(format!("slow-loris not cut off: {n:?}"));
+    }
+    cases += 1;
+    let mut junk = TcpStream::connect(target).await.unwrap();
+    junk.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, junk.read_to_end(&mut out)).await.expect("answered");
+    let text = String::from_utf8_lossy(&out);
+    if !(out.is_empty() || text.starts_with("HTTP/1.1 400")) {
+        failures.push(format!("non-HTTP bytes: {text}"));
+    }
+
+    // 6. Garbage on the backbone port (QUIC over UDP): datagrams of every size, and a
+    //    truncated Initial. The link to the peer must carry on.
+    cases += 1;
+    let backbone = c.nodes[0].node.settings().config.backbone.as_ref().unwrap().listen;
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2000usize {
+        let len = 1 + (i * 37) % 1400;
+        let mut d = vec![(i % 256) as u8; len];
+        if i % 3 == 0 {
+            d[0] = 0xc0; // long header, looks like an Initial
+        }
+        let _ = udp.send_to(&d, backbone).await;
+    }
+    // Garbage over TCP to the same port number (nothing listens; nothing breaks).
+    let _ = TcpStream::connect(backbone).await;
+
+    // End the steady stream and check it arrived whole.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let sent = steady.await.unwrap();
+    let closer = Client::connect(&format!("ws://{other}"), opts("closer")).await.unwrap();
+    closer.publish_with("chat:steady", "", Some("last"), "last").await.unwrap();
+    let got = reader.await.unwrap();
+    let texts: Vec<String> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => match &m.data {
+                Some(tern_proto::client::message::Data::Text(t)) => Some(t.clone()),
+                _ => None,
+            },
+            Event::Discontinuity { .. } => Some("DISCONTINUITY".into()),
+        })
+        .collect();
+    let mut expected: Vec<String> = (0..sent).map(|k| k.to_string()).collect();
+    expected.push("last".into());
+    assert_eq!(texts, expected, "the well-behaved subscriber got every message, in order, once");
+
+    assert!(cases >= 40, "the suite has {cases} cases");
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "bad-input suite: {cases} cases; the steady stream delivered {} messages whole",
+        sent + 1
+    );
+    for n in c.nodes {
+        n.stop().await;
+    }
+}
