@@ -173,20 +173,34 @@ pub enum AuthConfigError {
 impl Verifier {
     /// Builds the verifier; reads the public key file.
     pub fn new(c: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let pem = match &c.es256_public_key {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        Self::with_keys(c, pem.as_deref()).map_err(|e| match (e, &c.es256_public_key) {
+            (AuthConfigError::PublicKey(_, why), Some(path)) => {
+                AuthConfigError::PublicKey(path.clone(), why)
+            }
+            (e, _) => e,
+        })
+    }
+
+    /// Builds the verifier from `c` with the ES256 public key given as PEM text (instead of
+    /// `c.es256_public_key`'s file).
+    pub fn with_keys(c: &AuthConfig, es256_pem: Option<&[u8]>) -> Result<Self, AuthConfigError> {
         let hs256 = match &c.hs256_secret {
             Some(s) if s.len() < 32 => return Err(AuthConfigError::ShortSecret),
             Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
             None => None,
         };
-        let es256 = match &c.es256_public_key {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?;
-                Some(
-                    DecodingKey::from_ec_pem(&pem)
-                        .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?,
-                )
-            }
+        let es256 = match es256_pem {
+            Some(pem) => Some(
+                DecodingKey::from_ec_pem(pem)
+                    .map_err(|e| AuthConfigError::PublicKey(PathBuf::new(), e.to_string()))?,
+            ),
             None => None,
         };
         if c.mode == AuthMode::Token && hs256.is_none() && es256.is_none() {

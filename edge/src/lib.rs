@@ -26,6 +26,7 @@ pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod fanout;
+pub mod fuzzing;
 pub mod http;
 pub mod node;
 pub mod publish;

@@ -123,6 +123,27 @@ pub enum Event {
     },
 }
 
+/// Holds an out-of-order frame until the gap before it is filled. At most `max` frames are
+/// held per stream (an origin retains no more than its retention for repair, so a correct
+/// peer never runs further ahead): when full, the frame furthest ahead gives way to an
+/// earlier one, and frames beyond the furthest are dropped. A peer sending impossible
+/// sequence numbers (far ahead, `u64::MAX`) costs bounded memory; whatever was dropped is
+/// not acknowledged, so a correct origin sends it again.
+fn hold(held: &mut BTreeMap<u64, Bytes>, seq: u64, payload: Bytes, max: usize) {
+    if held.contains_key(&seq) {
+        return;
+    }
+    if held.len() >= max.max(1) {
+        match held.last_key_value() {
+            Some((&last, _)) if last > seq => {
+                held.pop_last();
+            }
+            _ => return,
+        }
+    }
+    held.insert(seq, payload);
+}
+
 /// An origin log: the node's own messages of one channel, the last `retention` kept.
 #[derive(Debug, Clone, Default)]
 struct OriginLog {
@@ -796,7 +817,7 @@ impl Replica {
                     r.held.clear();
                     r.epoch = epoch;
                 }
-                r.held.entry(seq).or_insert(payload);
+                hold(&mut r.held, seq, payload, self.config.retention);
                 return;
             }
             Some(r) if r.epoch < epoch => self.new_epoch(origin.clone(), channel.clone(), epoch),
@@ -808,7 +829,7 @@ impl Replica {
         if seq <= r.delivered || r.held.contains_key(&seq) {
             return; // duplicate: the ack above tells the origin
         }
-        r.held.insert(seq, payload);
+        hold(&mut r.held, seq, payload, self.config.retention);
         self.drain(&key);
         self.nack_gap(now, &key);
     }
@@ -1052,4 +1073,50 @@ fn out_for<'a>(
         start: 0,
         retries: 0,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An authenticated but broken (or hostile) peer sends impossible sequence numbers:
+    /// far ahead of anything it could have published, up to `u64::MAX`. The receiver holds
+    /// a bounded number of them and still delivers the real stream in order.
+    #[test]
+    fn impossible_sequences_cost_bounded_memory_and_the_stream_still_flows() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let channel = ChannelName::parse("chat:x").unwrap();
+        let config = Config {
+            retention: 100,
+            replicate_all: ["chat".to_owned()].into(),
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut r = Replica::new(b, Epoch(2), std::slice::from_ref(&a), config);
+        r.handle_link_up(now, &a);
+        let data = |seq: u64| Frame::Data {
+            origin: a.clone(),
+            epoch: Epoch(1),
+            channel: channel.clone(),
+            seq: Seq(seq),
+            payload: Bytes::from(seq.to_string()),
+        };
+        r.handle_frame(now, &a, data(u64::MAX));
+        for k in 0..10_000 {
+            r.handle_frame(now, &a, data(1_000_000 + k * 7));
+        }
+        for seq in 1..=50 {
+            r.handle_frame(now, &a, data(seq));
+        }
+        let held = r.recv.values().map(|s| s.held.len()).max().unwrap_or(0);
+        assert!(held <= 100, "held {held} frames for one stream");
+        let delivered: Vec<u64> = std::iter::from_fn(|| r.poll_event())
+            .filter_map(|e| match e {
+                Event::Deliver { seq, .. } => Some(seq.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delivered, (1..=50).collect::<Vec<_>>());
+    }
 }
