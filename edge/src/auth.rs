@@ -36,6 +36,33 @@ pub struct AuthConfig {
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// `[[auth.api_keys]]`: keys for backend services on the HTTP (and gRPC) server API,
+    /// sent as HTTP Basic credentials (`id:secret`). Required there in token mode (a client
+    /// token works too); accepted in dev mode.
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// `[[auth.api_keys]]`: one backend service's key.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The key's public id (appears in logs).
+    pub id: String,
+    /// The secret, at least 32 bytes (e.g. `openssl rand -hex 32`). Compared in constant
+    /// time.
+    pub secret: String,
+    /// What the key may do: channel pattern → operations. Absent: everything.
+    pub capability: Option<BTreeMap<String, Vec<Operation>>>,
+}
+
+impl std::fmt::Debug for ApiKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyConfig")
+            .field("id", &self.id)
+            .field("secret", &"…")
+            .field("capability", &self.capability)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -45,6 +72,7 @@ impl Default for AuthConfig {
             hs256_secret: None,
             es256_public_key: None,
             leeway: Duration::from_secs(5),
+            api_keys: Vec::new(),
         }
     }
 }
@@ -71,6 +99,12 @@ pub enum Operation {
     History,
     /// Enter a channel's presence set (reserved).
     Presence,
+}
+
+impl Operation {
+    /// Every operation.
+    pub const ALL: [Operation; 4] =
+        [Operation::Subscribe, Operation::Publish, Operation::History, Operation::Presence];
 }
 
 /// A token's claims.
@@ -135,6 +169,9 @@ pub enum TokenError {
     /// Not a JWT, or claims of the wrong shape.
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// HTTP Basic credentials that name no configured API key, or the wrong secret.
+    #[error("unknown API key or wrong secret")]
+    ApiKey,
 }
 
 /// Verifies tokens with the configured keys.
@@ -144,6 +181,14 @@ pub struct Verifier {
     hs256: Option<DecodingKey>,
     es256: Option<DecodingKey>,
     leeway: u64,
+    api_keys: Vec<ApiKey>,
+}
+
+/// A configured API key: its secret, and what it may do as claims.
+#[derive(Clone)]
+struct ApiKey {
+    secret: Vec<u8>,
+    claims: Claims,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -168,6 +213,9 @@ pub enum AuthConfigError {
     /// The public key file could not be read or parsed.
     #[error("auth.es256_public_key {0}: {1}")]
     PublicKey(PathBuf, String),
+    /// An `[[auth.api_keys]]` entry is invalid.
+    #[error("auth.api_keys: {0}")]
+    ApiKey(String),
 }
 
 impl Verifier {
@@ -206,12 +254,56 @@ impl Verifier {
         if c.mode == AuthMode::Token && hs256.is_none() && es256.is_none() {
             return Err(AuthConfigError::NoKey);
         }
-        Ok(Self { mode: c.mode, hs256, es256, leeway: c.leeway.as_secs() })
+        let mut api_keys: Vec<ApiKey> = Vec::new();
+        for k in &c.api_keys {
+            if k.id.is_empty() || k.id.contains(':') || k.id.chars().any(char::is_control) {
+                return Err(AuthConfigError::ApiKey(format!(
+                    "{:?}: ids are non-empty, without ':'",
+                    k.id
+                )));
+            }
+            if k.secret.len() < 32 {
+                return Err(AuthConfigError::ApiKey(format!(
+                    "{}: the secret must be at least 32 bytes",
+                    k.id
+                )));
+            }
+            if api_keys.iter().any(|a| a.claims.sub == format!("key:{}", k.id)) {
+                return Err(AuthConfigError::ApiKey(format!("{}: listed twice", k.id)));
+            }
+            let capability = k
+                .capability
+                .clone()
+                .unwrap_or_else(|| [("*".to_owned(), Operation::ALL.to_vec())].into());
+            api_keys.push(ApiKey {
+                secret: k.secret.as_bytes().to_vec(),
+                claims: Claims {
+                    sub: format!("key:{}", k.id),
+                    exp: u64::MAX / 2,
+                    iat: None,
+                    capability,
+                },
+            });
+        }
+        Ok(Self { mode: c.mode, hs256, es256, leeway: c.leeway.as_secs(), api_keys })
     }
 
     /// The mode.
     pub fn mode(&self) -> AuthMode {
         self.mode
+    }
+
+    /// Checks HTTP Basic credentials (`id`, `secret`) against the configured API keys, the
+    /// secret in constant time; returns the key's claims (subject `key:ID`).
+    pub fn verify_api_key(&self, id: &str, secret: &str) -> Result<Claims, TokenError> {
+        use subtle::ConstantTimeEq;
+        let want = format!("key:{id}");
+        let key = self.api_keys.iter().find(|k| k.claims.sub == want).ok_or(TokenError::ApiKey)?;
+        if bool::from(key.secret.as_slice().ct_eq(secret.as_bytes())) {
+            Ok(key.claims.clone())
+        } else {
+            Err(TokenError::ApiKey)
+        }
     }
 
     /// Verifies a token and returns its claims.

@@ -186,34 +186,55 @@ struct WsQuery {
     token: Option<String>,
 }
 
-/// In token mode, the HTTP API wants `Authorization: Bearer <token>` whose capabilities
-/// allow `op` on `channel`: 401 without a valid token, 403 outside its capabilities.
+/// Who is calling the HTTP API, if anyone says: an API key (`Authorization: Basic` with
+/// `id:secret`, checked in every mode) or, in token mode, a client token
+/// (`Authorization: Bearer`). 401 without valid credentials where they are needed, 403 when
+/// their capabilities do not allow `op` on `channel`. Returns the caller's id (`key:ID` or
+/// the token's subject), `None` for an anonymous caller in dev mode.
 fn authorize(
     node: &Node,
     headers: &HeaderMap,
     op: crate::auth::Operation,
     channel: &str,
-) -> Result<(), Box<Response>> {
+) -> Result<Option<String>, Box<Response>> {
     let verifier = &node.settings().auth;
-    if verifier.mode() == crate::auth::AuthMode::Dev {
-        return Ok(());
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let claims = verifier.verify(token).map_err(|e| {
-        Box::new(error_response(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, e.to_string()))
-    })?;
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let unauthorized = |e: crate::auth::TokenError| {
+        let mut r = error_response(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, e.to_string());
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"tern\", Bearer"),
+        );
+        Box::new(r)
+    };
+    let claims = match authorization {
+        // An API key: HTTP Basic `id:secret` (checked in dev mode too, so a wrong key shows).
+        Some(v) if v.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")) => {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(v.get(6..).unwrap_or_default().trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok());
+            let Some((id, secret)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
+                return Err(unauthorized(crate::auth::TokenError::ApiKey));
+            };
+            verifier.verify_api_key(id, secret).map_err(unauthorized)?
+        }
+        _ if verifier.mode() == crate::auth::AuthMode::Dev => return Ok(None),
+        // A client token.
+        other => {
+            let token = other.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+            verifier.verify(token).map_err(unauthorized)?
+        }
+    };
     if !claims.allows(op, channel) {
         return Err(Box::new(error_response(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
-            format!("the token does not allow {op:?} on {channel}"),
+            format!("{} may not {op:?} on {channel}", claims.sub),
         )));
     }
-    Ok(())
+    Ok(Some(claims.sub))
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -321,9 +342,10 @@ async fn http_publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&node, &headers, crate::auth::Operation::Publish, &channel) {
-        return *r;
-    }
+    let publisher = match authorize(&node, &headers, crate::auth::Operation::Publish, &channel) {
+        Ok(who) => who,
+        Err(r) => return *r,
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -382,7 +404,7 @@ async fn http_publish(
             "this node has no backbone: no other region can hold the message".into(),
         );
     }
-    match pubmod::publish(&node, req, "http") {
+    match pubmod::publish(&node, req, publisher.as_deref().unwrap_or("http")) {
         Ok(a) => {
             // Answer once the message is in the history log, if it goes there.
             if let (Some(ticket), Some(store)) = (a.log_ticket, node.hub().store()) {

@@ -214,3 +214,97 @@ async fn a_token_renewed_in_band_keeps_the_connection() {
     assert_eq!(c.recv().await["heartbeat"]["nonce"], "9");
     n.stop().await;
 }
+
+const BACKEND_SECRET: &str = "backend-secret-backend-secret-0123456789";
+const READER_SECRET: &str = "reader-secret-reader-secret-reader-0123";
+
+fn basic(id: &str, secret: &str) -> String {
+    use base64::Engine;
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+    format!("Authorization: Basic {creds}\r\n")
+}
+
+fn api_keys() -> Vec<tern_edge::auth::ApiKeyConfig> {
+    vec![
+        tern_edge::auth::ApiKeyConfig {
+            id: "backend".into(),
+            secret: BACKEND_SECRET.into(),
+            capability: None,
+        },
+        tern_edge::auth::ApiKeyConfig {
+            id: "reader".into(),
+            secret: READER_SECRET.into(),
+            capability: Some([("chat:*".to_owned(), vec![Operation::History])].into()),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn api_keys_authenticate_backends_on_the_http_api() {
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+        cfg.auth.api_keys = api_keys();
+    })
+    .await;
+    let (mut sub, _) = connect(n.addr, &token("watcher")).await.unwrap();
+    sub.send(r#"{"subscribe":{"requestId":1,"channel":"chat:api"}}"#).await;
+    assert!(sub.recv().await.get("subscribed").is_some());
+
+    let path = "/v1/channels/chat:api/messages";
+    let key = basic("backend", BACKEND_SECRET);
+    let (status, body) = http_with(n.addr, "POST", path, &key, "text/plain", b"from backend").await;
+    assert_eq!(status, 201, "{body}");
+    let v = sub.recv().await;
+    assert_eq!(v["deliver"]["messages"][0]["text"], "from backend", "{v}");
+    assert_eq!(v["deliver"]["messages"][0]["clientId"], "key:backend", "{v}");
+
+    // Refusals: wrong secret, a secret one byte short, unknown id, not base64, no colon.
+    let short = &BACKEND_SECRET[..BACKEND_SECRET.len() - 1];
+    for (what, header) in [
+        ("wrong secret", basic("backend", READER_SECRET)),
+        ("truncated secret", basic("backend", short)),
+        ("unknown key", basic("nobody", BACKEND_SECRET)),
+        ("not base64", "Authorization: Basic !!!\r\n".to_owned()),
+        ("no colon", {
+            use base64::Engine;
+            let b = base64::engine::general_purpose::STANDARD.encode("backend");
+            format!("Authorization: Basic {b}\r\n")
+        }),
+    ] {
+        let (status, body) = http_with(n.addr, "POST", path, &header, "text/plain", b"x").await;
+        assert_eq!(status, 401, "{what}: {body}");
+    }
+    // A key limited to history may read but not publish.
+    let reader = basic("reader", READER_SECRET);
+    let (status, _) = http_with(n.addr, "POST", path, &reader, "text/plain", b"x").await;
+    assert_eq!(status, 403);
+    let (status, _) = http_with(n.addr, "GET", path, &reader, "text/plain", b"").await;
+    assert_ne!(status, 403, "history is allowed (404 here: the namespace keeps none)");
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_are_checked_in_dev_mode_too_and_must_be_long() {
+    let n = TestNode::start(|cfg| cfg.auth.api_keys = api_keys()).await;
+    let path = "/v1/channels/chat:dev/messages";
+    let (status, _) = http_with(n.addr, "POST", path, "", "text/plain", b"x").await;
+    assert_eq!(status, 201, "dev mode: anonymous is fine");
+    let wrong = basic("backend", "not-the-secret-not-the-secret-0123456789");
+    let (status, _) = http_with(n.addr, "POST", path, &wrong, "text/plain", b"x").await;
+    assert_eq!(status, 401, "a wrong key is reported, not ignored");
+    n.stop().await;
+
+    let mut cfg = tern_edge::Config::default();
+    cfg.auth.api_keys = vec![tern_edge::auth::ApiKeyConfig {
+        id: "weak".into(),
+        secret: "short".into(),
+        capability: None,
+    }];
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("at least 32 bytes"), "{err}");
+    let mut cfg = tern_edge::Config::default();
+    cfg.auth.api_keys = [api_keys(), api_keys()].concat();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("listed twice"), "{err}");
+}
