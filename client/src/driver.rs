@@ -99,9 +99,15 @@ async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), Cli
         // The library's default 128 KiB read buffer is zero-filled on every read; 8 KiB
         // holds a typical Deliver batch.
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
-            .await
-            .map_err(|e| ClientError::Connect(Box::new(e)))?;
+        let connector = tokio_tungstenite::Connector::Rustls(options.tls_config());
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(config),
+            true,
+            Some(connector),
+        )
+        .await
+        .map_err(|e| ClientError::Connect(Box::new(e)))?;
         let connect = Connect {
             protocol: tern_proto::PROTOCOL_VERSION,
             client_id: options.client_id.clone().unwrap_or_default(),

@@ -151,12 +151,13 @@ impl Client {
     /// others, fastest first, for failover.
     pub async fn connect_nearest(seed: &str, options: ClientOptions) -> Result<Self, ClientError> {
         let timeout = std::time::Duration::from_secs(5);
-        let urls = match nearest::regions(seed, timeout).await {
+        let tls = options.tls_config();
+        let urls = match nearest::regions_with(seed, timeout, &tls).await {
             Ok(list) if !list.is_empty() => list.into_iter().map(|r| r.url).collect(),
             Ok(_) | Err(_) => vec![seed.to_owned()],
         };
         let ranked: Vec<String> =
-            nearest::rank(&urls, 2, timeout).await.into_iter().map(|p| p.url).collect();
+            nearest::rank_with(&urls, 2, timeout, &tls).await.into_iter().map(|p| p.url).collect();
         Self::connect_any(&ranked, options).await
     }
 

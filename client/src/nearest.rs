@@ -6,10 +6,31 @@
 //! connection (a connect-time figure would count the handshake twice). Probes run
 //! concurrently, bounded by `timeout` each; an unreachable candidate ranks last.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A connection to an edge: plain, or TLS for `wss://` and `https://`.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// Connects to `url`'s host, with TLS (verified by `tls`) for `wss://` and `https://`.
+async fn dial(url: &str, tls: &Arc<rustls::ClientConfig>) -> std::io::Result<Box<dyn Conn>> {
+    let host = authority(url)?;
+    let stream = TcpStream::connect(host).await?;
+    stream.set_nodelay(true)?;
+    if !(url.starts_with("wss://") || url.starts_with("https://")) {
+        return Ok(Box::new(stream));
+    }
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls_pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| std::io::Error::other(format!("{host}: {e}")))?;
+    let tls = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream).await?;
+    Ok(Box::new(tls))
+}
 
 /// A probed candidate.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,10 +46,20 @@ pub struct Probe {
 /// Probes every candidate (`ws://` or `http://` base URLs) with `probes` pings each and
 /// returns them fastest first; unreachable ones last, in the given order.
 pub async fn rank(candidates: &[String], probes: usize, timeout: Duration) -> Vec<Probe> {
+    rank_with(candidates, probes, timeout, &crate::ClientOptions::default().tls_config()).await
+}
+
+/// [`rank`], verifying `wss://`/`https://` candidates with `tls`.
+pub async fn rank_with(
+    candidates: &[String],
+    probes: usize,
+    timeout: Duration,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Vec<Probe> {
     let tasks = candidates.iter().map(|url| {
         let url = url.clone();
         async move {
-            let res = tokio::time::timeout(timeout, probe(&url, probes.max(1))).await;
+            let res = tokio::time::timeout(timeout, probe(&url, probes.max(1), tls)).await;
             let (rtt, region) = match res {
                 Ok(Ok((rtt, region))) => (Some(rtt), region),
                 _ => (None, None),
@@ -58,9 +89,18 @@ struct RegionsBody {
 
 /// Asks an edge (`seed`, any region) for every region's URL (`GET /v1/regions`).
 pub async fn regions(seed: &str, timeout: Duration) -> std::io::Result<Vec<Region>> {
+    regions_with(seed, timeout, &crate::ClientOptions::default().tls_config()).await
+}
+
+/// [`regions`], verifying a `wss://`/`https://` seed with `tls`.
+pub async fn regions_with(
+    seed: &str,
+    timeout: Duration,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<Vec<Region>> {
     let fetch = async {
         let host = authority(seed)?;
-        let mut stream = TcpStream::connect(host).await?;
+        let mut stream = dial(seed, tls).await?;
         let request =
             format!("GET /v1/regions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
@@ -93,10 +133,13 @@ fn authority(url: &str) -> std::io::Result<&str> {
     Ok(rest.split('/').next().unwrap_or(rest))
 }
 
-async fn probe(url: &str, probes: usize) -> std::io::Result<(Duration, Option<String>)> {
+async fn probe(
+    url: &str,
+    probes: usize,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<(Duration, Option<String>)> {
     let host = authority(url)?;
-    let mut stream = TcpStream::connect(host).await?;
-    stream.set_nodelay(true)?;
+    let mut stream = dial(url, tls).await?;
     let request = format!("GET /v1/ping HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let mut best = Duration::MAX;
     let mut region = None;

@@ -32,6 +32,47 @@ pub struct ClientOptions {
     /// Most ids remembered per channel (as 8-byte hashes); a channel busier than this over
     /// `dedupe_window` forgets the oldest first.
     pub dedupe_ids: usize,
+    /// TLS for `wss://` and `https://` URLs. `None`: the Mozilla root certificates
+    /// (webpki-roots); set it to trust a private CA (see [`ClientOptions::trust_pem`]).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl ClientOptions {
+    /// Trusts the CA certificates in `pem` (instead of the public roots) for `wss://`.
+    pub fn trust_pem(mut self, pem: &[u8]) -> Result<Self, rustls::Error> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| rustls::Error::General(e.to_string()))?;
+            roots.add(cert)?;
+        }
+        self.tls = Some(std::sync::Arc::new(tls_config(roots)?));
+        Ok(self)
+    }
+
+    /// The TLS configuration in use: [`ClientOptions::tls`] or the public roots.
+    pub(crate) fn tls_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use std::sync::{Arc, OnceLock};
+        static PUBLIC: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        self.tls.clone().unwrap_or_else(|| {
+            PUBLIC
+                .get_or_init(|| {
+                    let roots =
+                        rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+                    Arc::new(tls_config(roots).expect("the ring provider supports the defaults"))
+                })
+                .clone()
+        })
+    }
+}
+
+fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Exponential back-off with full jitter: attempt n waits a random time in
@@ -72,6 +113,7 @@ impl Default for ClientOptions {
             subscription_buffer: 1024,
             dedupe_window: Duration::from_secs(120),
             dedupe_ids: 100_000,
+            tls: None,
         }
     }
 }

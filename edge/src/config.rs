@@ -39,6 +39,19 @@ pub struct Config {
     pub resume: ResumeConfig,
     /// `[auth]`: who may connect and what they may do (see `crate::auth`).
     pub auth: crate::auth::AuthConfig,
+    /// `[tls]`: serve clients over TLS (`wss://`, `https://`) on `listen.client`. Absent:
+    /// plain TCP (behind a TLS-terminating proxy, or for development).
+    pub tls: Option<TlsSection>,
+}
+
+/// `[tls]`: the client listener's certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file: the certificate chain, leaf first (e.g. from Let's Encrypt: fullchain.pem).
+    pub cert: PathBuf,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// `[resume]`: a client that reconnects (to this node or, after a failover, to any other)

@@ -61,7 +61,7 @@ async fn regions(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
         .collect();
     if list.is_empty() {
         if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            list.push(serde_json::json!({"region": settings.region.as_str(), "url": format!("ws://{host}")}));
+            list.push(serde_json::json!({"region": settings.region.as_str(), "url": format!("{}://{host}", if settings.config.tls.is_some() { "wss" } else { "ws" })}));
         }
     }
     let body = serde_json::json!({"self": settings.region.as_str(), "regions": list});

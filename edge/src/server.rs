@@ -21,10 +21,20 @@ use crate::http::router;
 use crate::node::Node;
 
 /// A bound edge server.
-#[derive(Debug)]
 pub struct Server {
     node: Arc<Node>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("node", &self.node)
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// Why the server could not start.
@@ -45,6 +55,61 @@ pub enum BindError {
     /// The backbone could not start (certificates, UDP port).
     #[error("backbone: {0}")]
     Backbone(#[from] BackboneError),
+    /// The `[tls]` certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// The client listener's TLS acceptor, from `[tls]`'s PEM files.
+fn tls_acceptor(t: &crate::config::TlsSection) -> Result<tokio_rustls::TlsAcceptor, BindError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        BindError::Tls(format!("{}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(&t.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(&t.cert, &e))?;
+    if chain.is_empty() {
+        return Err(err(&t.cert, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| err(&t.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| err(&t.key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one client connection until it ends or the node
+/// shuts down.
+async fn serve_http<I>(
+    io: I,
+    service: TowerToHyperService<axum::Router>,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "http connection ended with an error");
+    }
 }
 
 /// A client socket counted against its source address for as long as it is open.
@@ -160,6 +225,8 @@ impl Server {
     /// server when cancelled.
     pub async fn bind(settings: Settings, shutdown: CancellationToken) -> Result<Self, BindError> {
         let addr = settings.config.listen.client;
+        // Certificates first: a bad file is reported before anything is opened.
+        let tls = settings.config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
         let history = &settings.config.history;
@@ -239,7 +306,7 @@ impl Server {
                 );
             }
         }
-        Ok(Self { node, listener })
+        Ok(Self { node, listener, tls })
     }
 
     /// The backbone's bound UDP address, when the backbone runs.
@@ -261,7 +328,7 @@ impl Server {
     /// Serves until the shutdown token is cancelled, then closes every WebSocket with 1001
     /// and waits up to `timeouts.shutdown_grace` for the connections to finish.
     pub async fn run(self) {
-        let Self { node, listener } = self;
+        let Self { node, listener, tls } = self;
         let shutdown = node.shutdown().clone();
         let service = TowerToHyperService::new(router(node.clone()));
         let header_timeout = node.settings().config.timeouts.http_header;
@@ -290,22 +357,18 @@ impl Server {
             let shutdown = shutdown.clone();
             // The slot travels with the socket, into the WebSocket session after an upgrade.
             let stream = Counted { stream, _slot: slot };
+            let tls = tls.clone();
             node.tracker().spawn(async move {
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+                let Some(acceptor) = tls else {
+                    return serve_http(stream, service, header_timeout, shutdown, peer).await;
                 };
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "http connection ended with an error");
+                // The TLS handshake gets the same time as the request headers.
+                match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_http(stream, service, header_timeout, shutdown, peer).await
+                    }
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }
