@@ -58,6 +58,13 @@ pub enum Command {
         /// Its id.
         id: u64,
     },
+    /// Replace the connection's token in-band (and for every reconnect after).
+    Renew {
+        /// The new token.
+        token: String,
+        /// Where the node's answer goes.
+        reply: oneshot::Sender<Result<tern_proto::client::AuthRenewed, ClientError>>,
+    },
     /// Close for good.
     Close {
         /// Signalled when closed.
@@ -94,7 +101,11 @@ pub fn normalize_url(url: &str, format: Format) -> Result<String, ClientError> {
     Ok(format!("{scheme}://{authority}{path}?{query}"))
 }
 
-async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), ClientError> {
+async fn open(
+    url: &str,
+    options: &ClientOptions,
+    token: Option<&str>,
+) -> Result<(Ws, Connected), ClientError> {
     let attempt = async {
         // The library's default 128 KiB read buffer is zero-filled on every read; 8 KiB
         // holds a typical Deliver batch.
@@ -111,7 +122,7 @@ async fn open(url: &str, options: &ClientOptions) -> Result<(Ws, Connected), Cli
         let connect = Connect {
             protocol: tern_proto::PROTOCOL_VERSION,
             client_id: options.client_id.clone().unwrap_or_default(),
-            token: options.token.clone().unwrap_or_default(),
+            token: token.unwrap_or_default().to_owned(),
             agent: concat!("tern-rust/", env!("CARGO_PKG_VERSION")).into(),
             ..Default::default()
         };
@@ -177,7 +188,7 @@ pub(crate) async fn start(
     let mut first = None;
     let mut last_err = ClientError::InvalidUrl("no URL given".into());
     for (i, url) in urls.iter().enumerate() {
-        match open(url, &options).await {
+        match open(url, &options, options.token.as_deref()).await {
             Ok(c) => {
                 first = Some((i, c));
                 break;
@@ -189,7 +200,7 @@ pub(crate) async fn start(
     // Commands wait here while the driver writes; 256 bounds a burst of API calls.
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected.clone()));
-    let driver = Driver {
+    let mut driver = Driver {
         urls,
         current,
         options,
@@ -204,15 +215,19 @@ pub(crate) async fn start(
         node: connected.node.clone(),
         resume_window: resume_window(&connected),
         lost_at: None,
+        token: None,
+        renewing: None,
         pacer: crate::pacer::Pacer::new(connected.limits.as_ref()),
         unsent: std::collections::VecDeque::new(),
         send_at: None,
     };
+    driver.token.clone_from(&driver.options.token);
     tokio::spawn(driver.run(ws, cmd_rx));
     Ok((cmd_tx, state_rx))
 }
 
 type SubReply = oneshot::Sender<Result<Subscription, ClientError>>;
+type RenewReply = oneshot::Sender<Result<tern_proto::client::AuthRenewed, ClientError>>;
 
 /// The node's resume window (2 minutes when it does not say).
 fn resume_window(c: &Connected) -> std::time::Duration {
@@ -341,6 +356,10 @@ struct Driver {
     resume_window: std::time::Duration,
     /// When the last connection was lost.
     lost_at: Option<Instant>,
+    /// The token presented on (re)connect: `ClientOptions::token`, then the latest renewal.
+    token: Option<String>,
+    /// A renewal in flight: its request id, the token, and where the answer goes.
+    renewing: Option<(u32, String, RenewReply)>,
     /// Keeps publishes under the node's announced rate.
     pacer: crate::pacer::Pacer,
     /// Publishes (request ids) not yet written on the current connection, in order.
@@ -375,6 +394,12 @@ impl Driver {
             self.lost_at = Some(Instant::now());
             // Their answers would have come on the lost connection: the callers see Closed.
             self.history.clear();
+            // Unconfirmed, the new token is still the better one for the reconnect (the old
+            // one is about to expire); the caller learns the link dropped.
+            if let Some((_, token, reply)) = self.renewing.take() {
+                self.token = Some(token);
+                let _ = reply.send(Err(ClientError::Closed));
+            }
             match self.reconnect(&mut cmds).await {
                 Some(new_ws) => ws = new_ws,
                 None => break,
@@ -400,7 +425,7 @@ impl Driver {
             }
             // Two tries per URL, then the next one (failover to the next-nearest edge).
             let idx = (self.current + (attempt as usize - 1) / 2) % self.urls.len();
-            match open(&self.urls[idx], &self.options).await {
+            match open(&self.urls[idx], &self.options, self.token.as_deref()).await {
                 Ok((mut ws, c)) => {
                     if idx != self.current {
                         debug!(from = %self.urls[self.current], to = %self.urls[idx], "failed over");
@@ -578,6 +603,19 @@ impl Driver {
                 }
                 Flow::Continue
             }
+            Command::Renew { token, reply } => {
+                let request_id = self.request_id();
+                // Without a connection the new token is simply used for the next one.
+                let Some(ws) = ws else {
+                    self.token = Some(token);
+                    let _ = reply.send(Ok(tern_proto::client::AuthRenewed::default()));
+                    return Flow::Continue;
+                };
+                // In force once the node accepts it.
+                self.renewing = Some((request_id, token.clone(), reply));
+                let frame = tern_proto::client::Auth { request_id, token };
+                self.write(Some(ws), client_frame::Kind::Auth(frame)).await
+            }
             Command::Close { done } => {
                 if let Some(ws) = ws {
                     let _ = ws.close(None).await;
@@ -709,15 +747,31 @@ impl Driver {
                     }
                 } else if let Some(reply) = self.history.remove(&e.request_id) {
                     let _ = reply.send(Err(ClientError::Refused { code, reason: e.reason }));
+                } else if self.renewing.as_ref().is_some_and(|(id, ..)| *id == e.request_id) {
+                    if let Some((_, _, reply)) = self.renewing.take() {
+                        let _ = reply.send(Err(ClientError::Refused { code, reason: e.reason }));
+                    }
+                } else if e.request_id == 0
+                    && code == ErrorCode::Forbidden
+                    && self.channels.contains_key(&e.channel)
+                {
+                    // A renewed token no longer allows the channel: the node unsubscribed
+                    // it, and its subscriptions end (their streams return None).
+                    warn!(channel = %e.channel, reason = %e.reason, "subscription revoked");
+                    self.channels.remove(&e.channel);
                 } else {
                     warn!(?code, reason = %e.reason, "error from node");
                 }
             }
-            // The SDK does not renew tokens in-band yet.
-            Kind::Unsubscribed(_)
-            | Kind::Heartbeat(_)
-            | Kind::Connected(_)
-            | Kind::AuthRenewed(_) => {}
+            Kind::AuthRenewed(r) => {
+                if let Some((_, token, reply)) =
+                    self.renewing.take_if(|(id, ..)| *id == r.request_id)
+                {
+                    self.token = Some(token);
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Kind::Unsubscribed(_) | Kind::Heartbeat(_) | Kind::Connected(_) => {}
         }
         Flow::Continue
     }

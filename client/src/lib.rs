@@ -272,6 +272,18 @@ impl Client {
         self.request(|reply| Command::History { request, reply }).await
     }
 
+    /// Replaces the token before it expires, without reconnecting (token mode): the node
+    /// checks it and answers with the new expiry; reconnects present it from now on.
+    /// Subscriptions the new token no longer allows are ended by the node (their streams
+    /// return `None`). A refused token leaves the old one in force on the node.
+    pub async fn renew_token(
+        &self,
+        token: impl Into<String>,
+    ) -> Result<tern_proto::client::AuthRenewed, ClientError> {
+        let token = token.into();
+        self.request(|reply| Command::Renew { token, reply }).await
+    }
+
     /// Closes the connection (close code 1000) and stops reconnecting.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();

@@ -174,6 +174,9 @@ pub enum TokenError {
     ApiKey,
 }
 
+/// How the secrets of `deploy/edge.production.toml` begin: a node refuses to start with one.
+pub const PLACEHOLDER: &str = "REPLACE-ME";
+
 /// Verifies tokens with the configured keys.
 #[derive(Clone)]
 pub struct Verifier {
@@ -213,6 +216,9 @@ pub enum AuthConfigError {
     /// The public key file could not be read or parsed.
     #[error("auth.es256_public_key {0}: {1}")]
     PublicKey(PathBuf, String),
+    /// A secret is still the production example's placeholder.
+    #[error("a secret in [auth] is still the example's placeholder (REPLACE-ME…): set your own")]
+    Placeholder,
     /// An `[[auth.api_keys]]` entry is invalid.
     #[error("auth.api_keys: {0}")]
     ApiKey(String),
@@ -239,6 +245,12 @@ impl Verifier {
     /// Builds the verifier from `c` with the ES256 public key given as PEM text (instead of
     /// `c.es256_public_key`'s file).
     pub fn with_keys(c: &AuthConfig, es256_pem: Option<&[u8]>) -> Result<Self, AuthConfigError> {
+        let placeholder = |s: &str| s.starts_with(PLACEHOLDER);
+        if c.hs256_secret.as_deref().is_some_and(placeholder)
+            || c.api_keys.iter().any(|k| placeholder(&k.secret))
+        {
+            return Err(AuthConfigError::Placeholder);
+        }
         let hs256 = match &c.hs256_secret {
             Some(s) if s.len() < 32 => return Err(AuthConfigError::ShortSecret),
             Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),

@@ -701,6 +701,23 @@ mod tests {
     }
 
     #[test]
+    fn the_production_example_requires_tokens_and_tls_and_refuses_its_placeholders() {
+        let text = include_str!("../../deploy/edge.production.toml");
+        let e = Config::from_toml(text).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("placeholder"), "{e}");
+        let filled = text.replace(
+            "REPLACE-ME-with-64-hex-characters-from-openssl-rand-hex-32",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        );
+        let s = Config::from_toml(&filled).unwrap().validate().unwrap();
+        assert_eq!(s.auth.mode(), crate::auth::AuthMode::Token);
+        assert!(s.config.tls.is_some());
+        assert!(!s.config.websocket.allowed_origins.is_empty());
+        assert!(s.config.regions.iter().all(|r| r.url.starts_with("wss://")));
+        assert_eq!(s.peers.len(), 2);
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../../deploy/edge.example.toml");
         Config::from_toml(text).unwrap().validate().unwrap();

@@ -599,6 +599,27 @@ impl Session {
         };
         self.claims = Some(claims);
         self.reply(server_frame::Kind::AuthRenewed(renewed));
+        // Subscriptions the new token no longer allows end here, each with a FORBIDDEN
+        // error for its channel (queued behind the channel's last delivery).
+        let revoked: Vec<ChannelName> = self
+            .channels
+            .iter()
+            .filter(|c| !self.allowed(crate::auth::Operation::Subscribe, c.as_str()))
+            .cloned()
+            .collect();
+        for channel in revoked {
+            self.channels.remove(&channel);
+            self.catchups.retain(|c| c.channel != channel);
+            let error = server_frame::Kind::Error(client::Error {
+                request_id: 0,
+                code: ErrorCode::Forbidden as i32,
+                reason: format!(
+                    "the renewed token does not allow subscribe on {channel}: unsubscribed"
+                ),
+                channel: channel.to_string(),
+            });
+            self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(Box::new(error))));
+        }
     }
 
     /// Whether the connection's token allows `op` on `channel` (always, in dev mode).

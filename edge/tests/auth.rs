@@ -308,3 +308,44 @@ async fn api_keys_are_checked_in_dev_mode_too_and_must_be_long() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("listed twice"), "{err}");
 }
+
+#[tokio::test]
+async fn the_sdk_renews_in_band_and_a_narrower_token_ends_what_it_no_longer_allows() {
+    use tern_client::{Client, ClientError, ClientOptions, Event};
+    let n = node().await;
+    let url = n.url();
+    // Two seconds to live; allows chat:* (subscribe, publish) and news:* (subscribe).
+    let short = mint_hs256(SECRET, &claims("gina", now() + 2)).unwrap();
+    let options = ClientOptions { token: Some(short), ..ClientOptions::default() };
+    let c = Client::connect(&url, options).await.unwrap();
+    let mut chat = c.subscribe("chat:renew").await.unwrap();
+    let mut news = c.subscribe("news:renew").await.unwrap();
+
+    // A token for someone else is refused, and the old one stays in force.
+    let refused = c.renew_token(token("mallory")).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ClientError::Refused { code: tern_proto::client::ErrorCode::InvalidArgument, .. }
+        ),
+        "{refused:?}"
+    );
+    // A narrower token for the same client: chat only, an hour.
+    let mut capability = BTreeMap::new();
+    capability.insert("chat:*".to_owned(), vec![Operation::Subscribe, Operation::Publish]);
+    let narrower = Claims { sub: "gina".into(), exp: now() + 3600, iat: None, capability };
+    let renewed = c.renew_token(mint_hs256(SECRET, &narrower).unwrap()).await.unwrap();
+    assert_eq!(renewed.client_id, "gina");
+    assert!(renewed.expires_at_ms > now() * 1000 + 3_000_000, "{renewed:?}");
+    // The news subscription was ended by the node.
+    let end = tokio::time::timeout(WAIT, news.next()).await.expect("the stream ends");
+    assert!(end.is_none(), "{end:?}");
+
+    // Past the first token's expiry, the connection lives on and chat flows.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.publish("chat:renew", "still here").await.unwrap();
+    let ev = tokio::time::timeout(WAIT, chat.next()).await.unwrap().unwrap();
+    let Event::Message(m) = ev else { panic!("{ev:?}") };
+    assert_eq!(m.client_id, "gina");
+    n.stop().await;
+}
