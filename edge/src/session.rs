@@ -802,52 +802,33 @@ impl Session {
 
     fn publish(&mut self, p: client::Publish, client_id: &str) {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
-        if let Err(e) = ChannelName::validate(&channel) {
-            return self.reply(server_frame::Kind::Nack(Nack {
-                request_id,
-                channel,
-                message_id: id,
-                code: ErrorCode::InvalidChannel as i32,
-                reason: e.to_string(),
-                retry_after_ms: 0,
-            }));
-        }
-        if !self.allowed(crate::auth::Operation::Publish, &channel) {
-            let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
-            return self.reply(server_frame::Kind::Nack(Nack {
-                request_id,
-                channel,
-                message_id: id,
-                code: ErrorCode::Forbidden as i32,
-                reason,
-                retry_after_ms: 0,
-            }));
-        }
-        if let Err(wait) = self.take_publish(&channel) {
-            let rate = self.publish_rate(&channel);
-            return self.reply(server_frame::Kind::Nack(Nack {
-                request_id,
-                channel,
-                message_id: id,
-                code: ErrorCode::RateLimited as i32,
-                reason: format!("more than {rate} publishes/s; retry after {wait:?}"),
-                retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
-            }));
-        }
-        let replicated = p.durability == client::Durability::Replicated as i32;
-        let nack = |code: ErrorCode, reason: String| {
+        let nack = |code: ErrorCode, reason: String, retry_after_ms: u32| {
             server_frame::Kind::Nack(Nack {
                 request_id,
                 channel: channel.clone(),
                 message_id: id.clone(),
                 code: code as i32,
                 reason,
-                retry_after_ms: 0,
+                retry_after_ms,
             })
         };
+        if let Err(e) = ChannelName::validate(&channel) {
+            return self.reply(nack(ErrorCode::InvalidChannel, e.to_string(), 0));
+        }
+        if !self.allowed(crate::auth::Operation::Publish, &channel) {
+            let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
+            return self.reply(nack(ErrorCode::Forbidden, reason, 0));
+        }
+        if let Err(wait) = self.take_publish(&channel) {
+            let rate = self.publish_rate(&channel);
+            let reason = format!("more than {rate} publishes/s; retry after {wait:?}");
+            let retry = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+            return self.reply(nack(ErrorCode::RateLimited, reason, retry));
+        }
+        let replicated = p.durability == client::Durability::Replicated as i32;
         if replicated && !self.node.hub().replicates() {
             let reason = "this node has no backbone: no other region can hold the message".into();
-            return self.reply(nack(ErrorCode::Unsupported, reason));
+            return self.reply(nack(ErrorCode::Unsupported, reason, 0));
         }
         let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
         match publish::publish(&self.node, req, client_id) {
@@ -863,7 +844,7 @@ impl Session {
                 });
                 self.flush_acks();
             }
-            Err(e) => self.reply(nack(e.code(), e.to_string())),
+            Err(e) => self.reply(nack(e.code(), e.to_string(), 0)),
         }
     }
 
