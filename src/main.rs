@@ -88,7 +88,8 @@ enum Command {
         #[arg(long = "capability", required = true)]
         capabilities: Vec<String>,
     },
-    /// Development certificates for the backbone (mutual TLS with a cluster CA).
+    /// Development certificates: the backbone's (mutual TLS with a cluster CA) and a client
+    /// listener's (`[tls]`).
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
@@ -107,6 +108,16 @@ enum CertsCommand {
     Node {
         /// Node id, `region/name` (e.g. eu-west/edge-1).
         id: String,
+        /// Directory holding the CA.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Issue a client-listener certificate (`[tls]`, wss://) for HOSTs, signed by the CA in
+    /// DIR: DIR/server.pem and DIR/server.key; clients trust DIR/ca.pem.
+    Server {
+        /// DNS names or IP addresses the certificate names (e.g. localhost 127.0.0.1).
+        #[arg(required = true)]
+        hosts: Vec<String>,
         /// Directory holding the CA.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -238,6 +249,10 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
             let node = tern_proto::types::NodeId::parse(&id)?;
             let (cert, key) = tern_backbone::certs::issue_node(&dir, &node)?;
             println!("{node}: {} and {}", cert.display(), key.display());
+        }
+        CertsCommand::Server { hosts, dir } => {
+            let (cert, key) = tern_backbone::certs::issue_server(&dir, &hosts)?;
+            println!("[tls]\ncert = {:?}\nkey = {:?}", cert.display(), key.display());
         }
     }
     Ok(())

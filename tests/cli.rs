@@ -132,3 +132,32 @@ fn tern_token_mints_a_token_the_nodes_accept() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown operation"));
 }
+
+#[tokio::test]
+async fn tern_certs_server_makes_a_certificate_a_tls_edge_serves_and_the_sdk_trusts() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-tls-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    for args in [
+        &["certs", "init", "--dir", d][..],
+        &["certs", "server", "localhost", "127.0.0.1", "--dir", d],
+    ] {
+        let out = std::process::Command::new(tern()).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let config = dir.join("tls.toml");
+    std::fs::write(
+        &config,
+        format!("[tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\n"),
+    )
+    .unwrap();
+    let edge = start_edge(&["--config", config.to_str().unwrap()]).await;
+    let port = edge.addr.rsplit_once(':').unwrap().1;
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let options = tern_client::ClientOptions::default().trust_pem(&ca).unwrap();
+    let client = tern_client::Client::connect(&format!("wss://localhost:{port}"), options)
+        .await
+        .expect("wss with the development CA");
+    let ack = client.publish("chat:tls", "hello").await.unwrap();
+    assert_eq!(ack.channel, "chat:tls");
+    drop(edge);
+}

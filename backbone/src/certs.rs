@@ -101,6 +101,25 @@ pub fn issue_node(dir: &Path, node: &NodeId) -> Result<(PathBuf, PathBuf), CertE
     Ok((cert_path, key_path))
 }
 
+/// Issues a development certificate for a client listener (`[tls]`, `wss://`) naming
+/// `hosts` (DNS names or IP addresses), signed by the CA in `dir`: `DIR/server.pem` and
+/// `DIR/server.key`. Clients trust `DIR/ca.pem` (SDK: `ClientOptions::trust_pem`).
+pub fn issue_server(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), CertError> {
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(hosts.to_vec())?;
+    if let Some(first) = hosts.first() {
+        params.distinguished_name.push(DnType::CommonName, first.as_str());
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    write(&cert_path, &cert.pem())?;
+    write(&key_path, &key.serialize_pem())?;
+    Ok((cert_path, key_path))
+}
+
 /// Paths of a node's TLS material.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
