@@ -278,6 +278,11 @@ pub struct LimitsConfig {
     pub frame_rate: u32,
     /// Frames one connection may send at once before `frame_rate` applies.
     pub frame_burst: u32,
+    /// HTTP API publishes per second per caller (API key, token subject; anonymous callers
+    /// in dev mode share one bucket), sustained. Beyond it: HTTP 429 with `Retry-After`.
+    pub http_publish_rate: u32,
+    /// HTTP API publishes one caller may make at once before the rate applies.
+    pub http_publish_burst: u32,
     /// `[[limits.namespaces]]`: limits for the channels of one namespace that differ from
     /// the ones above.
     pub namespaces: Vec<NamespaceLimits>,
@@ -399,6 +404,10 @@ impl Default for LimitsConfig {
             // client sending more is flooding.
             frame_rate: 200,
             frame_burst: 400,
+            // A backend publishing over HTTP/1.1 request by request rarely exceeds this;
+            // bulk publishers raise it per deployment.
+            http_publish_rate: 1_000,
+            http_publish_burst: 2_000,
             namespaces: Vec::new(),
         }
     }
@@ -496,6 +505,8 @@ impl Config {
             ("limits.publish_burst", l.publish_burst as usize),
             ("limits.frame_rate", l.frame_rate as usize),
             ("limits.frame_burst", l.frame_burst as usize),
+            ("limits.http_publish_rate", l.http_publish_rate as usize),
+            ("limits.http_publish_burst", l.http_publish_burst as usize),
             ("resume.page", self.resume.page),
         ];
         for (field, v) in nonzero {

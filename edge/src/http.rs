@@ -346,6 +346,17 @@ async fn http_publish(
         Ok(who) => who,
         Err(r) => return *r,
     };
+    if let Err(wait) = node.take_http_publish(publisher.as_deref().unwrap_or("")) {
+        let rate = node.settings().config.limits.http_publish_rate;
+        let mut r = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!("more than {rate} publishes/s from this caller; retry after {wait:?}"),
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return r;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

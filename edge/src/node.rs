@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use tern_proto::rate::TokenBucket;
 use tern_proto::types::{ConnectionId, Epoch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,7 +22,12 @@ pub struct Node {
     tracker: TaskTracker,
     /// Open TCP connections per source address.
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// HTTP API publish buckets per caller (`limits.http_publish_rate`).
+    http_publishes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
 }
+
+/// Callers whose HTTP publish buckets are kept before idle (full) buckets are dropped.
+const HTTP_CALLERS: usize = 10_000;
 
 impl Node {
     /// Builds the node state. With a history `store`, channel positions keep the log epoch
@@ -57,6 +63,7 @@ impl Node {
             shutdown,
             tracker: TaskTracker::new(),
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
+            http_publishes: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -97,6 +104,25 @@ impl Node {
 }
 
 impl Node {
+    /// Takes an HTTP publish token for `caller` (an API key, a token's subject, or one
+    /// bucket shared by anonymous callers in dev mode), or says how long to wait.
+    pub fn take_http_publish(&self, caller: &str) -> Result<(), std::time::Duration> {
+        let limits = &self.settings.config.limits;
+        let now = std::time::Instant::now();
+        let mut buckets =
+            self.http_publishes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !buckets.contains_key(caller) && buckets.len() >= HTTP_CALLERS {
+            // Idle callers (full buckets) are forgotten: they would start full anyway.
+            buckets.retain(|_, b| !b.is_full(now));
+        }
+        buckets
+            .entry(caller.to_owned())
+            .or_insert_with(|| {
+                TokenBucket::new(limits.http_publish_rate, limits.http_publish_burst)
+            })
+            .take(now)
+    }
+
     /// Counts a TCP connection from `ip`, or `None` at `limits.max_connections_per_ip`.
     pub fn open_from(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
         let max = self.settings.config.limits.max_connections_per_ip;

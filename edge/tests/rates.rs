@@ -12,12 +12,21 @@ use futures_util::SinkExt;
 use tern_edge::config::NamespaceLimits;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+const BACKEND_SECRET: &str = "rates-backend-secret-0123456789abcdefghij";
+
 async fn node() -> TestNode {
     TestNode::start(|cfg| {
         cfg.limits.publish_rate = 5;
         cfg.limits.publish_burst = 3;
         cfg.limits.frame_rate = 50;
         cfg.limits.frame_burst = 100;
+        cfg.limits.http_publish_rate = 1;
+        cfg.limits.http_publish_burst = 2;
+        cfg.auth.api_keys = vec![tern_edge::auth::ApiKeyConfig {
+            id: "backend".into(),
+            secret: BACKEND_SECRET.into(),
+            capability: None,
+        }];
         cfg.limits.namespaces = vec![
             NamespaceLimits {
                 name: "slow".into(),
@@ -179,5 +188,40 @@ async fn the_sdk_paces_a_burst_so_nothing_is_refused_and_order_holds() {
         let Some(tern_proto::client::message::Data::Text(t)) = m.data else { panic!() };
         assert_eq!(t, format!("m{k}"), "in publish order");
     }
+    n.stop().await;
+}
+
+/// A raw HTTP publish; returns the response head and body.
+async fn http_publish(addr: std::net::SocketAddr, auth: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /v1/channels/chat:http/messages HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: text/plain\r\n\
+         Content-Length: 1\r\nConnection: close\r\n\r\nx"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(common::WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn http_publishes_are_limited_per_caller_with_429_and_retry_after() {
+    let n = node().await;
+    // Anonymous callers (dev mode) share a bucket of 2.
+    for _ in 0..2 {
+        let r = http_publish(n.addr, "").await;
+        assert!(r.starts_with("HTTP/1.1 201"), "{r}");
+    }
+    let r = http_publish(n.addr, "").await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
+    assert!(r.contains("ERROR_CODE_RATE_LIMITED"), "{r}");
+    // An API key has a bucket of its own.
+    use base64::Engine;
+    let creds =
+        base64::engine::general_purpose::STANDARD.encode(format!("backend:{BACKEND_SECRET}"));
+    let r = http_publish(n.addr, &format!("Authorization: Basic {creds}\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 201"), "{r}");
     n.stop().await;
 }

@@ -23,6 +23,12 @@ impl TokenBucket {
         Self { rate: f64::from(rate.max(1)), burst, tokens: burst, last: Instant::now() }
     }
 
+    /// Whether the bucket would be full at `now` (its owner has been idle).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes one token at `now`, or says how long until one is available.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -60,6 +66,17 @@ mod tests {
             assert!(b.take(t2).is_ok());
         }
         assert!(b.take(t2).is_err());
+    }
+
+    #[test]
+    fn a_bucket_is_full_again_after_idling() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 2);
+        assert!(b.is_full(t0));
+        b.take(t0).unwrap();
+        assert!(!b.is_full(t0));
+        assert!(!b.is_full(t0 + Duration::from_millis(50)));
+        assert!(b.is_full(t0 + Duration::from_millis(100)));
     }
 
     #[test]
