@@ -297,7 +297,15 @@ async fn drive(
                     LinkEvent::Up { peer, conn, lanes, quic: q } => {
                         info!(%peer, "link up");
                         r.set_link_rtt(&peer, q.rtt());
-                        quic.insert(peer.clone(), q);
+                        // One connection per peer: a newer one (the peer restarted, or
+                        // redialled before this side noticed the old one die) replaces the
+                        // older, which is closed, so its dialer redials instead of talking
+                        // into a connection this side no longer writes to.
+                        if let Some(old) = quic.insert(peer.clone(), q) {
+                            if old.stable_id() != conn {
+                                old.close(3u32.into(), b"replaced by a newer connection");
+                            }
+                        }
                         writers.insert(peer.clone(), (conn, lanes));
                         r.handle_link_up(now, &peer);
                     }

@@ -371,6 +371,55 @@ fn close_cases(token: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
     ]
 }
 
+/// Plays a peer with a valid certificate that sends impossible frames to us-east.
+async fn impostor(c: &common::Cluster) -> Result<(), String> {
+    use tern_backbone::core::Frame;
+    use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
+    let dir = c.dir.join("impostor");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(c.dir.join(f), dir.join(f)).unwrap();
+    }
+    let eu = NodeId::parse("eu-west/edge-1").unwrap();
+    let us = NodeId::parse("us-east/edge-1").unwrap();
+    let (cert, key) = tern_backbone::certs::issue_node(&dir, &eu).unwrap();
+    let files = tern_backbone::certs::TlsFiles { ca: dir.join("ca.pem"), cert, key };
+    let (_, client_tls) = tern_backbone::certs::tls_configs(&files).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let target = c.nodes[1].node.settings().config.backbone.as_ref().unwrap().listen;
+    let name = tern_backbone::certs::node_dns_name(&us);
+    let conn = endpoint
+        .connect(target, &name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("the impostor's certificate is valid, yet: {e}"))?;
+    let mut lane = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let channel = ChannelName::parse("bb:impossible").unwrap();
+    let data = |seq: u64| Frame::Data {
+        origin: eu.clone(),
+        epoch: Epoch(u64::MAX),
+        channel: channel.clone(),
+        seq: Seq(seq),
+        payload: bytes::Bytes::from_static(b"\x0a\x02bb"),
+    };
+    let mut bytes = tern_backbone::wire::encode(&data(u64::MAX)).to_vec();
+    for k in 0..20_000u64 {
+        bytes.extend_from_slice(&tern_backbone::wire::encode(&data(1 << 40 | k * 7919)));
+    }
+    // A length prefix far over the frame limit.
+    bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+    bytes.extend_from_slice(b"garbage");
+    lane.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let _ = lane.finish();
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await.map_err(|_| "not closed")?;
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(a) if a.error_code == 2u32.into() => Ok(()),
+        other => Err(format!("expected a close for the bad frame (2), got {other}")),
+    }
+}
+
 /// HTTP requests: (name, method, path, extra headers, content type, body, status).
 type HttpCase = (&'static str, &'static str, String, String, &'static str, Vec<u8>, u16);
 
@@ -414,6 +463,9 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
         cfg.timeouts.http_header = Duration::from_millis(500);
         cfg.heartbeat.interval = Duration::from_millis(200);
         cfg.heartbeat.idle_timeout = Duration::from_millis(1500);
+        // A namespace every node takes from every origin without asking: the impostor's
+        // frames below reach the replication core's hold-back buffer.
+        cfg.backbone.as_mut().unwrap().replicate_all = vec!["bb".into()];
     })
     .await;
     let (target, other) = (c.nodes[0].addr, c.nodes[1].addr);
@@ -562,6 +614,18 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
     // Garbage over TCP to the same port number (nothing listens; nothing breaks).
     let _ = TcpStream::connect(backbone).await;
 
+    // 7. An impostor with a certificate of the cluster CA naming eu-west/edge-1 (stolen
+    //    credentials, or a confused operator) connects to us-east and sends impossible
+    //    sequence numbers — u64::MAX and thousands far ahead — then a frame longer than
+    //    the limit. us-east must drop the link with "bad frame" (code 2), hold bounded
+    //    state, and the real eu-west link must come back (its connection was replaced, so
+    //    it redials) with nothing of the steady stream lost.
+    cases += 1;
+    match impostor(&c).await {
+        Ok(()) => {}
+        Err(e) => failures.push(format!("impostor peer: {e}")),
+    }
+
     // End the steady stream and check it arrived whole.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
@@ -582,6 +646,14 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
     let mut expected: Vec<String> = (0..sent).map(|k| k.to_string()).collect();
     expected.push("last".into());
     assert_eq!(texts, expected, "the well-behaved subscriber got every message, in order, once");
+
+    // And the other direction across the healed link: eu-west → us-east.
+    let back = Client::connect(&format!("ws://{other}"), opts("back")).await.unwrap();
+    let mut back_sub = back.subscribe("chat:back").await.unwrap();
+    let sender = Client::connect(&format!("ws://{target}"), opts("sender")).await.unwrap();
+    sender.publish("chat:back", "after the impostor").await.unwrap();
+    let ev = tokio::time::timeout(WAIT, back_sub.next()).await.expect("delivered").unwrap();
+    assert!(matches!(ev, Event::Message(_)), "{ev:?}");
 
     assert!(cases >= 40, "the suite has {cases} cases");
     assert!(
