@@ -578,6 +578,24 @@ impl Driver {
                 self.write(ws, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Publish { mut frame, reply } => {
+                // The pacing queue is bounded by time: a publish that would wait for more
+                // than half the request timeout is refused at once, and not sent later
+                // behind the caller's back.
+                if let Some(rate) = self.pacer.rate(&frame.channel) {
+                    let wait = self.unsent.len() as f64 / rate;
+                    if wait > self.options.request_timeout.as_secs_f64() / 2.0 {
+                        let reason = format!(
+                            "{} publishes already wait for the node's rate ({rate:.0}/s): \
+                             publishing faster than the node allows",
+                            self.unsent.len()
+                        );
+                        let _ = reply.send(Err(ClientError::Refused {
+                            code: ErrorCode::RateLimited,
+                            reason,
+                        }));
+                        return Flow::Continue;
+                    }
+                }
                 frame.request_id = self.request_id();
                 self.unsent.push_back(frame.request_id);
                 self.publishes.insert(frame.request_id, (frame, reply));

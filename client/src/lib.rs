@@ -58,7 +58,9 @@ pub enum ClientError {
     /// The node did not complete the protocol handshake.
     #[error("handshake failed: {0}")]
     Handshake(String),
-    /// The node refused the request; retrying unchanged will not help.
+    /// The node refused the request; retrying unchanged will not help (except
+    /// `RATE_LIMITED`: later, slower — the SDK refuses that itself when its pacing queue
+    /// would hold a publish past half the request timeout).
     #[error("refused ({code:?}): {reason}")]
     Refused {
         /// The protocol error code.

@@ -40,6 +40,15 @@ impl Pacer {
         Self { global, namespaces }
     }
 
+    /// The paced rate (publishes per second) for `channel`; `None` when unpaced.
+    pub(crate) fn rate(&self, channel: &str) -> Option<f64> {
+        let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
+        match self.namespaces.iter().find(|(n, _)| n == ns) {
+            Some((_, b)) => Some(b.rate()),
+            None => self.global.as_ref().map(TokenBucket::rate),
+        }
+    }
+
     /// Takes a token for a publish to `channel`, or says how long to wait.
     pub(crate) fn take(&mut self, channel: &str, now: Instant) -> Result<(), Duration> {
         let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);

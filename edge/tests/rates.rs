@@ -225,3 +225,50 @@ async fn http_publishes_are_limited_per_caller_with_429_and_retry_after() {
     assert!(r.starts_with("HTTP/1.1 201"), "{r}");
     n.stop().await;
 }
+
+#[tokio::test]
+async fn the_sdk_refuses_at_once_what_it_could_not_send_in_time_and_sends_nothing_behind_it() {
+    use tern_client::{Client, ClientError, ClientOptions, Event};
+    let n = node().await;
+    let url = n.url();
+    let watcher = Client::connect(&url, ClientOptions::default()).await.unwrap();
+    let mut sub = watcher.subscribe("chat:flooded").await.unwrap();
+    let options =
+        ClientOptions { request_timeout: Duration::from_secs(2), ..ClientOptions::default() };
+    let client = Client::connect(&url, options).await.unwrap();
+    // 5/s at the node, 4/s paced: a second of queue is all a 2 s timeout allows.
+    let results = futures_util::future::join_all(
+        (0..20).map(|k| client.publish("chat:flooded", format!("f{k}"))),
+    )
+    .await;
+    let acked = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(ClientError::Refused { code: tern_proto::client::ErrorCode::RateLimited, .. })
+            )
+        })
+        .count();
+    assert_eq!(acked + refused, 20, "no timeouts, no other errors: {results:?}");
+    assert!(acked >= 2 && refused >= 10, "acked {acked}, refused {refused}");
+    // Exactly the acknowledged ones reach subscribers: a marker published after them all
+    // comes right after them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.publish("chat:flooded", "marker").await.unwrap();
+    let mut got = 0;
+    loop {
+        let ev = tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut sub))
+            .await
+            .unwrap()
+            .unwrap();
+        let Event::Message(m) = ev else { panic!("{ev:?}") };
+        if m.data == Some(tern_proto::client::message::Data::Text("marker".into())) {
+            break;
+        }
+        got += 1;
+    }
+    assert_eq!(got, acked, "delivered exactly what was acknowledged");
+    n.stop().await;
+}

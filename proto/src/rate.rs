@@ -23,6 +23,11 @@ impl TokenBucket {
         Self { rate: f64::from(rate.max(1)), burst, tokens: burst, last: Instant::now() }
     }
 
+    /// Tokens per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Whether the bucket would be full at `now` (its owner has been idle).
     pub fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
