@@ -283,6 +283,12 @@ pub struct LimitsConfig {
     pub http_publish_rate: u32,
     /// HTTP API publishes one caller may make at once before the rate applies.
     pub http_publish_burst: u32,
+    /// History reads (WebSocket and HTTP) the node runs at once; more are refused
+    /// (`RATE_LIMITED` / HTTP 503 with `Retry-After`) rather than queued.
+    pub history_reads: usize,
+    /// History reads one connection may have in flight; more are refused with
+    /// `RATE_LIMITED`.
+    pub history_reads_per_connection: usize,
     /// `[[limits.namespaces]]`: limits for the channels of one namespace that differ from
     /// the ones above.
     pub namespaces: Vec<NamespaceLimits>,
@@ -408,6 +414,9 @@ impl Default for LimitsConfig {
             // bulk publishers raise it per deployment.
             http_publish_rate: 1_000,
             http_publish_burst: 2_000,
+            // Each read is up to 1,000 messages off the disk on a blocking thread.
+            history_reads: 32,
+            history_reads_per_connection: 4,
             namespaces: Vec::new(),
         }
     }
@@ -507,6 +516,8 @@ impl Config {
             ("limits.frame_burst", l.frame_burst as usize),
             ("limits.http_publish_rate", l.http_publish_rate as usize),
             ("limits.http_publish_burst", l.http_publish_burst as usize),
+            ("limits.history_reads", l.history_reads),
+            ("limits.history_reads_per_connection", l.history_reads_per_connection),
             ("resume.page", self.resume.page),
         ];
         for (field, v) in nonzero {

@@ -138,9 +138,22 @@ async fn http_history(
         limit,
         backwards,
     };
+    let Some(permit) = node.history_read() else {
+        let mut r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::RateLimited,
+            "the node is serving its limit of history reads; retry shortly".into(),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(1u32));
+        return r;
+    };
     let store = store.clone();
     let ch = channel.clone();
-    let page = match tokio::task::spawn_blocking(move || store.read(&ch, query)).await {
+    let read = move || {
+        let _permit = permit;
+        store.read(&ch, query)
+    };
+    let page = match tokio::task::spawn_blocking(read).await {
         Ok(Ok(page)) => page,
         Ok(Err(e)) => {
             return error_response(

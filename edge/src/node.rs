@@ -22,6 +22,8 @@ pub struct Node {
     tracker: TaskTracker,
     /// Open TCP connections per source address.
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Permits for history reads running at once (`limits.history_reads`).
+    history_reads: Arc<tokio::sync::Semaphore>,
     /// HTTP API publish buckets per caller (`limits.http_publish_rate`).
     http_publishes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
 }
@@ -39,6 +41,7 @@ impl Node {
         store: Option<crate::store::Store>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let limits = &settings.config.limits;
+        let history_reads = limits.history_reads;
         let hub_limits = HubLimits {
             dedupe_ids: limits.dedupe_ids_per_channel,
             dedupe_window: limits.dedupe_window,
@@ -64,6 +67,7 @@ impl Node {
             tracker: TaskTracker::new(),
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
             http_publishes: std::sync::Mutex::new(std::collections::HashMap::new()),
+            history_reads: Arc::new(tokio::sync::Semaphore::new(history_reads)),
         }))
     }
 
@@ -104,6 +108,11 @@ impl Node {
 }
 
 impl Node {
+    /// A permit to run one history read, or `None` when `limits.history_reads` run already.
+    pub fn history_read(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.history_reads.clone().try_acquire_owned().ok()
+    }
+
     /// Takes an HTTP publish token for `caller` (an API key, a token's subject, or one
     /// bucket shared by anonymous callers in dev mode), or says how long to wait.
     pub fn take_http_publish(&self, caller: &str) -> Result<(), std::time::Duration> {

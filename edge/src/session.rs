@@ -82,6 +82,8 @@ struct Session {
     /// (by index into `limits.namespaces`; made on first use).
     publishes: TokenBucket,
     namespace_publishes: Vec<(usize, TokenBucket)>,
+    /// History reads of this connection in flight (`limits.history_reads_per_connection`).
+    history_reads: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An ack waiting for its message to be durable enough.
@@ -155,6 +157,7 @@ async fn run_inner<S>(
         frames: TokenBucket::new(cfg.limits.frame_rate, cfg.limits.frame_burst),
         publishes: TokenBucket::new(cfg.limits.publish_rate, cfg.limits.publish_burst),
         namespace_publishes: Vec::new(),
+        history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -901,8 +904,20 @@ impl Session {
             limit,
             backwards,
         };
+        let per_connection = self.cfg().limits.history_reads_per_connection;
+        if self.history_reads.load(std::sync::atomic::Ordering::Relaxed) >= per_connection {
+            let reason = format!("{per_connection} history reads in flight on this connection");
+            return self.error(h.request_id, ErrorCode::RateLimited, reason, h.channel);
+        }
+        let Some(permit) = self.node.history_read() else {
+            let reason = "the node is serving its limit of history reads; retry shortly".into();
+            return self.error(h.request_id, ErrorCode::RateLimited, reason, h.channel);
+        };
+        let in_flight = self.history_reads.clone();
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let outbox = self.outbox.clone();
         self.node.tracker().spawn_blocking(move || {
+            let _permit = permit;
             let frame = match store.read(&h.channel, query) {
                 Ok(page) => server_frame::Kind::History(client::HistoryPage {
                     request_id: h.request_id,
@@ -921,6 +936,7 @@ impl Session {
                 }),
             };
             outbox.push(Outgoing::Frame(Box::new(frame)));
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 

@@ -272,3 +272,50 @@ async fn the_sdk_refuses_at_once_what_it_could_not_send_in_time_and_sends_nothin
     assert_eq!(got, acked, "delivered exactly what was acknowledged");
     n.stop().await;
 }
+
+#[tokio::test]
+async fn history_reads_are_bounded_and_every_request_gets_one_answer() {
+    let dir = common::temp_dir("history-reads");
+    let n = TestNode::start(|cfg| {
+        cfg.history.data_dir = dir.clone();
+        cfg.history.namespaces = vec![tern_edge::config::HistoryNamespace {
+            name: "log".into(),
+            max_messages: 1000,
+            max_age: Duration::from_secs(3600),
+        }];
+        cfg.limits.history_reads = 2;
+        cfg.limits.history_reads_per_connection = 1;
+    })
+    .await;
+    let (mut c, _) = RawJson::connected(n.addr).await;
+    for i in 1..=20 {
+        c.send(&publish(i, "log:a", "x")).await;
+        assert!(c.recv().await.get("ack").is_some());
+    }
+    const N: u32 = 50;
+    for i in 100..100 + N {
+        c.send(&format!(r#"{{"history":{{"requestId":{i},"channel":"log:a","limit":1000}}}}"#))
+            .await;
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    let (mut pages, mut limited) = (0, 0);
+    while answered.len() < N as usize {
+        let v = c.recv().await;
+        if let Some(p) = v.get("history") {
+            assert_eq!(p["messages"].as_array().unwrap().len(), 20, "{v}");
+            pages += 1;
+            assert!(answered.insert(p["requestId"].as_u64().unwrap()), "answered twice: {v}");
+        } else if let Some(e) = v.get("error") {
+            assert_eq!(e["code"], "ERROR_CODE_RATE_LIMITED", "{v}");
+            limited += 1;
+            assert!(answered.insert(e["requestId"].as_u64().unwrap()), "answered twice: {v}");
+        } else {
+            panic!("unexpected {v}");
+        }
+    }
+    assert!(pages >= 1 && limited >= 1, "pages {pages}, refused {limited}");
+    // Still usable.
+    c.send(r#"{"heartbeat":{"nonce":"1"}}"#).await;
+    assert_eq!(c.recv().await["heartbeat"]["nonce"], "1");
+    n.stop().await;
+}
