@@ -108,6 +108,11 @@ impl Node {
 }
 
 impl Node {
+    /// The permits behind [`Node::history_read`], for callers that wait for one.
+    pub fn history_reads(&self) -> Arc<tokio::sync::Semaphore> {
+        self.history_reads.clone()
+    }
+
     /// A permit to run one history read, or `None` when `limits.history_reads` run already.
     pub fn history_read(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.history_reads.clone().try_acquire_owned().ok()

@@ -708,6 +708,7 @@ impl Session {
         let page = self.cfg().resume.page;
         let tracker = self.node.tracker().clone();
         let mut committed = self.committed.clone();
+        let reads = self.node.history_reads();
         Some(Box::pin(async move {
             let id = c.id;
             let wait = async {
@@ -720,8 +721,14 @@ impl Session {
                 }
             };
             let timed_out = tokio::time::timeout(LOG_WAIT, wait).await.is_err();
+            // Replay steps share the node's history-read permits with history requests, but
+            // wait for one instead of failing: a resume is never refused for load.
+            let permit = reads.acquire_owned().await.ok();
             let result = tracker
-                .spawn_blocking(move || crate::resume::step(&store, &c, page))
+                .spawn_blocking(move || {
+                    let _permit = permit;
+                    crate::resume::step(&store, &c, page)
+                })
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
