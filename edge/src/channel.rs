@@ -445,6 +445,33 @@ impl Hub {
         relayed
     }
 
+    /// Forgets, on every channel, the message ids older than the dedupe window, and gives
+    /// back the memory of emptied windows. Publishes prune their own channel as they go;
+    /// this reaches the channels nobody publishes to any more, so id memory is bounded by
+    /// the last window's traffic. Returns the ids forgotten. Run periodically by the server.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let channels: Vec<Arc<Channel>> = self
+            .channels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut forgotten = 0;
+        for channel in channels {
+            let mut state = lock(&channel.state);
+            let d = &mut state.dedupe;
+            let before = d.order.len() + d.remote_order.len();
+            d.prune(now, &self.limits);
+            let after = d.order.len() + d.remote_order.len();
+            forgotten += before - after;
+            if after == 0 && before > 0 {
+                *d = Dedupe::default();
+            }
+        }
+        forgotten
+    }
+
     /// Number of channels held.
     pub fn channel_count(&self) -> usize {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
@@ -973,6 +1000,24 @@ mod tests {
         hub.publish(ch(), msg(Some("z")));
         // Only two ids are kept: "x" was forgotten and is sequenced anew.
         assert!(!hub.publish(ch(), msg(Some("x"))).duplicate);
+    }
+
+    #[test]
+    fn the_sweep_forgets_ids_of_idle_channels_after_the_window() {
+        let hub = hub();
+        for k in 0..50 {
+            hub.publish(format!("a:{k}"), msg(Some("same")));
+        }
+        assert!(hub.publish("a:7".into(), msg(Some("same"))).duplicate);
+        // Inside the window nothing goes.
+        assert_eq!(hub.sweep(Instant::now()), 0);
+        assert!(hub.publish("a:8".into(), msg(Some("same"))).duplicate);
+        // After it, every idle channel's ids are gone (the sequence stays).
+        let later = Instant::now() + Duration::from_secs(121);
+        assert_eq!(hub.sweep(later), 50);
+        let again = hub.publish("a:9".into(), msg(Some("same")));
+        assert!(!again.duplicate);
+        assert_eq!(again.seq, Seq(2));
     }
 
     #[test]

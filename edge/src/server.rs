@@ -20,6 +20,9 @@ use crate::config::Settings;
 use crate::http::router;
 use crate::node::Node;
 
+/// How often every channel's dedupe window is pruned (see `Hub::sweep`).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// A bound edge server.
 pub struct Server {
     node: Arc<Node>,
@@ -334,6 +337,24 @@ impl Server {
         let header_timeout = node.settings().config.timeouts.http_header;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             node = %node.settings().node, "listening");
+        // Message ids of channels nobody publishes to any more leave with their window.
+        let sweeper = node.clone();
+        let stop = shutdown.clone();
+        node.tracker().spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        let forgotten = sweeper.hub().sweep(std::time::Instant::now());
+                        if forgotten > 0 {
+                            debug!(forgotten, "message ids past the dedupe window forgotten");
+                        }
+                    }
+                }
+            }
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
