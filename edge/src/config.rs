@@ -313,11 +313,16 @@ pub struct NamespaceLimits {
 impl LimitsConfig {
     /// The limits of the namespace of `channel`, when it has its own.
     pub fn namespace(&self, channel: &str) -> Option<&NamespaceLimits> {
+        self.namespace_index(channel).map(|i| &self.namespaces[i])
+    }
+
+    /// Where in `namespaces` the namespace of `channel` is listed, if it is.
+    pub fn namespace_index(&self, channel: &str) -> Option<usize> {
         if self.namespaces.is_empty() {
             return None;
         }
         let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
-        self.namespaces.iter().find(|n| n.name == ns)
+        self.namespaces.iter().position(|n| n.name == ns)
     }
 
     /// Largest payload allowed on `channel`.

@@ -862,8 +862,8 @@ impl Session {
     fn take_publish(&mut self, channel: &str) -> Result<(), Duration> {
         let now = std::time::Instant::now();
         let limits = &self.node.settings().config.limits;
-        let own = limits.namespace(channel).and_then(|ns| {
-            let i = limits.namespaces.iter().position(|n| std::ptr::eq(n, ns))?;
+        let own = limits.namespace_index(channel).and_then(|i| {
+            let ns = &limits.namespaces[i];
             Some((i, TokenBucket::new(ns.publish_rate?, ns.publish_burst.or(ns.publish_rate)?)))
         });
         let Some((i, fresh)) = own else { return self.publishes.take(now) };
