@@ -84,6 +84,9 @@ pub struct HubLimits {
     pub dedupe_ids: usize,
     /// How long they are remembered.
     pub dedupe_window: Duration,
+    /// Channels held at most before local publishes and subscribes to new channels are
+    /// refused (replicated messages still open theirs: refusing them would lose messages).
+    pub max_channels: usize,
 }
 
 /// All channels of a node.
@@ -470,6 +473,13 @@ impl Hub {
             }
         }
         forgotten
+    }
+
+    /// Whether a local publish or subscribe may use `name`: it exists, or the node holds
+    /// fewer than `max_channels` channels.
+    pub fn admits(&self, name: &str) -> bool {
+        let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        map.len() < self.limits.max_channels || map.contains_key(name)
     }
 
     /// Number of channels held.
@@ -973,7 +983,7 @@ mod tests {
             node,
             Epoch(7),
             Epoch(7),
-            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120) },
+            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120), max_channels: 3 },
             None,
         )
     }
@@ -1000,6 +1010,17 @@ mod tests {
         hub.publish(ch(), msg(Some("z")));
         // Only two ids are kept: "x" was forgotten and is sequenced anew.
         assert!(!hub.publish(ch(), msg(Some("x"))).duplicate);
+    }
+
+    #[test]
+    fn new_channels_are_refused_at_the_limit_but_existing_ones_are_not() {
+        let hub = hub();
+        for k in 0..3 {
+            assert!(hub.admits(&format!("a:{k}")));
+            hub.publish(format!("a:{k}"), msg(None));
+        }
+        assert!(!hub.admits("a:new"), "a fourth channel is refused");
+        assert!(hub.admits("a:1"), "an existing one is not");
     }
 
     #[test]

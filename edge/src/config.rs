@@ -254,6 +254,10 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     /// Most channels one connection may be subscribed to.
     pub max_channels_per_connection: usize,
+    /// Most channels the node holds (a channel's state lives as long as the node's epoch
+    /// once it had a message); beyond it, publishes and subscribes to new channels are
+    /// refused with `TOO_MANY_CHANNELS` (existing channels and replication are unaffected).
+    pub max_channels: usize,
     /// Largest message payload in bytes; larger publishes are refused (nack / HTTP 413).
     pub max_message_bytes: usize,
     /// Largest WebSocket message in bytes; larger closes the connection with 1009.
@@ -398,6 +402,8 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 1_000,
             // Enough for a chat app with many rooms open; bounds per-connection state.
             max_channels_per_connection: 100,
+            // A few hundred bytes each while idle: well under a GiB at the limit.
+            max_channels: 1_000_000,
             max_message_bytes: 64 * 1024,
             // Room for a max-size binary payload in JSON (base64, +33%) plus fields.
             max_frame_bytes: 96 * 1024,
@@ -508,6 +514,7 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.max_channels_per_connection", l.max_channels_per_connection),
+            ("limits.max_channels", l.max_channels),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.send_queue_messages", l.send_queue_messages),
             ("limits.send_queue_bytes", l.send_queue_bytes),

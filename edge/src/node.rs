@@ -45,6 +45,7 @@ impl Node {
         let hub_limits = HubLimits {
             dedupe_ids: limits.dedupe_ids_per_channel,
             dedupe_window: limits.dedupe_window,
+            max_channels: limits.max_channels,
         };
         // The start time in microseconds: it grows across restarts (peers tell a restart
         // without log by a newer epoch) and stays below 2^53 for JavaScript clients.

@@ -29,6 +29,9 @@ pub enum PublishError {
     /// The message id or event name is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The node holds `limits.max_channels` channels; this would be a new one.
+    #[error("the node holds its limit of {0} channels; publish to an existing channel")]
+    TooManyChannels(usize),
     /// The payload is over the limit.
     #[error("payload is {len} bytes; the limit is {max}")]
     TooLarge {
@@ -46,6 +49,7 @@ impl PublishError {
             Self::InvalidChannel(_) => ErrorCode::InvalidChannel,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
+            Self::TooManyChannels(_) => ErrorCode::TooManyChannels,
         }
     }
 
@@ -53,6 +57,7 @@ impl PublishError {
     pub fn http_status(&self) -> http::StatusCode {
         match self {
             Self::TooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyChannels(_) => http::StatusCode::SERVICE_UNAVAILABLE,
             _ => http::StatusCode::BAD_REQUEST,
         }
     }
@@ -80,6 +85,9 @@ pub fn publish(
     };
     if len > max {
         return Err(PublishError::TooLarge { len, max });
+    }
+    if !node.hub().admits(&req.channel) {
+        return Err(PublishError::TooManyChannels(node.settings().config.limits.max_channels));
     }
     let msg = NewMessage {
         id: (!req.id.is_empty()).then_some(req.id),

@@ -661,6 +661,11 @@ impl Session {
                 s.channel,
             );
         }
+        if !self.node.hub().admits(channel.as_str()) {
+            let max = self.cfg().limits.max_channels;
+            let reason = format!("the node holds its limit of {max} channels");
+            return self.error(s.request_id, ErrorCode::TooManyChannels, reason, s.channel);
+        }
         if self.catchups.iter().any(|c| c.channel == channel) {
             return self.error(
                 s.request_id,

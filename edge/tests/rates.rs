@@ -319,3 +319,32 @@ async fn history_reads_are_bounded_and_every_request_gets_one_answer() {
     assert_eq!(c.recv().await["heartbeat"]["nonce"], "1");
     n.stop().await;
 }
+
+#[tokio::test]
+async fn new_channels_are_refused_at_the_node_limit_and_existing_ones_keep_working() {
+    let n = TestNode::start(|cfg| cfg.limits.max_channels = 2).await;
+    let (mut c, _) = RawJson::connected(n.addr).await;
+    c.send(r#"{"subscribe":{"requestId":1,"channel":"chat:a"}}"#).await;
+    assert!(c.recv().await.get("subscribed").is_some());
+    c.send(&publish(2, "chat:b", "x")).await;
+    assert!(c.recv().await.get("ack").is_some());
+    // A third channel: refused for publish (nack), subscribe (error) and HTTP (503).
+    c.send(&publish(3, "chat:c", "x")).await;
+    let v = c.recv().await;
+    assert_eq!(v["nack"]["code"], "ERROR_CODE_TOO_MANY_CHANNELS", "{v}");
+    c.send(r#"{"subscribe":{"requestId":4,"channel":"chat:d"}}"#).await;
+    let v = c.recv().await;
+    assert_eq!(v["error"]["code"], "ERROR_CODE_TOO_MANY_CHANNELS", "{v}");
+    let (status, _) =
+        http(n.addr, "POST", "/v1/channels/chat:e/messages", "text/plain", b"x").await;
+    assert_eq!(status, 503);
+    // The existing ones work on.
+    c.send(&publish(5, "chat:a", "to a")).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(c.recv().await);
+    }
+    assert!(got.iter().any(|v| v.get("ack").is_some()), "{got:?}");
+    assert!(got.iter().any(|v| v["deliver"]["messages"][0]["text"] == "to a"), "{got:?}");
+    n.stop().await;
+}
