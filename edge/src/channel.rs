@@ -475,8 +475,9 @@ impl Hub {
         forgotten
     }
 
-    /// Whether a local publish or subscribe may use `name`: it exists, or the node holds
-    /// fewer than `max_channels` channels.
+    /// Whether a subscribe may use `name`: it exists, or the node holds fewer than
+    /// `max_channels` channels. (Publishes are checked as the channel is created: see
+    /// [`Hub::publish`].)
     pub fn admits(&self, name: &str) -> bool {
         let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         map.len() < self.limits.max_channels || map.contains_key(name)
@@ -487,14 +488,18 @@ impl Hub {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    /// Looks a channel up by its (already validated) name, creating it if needed.
-    fn channel(&self, name: &str) -> Arc<Channel> {
+    /// Looks a channel up by its (already validated) name, creating it if needed while the
+    /// node holds fewer than `max` channels (`None` at the limit).
+    fn channel(&self, name: &str, max: usize) -> Option<Arc<Channel>> {
         if let Some(c) = self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name) {
-            return c.clone();
+            return Some(c.clone());
         }
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get(name) {
-            return c.clone();
+            return Some(c.clone());
+        }
+        if map.len() >= max {
+            return None;
         }
         let key = ChannelName::parse(name).unwrap_or_else(|_| unvalidated(name));
         let mut state = ChannelState::default();
@@ -549,16 +554,29 @@ impl Hub {
         }
         let channel = Arc::new(Channel { state: Mutex::new(state) });
         map.insert(key, channel.clone());
-        channel
+        Some(channel)
     }
 
-    /// Runs `f` on the live state of `name`, creating the channel if needed.
-    fn with_state<R>(&self, name: &str, mut f: impl FnMut(&mut ChannelState) -> R) -> R {
+    /// Runs `f` on the live state of `name`, creating the channel if needed (whatever the
+    /// channel limit: replication and existing subscriptions must not be refused).
+    fn with_state<R>(&self, name: &str, f: impl FnMut(&mut ChannelState) -> R) -> R {
+        self.with_state_within(name, usize::MAX, f)
+            .unwrap_or_else(|| unreachable!("no limit, so the channel exists"))
+    }
+
+    /// Runs `f` on the live state of `name`, creating the channel only while the node holds
+    /// fewer than `max` channels; `None` when it would be a new one beyond that.
+    fn with_state_within<R>(
+        &self,
+        name: &str,
+        max: usize,
+        mut f: impl FnMut(&mut ChannelState) -> R,
+    ) -> Option<R> {
         loop {
-            let channel = self.channel(name);
+            let channel = self.channel(name, max)?;
             let mut state = lock(&channel.state);
             if !state.removed {
-                return f(&mut state);
+                return Some(f(&mut state));
             }
         }
     }
@@ -896,11 +914,12 @@ impl Hub {
     }
 
     /// Sequences a message on `name` (validated with [`ChannelName::validate`]) and delivers
-    /// it to every local subscriber.
-    pub fn publish(&self, name: String, msg: NewMessage) -> Accepted {
+    /// it to every local subscriber. `None` when `name` would be a new channel and the node
+    /// holds `max_channels` already.
+    pub fn publish(&self, name: String, msg: NewMessage) -> Option<Accepted> {
         let now = Instant::now();
         let timestamp_ms = crate::store::now_ms();
-        self.with_state(&name, |state| {
+        self.with_state_within(&name, self.limits.max_channels, |state| {
             state.dedupe.prune(now, &self.limits);
             if let Some(id) = &msg.id {
                 if let Some(prev) = state.dedupe.seen.get(id) {
@@ -978,14 +997,23 @@ mod tests {
     use tern_proto::types::RegionId;
 
     fn hub() -> Hub {
+        hub_with(3)
+    }
+
+    fn hub_with(max_channels: usize) -> Hub {
         let node = NodeId::new(&RegionId::parse("r").unwrap(), "n").unwrap();
         Hub::new(
             node,
             Epoch(7),
             Epoch(7),
-            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120), max_channels: 3 },
+            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120), max_channels },
             None,
         )
+    }
+
+    /// Publishes on a channel the hub admits.
+    fn publish(hub: &Hub, channel: String, msg: NewMessage) -> Accepted {
+        hub.publish(channel, msg).expect("under the channel limit")
     }
 
     fn msg(id: Option<&str>) -> NewMessage {
@@ -1001,15 +1029,15 @@ mod tests {
     fn sequences_dedupes_and_forgets_oldest_ids() {
         let hub = hub();
         let ch = || "a:b".to_owned();
-        let a = hub.publish(ch(), msg(Some("x")));
+        let a = publish(&hub, ch(), msg(Some("x")));
         assert_eq!((a.seq, a.duplicate), (Seq(1), false));
-        let again = hub.publish(ch(), msg(Some("x")));
+        let again = publish(&hub, ch(), msg(Some("x")));
         assert_eq!(again, Accepted { duplicate: true, ..a });
-        assert_eq!(hub.publish(ch(), msg(None)).seq, Seq(2));
-        hub.publish(ch(), msg(Some("y")));
-        hub.publish(ch(), msg(Some("z")));
+        assert_eq!(publish(&hub, ch(), msg(None)).seq, Seq(2));
+        publish(&hub, ch(), msg(Some("y")));
+        publish(&hub, ch(), msg(Some("z")));
         // Only two ids are kept: "x" was forgotten and is sequenced anew.
-        assert!(!hub.publish(ch(), msg(Some("x"))).duplicate);
+        assert!(!publish(&hub, ch(), msg(Some("x"))).duplicate);
     }
 
     #[test]
@@ -1017,7 +1045,7 @@ mod tests {
         let hub = hub();
         for k in 0..3 {
             assert!(hub.admits(&format!("a:{k}")));
-            hub.publish(format!("a:{k}"), msg(None));
+            publish(&hub, format!("a:{k}"), msg(None));
         }
         assert!(!hub.admits("a:new"), "a fourth channel is refused");
         assert!(hub.admits("a:1"), "an existing one is not");
@@ -1025,18 +1053,18 @@ mod tests {
 
     #[test]
     fn the_sweep_forgets_ids_of_idle_channels_after_the_window() {
-        let hub = hub();
+        let hub = hub_with(100);
         for k in 0..50 {
-            hub.publish(format!("a:{k}"), msg(Some("same")));
+            publish(&hub, format!("a:{k}"), msg(Some("same")));
         }
-        assert!(hub.publish("a:7".into(), msg(Some("same"))).duplicate);
+        assert!(publish(&hub, "a:7".into(), msg(Some("same"))).duplicate);
         // Inside the window nothing goes.
         assert_eq!(hub.sweep(Instant::now()), 0);
-        assert!(hub.publish("a:8".into(), msg(Some("same"))).duplicate);
+        assert!(publish(&hub, "a:8".into(), msg(Some("same"))).duplicate);
         // After it, every idle channel's ids are gone (the sequence stays).
         let later = Instant::now() + Duration::from_secs(121);
         assert_eq!(hub.sweep(later), 50);
-        let again = hub.publish("a:9".into(), msg(Some("same")));
+        let again = publish(&hub, "a:9".into(), msg(Some("same")));
         assert!(!again.duplicate);
         assert_eq!(again.seq, Seq(2));
     }
@@ -1049,10 +1077,10 @@ mod tests {
         hub.subscribe(&ch, ConnectionId(1), tx.clone(), 1, None);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 0);
-        hub.publish(ch.to_string(), msg(None));
+        publish(&hub, ch.to_string(), msg(None));
         hub.subscribe(&ch, ConnectionId(1), tx, 2, None);
         hub.unsubscribe(&ch, ConnectionId(1), None);
         assert_eq!(hub.channel_count(), 1);
-        assert_eq!(hub.publish(ch.to_string(), msg(None)).seq, Seq(2));
+        assert_eq!(publish(&hub, ch.to_string(), msg(None)).seq, Seq(2));
     }
 }

@@ -86,14 +86,13 @@ pub fn publish(
     if len > max {
         return Err(PublishError::TooLarge { len, max });
     }
-    if !node.hub().admits(&req.channel) {
-        return Err(PublishError::TooManyChannels(node.settings().config.limits.max_channels));
-    }
     let msg = NewMessage {
         id: (!req.id.is_empty()).then_some(req.id),
         name: req.name,
         data,
         client_id: client_id.to_owned(),
     };
-    Ok(node.hub().publish(req.channel, msg))
+    node.hub()
+        .publish(req.channel, msg)
+        .ok_or_else(|| PublishError::TooManyChannels(node.settings().config.limits.max_channels))
 }
