@@ -200,7 +200,8 @@ pub(crate) async fn start(
     // Commands wait here while the driver writes; 256 bounds a burst of API calls.
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected.clone()));
-    let mut driver = Driver {
+    let token = options.token.clone();
+    let driver = Driver {
         urls,
         current,
         options,
@@ -215,13 +216,12 @@ pub(crate) async fn start(
         node: connected.node.clone(),
         resume_window: resume_window(&connected),
         lost_at: None,
-        token: None,
+        token,
         renewing: None,
         pacer: crate::pacer::Pacer::new(connected.limits.as_ref()),
         unsent: std::collections::VecDeque::new(),
         send_at: None,
     };
-    driver.token.clone_from(&driver.options.token);
     tokio::spawn(driver.run(ws, cmd_rx));
     Ok((cmd_tx, state_rx))
 }
@@ -269,13 +269,16 @@ struct RecentIds {
 }
 
 impl RecentIds {
+    #[cfg(test)]
     fn contains(&self, id: &str) -> bool {
-        !self.set.is_empty() && self.set.contains(&self.hasher.hash_one(id))
+        self.set.contains(&self.hasher.hash_one(id))
     }
 
-    fn insert(&mut self, id: &str, now: Instant, options: &ClientOptions) {
+    /// Remembers `id`; false when it was remembered already.
+    fn insert(&mut self, id: &str, now: Instant, options: &ClientOptions) -> bool {
         let h = self.hasher.hash_one(id);
-        if self.set.insert(h) {
+        let fresh = self.set.insert(h);
+        if fresh {
             self.order.push_back((now, h));
         }
         while let Some(&(at, old)) = self.order.front() {
@@ -287,25 +290,20 @@ impl RecentIds {
             self.order.pop_front();
             self.set.remove(&old);
         }
+        fresh
     }
 }
 
 impl ChannelSubs {
-    /// Whether the application already has `m` by its id (a retried publish's other copy).
-    fn has_id(&self, m: &Message) -> bool {
-        !m.id.is_empty() && self.recent.contains(&m.id)
-    }
-
     /// Whether the vector covers `m` (a repeat after a resume or failover).
     fn covers(&self, m: &Message) -> bool {
         tern_proto::vector::covers(&self.vector, m)
     }
 
-    /// Records `m` as received from `node`.
-    fn note(&mut self, node: &str, m: &Message, options: &ClientOptions) {
-        if !m.id.is_empty() {
-            self.recent.insert(&m.id, Instant::now(), options);
-        }
+    /// Records `m` as received from `node`. False when its id was delivered already (a
+    /// retried publish's other copy: the application has it).
+    fn note(&mut self, node: &str, m: &Message, options: &ClientOptions) -> bool {
+        let fresh = m.id.is_empty() || self.recent.insert(&m.id, Instant::now(), options);
         if self.node != node {
             node.clone_into(&mut self.node);
         }
@@ -321,6 +319,7 @@ impl ChannelSubs {
                 seq: m.origin_seq,
             }),
         }
+        fresh
     }
 
     /// What to present when subscribing again after a reconnect.
@@ -666,9 +665,7 @@ impl Driver {
                         // Already delivered to the application (before a resume).
                         continue;
                     }
-                    let repeat = entry.has_id(&m);
-                    entry.note(&self.node, &m, &self.options);
-                    if repeat {
+                    if !entry.note(&self.node, &m, &self.options) {
                         continue;
                     }
                     let mut live = Vec::with_capacity(entry.sinks.len());

@@ -40,22 +40,24 @@ impl Pacer {
         Self { global, namespaces }
     }
 
-    /// The paced rate (publishes per second) for `channel`; `None` when unpaced.
-    pub(crate) fn rate(&self, channel: &str) -> Option<f64> {
-        let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
-        match self.namespaces.iter().find(|(n, _)| n == ns) {
-            Some((_, b)) => Some(b.rate()),
-            None => self.global.as_ref().map(TokenBucket::rate),
+    /// The bucket publishes to `channel` take from: their namespace's, or the global one
+    /// (`None`: unpaced). Namespaces as the node reads them (`types::namespace_of`).
+    fn bucket_for(&mut self, channel: &str) -> Option<&mut TokenBucket> {
+        let ns = tern_proto::types::namespace_of(channel);
+        match self.namespaces.iter_mut().find(|(n, _)| n == ns) {
+            Some((_, b)) => Some(b),
+            None => self.global.as_mut(),
         }
+    }
+
+    /// The paced rate (publishes per second) for `channel`; `None` when unpaced.
+    pub(crate) fn rate(&mut self, channel: &str) -> Option<f64> {
+        self.bucket_for(channel).map(|b| b.rate())
     }
 
     /// Takes a token for a publish to `channel`, or says how long to wait.
     pub(crate) fn take(&mut self, channel: &str, now: Instant) -> Result<(), Duration> {
-        let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
-        match self.namespaces.iter_mut().find(|(n, _)| n == ns) {
-            Some((_, b)) => b.take(now),
-            None => self.global.as_mut().map_or(Ok(()), |b| b.take(now)),
-        }
+        self.bucket_for(channel).map_or(Ok(()), |b| b.take(now))
     }
 }
 

@@ -325,7 +325,7 @@ impl LimitsConfig {
         if self.namespaces.is_empty() {
             return None;
         }
-        let ns = channel.split_once(':').map_or(channel, |(ns, _)| ns);
+        let ns = tern_proto::types::namespace_of(channel);
         self.namespaces.iter().position(|n| n.name == ns)
     }
 
