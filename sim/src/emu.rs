@@ -162,6 +162,7 @@ fn run_scheduler(
 ) {
     let mut heap: BinaryHeap<Reverse<Job>> = BinaryHeap::new();
     let mut late = Vec::with_capacity(1024);
+    let mut due_now = Vec::with_capacity(1024);
     loop {
         let Some(Reverse(next)) = heap.peek() else {
             match rx.recv() {
@@ -199,7 +200,18 @@ fn run_scheduler(
         while heap.peek().is_some_and(|Reverse(j)| j.due <= now) {
             let Reverse(job) = heap.pop().expect("peeked");
             late.push(now.saturating_duration_since(job.due).as_micros() as u64);
-            match job.action {
+            due_now.push(job.action);
+        }
+        // Recorded before the packets leave, so whoever sees a packet arrive also sees
+        // it counted in `timing()`.
+        if !late.is_empty() {
+            let mut h = lateness.lock().unwrap_or_else(PoisonError::into_inner);
+            for v in late.drain(..) {
+                let _ = h.record(v.max(1));
+            }
+        }
+        for action in due_now.drain(..) {
+            match action {
                 Action::Udp { socket, to, data } => {
                     queued_udp.fetch_sub(1, Ordering::Relaxed);
                     // Non-blocking: a full socket buffer drops the datagram, as a router would.
@@ -208,12 +220,6 @@ fn run_scheduler(
                 Action::Stream { to, chunk } => {
                     let _ = to.send(chunk);
                 }
-            }
-        }
-        if !late.is_empty() {
-            let mut h = lateness.lock().unwrap_or_else(PoisonError::into_inner);
-            for v in late.drain(..) {
-                let _ = h.record(v.max(1));
             }
         }
     }
