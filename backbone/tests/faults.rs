@@ -69,6 +69,8 @@ struct Scenario {
     isolate_first: bool,
     restart: Restart,
     retention: usize,
+    /// The origin logs' byte budget (all channels together).
+    retention_bytes: usize,
     /// Random interest changes (add or remove, per node and channel) during the run.
     churn: usize,
 }
@@ -86,6 +88,7 @@ const BASE: Scenario = Scenario {
     isolate_first: false,
     restart: Restart::None,
     retention: 10_000,
+    retention_bytes: 256 << 20,
     churn: 0,
 };
 
@@ -98,6 +101,16 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "retention",
         retention: 8,
+        partition: Some((200, 2_800)),
+        isolate_first: true,
+        loss: 0.05,
+        ..BASE
+    },
+    // The logs' byte budget, not the per-channel count, trims them: about 8 of a node's
+    // messages (~16 bytes each) fit across all its channels.
+    Scenario {
+        name: "byte_budget",
+        retention_bytes: 128,
         partition: Some((200, 2_800)),
         isolate_first: true,
         loss: 0.05,
@@ -169,6 +182,7 @@ struct Counts {
 fn config(s: &Scenario) -> Config {
     Config {
         retention: s.retention,
+        retention_bytes: s.retention_bytes,
         replicate_all: ["h".to_owned()].into(),
         interest_grace: Duration::from_millis(if s.churn > 0 { 150 } else { 60_000 }),
         ..Config::default()
@@ -577,6 +591,13 @@ fn fault_suite() {
             s.name, counts.delivered, counts.discontinuities, counts.starts, counts.ready
         );
         assert!(counts.starts > 0 && counts.ready > 0, "{}: interest was never exercised", s.name);
+        if s.retention < 100 || s.retention_bytes < 1024 {
+            assert!(
+                counts.discontinuities > 0,
+                "{}: the logs were never trimmed past a lagging peer",
+                s.name
+            );
+        }
     }
     assert!(total >= 5_000, "the suite must cover at least 5,000 seeds, ran {total}");
 }

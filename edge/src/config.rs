@@ -174,6 +174,11 @@ pub struct BackboneSection {
     /// Messages kept per channel for repair and catch-up.
     #[serde(default = "default_retention")]
     pub retention: usize,
+    /// Most payload bytes kept for repair and catch-up across all channels together
+    /// (memory): past it, the oldest messages go first, and a peer that still needs one
+    /// gets a discontinuity, as past `retention`.
+    #[serde(default = "default_retention_bytes")]
+    pub retention_bytes: usize,
     /// Namespaces replicated to every node whether or not it has subscribers (namespaces
     /// with history, so they are served locally and survive a region loss); `"*"` for every
     /// channel. Other channels go only to nodes that have subscribers. The same list on
@@ -219,6 +224,11 @@ fn default_interest_grace() -> Duration {
 }
 fn default_interest_wait() -> Duration {
     Duration::from_secs(2)
+}
+fn default_retention_bytes() -> usize {
+    // 256 MiB: minutes of a busy node's own publishes; a peer's link is rarely down longer
+    // than the resume window.
+    256 << 20
 }
 fn default_retention() -> usize {
     // A few seconds of a busy channel; a peer further behind gets a discontinuity.
@@ -639,6 +649,7 @@ impl Config {
                 ("backbone.lanes", b.lanes),
                 ("backbone.lane_queue", b.lane_queue),
                 ("backbone.retention", b.retention),
+                ("backbone.retention_bytes", b.retention_bytes),
             ] {
                 if v == 0 {
                     return Err(ConfigError::Invalid {

@@ -271,6 +271,7 @@ impl Server {
                 lane_queue: b.lane_queue,
                 core: tern_backbone::core::Config {
                     retention: b.retention,
+                    retention_bytes: b.retention_bytes,
                     // Namespaces with history go to every node, so history and resume are
                     // served locally and survive a region loss.
                     replicate_all: b

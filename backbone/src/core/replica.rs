@@ -14,6 +14,10 @@ pub struct Config {
     /// Messages kept per channel in the origin log for repair and catch-up. A peer that falls
     /// further behind gets a `Gone` and reports a discontinuity.
     pub retention: usize,
+    /// Most payload bytes kept in all origin logs together: past it, the oldest messages
+    /// (of whichever channels) go first, so memory stays bounded however many channels are
+    /// busy. A peer that needs one of them gets a `Gone`, as past `retention`.
+    pub retention_bytes: usize,
     /// Timer granularity: acks, retransmissions and re-Nacks run on this tick.
     pub tick: Duration,
     /// Unacknowledged data is resent, and a gap re-Nacked, after this long without progress.
@@ -38,6 +42,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             retention: 10_000,
+            retention_bytes: 256 << 20,
             tick: Duration::from_millis(20),
             rto: Duration::from_millis(200),
             resend_batch: 256,
@@ -167,6 +172,18 @@ impl OriginLog {
     }
 }
 
+/// The byte budget of all origin logs: which message of which channel is oldest.
+#[derive(Debug, Clone, Default)]
+struct LogBudget {
+    /// (channel, seq) of every logged message in publish order; entries whose message a
+    /// channel's own `retention` already dropped stay until compacted.
+    order: VecDeque<(ChannelName, u64)>,
+    /// Payload bytes held by all logs.
+    bytes: usize,
+    /// Messages held by all logs.
+    held: usize,
+}
+
 /// Receive state for one (origin, channel).
 #[derive(Debug, Clone)]
 struct Recv {
@@ -265,6 +282,7 @@ pub struct Replica {
     epoch: Epoch,
     config: Config,
     logs: BTreeMap<ChannelName, OriginLog>,
+    budget: LogBudget,
     recv: BTreeMap<(NodeId, ChannelName), Recv>,
     links: BTreeMap<NodeId, Link>,
     /// Channels this node asked its peers for (replicate-all ones are not listed).
@@ -294,6 +312,7 @@ impl Replica {
             epoch,
             config,
             logs: BTreeMap::new(),
+            budget: LogBudget::default(),
             recv: BTreeMap::new(),
             links,
             interest: BTreeMap::new(),
@@ -314,6 +333,19 @@ impl Replica {
     pub fn restore(me: NodeId, peers: &[NodeId], config: Config, state: Persisted) -> Self {
         let mut r = Self::new(me, state.epoch, peers, config);
         r.logs = state.logs;
+        // Oldest first across channels is unknown after a restore: by sequence, channel
+        // after channel, is a fair approximation.
+        let mut entries: Vec<(u64, ChannelName)> = Vec::new();
+        for (channel, log) in &r.logs {
+            for (seq, payload) in &log.entries {
+                r.budget.bytes += payload.len();
+                r.budget.held += 1;
+                entries.push((*seq, channel.clone()));
+            }
+        }
+        entries.sort();
+        r.budget.order = entries.into_iter().map(|(seq, c)| (c, seq)).collect();
+        r.trim_logs();
         r.generation = state.generation;
         r.recv = state
             .positions
@@ -357,9 +389,16 @@ impl Replica {
         log.last += 1;
         let seq = log.last;
         log.entries.push_back((seq, payload.clone()));
+        self.budget.bytes += payload.len();
+        self.budget.held += 1;
+        self.budget.order.push_back((channel.clone(), seq));
         while log.entries.len() > retention {
-            log.entries.pop_front();
+            if let Some((_, old)) = log.entries.pop_front() {
+                self.budget.bytes -= old.len();
+                self.budget.held -= 1;
+            }
         }
+        self.trim_logs();
         let frame = self.data(&channel, seq, payload);
         let all = self.config.replicates_all(&channel);
         for (peer, link) in &mut self.links {
@@ -376,6 +415,33 @@ impl Replica {
         }
         self.arm(now);
         Seq(seq)
+    }
+
+    /// Drops the oldest logged messages while the logs hold more than `retention_bytes`,
+    /// and forgets budget entries of messages a channel's `retention` already dropped once
+    /// they outnumber the live ones (amortised O(1) per publish).
+    fn trim_logs(&mut self) {
+        let budget = &mut self.budget;
+        while budget.bytes > self.config.retention_bytes {
+            let Some((channel, seq)) = budget.order.pop_front() else { break };
+            let Some(log) = self.logs.get_mut(&channel) else { continue };
+            // Per channel the order is the log's own order: a live entry is its front.
+            if log.entries.front().is_some_and(|(s, _)| *s == seq) {
+                if let Some((_, old)) = log.entries.pop_front() {
+                    budget.bytes -= old.len();
+                    budget.held -= 1;
+                }
+            }
+        }
+        if budget.order.len() > 2 * budget.held + 1024 {
+            let logs = &self.logs;
+            budget.order.retain(|(c, seq)| logs.get(c).is_some_and(|l| *seq >= l.first_retained()));
+        }
+    }
+
+    /// Payload bytes and messages the origin logs hold now.
+    pub fn log_usage(&self) -> (usize, usize) {
+        (self.budget.bytes, self.budget.held)
     }
 
     /// A local subscriber needs `channel`: ask every peer for it (idempotent; cancels a
@@ -1078,6 +1144,48 @@ fn out_for<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many busy channels hold at most `retention_bytes` together; the newest messages stay,
+    /// the budget's bookkeeping stays proportional to what is held, and a peer asking for a
+    /// trimmed message is told it is gone.
+    #[test]
+    fn origin_logs_keep_to_their_byte_budget() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let config = Config { retention_bytes: 64 << 10, ..Config::default() };
+        let now = Instant::now();
+        let mut r = Replica::new(a, Epoch(1), std::slice::from_ref(&b), config);
+        let payload = Bytes::from(vec![7u8; 1000]);
+        for round in 0..200 {
+            for c in 0..50 {
+                let channel = ChannelName::parse(&format!("chat:{c}")).unwrap();
+                r.publish(now, channel, payload.clone());
+            }
+            let (bytes, held) = r.log_usage();
+            assert!(bytes <= 64 << 10, "round {round}: {bytes} bytes held");
+            assert!(r.budget.order.len() <= 2 * held + 1024);
+        }
+        let (bytes, held) = r.log_usage();
+        assert_eq!((bytes, held), (65_000, 65), "the newest 65 messages fill the budget");
+        // The last round's 50 messages and 15 of the one before are kept.
+        let last = ChannelName::parse("chat:49").unwrap();
+        assert_eq!(r.logs[&last].first_retained(), 199);
+        let first = ChannelName::parse("chat:0").unwrap();
+        assert_eq!(r.logs[&first].first_retained(), 200);
+        r.handle_link_up(now, &b);
+        while r.poll_transmit().is_some() {}
+        let nack =
+            Frame::Nack { channel: first.clone(), epoch: Epoch(1), from: Seq(1), to: Seq(200) };
+        r.handle_frame(now, &b, nack);
+        let sent: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).map(|(_, f)| f).collect();
+        assert!(
+            matches!(&sent[0], Frame::Gone { through: Seq(199), .. }),
+            "first reply: {:?}",
+            sent.first()
+        );
+        assert!(matches!(&sent[1], Frame::Data { seq: Seq(200), .. }));
+        assert_eq!(sent.len(), 2);
+    }
 
     /// An authenticated but broken (or hostile) peer sends impossible sequence numbers:
     /// far ahead of anything it could have published, up to `u64::MAX`. The receiver holds

@@ -210,6 +210,7 @@ pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> B
         lanes: 4,
         lane_queue: 4096,
         retention: 20_000,
+        retention_bytes: 256 << 20,
         replicate_all: Vec::new(),
         interest_grace: Duration::from_secs(120),
         interest_wait: Duration::from_secs(5),
