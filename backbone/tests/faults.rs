@@ -71,6 +71,8 @@ struct Scenario {
     retention: usize,
     /// The origin logs' byte budget (all channels together).
     retention_bytes: usize,
+    /// Messages of one channel in flight to one peer.
+    send_window: usize,
     /// Random interest changes (add or remove, per node and channel) during the run.
     churn: usize,
 }
@@ -89,6 +91,7 @@ const BASE: Scenario = Scenario {
     restart: Restart::None,
     retention: 10_000,
     retention_bytes: 256 << 20,
+    send_window: 8192,
     churn: 0,
 };
 
@@ -114,6 +117,17 @@ const SCENARIOS: &[Scenario] = &[
         partition: Some((200, 2_800)),
         isolate_first: true,
         loss: 0.05,
+        ..BASE
+    },
+    // A window of 3 messages per channel and peer: publishes queue in the log and leave as
+    // acknowledgements return, through loss, duplication, reordering and a partition.
+    Scenario {
+        name: "send_window",
+        send_window: 3,
+        loss: 0.10,
+        dup: 0.05,
+        max_delay_ms: 80,
+        partition: Some((800, 1_600)),
         ..BASE
     },
     Scenario {
@@ -183,6 +197,7 @@ fn config(s: &Scenario) -> Config {
     Config {
         retention: s.retention,
         retention_bytes: s.retention_bytes,
+        send_window: s.send_window,
         replicate_all: ["h".to_owned()].into(),
         interest_grace: Duration::from_millis(if s.churn > 0 { 150 } else { 60_000 }),
         ..Config::default()

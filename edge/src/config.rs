@@ -179,6 +179,11 @@ pub struct BackboneSection {
     /// gets a discontinuity, as past `retention`.
     #[serde(default = "default_retention_bytes")]
     pub retention_bytes: usize,
+    /// Most messages of one channel in flight to one peer (sent, not yet acknowledged);
+    /// more wait in the log and leave as acknowledgements return. One channel's rate to a
+    /// peer is at most this many messages per round trip.
+    #[serde(default = "default_send_window")]
+    pub send_window: usize,
     /// Namespaces replicated to every node whether or not it has subscribers (namespaces
     /// with history, so they are served locally and survive a region loss); `"*"` for every
     /// channel. Other channels go only to nodes that have subscribers. The same list on
@@ -217,13 +222,19 @@ fn default_lanes() -> usize {
     4
 }
 fn default_lane_queue() -> usize {
-    4096
+    // Room for a few channels' full send windows per lane.
+    16_384
 }
 fn default_interest_grace() -> Duration {
     Duration::from_secs(120)
 }
 fn default_interest_wait() -> Duration {
     Duration::from_secs(2)
+}
+fn default_send_window() -> usize {
+    // 8,192 per round trip: 32,000 messages/s of one channel across a 250 ms ocean link;
+    // half the lane queue, so one flooded channel cannot fill a lane alone.
+    8192
 }
 fn default_retention_bytes() -> usize {
     // 256 MiB: minutes of a busy node's own publishes; a peer's link is rarely down longer
@@ -650,6 +661,7 @@ impl Config {
                 ("backbone.lane_queue", b.lane_queue),
                 ("backbone.retention", b.retention),
                 ("backbone.retention_bytes", b.retention_bytes),
+                ("backbone.send_window", b.send_window),
             ] {
                 if v == 0 {
                     return Err(ConfigError::Invalid {

@@ -272,6 +272,7 @@ impl Server {
                 core: tern_backbone::core::Config {
                     retention: b.retention,
                     retention_bytes: b.retention_bytes,
+                    send_window: b.send_window,
                     // Namespaces with history go to every node, so history and resume are
                     // served locally and survive a region loss.
                     replicate_all: b

@@ -517,6 +517,7 @@ async fn start_edges(
                 lane_queue: 4096,
                 retention: 10_000,
                 retention_bytes: 256 << 20,
+                send_window: 8192,
                 replicate_all: Vec::new(),
                 interest_grace: Duration::from_secs(120),
                 interest_wait: Duration::from_secs(5),

@@ -24,6 +24,12 @@ pub struct Config {
     pub rto: Duration,
     /// Most messages resent to one peer for one channel per retransmission.
     pub resend_batch: usize,
+    /// Most messages of one channel in flight to one peer (sent, not yet acknowledged).
+    /// Past it, new messages wait in the log and leave as acknowledgements return, so a
+    /// publisher faster than the link fills the log, not the link's queues (whose overflow
+    /// would cost every channel of the lane retransmissions). One channel's throughput to a
+    /// peer is at most this many messages per round trip.
+    pub send_window: usize,
     /// How often each peer is told this node's epoch.
     pub heartbeat: Duration,
     /// Namespaces replicated to every node whether or not it has subscribers (namespaces with
@@ -46,6 +52,7 @@ impl Default for Config {
             tick: Duration::from_millis(20),
             rto: Duration::from_millis(200),
             resend_batch: 256,
+            send_window: 8192,
             heartbeat: Duration::from_secs(1),
             replicate_all: BTreeSet::new(),
             interest_grace: Duration::from_secs(120),
@@ -230,6 +237,15 @@ struct Out {
     /// Timer retransmissions since the last progress: each doubles the wait (backoff), so
     /// a slow or congested link is not flooded with copies.
     retries: u32,
+    /// Highest sequence sent at least once (at least `acked`).
+    sent: u64,
+}
+
+impl Out {
+    /// A stream to a peer that has everything up to `acked`.
+    fn new(acked: u64, generation: u64, now: Instant) -> Self {
+        Self { acked, progress_at: now, generation, start: acked, retries: 0, sent: acked }
+    }
 }
 
 /// Per-peer link state (for this node's own channels).
@@ -401,6 +417,7 @@ impl Replica {
         self.trim_logs();
         let frame = self.data(&channel, seq, payload);
         let all = self.config.replicates_all(&channel);
+        let window = self.config.send_window.max(1) as u64;
         for (peer, link) in &mut self.links {
             if !link.up {
                 continue;
@@ -411,6 +428,12 @@ impl Replica {
             if out.acked + 1 >= seq {
                 out.progress_at = now;
             }
+            // Only the next message, within the window: anything else leaves in order as
+            // acknowledgements return (see `Replica::fill`).
+            if out.sent + 1 != seq || seq > out.acked + window {
+                continue;
+            }
+            out.sent = seq;
             self.transmit.push_back((peer.clone(), frame.clone()));
         }
         self.arm(now);
@@ -601,6 +624,7 @@ impl Replica {
                             out.acked = seq.0;
                             out.progress_at = now;
                             out.retries = 0;
+                            self.fill(from, &channel);
                             if from.region() != self.me.region() {
                                 self.events.push_back(Event::Replicated { channel, seq });
                             }
@@ -610,7 +634,9 @@ impl Replica {
             }
             Frame::Nack { channel, epoch, from: first, to } => {
                 if epoch == self.epoch {
-                    self.resend(from, &channel, first.0, to.0);
+                    let window = self.config.send_window.max(1) as u64;
+                    let to = to.0.min(first.0.saturating_add(window - 1));
+                    self.resend(from, &channel, first.0, to);
                 }
             }
             Frame::Gone { channel, epoch, through } => {
@@ -678,9 +704,7 @@ impl Replica {
             } else {
                 0
             };
-            let out =
-                Out { acked, progress_at: now, generation: h.generation, start: acked, retries: 0 };
-            link.out.insert(h.channel, out);
+            link.out.insert(h.channel, Out::new(acked, h.generation, now));
         }
         for w in want {
             let after = match link.out.get(&w.channel) {
@@ -688,14 +712,7 @@ impl Replica {
                 Some(o) if o.generation == w.generation => o.start,
                 _ => {
                     let after = last(&self.logs, &w.channel);
-                    let out = Out {
-                        acked: after,
-                        progress_at: now,
-                        generation: w.generation,
-                        start: after,
-                        retries: 0,
-                    };
-                    link.out.insert(w.channel.clone(), out);
+                    link.out.insert(w.channel.clone(), Out::new(after, w.generation, now));
                     after
                 }
             };
@@ -708,21 +725,23 @@ impl Replica {
         }
         for channel in self.logs.keys() {
             if self.config.replicates_all(channel) && !link.out.contains_key(channel) {
-                let out = Out { acked: 0, progress_at: now, generation: 0, start: 0, retries: 0 };
-                link.out.insert(channel.clone(), out);
+                link.out.insert(channel.clone(), Out::new(0, 0, now));
             }
         }
-        let resend: Vec<(ChannelName, u64, u64)> = link
+        // Whatever was in flight when the link dropped is lost: send again from each
+        // peer position.
+        for o in link.out.values_mut() {
+            o.sent = o.acked;
+        }
+        let behind: Vec<ChannelName> = link
             .out
             .iter()
-            .filter_map(|(c, o)| {
-                let last = last(&self.logs, c);
-                (o.acked < last).then(|| (c.clone(), o.acked + 1, last))
-            })
+            .filter(|(c, o)| o.acked < last(&self.logs, c))
+            .map(|(c, _)| c.clone())
             .collect();
         self.transmit.extend(starts.into_iter().map(|f| (from.clone(), f)));
-        for (channel, first, last) in resend {
-            self.resend(from, &channel, first, last);
+        for channel in behind {
+            self.fill(from, &channel);
         }
     }
 
@@ -748,10 +767,7 @@ impl Replica {
             Some(o) if o.generation > generation => return, // stale: a newer interest is being answered
             Some(o) if o.generation == generation => o.start, // a repeat: same answer
             _ => {
-                link.out.insert(
-                    channel.clone(),
-                    Out { acked: after, progress_at: now, generation, start: after, retries: 0 },
-                );
+                link.out.insert(channel.clone(), Out::new(after, generation, now));
                 after
             }
         };
@@ -812,6 +828,23 @@ impl Replica {
             i.ready_by = None;
             self.events.push_back(Event::Ready { channel: channel.clone() });
         }
+    }
+
+    /// Sends `peer` the messages of `channel` it has not been sent yet, as far as its window
+    /// allows: what publishes held back, or a catch-up after the link returned.
+    fn fill(&mut self, peer: &NodeId, channel: &ChannelName) {
+        let window = self.config.send_window.max(1) as u64;
+        let Some(log) = self.logs.get(channel) else { return };
+        let Some(out) = self.links.get_mut(peer).and_then(|l| l.out.get_mut(channel)) else {
+            return;
+        };
+        let first = out.sent.max(out.acked) + 1;
+        let last = log.last.min(out.acked + window);
+        if first > last {
+            return;
+        }
+        out.sent = last;
+        self.resend(peer, channel, first, last);
     }
 
     /// Sends `first..=last` of `channel` to `peer` from the log; what the log no longer holds
@@ -1009,6 +1042,7 @@ impl Replica {
                     out.progress_at = now;
                     out.retries = (out.retries + 1).min(3);
                     let last = log.last.min(out.acked + self.config.resend_batch as u64);
+                    out.sent = out.sent.max(last);
                     resends.push((peer.clone(), channel.clone(), out.acked + 1, last));
                 }
             }
@@ -1018,10 +1052,7 @@ impl Replica {
                     && !link.out.contains_key(channel)
                     && self.config.replicates_all(channel)
                 {
-                    link.out.insert(
-                        channel.clone(),
-                        Out { acked: 0, progress_at: now, generation: 0, start: 0, retries: 0 },
-                    );
+                    link.out.insert(channel.clone(), Out::new(0, 0, now));
                 }
             }
         }
@@ -1132,13 +1163,7 @@ fn out_for<'a>(
     if !all {
         return link.out.get_mut(channel);
     }
-    Some(link.out.entry(channel.clone()).or_insert(Out {
-        acked: 0,
-        progress_at: now,
-        generation: 0,
-        start: 0,
-        retries: 0,
-    }))
+    Some(link.out.entry(channel.clone()).or_insert(Out::new(0, 0, now)))
 }
 
 #[cfg(test)]
@@ -1185,6 +1210,53 @@ mod tests {
         );
         assert!(matches!(&sent[1], Frame::Data { seq: Seq(200), .. }));
         assert_eq!(sent.len(), 2);
+    }
+
+    /// A publisher faster than the peer's acknowledgements: at most `send_window` messages
+    /// are in flight; the rest leave from the log, in order, as acknowledgements return.
+    #[test]
+    fn a_channel_keeps_at_most_its_window_in_flight() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let channel = ChannelName::parse("chat:x").unwrap();
+        let config = Config {
+            send_window: 4,
+            replicate_all: ["chat".to_owned()].into(),
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut r = Replica::new(a, Epoch(1), std::slice::from_ref(&b), config);
+        r.handle_link_up(now, &b);
+        let data_seqs = |r: &mut Replica| -> Vec<u64> {
+            std::iter::from_fn(|| r.poll_transmit())
+                .filter_map(|(_, f)| match f {
+                    Frame::Data { seq, .. } => Some(seq.0),
+                    _ => None,
+                })
+                .collect()
+        };
+        for k in 0..20 {
+            r.publish(now, channel.clone(), Bytes::from(format!("m{k}")));
+        }
+        assert_eq!(data_seqs(&mut r), vec![1, 2, 3, 4]);
+        let ack = |seq| Frame::Ack { channel: channel.clone(), epoch: Epoch(1), seq: Seq(seq) };
+        r.handle_frame(now, &b, ack(2));
+        assert_eq!(data_seqs(&mut r), vec![5, 6]);
+        r.handle_frame(now, &b, ack(6));
+        assert_eq!(data_seqs(&mut r), vec![7, 8, 9, 10]);
+        // A new publish while the window is full waits too.
+        r.publish(now, channel.clone(), Bytes::from("m20"));
+        assert_eq!(data_seqs(&mut r), Vec::<u64>::new());
+        r.handle_frame(now, &b, ack(10));
+        assert_eq!(data_seqs(&mut r), vec![11, 12, 13, 14]);
+        r.handle_frame(now, &b, ack(14));
+        assert_eq!(data_seqs(&mut r), vec![15, 16, 17, 18]);
+        r.handle_frame(now, &b, ack(18));
+        assert_eq!(data_seqs(&mut r), vec![19, 20, 21]);
+        // A caught-up peer gets the next publish at once.
+        r.handle_frame(now, &b, ack(21));
+        r.publish(now, channel.clone(), Bytes::from("m21"));
+        assert_eq!(data_seqs(&mut r), vec![22]);
     }
 
     /// An authenticated but broken (or hostile) peer sends impossible sequence numbers:

@@ -211,6 +211,7 @@ pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> B
         lane_queue: 4096,
         retention: 20_000,
         retention_bytes: 256 << 20,
+        send_window: 8192,
         replicate_all: Vec::new(),
         interest_grace: Duration::from_secs(120),
         interest_wait: Duration::from_secs(5),
