@@ -108,6 +108,8 @@ pub struct Hub {
     replicated: tokio::sync::watch::Sender<u64>,
     /// Keys the hashes of replicated message ids (see `Dedupe::remote`).
     id_hash: std::collections::hash_map::RandomState,
+    /// `node:epoch-hex:`, the start of the ids this node gives messages published without one.
+    id_prefix: String,
 }
 
 #[derive(Debug)]
@@ -117,6 +119,8 @@ struct Channel {
 
 #[derive(Debug, Default)]
 struct ChannelState {
+    /// The channel's name, set when the registry creates it.
+    name: Option<ChannelName>,
     /// Last origin sequence this node assigned.
     seq: u64,
     /// Last log offset.
@@ -257,7 +261,6 @@ impl Hub {
         store: Option<crate::store::Store>,
     ) -> Self {
         Self {
-            node,
             epoch,
             log_epoch,
             store,
@@ -266,6 +269,8 @@ impl Hub {
             backbone: OnceLock::new(),
             replicated: tokio::sync::watch::Sender::new(0),
             id_hash: std::collections::hash_map::RandomState::new(),
+            id_prefix: format!("{node}:{:x}:", epoch.0),
+            node,
         }
     }
 
@@ -502,7 +507,7 @@ impl Hub {
             return None;
         }
         let key = ChannelName::parse(name).unwrap_or_else(|_| unvalidated(name));
-        let mut state = ChannelState::default();
+        let mut state = ChannelState { name: Some(key.clone()), ..ChannelState::default() };
         // A logged channel continues its offsets after a restart.
         if let Some(store) = self.store.as_ref().filter(|s| s.keeps(name)) {
             match store.last_offset(name) {
@@ -943,7 +948,15 @@ impl Hub {
             state.offset += 1;
             let message_id = match &msg.id {
                 Some(id) => id.clone(),
-                None => format!("{}:{:x}:{}", self.node, self.epoch.0, state.seq),
+                None => {
+                    // `node:epoch-hex:seq`, without the formatting machinery (hot path).
+                    let mut digits = itoa::Buffer::new();
+                    let seq = digits.format(state.seq);
+                    let mut id = String::with_capacity(self.id_prefix.len() + seq.len());
+                    id.push_str(&self.id_prefix);
+                    id.push_str(seq);
+                    id
+                }
             };
             let encoded = Arc::new(EncodedMessage::new(Message {
                 channel: name.clone(),
@@ -978,7 +991,7 @@ impl Hub {
             // Still under the channel lock, so the backbone sees this channel's messages in
             // sequence order and numbers them the same way.
             if let Some(backbone) = self.backbone.get() {
-                if let Ok(channel) = ChannelName::parse(&name) {
+                if let Some(channel) = state.name.clone() {
                     let seq = backbone.publish(channel, encoded.protobuf());
                     if seq.0 != state.seq {
                         tracing::error!(channel = %name, hub = state.seq, backbone = seq.0, "sequence mismatch");
@@ -1023,6 +1036,17 @@ mod tests {
             data: None,
             client_id: String::new(),
         }
+    }
+
+    /// A message published without an id gets `node:epoch-hex:seq`, unique within its channel.
+    #[test]
+    fn generated_ids_name_the_origin_epoch_and_sequence() {
+        let hub = hub();
+        let ids: Vec<String> =
+            (0..11).map(|_| publish(&hub, "a:b".to_owned(), msg(None)).message_id).collect();
+        assert_eq!(ids[0], "r/n:7:1");
+        assert_eq!(ids[10], "r/n:7:11");
+        assert_eq!(publish(&hub, "a:c".to_owned(), msg(None)).message_id, "r/n:7:1");
     }
 
     #[test]

@@ -176,7 +176,10 @@ impl NodeId {
         let Some((region, name)) = s.split_once('/') else {
             return Err(NameError { what: "node id (region/name)", value: s.to_owned() });
         };
-        Self::new(&RegionId::parse(region)?, name)
+        // Checked in place: every backbone frame names its origin.
+        check_label("region", region)?;
+        check_label("node name", name)?;
+        Ok(Self(Arc::from(s)))
     }
 
     /// The region part.
@@ -288,5 +291,11 @@ mod tests {
         assert_eq!(NodeId::new(&r, "edge-1").unwrap().as_str(), "eu-west/edge-1");
         assert!(RegionId::parse("EU").is_err());
         assert!(NodeId::new(&r, "a/b").is_err());
+        let parsed = NodeId::parse("eu-west/edge-1").unwrap();
+        assert_eq!(parsed, NodeId::new(&r, "edge-1").unwrap());
+        assert_eq!((parsed.region(), parsed.name()), ("eu-west", "edge-1"));
+        for bad in ["eu-west", "/edge-1", "eu-west/", "EU/edge-1", "eu-west/a/b", "-x/y", "x/-y"] {
+            assert!(NodeId::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The replication state machine of one node.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque, btree_map};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -401,13 +401,18 @@ impl Replica {
     /// channel. Returns its sequence.
     pub fn publish(&mut self, now: Instant, channel: ChannelName, payload: Bytes) -> Seq {
         let retention = self.config.retention.max(1);
-        let log = self.logs.entry(channel.clone()).or_default();
+        // The budget keeps the log's own key: entries of one channel share one allocation,
+        // which lets its compaction skip repeated lookups.
+        let (key, log) = match self.logs.entry(channel.clone()) {
+            btree_map::Entry::Occupied(o) => (o.key().clone(), o.into_mut()),
+            btree_map::Entry::Vacant(v) => (v.key().clone(), v.insert(OriginLog::default())),
+        };
         log.last += 1;
         let seq = log.last;
         log.entries.push_back((seq, payload.clone()));
         self.budget.bytes += payload.len();
         self.budget.held += 1;
-        self.budget.order.push_back((channel.clone(), seq));
+        self.budget.order.push_back((key, seq));
         while log.entries.len() > retention {
             if let Some((_, old)) = log.entries.pop_front() {
                 self.budget.bytes -= old.len();
@@ -458,7 +463,21 @@ impl Replica {
         }
         if budget.order.len() > 2 * budget.held + 1024 {
             let logs = &self.logs;
-            budget.order.retain(|(c, seq)| logs.get(c).is_some_and(|l| *seq >= l.first_retained()));
+            // Runs of one channel share its key's allocation: one lookup per run. (Every
+            // entry holds its key alive during the pass, so an address is never reused.)
+            let mut run: Option<(*const u8, u64)> = None;
+            budget.order.retain(|(c, seq)| {
+                let at = c.as_str().as_ptr();
+                let first = match run {
+                    Some((p, first)) if p == at => first,
+                    _ => {
+                        let first = logs.get(c).map_or(u64::MAX, OriginLog::first_retained);
+                        run = Some((at, first));
+                        first
+                    }
+                };
+                *seq >= first
+            });
         }
     }
 
@@ -1210,6 +1229,27 @@ mod tests {
         );
         assert!(matches!(&sent[1], Frame::Data { seq: Seq(200), .. }));
         assert_eq!(sent.len(), 2);
+    }
+
+    /// Channels trimmed by their own `retention` leave stale budget entries; compaction keeps
+    /// the bookkeeping proportional to what the logs hold, and the byte count exact.
+    #[test]
+    fn budget_bookkeeping_follows_per_channel_retention() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let config = Config { retention: 100, ..Config::default() };
+        let now = Instant::now();
+        let mut r = Replica::new(a, Epoch(1), &[], config);
+        for k in 0..20_000u64 {
+            // Runs of one channel, then interleaved ones.
+            let c = if k < 10_000 { k / 2_500 } else { k % 3 };
+            let channel = ChannelName::parse(&format!("chat:{c}")).unwrap();
+            r.publish(now, channel, Bytes::from(vec![1u8; 10]));
+            let (bytes, held) = r.log_usage();
+            assert!(r.budget.order.len() <= 2 * held + 1024, "after {k}");
+            let real: usize = r.logs.values().map(|l| l.entries.len()).sum();
+            assert_eq!((held, bytes), (real, real * 10), "after {k}");
+        }
+        assert_eq!(r.log_usage().1, 400, "4 channels × retention 100");
     }
 
     /// A publisher faster than the peer's acknowledgements: at most `send_window` messages
