@@ -122,6 +122,15 @@ enum CertsCommand {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+    /// Revoke a node's certificate (DIR/REGION-NAME.pem): adds it to the CA's revocation
+    /// list DIR/crl.pem, which nodes load with `backbone.crl`.
+    Revoke {
+        /// Node id, `region/name` (e.g. eu-west/edge-1).
+        id: String,
+        /// Directory holding the CA and the node's certificate.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -253,6 +262,14 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
         CertsCommand::Server { hosts, dir } => {
             let (cert, key) = tern_backbone::certs::issue_server(&dir, &hosts)?;
             println!("[tls]\ncert = {:?}\nkey = {:?}", cert.display(), key.display());
+        }
+        CertsCommand::Revoke { id, dir } => {
+            let node = tern_proto::types::NodeId::parse(&id)?;
+            let crl = tern_backbone::certs::revoke_node(&dir, &node)?;
+            println!(
+                "{node} revoked in {}: give it to every node ([backbone] crl) and restart them",
+                crl.display()
+            );
         }
     }
     Ok(())

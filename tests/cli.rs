@@ -161,3 +161,26 @@ async fn tern_certs_server_makes_a_certificate_a_tls_edge_serves_and_the_sdk_tru
     assert_eq!(ack.channel, "chat:tls");
     drop(edge);
 }
+
+#[test]
+fn tern_certs_revoke_lists_a_node_and_refuses_one_without_a_certificate() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-revoke-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let run = |args: &[&str]| std::process::Command::new(tern()).args(args).output().unwrap();
+    for args in
+        [&["certs", "init", "--dir", d][..], &["certs", "node", "eu-west/edge-2", "--dir", d]]
+    {
+        let out = run(args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = run(&["certs", "revoke", "eu-west/edge-2", "--dir", d]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("crl.pem"));
+    let crl = std::fs::read_to_string(dir.join("crl.pem")).unwrap();
+    assert!(crl.starts_with("-----BEGIN X509 CRL-----"), "{crl}");
+    // No certificate was issued for this node: nothing to revoke, and the error says why.
+    let out = run(&["certs", "revoke", "eu-west/edge-9", "--dir", d]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("eu-west-edge-9.pem"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,18 +4,24 @@
 //! A node's identity is the DNS name `NAME.REGION.node.tern` in its certificate. A dialing
 //! node checks the server's certificate for the expected peer's name; an accepting node
 //! checks the client's certificate against its configured peers.
+//!
+//! Revocation: `tern certs revoke REGION/NAME` adds a node's certificate to the CA's
+//! certificate revocation list (`DIR/crl.pem`); nodes given that file (`backbone.crl`)
+//! refuse the revoked node in both directions, when it dials and when it is dialled.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use tern_proto::types::NodeId;
 
 /// ALPN protocol of the backbone.
@@ -120,6 +126,67 @@ pub fn issue_server(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), 
     Ok((cert_path, key_path))
 }
 
+/// Revokes `node`'s certificate in `DIR` (as issued by [`issue_node`]): adds its serial
+/// number to the CA's revocation list `DIR/crl.pem` (created if missing, re-signed with
+/// every earlier entry kept) and returns the list's path. Revoking twice changes nothing
+/// but the list's dates. Nodes load the list at start (`backbone.crl`).
+pub fn revoke_node(dir: &Path, node: &NodeId) -> Result<PathBuf, CertError> {
+    let (cert_path, _) = node_files(dir, node);
+    let serial = cert_serial(&cert_path)?;
+    let crl_path = dir.join("crl.pem");
+    let mut revoked = if crl_path.exists() { revoked_serials(&crl_path)? } else { Vec::new() };
+    let now = time::OffsetDateTime::now_utc();
+    if !revoked.iter().any(|(s, _)| *s == serial) {
+        revoked.push((serial, now));
+    }
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(365),
+        // Grows with every list the CA signs (seconds since the epoch).
+        crl_number: SerialNumber::from(now.unix_timestamp().max(1).to_be_bytes().to_vec()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .into_iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: at,
+                reason_code: Some(RevocationReason::Unspecified),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer)?;
+    write(&crl_path, &crl.pem()?)?;
+    Ok(crl_path)
+}
+
+fn pem_error(path: &Path, reason: impl ToString) -> CertError {
+    CertError::Pem { path: path.into(), reason: reason.to_string() }
+}
+
+/// The serial number of the first certificate in a PEM file, big-endian without sign
+/// padding.
+fn cert_serial(path: &Path) -> Result<Vec<u8>, CertError> {
+    let der = certs(path)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| pem_error(path, e))?;
+    Ok(cert.serial.to_bytes_be())
+}
+
+/// The serial numbers (and revocation times) a PEM revocation list names.
+fn revoked_serials(path: &Path) -> Result<Vec<(Vec<u8>, time::OffsetDateTime)>, CertError> {
+    let mut out = Vec::new();
+    for der in crls(path)? {
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| pem_error(path, e))?;
+        for r in crl.iter_revoked_certificates() {
+            out.push((r.user_certificate.to_bytes_be(), r.revocation_date.to_datetime()));
+        }
+    }
+    Ok(out)
+}
+
 /// Paths of a node's TLS material.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -129,15 +196,29 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
+    /// Certificate revocation lists of the cluster CA (PEM, from `tern certs revoke`), if
+    /// any: peers whose certificates they name are refused.
+    pub crl: Option<PathBuf>,
+}
+
+fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if crls.is_empty() {
+        return Err(pem_error(path, "no certificate revocation list"));
+    }
+    Ok(crls)
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| CertError::Pem { path: path.into(), reason: e.to_string() })?
+        .map_err(|e| pem_error(path, e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| CertError::Pem { path: path.into(), reason: e.to_string() })?;
+        .map_err(|e| pem_error(path, e))?;
     if certs.is_empty() {
-        return Err(CertError::Pem { path: path.into(), reason: "no certificate".into() });
+        return Err(pem_error(path, "no certificate"));
     }
     Ok(certs)
 }
@@ -156,8 +237,21 @@ pub fn tls_configs(
     let chain = certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| CertError::Pem { path: files.key.clone(), reason: e.to_string() })?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let crls = match &files.crl {
+        Some(path) => crls(path)?,
+        None => Vec::new(),
+    };
+    // Node certificates are issued by the cluster CA itself, whose list is authoritative
+    // for them: a certificate it does not cover (another CA's list) is refused, not waved
+    // through.
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.clone())
+        .only_check_end_entity_revocation()
+        .build()?;
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -165,7 +259,7 @@ pub fn tls_configs(
     server.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(server_verifier)
         .with_client_auth_cert(chain, key)?;
     client.alpn_protocols = vec![ALPN.to_vec()];
     Ok((server, client))
@@ -176,4 +270,45 @@ pub fn cert_names(cert: &CertificateDer<'_>, node: &NodeId) -> bool {
     let Ok(name) = ServerName::try_from(node_dns_name(node)) else { return false };
     webpki::EndEntityCert::try_from(cert)
         .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("tern-certs-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_revocation_list_keeps_every_revoked_node_once_and_loads_into_the_tls_configs() {
+        let dir = temp_dir();
+        init_ca(&dir).unwrap();
+        let a = NodeId::parse("eu-west/a").unwrap();
+        let b = NodeId::parse("us-east/b").unwrap();
+        let kept = NodeId::parse("ap-south/c").unwrap();
+        for n in [&a, &b, &kept] {
+            issue_node(&dir, n).unwrap();
+        }
+        let serial = |n: &NodeId| cert_serial(&node_files(&dir, n).0).unwrap();
+        let crl = revoke_node(&dir, &a).unwrap();
+        revoke_node(&dir, &a).unwrap();
+        revoke_node(&dir, &b).unwrap();
+        let listed: Vec<Vec<u8>> =
+            revoked_serials(&crl).unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(listed, [serial(&a), serial(&b)], "each revoked node once, none other");
+        assert!(!listed.contains(&serial(&kept)));
+        let (cert, key) = node_files(&dir, &kept);
+        let files = TlsFiles { ca: dir.join("ca.pem"), cert, key, crl: Some(crl) };
+        tls_configs(&files).unwrap();
+        // A file that holds no list is refused at start, not ignored.
+        let files = TlsFiles { crl: Some(dir.join("ca.pem")), ..files };
+        assert!(matches!(tls_configs(&files), Err(CertError::Pem { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -165,6 +165,12 @@ pub struct BackboneSection {
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
+    /// The cluster CA's certificate revocation list (PEM), from `tern certs revoke`:
+    /// peers whose certificates it names are refused, whether they dial or are dialled.
+    /// Read at start; after revoking a node, copy the new list to every node and restart
+    /// them (one at a time: each resumes its links). Default: none.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
     /// Data lanes per link; a channel always uses the same lane.
     #[serde(default = "default_lanes")]
     pub lanes: usize,

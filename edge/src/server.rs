@@ -266,7 +266,7 @@ impl Server {
             let config = BackboneConfig {
                 listen: b.listen,
                 peers: node.settings().peers.clone(),
-                tls: TlsFiles { ca: b.ca, cert: b.cert, key: b.key },
+                tls: TlsFiles { ca: b.ca, cert: b.cert, key: b.key, crl: b.crl },
                 lanes: b.lanes,
                 lane_queue: b.lane_queue,
                 core: tern_backbone::core::Config {

@@ -128,6 +128,55 @@ async fn nodes_with_a_foreign_certificate_or_an_unexpected_id_are_refused() {
     let _ = std::fs::remove_dir_all(&other);
 }
 
+/// A node whose certificate the cluster CA revoked (`tern certs revoke`) is refused by the
+/// peers given the revocation list, whichever side dials, while they keep replicating with
+/// each other.
+#[tokio::test]
+async fn a_node_with_a_revoked_certificate_is_refused() {
+    let revoked = NodeId::parse("ap-south/edge-1").unwrap();
+    let c = cluster(&["eu-west", "us-east", "ap-south"], |i, cfg| {
+        let b = cfg.backbone.as_mut().unwrap();
+        let dir = b.ca.parent().unwrap().to_path_buf();
+        if i == 0 {
+            certs::revoke_node(&dir, &revoked).unwrap();
+        }
+        // The revoked node itself has no list: the refusal is the others' doing.
+        if i < 2 {
+            b.crl = Some(dir.join("crl.pem"));
+        }
+    })
+    .await;
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for n in &c.nodes[..2] {
+        let client = Client::connect(&n.url(), ClientOptions::default()).await.unwrap();
+        subs.push(client.subscribe("chat:x").await.unwrap());
+        clients.push(client);
+    }
+    let ap = Client::connect(&c.nodes[2].url(), ClientOptions::default()).await.unwrap();
+    for _ in 0..20 {
+        ap.publish("chat:x", "from the revoked node").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    clients[0].publish("chat:x", "eu").await.unwrap();
+    clients[1].publish("chat:x", "us").await.unwrap();
+    for sub in &mut subs {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+                Some(Event::Message(m)) => got.push(text(&m.data)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, ["eu", "us"], "the genuine nodes replicate; the revoked one is cut off");
+    }
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
 /// A publish retried on another region (the client failed over before its ack) is
 /// delivered once everywhere: after it was replicated (the retry is acknowledged as a
 /// duplicate), and when both copies race (each node delivers whichever came first).

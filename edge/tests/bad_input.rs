@@ -383,7 +383,7 @@ async fn impostor(c: &common::Cluster) -> Result<(), String> {
     let eu = NodeId::parse("eu-west/edge-1").unwrap();
     let us = NodeId::parse("us-east/edge-1").unwrap();
     let (cert, key) = tern_backbone::certs::issue_node(&dir, &eu).unwrap();
-    let files = tern_backbone::certs::TlsFiles { ca: dir.join("ca.pem"), cert, key };
+    let files = tern_backbone::certs::TlsFiles { ca: dir.join("ca.pem"), cert, key, crl: None };
     let (_, client_tls) = tern_backbone::certs::tls_configs(&files).unwrap();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

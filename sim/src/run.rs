@@ -513,6 +513,7 @@ async fn start_edges(
                 ca: dir.join("ca.pem"),
                 cert,
                 key,
+                crl: None,
                 lanes: 4,
                 lane_queue: 4096,
                 retention: 10_000,

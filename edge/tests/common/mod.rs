@@ -207,6 +207,7 @@ pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> B
         ca: dir.join("ca.pem"),
         cert,
         key,
+        crl: None,
         lanes: 4,
         lane_queue: 4096,
         retention: 20_000,
