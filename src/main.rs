@@ -267,7 +267,7 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
             let node = tern_proto::types::NodeId::parse(&id)?;
             let crl = tern_backbone::certs::revoke_node(&dir, &node)?;
             println!(
-                "{node} revoked in {}: give it to every node ([backbone] crl) and restart them",
+                "{node} revoked in {}: copy it to every node ([backbone] crl); they apply it within 5 s",
                 crl.display()
             );
         }

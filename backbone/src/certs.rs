@@ -171,8 +171,19 @@ fn pem_error(path: &Path, reason: impl ToString) -> CertError {
 /// padding.
 fn cert_serial(path: &Path) -> Result<Vec<u8>, CertError> {
     let der = certs(path)?.remove(0);
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| pem_error(path, e))?;
-    Ok(cert.serial.to_bytes_be())
+    serial_of(&der).ok_or_else(|| pem_error(path, "unparsable certificate"))
+}
+
+/// A certificate's serial number, big-endian without sign padding (as revocation lists
+/// name it); `None` if the certificate does not parse.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(cert.serial.to_bytes_be())
+}
+
+/// The serial numbers of the certificates a PEM revocation list names.
+pub fn revoked(path: &Path) -> Result<std::collections::HashSet<Vec<u8>>, CertError> {
+    Ok(revoked_serials(path)?.into_iter().map(|(serial, _)| serial).collect())
 }
 
 /// The serial numbers (and revocation times) a PEM revocation list names.

@@ -129,12 +129,90 @@ impl std::fmt::Debug for Backbone {
 }
 
 enum LinkEvent {
-    Up { peer: NodeId, conn: usize, lanes: Vec<mpsc::Sender<Bytes>>, quic: quinn::Connection },
-    Down { peer: NodeId, conn: usize },
+    Up {
+        peer: NodeId,
+        conn: usize,
+        lanes: Vec<mpsc::Sender<Bytes>>,
+        quic: quinn::Connection,
+    },
+    Down {
+        peer: NodeId,
+        conn: usize,
+    },
+    /// The revocation list changed: close links whose peer certificate has one of these
+    /// serial numbers.
+    Revoked(std::collections::HashSet<Vec<u8>>),
 }
 
-fn lock(m: &Mutex<Replica>) -> std::sync::MutexGuard<'_, Replica> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Re-reads the revocation list every [`CRL_RELOAD`]; when its content changed, new
+/// handshakes use it and links to peers it revokes close. A list that no longer loads is
+/// reported and the previous one stays in force.
+struct CrlWatch {
+    files: TlsFiles,
+    transport: Arc<quinn::TransportConfig>,
+    endpoint: quinn::Endpoint,
+    client: Arc<Mutex<quinn::ClientConfig>>,
+    events: mpsc::Sender<LinkEvent>,
+}
+
+impl CrlWatch {
+    async fn run(self, shutdown: CancellationToken) {
+        let Some(path) = self.files.crl.clone() else { return };
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(CRL_RELOAD) => {}
+            }
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            let reloaded = quic_configs(&self.files, &self.transport)
+                .and_then(|c| Ok((c, certs::revoked(&path)?)));
+            match reloaded {
+                Ok(((server, client), revoked)) => {
+                    self.endpoint.set_server_config(Some(server));
+                    *lock(&self.client) = client;
+                    info!(path = %path.display(), revoked = revoked.len(), "revocation list reloaded");
+                    if self.events.send(LinkEvent::Revoked(revoked)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "cannot reload the revocation list; the previous one stays in force"
+                ),
+            }
+        }
+    }
+}
+
+/// How often a node re-reads its certificate revocation list (`TlsFiles::crl`). A changed
+/// list applies to new handshakes, and links to peers it revokes are closed.
+pub const CRL_RELOAD: Duration = Duration::from_secs(5);
+
+/// QUIC server and client configurations from the node's TLS material.
+fn quic_configs(
+    files: &TlsFiles,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), BackboneError> {
+    let (server_tls, client_tls) = certs::tls_configs(files)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(server_tls).map_err(|e| BackboneError::Quic(e.to_string()))?,
+    ));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(client_tls).map_err(|e| BackboneError::Quic(e.to_string()))?,
+    ));
+    client.transport_config(transport.clone());
+    Ok((server, client))
 }
 
 impl Backbone {
@@ -148,25 +226,17 @@ impl Backbone {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Self, BackboneError> {
-        let (server_tls, client_tls) = certs::tls_configs(&config.tls)?;
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_millis(500)));
         transport.max_idle_timeout(Some(Duration::from_secs(3).try_into().expect("small")));
         let transport = Arc::new(transport);
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            QuicServerConfig::try_from(server_tls)
-                .map_err(|e| BackboneError::Quic(e.to_string()))?,
-        ));
-        server.transport_config(transport.clone());
-        let mut client = quinn::ClientConfig::new(Arc::new(
-            QuicClientConfig::try_from(client_tls)
-                .map_err(|e| BackboneError::Quic(e.to_string()))?,
-        ));
-        client.transport_config(transport);
-        let mut endpoint = quinn::Endpoint::server(server, config.listen)
+        let (server, client) = quic_configs(&config.tls, &transport)?;
+        let endpoint = quinn::Endpoint::server(server, config.listen)
             .map_err(|source| BackboneError::Bind { addr: config.listen, source })?;
-        endpoint.set_default_client_config(client);
         let addr = endpoint.local_addr().unwrap_or(config.listen);
+        // Dialers read the current client configuration at each attempt: a reloaded
+        // revocation list replaces it.
+        let client = Arc::new(Mutex::new(client));
 
         let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id.clone()).collect();
         let replica = Replica::new(me.clone(), epoch, &peer_ids, config.core.clone());
@@ -175,7 +245,18 @@ impl Backbone {
         let (inbound_tx, inbound_rx) = mpsc::channel(8192);
         // Link up/down events; few and small.
         let (link_tx, link_rx) = mpsc::channel(256);
+        if config.tls.crl.is_some() {
+            let watch = CrlWatch {
+                files: config.tls.clone(),
+                transport,
+                endpoint: endpoint.clone(),
+                client: client.clone(),
+                events: link_tx.clone(),
+            };
+            tracker.spawn(watch.run(shutdown.clone()));
+        }
         let ctx = LinkCtx {
+            client,
             inbound: inbound_tx,
             events: link_tx,
             lanes: config.lanes.max(1),
@@ -206,6 +287,11 @@ impl Backbone {
         self.addr
     }
 
+    /// The peers this node has a link with now.
+    pub fn linked_peers(&self) -> Vec<NodeId> {
+        lock(&self.shared.replica).linked()
+    }
+
     /// Replicates a local publish. Returns the origin sequence the core assigned.
     pub fn publish(&self, channel: ChannelName, payload: Bytes) -> Seq {
         let seq = lock(&self.shared.replica).publish(Instant::now(), channel, payload);
@@ -233,6 +319,8 @@ impl Backbone {
 
 #[derive(Clone)]
 struct LinkCtx {
+    /// The QUIC client configuration dialers use (replaced when the revocation list changes).
+    client: Arc<Mutex<quinn::ClientConfig>>,
     inbound: mpsc::Sender<(NodeId, Frame)>,
     events: mpsc::Sender<LinkEvent>,
     lanes: usize,
@@ -308,6 +396,21 @@ async fn drive(
                         }
                         writers.insert(peer.clone(), (conn, lanes));
                         r.handle_link_up(now, &peer);
+                    }
+                    LinkEvent::Revoked(serials) => {
+                        for (peer, q) in &quic {
+                            let serial = q
+                                .peer_identity()
+                                .and_then(|id| {
+                                    id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                                        .ok()
+                                })
+                                .and_then(|chain| chain.first().and_then(certs::serial_of));
+                            if serial.is_some_and(|s| serials.contains(&s)) {
+                                warn!(%peer, "closing the link: the peer's certificate was revoked");
+                                q.close(4u32.into(), b"certificate revoked");
+                            }
+                        }
                     }
                     LinkEvent::Down { peer, conn } => {
                         if writers.get(&peer).is_some_and(|(c, _)| *c == conn) {
@@ -385,7 +488,9 @@ async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
             return;
         }
         let attempt = async {
-            let connecting = endpoint.connect(peer.addr, &name).map_err(|e| e.to_string())?;
+            let config = lock(&ctx.client).clone();
+            let connecting =
+                endpoint.connect_with(config, peer.addr, &name).map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };
         let conn = tokio::select! {

@@ -279,6 +279,11 @@ impl Hub {
         self.backbone.get().map(Backbone::local_addr)
     }
 
+    /// The peers this node's backbone has a link with now (none without a backbone).
+    pub fn linked_peers(&self) -> Vec<NodeId> {
+        self.backbone.get().map(Backbone::linked_peers).unwrap_or_default()
+    }
+
     /// Hands local publishes to the backbone from now on.
     pub fn set_backbone(&self, backbone: Backbone) {
         let _ = self.backbone.set(backbone);

@@ -167,8 +167,9 @@ pub struct BackboneSection {
     pub key: PathBuf,
     /// The cluster CA's certificate revocation list (PEM), from `tern certs revoke`:
     /// peers whose certificates it names are refused, whether they dial or are dialled.
-    /// Read at start; after revoking a node, copy the new list to every node and restart
-    /// them (one at a time: each resumes its links). Default: none.
+    /// Re-read every 5 s: after revoking a node, copy the new list over this file on every
+    /// node; links to the revoked node close and its redials are refused, without a
+    /// restart. Default: none.
     #[serde(default)]
     pub crl: Option<PathBuf>,
     /// Data lanes per link; a channel always uses the same lane.

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{TestNode, WAIT, cluster, free_udp_port, section, temp_dir};
+use common::{TestNode, WAIT, cluster, eventually, free_udp_port, section, temp_dir};
 use futures_util::StreamExt;
 use tern_backbone::certs;
 use tern_client::{Client, ClientOptions, Event};
@@ -170,6 +170,65 @@ async fn a_node_with_a_revoked_certificate_is_refused() {
         }
         got.sort();
         assert_eq!(got, ["eu", "us"], "the genuine nodes replicate; the revoked one is cut off");
+    }
+    for n in c.nodes {
+        n.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// Revoking a node while the cluster runs: within the reload interval the others close
+/// their links to it and refuse its redials, and keep replicating with each other.
+#[tokio::test]
+async fn revoking_a_running_node_cuts_its_links() {
+    let revoked = NodeId::parse("ap-south/edge-1").unwrap();
+    let c = cluster(&["eu-west", "us-east", "ap-south"], |i, cfg| {
+        let b = cfg.backbone.as_mut().unwrap();
+        let dir = b.ca.parent().unwrap().to_path_buf();
+        if i == 0 {
+            // A list to start from: it names a node that never runs.
+            let unused = NodeId::parse("sa-east/edge-1").unwrap();
+            certs::issue_node(&dir, &unused).unwrap();
+            certs::revoke_node(&dir, &unused).unwrap();
+        }
+        if i < 2 {
+            b.crl = Some(dir.join("crl.pem"));
+        }
+    })
+    .await;
+    let linked = |i: usize| c.nodes[i].node.hub().linked_peers();
+    assert!(eventually(|| linked(0).len() == 2 && linked(1).len() == 2).await, "a full mesh");
+    certs::revoke_node(&c.dir, &revoked).unwrap();
+    assert!(
+        eventually(|| !linked(0).contains(&revoked) && !linked(1).contains(&revoked)).await,
+        "links to the revoked node close"
+    );
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for n in &c.nodes[..2] {
+        let client = Client::connect(&n.url(), ClientOptions::default()).await.unwrap();
+        subs.push(client.subscribe("chat:x").await.unwrap());
+        clients.push(client);
+    }
+    // Long enough for several redials (back-off ≤ 2 s): each is refused.
+    let ap = Client::connect(&c.nodes[2].url(), ClientOptions::default()).await.unwrap();
+    for _ in 0..30 {
+        ap.publish("chat:x", "from the revoked node").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!linked(0).contains(&revoked) && !linked(1).contains(&revoked));
+    clients[0].publish("chat:x", "eu").await.unwrap();
+    clients[1].publish("chat:x", "us").await.unwrap();
+    for sub in &mut subs {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+                Some(Event::Message(m)) => got.push(text(&m.data)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, ["eu", "us"]);
     }
     for n in c.nodes {
         n.stop().await;

@@ -558,6 +558,11 @@ impl Replica {
         }
     }
 
+    /// The peers whose links are up.
+    pub fn linked(&self) -> Vec<NodeId> {
+        self.links.iter().filter(|(_, l)| l.up).map(|(p, _)| p.clone()).collect()
+    }
+
     /// The transport reports that the link to `peer` is up (connected, or reconnected).
     pub fn handle_link_up(&mut self, now: Instant, peer: &NodeId) {
         let Some(link) = self.links.get_mut(peer) else { return };
