@@ -89,6 +89,16 @@ pub struct HubLimits {
     pub max_channels: usize,
 }
 
+/// What one [`Hub::sweep`] released.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Message ids past the dedupe window, forgotten.
+    pub ids: usize,
+    /// In-memory tails of history channels idle (no subscriber, no message) for the dedupe
+    /// window, dropped; each is read back from the log when its channel is used again.
+    pub tails: usize,
+}
+
 /// All channels of a node.
 #[derive(Debug)]
 pub struct Hub {
@@ -140,6 +150,11 @@ struct ChannelState {
     /// The newest messages of a channel that keeps history (at most [`REWIND_MAX`]), so a
     /// rewind is served under the channel lock, seamlessly joined to the live stream.
     recent: VecDeque<Arc<EncodedMessage>>,
+    /// `recent` was dropped while the channel sat idle (see [`Hub::sweep`]); it is read
+    /// back from the log before the channel is used again.
+    tail_evicted: bool,
+    /// When the channel last had a message.
+    last_message: Option<Instant>,
     /// Per other origin, the last message delivered here (newest epoch only).
     remote: Vec<OriginPosition>,
 }
@@ -400,6 +415,7 @@ impl Hub {
         if state.recent.len() > REWIND_MAX {
             state.recent.pop_front();
         }
+        state.last_message = Some(Instant::now());
         let name = ChannelName::parse(channel).ok()?;
         let ticket = store.append(&name, offset, encoded.protobuf());
         if ticket.is_none() {
@@ -461,8 +477,11 @@ impl Hub {
     /// Forgets, on every channel, the message ids older than the dedupe window, and gives
     /// back the memory of emptied windows. Publishes prune their own channel as they go;
     /// this reaches the channels nobody publishes to any more, so id memory is bounded by
-    /// the last window's traffic. Returns the ids forgotten. Run periodically by the server.
-    pub fn sweep(&self, now: Instant) -> usize {
+    /// the last window's traffic. Also drops the in-memory tail (up to [`REWIND_MAX`]
+    /// messages) of history channels that had no subscriber and no message for the window,
+    /// so tail memory is bounded by the active channels; the next use reads it back from
+    /// the log. Run periodically by the server.
+    pub fn sweep(&self, now: Instant) -> Swept {
         let channels: Vec<Arc<Channel>> = self
             .channels
             .read()
@@ -470,19 +489,29 @@ impl Hub {
             .values()
             .cloned()
             .collect();
-        let mut forgotten = 0;
+        let mut swept = Swept::default();
         for channel in channels {
             let mut state = lock(&channel.state);
             let d = &mut state.dedupe;
             let before = d.order.len() + d.remote_order.len();
             d.prune(now, &self.limits);
             let after = d.order.len() + d.remote_order.len();
-            forgotten += before - after;
+            swept.ids += before - after;
             if after == 0 && before > 0 {
                 *d = Dedupe::default();
             }
+            let idle = state.subscribers.is_empty()
+                && state.pending.is_empty()
+                && state
+                    .last_message
+                    .is_none_or(|t| now.saturating_duration_since(t) >= self.limits.dedupe_window);
+            if idle && !state.recent.is_empty() {
+                state.recent = VecDeque::new();
+                state.tail_evicted = true;
+                swept.tails += 1;
+            }
         }
-        forgotten
+        swept
     }
 
     /// Whether a subscribe may use `name`: it exists, or the node holds fewer than
@@ -522,49 +551,53 @@ impl Hub {
                 }
             }
             // And its newest messages, for rewinds.
-            let newest = crate::store::Query {
-                from: None,
-                to: None,
-                since_ms: None,
-                until_ms: None,
-                limit: REWIND_MAX,
-                backwards: true,
-            };
-            let now = Instant::now();
-            for m in store.read(name, newest).unwrap_or_default().into_iter().rev() {
-                if let Ok(msg) = Message::decode(m.message.as_slice()) {
-                    // What arrived from other origins, and the ids already sequenced: a
-                    // retry or a relayed copy after a restart is recognised.
-                    if msg.origin != self.node.as_str() {
-                        note_origin(
-                            &mut state.remote,
-                            &msg.origin,
-                            msg.origin_epoch,
-                            msg.origin_seq,
-                        );
-                    }
-                    if !msg.id.is_empty() && !state.dedupe.seen.contains_key(&msg.id) {
-                        let accepted = Accepted {
-                            message_id: msg.id.clone(),
-                            seq: Seq(msg.origin_seq),
-                            offset: Offset(m.offset),
-                            timestamp_ms: msg.timestamp_ms,
-                            duplicate: false,
-                            epoch: self.log_epoch,
-                            log_ticket: None,
-                            own: msg.origin == self.node.as_str()
-                                && msg.origin_epoch == self.epoch.0,
-                        };
-                        state.dedupe.seen.insert(msg.id.clone(), accepted);
-                        state.dedupe.order.push_back((now, msg.id.clone()));
-                    }
-                    state.recent.push_back(Arc::new(EncodedMessage::new(msg)));
-                }
-            }
+            self.load_tail(name, &mut state, true);
         }
         let channel = Arc::new(Channel { state: Mutex::new(state) });
         map.insert(key, channel.clone());
         Some(channel)
+    }
+
+    /// Reads the channel's newest logged messages into its in-memory tail (`recent`), when
+    /// its namespace keeps history. At creation (`seed`), also what they tell about other
+    /// origins and the ids already sequenced, so a retry or a relayed copy after a restart
+    /// is recognised; when the tail comes back after an idle spell, only the tail.
+    fn load_tail(&self, name: &str, state: &mut ChannelState, seed: bool) {
+        state.tail_evicted = false;
+        let Some(store) = self.store.as_ref().filter(|s| s.keeps(name)) else { return };
+        let newest = crate::store::Query {
+            from: None,
+            to: None,
+            since_ms: None,
+            until_ms: None,
+            limit: REWIND_MAX,
+            backwards: true,
+        };
+        let now = Instant::now();
+        state.recent.clear();
+        for m in store.read(name, newest).unwrap_or_default().into_iter().rev() {
+            let Ok(msg) = Message::decode(m.message.as_slice()) else { continue };
+            if seed {
+                if msg.origin != self.node.as_str() {
+                    note_origin(&mut state.remote, &msg.origin, msg.origin_epoch, msg.origin_seq);
+                }
+                if !msg.id.is_empty() && !state.dedupe.seen.contains_key(&msg.id) {
+                    let accepted = Accepted {
+                        message_id: msg.id.clone(),
+                        seq: Seq(msg.origin_seq),
+                        offset: Offset(m.offset),
+                        timestamp_ms: msg.timestamp_ms,
+                        duplicate: false,
+                        epoch: self.log_epoch,
+                        log_ticket: None,
+                        own: msg.origin == self.node.as_str() && msg.origin_epoch == self.epoch.0,
+                    };
+                    state.dedupe.seen.insert(msg.id.clone(), accepted);
+                    state.dedupe.order.push_back((now, msg.id.clone()));
+                }
+            }
+            state.recent.push_back(Arc::new(EncodedMessage::new(msg)));
+        }
     }
 
     /// Runs `f` on the live state of `name`, creating the channel if needed (whatever the
@@ -586,6 +619,9 @@ impl Hub {
             let channel = self.channel(name, max)?;
             let mut state = lock(&channel.state);
             if !state.removed {
+                if state.tail_evicted {
+                    self.load_tail(name, &mut state, false);
+                }
                 return Some(f(&mut state));
             }
         }
@@ -1088,11 +1124,11 @@ mod tests {
         }
         assert!(publish(&hub, "a:7".into(), msg(Some("same"))).duplicate);
         // Inside the window nothing goes.
-        assert_eq!(hub.sweep(Instant::now()), 0);
+        assert_eq!(hub.sweep(Instant::now()).ids, 0);
         assert!(publish(&hub, "a:8".into(), msg(Some("same"))).duplicate);
         // After it, every idle channel's ids are gone (the sequence stays).
         let later = Instant::now() + Duration::from_secs(121);
-        assert_eq!(hub.sweep(later), 50);
+        assert_eq!(hub.sweep(later).ids, 50);
         let again = publish(&hub, "a:9".into(), msg(Some("same")));
         assert!(!again.duplicate);
         assert_eq!(again.seq, Seq(2));

@@ -296,7 +296,9 @@ pub struct LimitsConfig {
     pub send_queue_bytes: usize,
     /// Client-chosen message ids remembered per channel for de-duplication.
     pub dedupe_ids_per_channel: usize,
-    /// How long a client-chosen message id is remembered.
+    /// How long a client-chosen message id is remembered. Also how long a history channel
+    /// with no subscriber and no message keeps its in-memory tail (up to 100 messages, for
+    /// rewinds and resumes) before the periodic sweep drops it; the log serves it again.
     #[serde(with = "humantime_serde")]
     pub dedupe_window: Duration,
     /// Publishes per second one connection may make, sustained (a token bucket refilled at

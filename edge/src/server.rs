@@ -339,7 +339,7 @@ impl Server {
         let header_timeout = node.settings().config.timeouts.http_header;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             node = %node.settings().node, "listening");
-        // Message ids of channels nobody publishes to any more leave with their window.
+        // Message ids, and the tails of idle history channels, leave with their window.
         let sweeper = node.clone();
         let stop = shutdown.clone();
         node.tracker().spawn(async move {
@@ -349,9 +349,9 @@ impl Server {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
-                        let forgotten = sweeper.hub().sweep(std::time::Instant::now());
-                        if forgotten > 0 {
-                            debug!(forgotten, "message ids past the dedupe window forgotten");
+                        let swept = sweeper.hub().sweep(std::time::Instant::now());
+                        if swept != Default::default() {
+                            debug!(ids = swept.ids, tails = swept.tails, "idle channel memory released");
                         }
                     }
                 }

@@ -247,6 +247,41 @@ async fn rewind_joins_the_live_stream_without_gap_or_duplicate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A history channel left idle (no subscriber, no message) for the dedupe window gives its
+/// in-memory tail back at the sweep; a later rewind reads it from the log and joins the
+/// live stream as before. A channel with a subscriber keeps its tail.
+#[tokio::test]
+async fn an_idle_channel_gives_back_its_tail_and_a_rewind_still_joins_live() {
+    use futures_util::StreamExt;
+    let dir = data_dir("idle-tail");
+    let n = node(&dir, 1000).await;
+    let opts = tern_client::ClientOptions::default;
+    let client = tern_client::Client::connect(&n.url(), opts()).await.unwrap();
+    let mut held = client.subscribe("log:held").await.unwrap();
+    for i in 1..=30 {
+        client.publish("log:idle", format!("{i}")).await.unwrap();
+    }
+    client.publish("log:held", "kept").await.unwrap();
+    assert_eq!(text_of(tokio::time::timeout(WAIT, held.next()).await.unwrap()), "kept");
+    let hub = n.node.hub();
+    assert_eq!(hub.sweep(std::time::Instant::now()).tails, 0, "nothing is idle yet");
+    let window = n.node.settings().config.limits.dedupe_window;
+    let later = std::time::Instant::now() + window + Duration::from_secs(1);
+    assert_eq!(hub.sweep(later).tails, 1, "only the channel nobody holds");
+    let reader = tern_client::Client::connect(&n.url(), opts()).await.unwrap();
+    let mut sub = reader.subscribe_rewind("log:idle", 5).await.unwrap();
+    client.publish("log:idle", "31").await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(text_of(tokio::time::timeout(WAIT, sub.next()).await.unwrap()));
+    }
+    assert_eq!(got, ["26", "27", "28", "29", "30", "31"], "the log's tail, then live");
+    client.close().await;
+    reader.close().await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// History over the WebSocket protocol (JSON frames): pages, and the documented errors.
 #[tokio::test]
 async fn history_over_websocket() {
