@@ -44,7 +44,9 @@ pub struct Config {
     pub tls: Option<TlsSection>,
 }
 
-/// `[tls]`: the client listener's certificate.
+/// `[tls]`: the client listener's certificate. The files are re-read every 5 s: a renewed
+/// certificate written over them is served from the next handshake on, with no restart (a
+/// pair that does not load is logged and the previous one stays in service).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {

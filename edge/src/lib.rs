@@ -21,6 +21,7 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`node`]: shared state (settings, hub, connection slots, shutdown token, task tracker).
 //! - [`server`]: the listener and graceful shutdown.
+//! - [`tls`]: the client listener's certificate, reloaded when its files change.
 
 pub mod auth;
 pub mod channel;
@@ -34,6 +35,7 @@ pub mod resume;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 pub use config::{Config, ConfigError, Settings};
 pub use server::{BindError, Server};

@@ -27,7 +27,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 pub struct Server {
     node: Arc<Node>,
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::ClientTls>,
 }
 
 impl std::fmt::Debug for Server {
@@ -61,29 +61,6 @@ pub enum BindError {
     /// The `[tls]` certificate or key could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
-}
-
-/// The client listener's TLS acceptor, from `[tls]`'s PEM files.
-fn tls_acceptor(t: &crate::config::TlsSection) -> Result<tokio_rustls::TlsAcceptor, BindError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        BindError::Tls(format!("{}: {e}", what.display()))
-    };
-    let chain = CertificateDer::pem_file_iter(&t.cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err(&t.cert, &e))?;
-    if chain.is_empty() {
-        return Err(err(&t.cert, &"no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| err(&t.key, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
-        .map_err(|e| err(&t.key, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one client connection until it ends or the node
@@ -229,7 +206,13 @@ impl Server {
     pub async fn bind(settings: Settings, shutdown: CancellationToken) -> Result<Self, BindError> {
         let addr = settings.config.listen.client;
         // Certificates first: a bad file is reported before anything is opened.
-        let tls = settings.config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let tls = settings
+            .config
+            .tls
+            .as_ref()
+            .map(crate::tls::ClientTls::new)
+            .transpose()
+            .map_err(BindError::Tls)?;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
         let history = &settings.config.history;
@@ -335,6 +318,12 @@ impl Server {
     pub async fn run(self) {
         let Self { node, listener, tls } = self;
         let shutdown = node.shutdown().clone();
+        // A renewed certificate is picked up from its files while the node runs.
+        let tls = tls.map(|t| {
+            let acceptor = t.acceptor.clone();
+            node.tracker().spawn(t.reload(shutdown.clone()));
+            acceptor
+        });
         let service = TowerToHyperService::new(router(node.clone()));
         let header_timeout = node.settings().config.timeouts.http_header;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -121,3 +121,49 @@ async fn a_missing_or_bad_certificate_stops_the_node_at_start() {
     let err = tern_edge::Server::bind(cfg.validate().unwrap(), shutdown).await.unwrap_err();
     assert!(err.to_string().contains("garbage.pem"), "{err}");
 }
+
+/// A renewed certificate written over the `[tls]` files is served from the next handshake
+/// on, without a restart; connections opened before carry on. A renewal that does not load
+/// leaves the current certificate in service.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    // A new client configuration each time: TLS session resumption would let a client that
+    // connected before skip the certificate.
+    let trusting = |ca: &str| {
+        ClientOptions { connect_timeout: Duration::from_secs(5), ..ClientOptions::default() }
+            .trust_pem(ca.as_bytes())
+            .unwrap()
+    };
+    let dir = common::temp_dir("tls-renew");
+    let (old_ca, section) = certificates(&dir);
+    let n = tls_node(section.clone()).await;
+    let url = format!("wss://localhost:{}", n.addr.port());
+    let before = Client::connect(&url, trusting(&old_ca)).await.unwrap();
+    let mut sub = before.subscribe("chat:renew").await.unwrap();
+
+    // A broken renewal (a key that is not PEM) changes nothing.
+    std::fs::write(&section.key, "not a key").unwrap();
+    tokio::time::sleep(tern_edge::tls::RELOAD + Duration::from_secs(1)).await;
+    Client::connect(&url, trusting(&old_ca)).await.expect("the previous certificate stays");
+
+    // The real renewal: a certificate from another CA over the same files.
+    let (new_ca, _) = certificates(&dir);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let after = loop {
+        if let Ok(c) = Client::connect(&url, trusting(&new_ca)).await {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the renewed certificate is never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        Client::connect(&url, trusting(&old_ca)).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    after.publish("chat:renew", "after the renewal").await.unwrap();
+    let ev = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let Event::Message(m) = ev else { panic!("{ev:?}") };
+    assert_eq!(m.data, Some(tern_proto::client::message::Data::Text("after the renewal".into())));
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
