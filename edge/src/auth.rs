@@ -31,8 +31,14 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     /// HS256: the secret shared with the application's backend (at least 32 bytes).
     pub hs256_secret: Option<String>,
+    /// HS256, during a rotation: the secret being retired, still accepted for tokens
+    /// signed before the backends switched to `hs256_secret`. Remove it once the longest
+    /// token lifetime has passed.
+    pub hs256_previous_secret: Option<String>,
     /// ES256: PEM file with the public key whose private key signs tokens.
     pub es256_public_key: Option<PathBuf>,
+    /// ES256, during a rotation: the public key of the signing key being retired.
+    pub es256_previous_public_key: Option<PathBuf>,
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
@@ -70,7 +76,9 @@ impl Default for AuthConfig {
         Self {
             mode: AuthMode::Dev,
             hs256_secret: None,
+            hs256_previous_secret: None,
             es256_public_key: None,
+            es256_previous_public_key: None,
             leeway: Duration::from_secs(5),
             api_keys: Vec::new(),
         }
@@ -181,8 +189,10 @@ pub const PLACEHOLDER: &str = "REPLACE-ME";
 #[derive(Clone)]
 pub struct Verifier {
     mode: AuthMode,
-    hs256: Option<DecodingKey>,
-    es256: Option<DecodingKey>,
+    /// The current key first, then the one being retired.
+    hs256: Vec<DecodingKey>,
+    /// The current key first, then the one being retired.
+    es256: Vec<DecodingKey>,
     leeway: u64,
     api_keys: Vec<ApiKey>,
 }
@@ -198,8 +208,8 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("mode", &self.mode)
-            .field("hs256", &self.hs256.is_some())
-            .field("es256", &self.es256.is_some())
+            .field("hs256", &self.hs256.len())
+            .field("es256", &self.es256.len())
             .finish()
     }
 }
@@ -211,8 +221,11 @@ pub enum AuthConfigError {
     #[error("auth.mode = \"token\" needs auth.hs256_secret or auth.es256_public_key")]
     NoKey,
     /// A secret too short to resist guessing.
-    #[error("auth.hs256_secret must be at least 32 bytes")]
+    #[error("auth.hs256_secret and auth.hs256_previous_secret must be at least 32 bytes")]
     ShortSecret,
+    /// A previous key without a current one.
+    #[error("auth.{0} is only for a rotation: set the current key too")]
+    PreviousOnly(&'static str),
     /// The public key file could not be read or parsed.
     #[error("auth.es256_public_key {0}: {1}")]
     PublicKey(PathBuf, String),
@@ -227,19 +240,26 @@ pub enum AuthConfigError {
 impl Verifier {
     /// Builds the verifier; reads the public key file.
     pub fn new(c: &AuthConfig) -> Result<Self, AuthConfigError> {
-        let pem = match &c.es256_public_key {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?,
-            ),
-            None => None,
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))
         };
-        Self::with_keys(c, pem.as_deref()).map_err(|e| match (e, &c.es256_public_key) {
-            (AuthConfigError::PublicKey(_, why), Some(path)) => {
-                AuthConfigError::PublicKey(path.clone(), why)
+        let pem = c.es256_public_key.as_ref().map(read).transpose()?;
+        let mut verifier =
+            Self::with_keys(c, pem.as_deref()).map_err(|e| match (e, &c.es256_public_key) {
+                (AuthConfigError::PublicKey(_, why), Some(path)) => {
+                    AuthConfigError::PublicKey(path.clone(), why)
+                }
+                (e, _) => e,
+            })?;
+        if let Some(path) = &c.es256_previous_public_key {
+            if verifier.es256.is_empty() {
+                return Err(AuthConfigError::PreviousOnly("es256_previous_public_key"));
             }
-            (e, _) => e,
-        })
+            let key = DecodingKey::from_ec_pem(&read(path)?)
+                .map_err(|e| AuthConfigError::PublicKey(path.clone(), e.to_string()))?;
+            verifier.es256.push(key);
+        }
+        Ok(verifier)
     }
 
     /// Builds the verifier from `c` with the ES256 public key given as PEM text (instead of
@@ -247,23 +267,29 @@ impl Verifier {
     pub fn with_keys(c: &AuthConfig, es256_pem: Option<&[u8]>) -> Result<Self, AuthConfigError> {
         let placeholder = |s: &str| s.starts_with(PLACEHOLDER);
         if c.hs256_secret.as_deref().is_some_and(placeholder)
+            || c.hs256_previous_secret.as_deref().is_some_and(placeholder)
             || c.api_keys.iter().any(|k| placeholder(&k.secret))
         {
             return Err(AuthConfigError::Placeholder);
         }
-        let hs256 = match &c.hs256_secret {
-            Some(s) if s.len() < 32 => return Err(AuthConfigError::ShortSecret),
-            Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
-            None => None,
-        };
+        if c.hs256_previous_secret.is_some() && c.hs256_secret.is_none() {
+            return Err(AuthConfigError::PreviousOnly("hs256_previous_secret"));
+        }
+        let mut hs256 = Vec::new();
+        for s in [&c.hs256_secret, &c.hs256_previous_secret].into_iter().flatten() {
+            if s.len() < 32 {
+                return Err(AuthConfigError::ShortSecret);
+            }
+            hs256.push(DecodingKey::from_secret(s.as_bytes()));
+        }
         let es256 = match es256_pem {
-            Some(pem) => Some(
+            Some(pem) => vec![
                 DecodingKey::from_ec_pem(pem)
                     .map_err(|e| AuthConfigError::PublicKey(PathBuf::new(), e.to_string()))?,
-            ),
-            None => None,
+            ],
+            None => Vec::new(),
         };
-        if c.mode == AuthMode::Token && hs256.is_none() && es256.is_none() {
+        if c.mode == AuthMode::Token && hs256.is_empty() && es256.is_empty() {
             return Err(AuthConfigError::NoKey);
         }
         let mut api_keys: Vec<ApiKey> = Vec::new();
@@ -329,17 +355,30 @@ impl Verifier {
             }
             _ => TokenError::Malformed(e.to_string()),
         })?;
-        let key = match header.alg {
-            Algorithm::HS256 => self.hs256.as_ref(),
-            Algorithm::ES256 => self.es256.as_ref(),
-            _ => None,
+        let keys: &[DecodingKey] = match header.alg {
+            Algorithm::HS256 => &self.hs256,
+            Algorithm::ES256 => &self.es256,
+            _ => &[],
+        };
+        if keys.is_empty() {
+            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
         }
-        .ok_or_else(|| TokenError::Algorithm(format!("{:?}", header.alg)))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = decode::<Claims>(token, key, &validation).map_err(|e| {
+        // The current key, then (during a rotation) the one being retired: the signature
+        // is checked before the claims, so only a signature mismatch tries the next.
+        let mut result = decode::<Claims>(token, &keys[0], &validation);
+        for key in &keys[1..] {
+            match &result {
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    result = decode::<Claims>(token, key, &validation);
+                }
+                _ => break,
+            }
+        }
+        let data = result.map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::ExpiredSignature => TokenError::Expired,

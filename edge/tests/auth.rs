@@ -349,3 +349,78 @@ async fn the_sdk_renews_in_band_and_a_narrower_token_ends_what_it_no_longer_allo
     assert_eq!(m.client_id, "gina");
     n.stop().await;
 }
+
+/// Rotating the signing keys: during a rotation a node accepts tokens signed with the new
+/// key and with the one being retired, so no connected or reconnecting client is refused;
+/// after it, only the new; a key it never had is refused throughout. HS256 and ES256 alike.
+#[tokio::test]
+async fn signing_keys_rotate_without_refusing_tokens_already_issued() {
+    const NEW: &str = "the-new-secret-that-is-long-enough-0123456789";
+    const OTHER: &str = "a-secret-this-node-never-had-0123456789abcdef";
+    let signed = |secret: &str, sub: &str| mint_hs256(secret, &claims(sub, now() + 3600)).unwrap();
+    let refused = Some(Some(tern_proto::close::UNAUTHORIZED));
+    let during = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(NEW.into());
+        cfg.auth.hs256_previous_secret = Some(SECRET.into());
+    })
+    .await;
+    for (secret, sub) in [(SECRET, "issued-before"), (NEW, "issued-after")] {
+        let (_, connected) = connect(during.addr, &signed(secret, sub)).await.unwrap();
+        assert_eq!(connected["connected"]["clientId"], sub);
+    }
+    assert_eq!(connect(during.addr, &signed(OTHER, "x")).await.err(), refused);
+    // Expiry is still checked on a token of the retired key.
+    let expired = mint_hs256(SECRET, &claims("late", now() - 60)).unwrap();
+    assert_eq!(connect(during.addr, &expired).await.err(), refused);
+    during.stop().await;
+    let after = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(NEW.into());
+    })
+    .await;
+    assert_eq!(connect(after.addr, &signed(SECRET, "issued-before")).await.err(), refused);
+    assert!(connect(after.addr, &signed(NEW, "issued-after")).await.is_ok());
+    after.stop().await;
+
+    // ES256: the retired key's public half beside the new one.
+    let dir = common::temp_dir("es256-rotation");
+    let keys: Vec<rcgen::KeyPair> = (0..3)
+        .map(|_| rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap())
+        .collect();
+    let public: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let p = dir.join(format!("public-{i}.pem"));
+            std::fs::write(&p, k.public_key_pem()).unwrap();
+            p
+        })
+        .collect();
+    let es256 = |k: &rcgen::KeyPair, sub: &str| {
+        let signing = jsonwebtoken::EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap();
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        jsonwebtoken::encode(&header, &claims(sub, now() + 60), &signing).unwrap()
+    };
+    let (new_key, old_key) = (public[0].clone(), public[1].clone());
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.es256_public_key = Some(new_key);
+        cfg.auth.es256_previous_public_key = Some(old_key);
+    })
+    .await;
+    assert!(connect(n.addr, &es256(&keys[0], "new")).await.is_ok());
+    assert!(connect(n.addr, &es256(&keys[1], "old")).await.is_ok());
+    assert_eq!(connect(n.addr, &es256(&keys[2], "stranger")).await.err(), refused);
+    n.stop().await;
+
+    // A retired key alone is a configuration error, not a silent acceptance.
+    let c = tern_edge::auth::AuthConfig {
+        mode: AuthMode::Token,
+        hs256_previous_secret: Some(SECRET.into()),
+        ..Default::default()
+    };
+    let e = tern_edge::auth::Verifier::new(&c).unwrap_err();
+    assert!(e.to_string().contains("hs256_previous_secret"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
