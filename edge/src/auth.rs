@@ -22,8 +22,8 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::{Deserialize, Serialize};
 
-/// `[auth]` in the node's configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// `[auth]` in the node's configuration. Its `Debug` form hides the secrets.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// `dev`: anonymous clients may do anything (never on the internet); `token`: every
@@ -67,6 +67,21 @@ impl std::fmt::Debug for ApiKeyConfig {
             .field("id", &self.id)
             .field("secret", &"…")
             .field("capability", &self.capability)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "…");
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field("hs256_secret", &hidden(&self.hs256_secret))
+            .field("hs256_previous_secret", &hidden(&self.hs256_previous_secret))
+            .field("es256_public_key", &self.es256_public_key)
+            .field("es256_previous_public_key", &self.es256_previous_public_key)
+            .field("leeway", &self.leeway)
+            .field("api_keys", &self.api_keys)
             .finish()
     }
 }
@@ -430,5 +445,24 @@ mod tests {
         assert!(pattern_matches("chat:room-*", "chat:room-1"));
         assert!(!pattern_matches("chat:room-1", "chat:room-10"));
         assert!(pattern_matches("lobby", "lobby"));
+    }
+
+    #[test]
+    fn the_debug_form_of_the_auth_config_hides_its_secrets() {
+        let c = AuthConfig {
+            hs256_secret: Some("current-secret-0123456789abcdef0123".into()),
+            hs256_previous_secret: Some("retired-secret-0123456789abcdef0123".into()),
+            api_keys: vec![ApiKeyConfig {
+                id: "backend".into(),
+                secret: "api-secret-0123456789abcdef0123456789".into(),
+                capability: None,
+            }],
+            ..AuthConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("backend"), "{shown}");
+        for secret in ["current-secret", "retired-secret", "api-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 }
