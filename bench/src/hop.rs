@@ -5,6 +5,8 @@
 //!   the difference.
 //! - link throughput: one publisher on one server, one subscriber on the other, the rate
 //!   raised until delivery falls behind.
+//! - CPU per replicated message: each server's CPU time over a fixed-rate run below the
+//!   knee, divided by the messages (a steadier figure than the knee for comparing builds).
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use anyhow::Context as _;
 use tern_proto::types::NodeId;
 
 use crate::fanout::{self, LatencyReport, ThroughputReport};
-use crate::process::TernServer;
+use crate::process::{CpuMeter, TernServer};
 use crate::target::Target;
 
 /// Figures for one hop.
@@ -26,25 +28,55 @@ pub struct HopReport {
     pub remote: LatencyReport,
     /// Sustained messages/s over the hop.
     pub link: ThroughputReport,
+    /// CPU microseconds per replicated message on (publishing, receiving) server, at
+    /// [`CPU_RATE`] messages/s; `None` without both PIDs.
+    pub cpu_per_message_us: Option<(f64, f64)>,
+}
+
+/// Publish rate (messages/s) of the CPU-per-message run: below the knee of a 2-core machine.
+pub const CPU_RATE: u64 = 50_000;
+
+/// How a hop is measured.
+#[derive(Debug, Clone, Copy)]
+pub struct HopParams {
+    /// Publish rate of the latency runs (messages/s).
+    pub rate: u64,
+    /// Length of each latency run.
+    pub duration: Duration,
+    /// Length of each throughput step (and of the CPU run).
+    pub step: Duration,
+    /// Payload bytes.
+    pub payload: usize,
+    /// Stop raising the rate past this many deliveries per second.
+    pub max: u64,
 }
 
 /// Measures a hop. `same` publishes and subscribes on server A; `hop` publishes on A and
-/// subscribes on B.
+/// subscribes on B; `pids` (A, B) for the CPU per message.
 pub async fn measure(
     same: &Target,
     hop: &Target,
-    rate: u64,
-    duration: Duration,
-    step: Duration,
-    payload: usize,
-    max: u64,
+    pids: Option<[u32; 2]>,
+    p: HopParams,
 ) -> anyhow::Result<HopReport> {
+    let HopParams { rate, duration, step, payload, max } = p;
     // Warm-up: links established, interest known, before anything is measured.
     fanout::latency(hop, None, 1, 200, Duration::from_secs(1), payload).await?;
     let local = fanout::latency(same, None, 1, rate, duration, payload).await?;
     let remote = fanout::latency(hop, None, 1, rate, duration, payload).await?;
     let link = fanout::throughput(hop, None, 1, step, payload, max).await?;
-    Ok(HopReport { local, remote, link })
+    let cpu_per_message_us = match pids {
+        Some([a, b]) => {
+            let meters = [CpuMeter::start(Some(a)), CpuMeter::start(Some(b))];
+            let run = fanout::latency(hop, None, 1, CPU_RATE, step, payload).await?;
+            let per = |m: &CpuMeter| {
+                m.cpu_seconds().map(|s| s * 1e6 / run.delivered.max(1) as f64).unwrap_or(0.0)
+            };
+            Some((per(&meters[0]), per(&meters[1])))
+        }
+        None => None,
+    };
+    Ok(HopReport { local, remote, link, cpu_per_message_us })
 }
 
 /// Two `tern edge` processes joined by the backbone, with development certificates in a

@@ -326,11 +326,18 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
     let pair = hop::TernPair::spawn().await?;
     let (a, b) = (pair.nodes[0].url.clone(), pair.nodes[1].url.clone());
     eprintln!("spawned two tern nodes joined by the backbone: {a} and {b}");
-    let measure = |same: Target, remote: Target| async move {
-        hop::measure(&same, &remote, c.hop_rate, c.duration, c.step, c.payload, c.max_deliveries)
-            .await
+    let pids = [pair.nodes[0].pid, pair.nodes[1].pid];
+    let params = hop::HopParams {
+        rate: c.hop_rate,
+        duration: c.duration,
+        step: c.step,
+        payload: c.payload,
+        max: c.max_deliveries,
     };
-    let tern = measure(Target::tern(&a), Target::tern(&a).subscribing_at(&b)).await;
+    let measure = |same: Target, remote: Target, pids: Option<[u32; 2]>| async move {
+        hop::measure(&same, &remote, pids, params).await
+    };
+    let tern = measure(Target::tern(&a), Target::tern(&a).subscribing_at(&b), Some(pids)).await;
     pair.stop().await;
     let tern = tern?;
     for (rate, ok, per_sec) in &tern.link.steps {
@@ -342,7 +349,7 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
     let nats = match (&c.nats_url, &c.nats_remote_url) {
         (Some(x), Some(y)) => {
             eprintln!("nats: publishing at {x}, subscribing at {y} (gateway hop)");
-            Some(measure(Target::nats(x), Target::nats(x).subscribing_at(y)).await?)
+            Some(measure(Target::nats(x), Target::nats(x).subscribing_at(y), None).await?)
         }
         _ => None,
     };
@@ -379,6 +386,12 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
     row("tern", &tern);
     if let Some(n) = &nats {
         row("nats", n);
+    }
+    if let Some((a, b)) = tern.cpu_per_message_us {
+        println!(
+            "tern CPU per replicated message at {} msg/s: publishing node {a:.1} µs, receiving node {b:.1} µs",
+            hop::CPU_RATE
+        );
     }
     let per = tern.link.deliveries_per_sec;
     println!(

@@ -106,6 +106,11 @@ impl CpuMeter {
         Self { pid, start: Instant::now(), cpu }
     }
 
+    /// Server CPU seconds used since start.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        Some(cpu_seconds(self.pid?).ok()? - self.cpu)
+    }
+
     /// Server CPU use since start, in percent of one core.
     pub fn percent(&self) -> Option<f64> {
         let now = cpu_seconds(self.pid?).ok()?;
