@@ -593,14 +593,14 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
     let tracker = ctx.tracker.clone();
     let readers = async move {
         while let Ok(stream) = reader_conn.accept_uni().await {
-            // Buffered: a frame's length and body come from one stream read.
-            let mut stream = tokio::io::BufReader::with_capacity(16 * 1024, stream);
+            // Buffered: many frames come from one stream read.
+            let mut stream = wire::FrameReader::new(stream);
             let inbound = inbound.clone();
             let peer = reader_peer.clone();
             let conn = reader_conn.clone();
             tracker.spawn(async move {
                 loop {
-                    match wire::read_frame(&mut stream).await {
+                    match stream.next().await {
                         Ok(Some(frame)) => {
                             if inbound.send((peer.clone(), frame)).await.is_err() {
                                 break;

@@ -1,7 +1,7 @@
 //! Backbone frames on the wire: the core's [`Frame`] ↔ `tern.backbone.v1.BackboneFrame`,
 //! and the length-delimited framing used on QUIC streams.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use prost::Message as _;
 use tern_proto::backbone::{self as pb, backbone_frame::Kind};
 use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
@@ -34,6 +34,35 @@ pub enum WireError {
 
 fn channel(s: String) -> Result<ChannelName, WireError> {
     ChannelName::parse(&s).map_err(|e| WireError::Name(e.to_string()))
+}
+
+/// The names a lane's last data frame carried: a run of one channel's messages from one
+/// origin (the common case on a lane) is parsed and validated once, and shares one
+/// allocation per name.
+#[derive(Debug, Default)]
+pub struct Names {
+    origin: Option<NodeId>,
+    channel: Option<ChannelName>,
+}
+
+impl Names {
+    fn origin(&mut self, s: &str) -> Result<NodeId, WireError> {
+        if let Some(o) = self.origin.as_ref().filter(|o| o.as_str() == s) {
+            return Ok(o.clone());
+        }
+        let o = NodeId::parse(s).map_err(|e| WireError::Name(e.to_string()))?;
+        self.origin = Some(o.clone());
+        Ok(o)
+    }
+
+    fn channel(&mut self, s: String) -> Result<ChannelName, WireError> {
+        if let Some(c) = self.channel.as_ref().filter(|c| c.as_str() == s) {
+            return Ok(c.clone());
+        }
+        let c = channel(s)?;
+        self.channel = Some(c.clone());
+        Ok(c)
+    }
 }
 
 impl From<&Frame> for pb::BackboneFrame {
@@ -98,62 +127,66 @@ impl From<&Frame> for pb::BackboneFrame {
 impl TryFrom<pb::BackboneFrame> for Frame {
     type Error = WireError;
     fn try_from(f: pb::BackboneFrame) -> Result<Self, WireError> {
-        Ok(match f.kind.ok_or(WireError::Unknown)? {
-            Kind::Hello(h) => Frame::Hello {
-                epoch: Epoch(h.epoch),
-                have: h
-                    .have
-                    .into_iter()
-                    .map(|h| {
-                        Ok(Have {
-                            channel: channel(h.channel)?,
-                            epoch: Epoch(h.epoch),
-                            delivered: Seq(h.delivered),
-                            generation: h.generation,
-                        })
-                    })
-                    .collect::<Result<_, WireError>>()?,
-                want: h
-                    .want
-                    .into_iter()
-                    .map(|w| Ok(Want { channel: channel(w.channel)?, generation: w.generation }))
-                    .collect::<Result<_, WireError>>()?,
-            },
-            Kind::Interest(i) => Frame::Interest {
-                channel: channel(i.channel)?,
-                generation: i.generation,
-                withdraw: i.withdraw,
-            },
-            Kind::Start(s) => Frame::Start {
-                channel: channel(s.channel)?,
-                epoch: Epoch(s.epoch),
-                after: Seq(s.after),
-                generation: s.generation,
-            },
-            Kind::Heartbeat(h) => Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted },
-            Kind::Data(d) => Frame::Data {
-                origin: NodeId::parse(&d.origin).map_err(|e| WireError::Name(e.to_string()))?,
-                epoch: Epoch(d.epoch),
-                channel: channel(d.channel)?,
-                seq: Seq(d.seq),
-                payload: d.payload,
-            },
-            Kind::Ack(a) => {
-                Frame::Ack { channel: channel(a.channel)?, epoch: Epoch(a.epoch), seq: Seq(a.seq) }
-            }
-            Kind::Nack(n) => Frame::Nack {
-                channel: channel(n.channel)?,
-                epoch: Epoch(n.epoch),
-                from: Seq(n.from),
-                to: Seq(n.to),
-            },
-            Kind::Gone(g) => Frame::Gone {
-                channel: channel(g.channel)?,
-                epoch: Epoch(g.epoch),
-                through: Seq(g.through),
-            },
-        })
+        convert(f, &mut Names::default())
     }
+}
+
+fn convert(f: pb::BackboneFrame, names: &mut Names) -> Result<Frame, WireError> {
+    Ok(match f.kind.ok_or(WireError::Unknown)? {
+        Kind::Hello(h) => Frame::Hello {
+            epoch: Epoch(h.epoch),
+            have: h
+                .have
+                .into_iter()
+                .map(|h| {
+                    Ok(Have {
+                        channel: channel(h.channel)?,
+                        epoch: Epoch(h.epoch),
+                        delivered: Seq(h.delivered),
+                        generation: h.generation,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+            want: h
+                .want
+                .into_iter()
+                .map(|w| Ok(Want { channel: channel(w.channel)?, generation: w.generation }))
+                .collect::<Result<_, WireError>>()?,
+        },
+        Kind::Interest(i) => Frame::Interest {
+            channel: channel(i.channel)?,
+            generation: i.generation,
+            withdraw: i.withdraw,
+        },
+        Kind::Start(s) => Frame::Start {
+            channel: channel(s.channel)?,
+            epoch: Epoch(s.epoch),
+            after: Seq(s.after),
+            generation: s.generation,
+        },
+        Kind::Heartbeat(h) => Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted },
+        Kind::Data(d) => Frame::Data {
+            origin: names.origin(&d.origin)?,
+            epoch: Epoch(d.epoch),
+            channel: names.channel(d.channel)?,
+            seq: Seq(d.seq),
+            payload: d.payload,
+        },
+        Kind::Ack(a) => {
+            Frame::Ack { channel: channel(a.channel)?, epoch: Epoch(a.epoch), seq: Seq(a.seq) }
+        }
+        Kind::Nack(n) => Frame::Nack {
+            channel: channel(n.channel)?,
+            epoch: Epoch(n.epoch),
+            from: Seq(n.from),
+            to: Seq(n.to),
+        },
+        Kind::Gone(g) => Frame::Gone {
+            channel: channel(g.channel)?,
+            epoch: Epoch(g.epoch),
+            through: Seq(g.through),
+        },
+    })
 }
 
 /// Encodes a frame with its 4-byte big-endian length prefix.
@@ -171,21 +204,53 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
     Frame::try_from(pb::BackboneFrame::decode(body)?)
 }
 
-/// Reads one length-delimited frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Option<Frame>, WireError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+/// Reads length-delimited frames from a stream. Frames are cut from one growing buffer and
+/// decoded in place: a message's payload is a slice of what was read (no copy), and a run
+/// of one channel's data frames parses its names once ([`Names`]).
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    names: Names,
+}
+
+/// Bytes asked of the stream per read, at least.
+const READ_CHUNK: usize = 16 * 1024;
+
+impl<R: AsyncReadExt + Unpin> FrameReader<R> {
+    /// Reads frames from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self { inner, buf: BytesMut::with_capacity(READ_CHUNK), names: Names::default() }
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLarge(len));
+
+    /// The next frame; `Ok(None)` at a clean end of stream (between frames).
+    pub async fn next(&mut self) -> Result<Option<Frame>, WireError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > MAX_FRAME {
+                    return Err(WireError::TooLarge(len));
+                }
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    let body = self.buf.split_to(len).freeze();
+                    let pb = pb::BackboneFrame::decode(body)?;
+                    return convert(pb, &mut self.names).map(Some);
+                }
+                self.buf.reserve((4 + len - self.buf.len()).max(READ_CHUNK));
+            } else {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+                };
+            }
+        }
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    decode(&body).map(Some)
 }
 
 /// Writes encoded frames (one, or several back to back).
@@ -237,5 +302,86 @@ mod tests {
         assert!(matches!(decode(&bad.encode_to_vec()), Err(WireError::Name(_))));
         assert!(matches!(decode(&[]), Err(WireError::Unknown)));
         assert!(matches!(decode(&[0xff, 0xff]), Err(WireError::Decode(_))));
+    }
+
+    /// Hands out its bytes `step` at a time, as a stream delivers them.
+    struct Chunked {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+    }
+
+    impl tokio::io::AsyncRead for Chunked {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.step.min(self.data.len() - self.pos).min(buf.remaining());
+            let pos = self.pos;
+            buf.put_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn read_all(data: Vec<u8>, step: usize) -> (Vec<Frame>, Result<(), WireError>) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut r = FrameReader::new(Chunked { data, pos: 0, step });
+            let mut frames = Vec::new();
+            loop {
+                match r.next().await {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => return (frames, Ok(())),
+                    Err(e) => return (frames, Err(e)),
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn the_frame_reader_cuts_frames_wherever_the_reads_end() {
+        let origin = NodeId::new(&RegionId::parse("eu").unwrap(), "a").unwrap();
+        let ch = ChannelName::parse("chat:x").unwrap();
+        let frames: Vec<Frame> = (1..=50)
+            .map(|seq| Frame::Data {
+                origin: origin.clone(),
+                epoch: Epoch(5),
+                channel: ch.clone(),
+                seq: Seq(seq),
+                payload: Bytes::from(vec![seq as u8; seq as usize * 100]),
+            })
+            .chain([Frame::Heartbeat { epoch: Epoch(5), greeted: true }])
+            .collect();
+        let wire: Vec<u8> = frames.iter().flat_map(|f| encode(f).to_vec()).collect();
+        for step in [1, 3, 7, 4096, 1 << 20] {
+            let (got, end) = read_all(wire.clone(), step);
+            assert!(end.is_ok(), "step {step}: {end:?}");
+            assert_eq!(got, frames, "step {step}");
+        }
+        // A stream that ends inside a frame is an error, not a clean end.
+        let (got, end) = read_all(wire[..wire.len() - 3].to_vec(), 64);
+        assert_eq!(got.len(), frames.len() - 1);
+        assert!(matches!(end, Err(WireError::Io(_))), "{end:?}");
+        // A length over the limit is refused before anything is read into memory.
+        let mut big = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        big.extend_from_slice(&[0; 16]);
+        assert!(matches!(read_all(big, 64).1, Err(WireError::TooLarge(_))));
+        // A bad name in a run is refused even after good frames of another name.
+        let bad = pb::BackboneFrame {
+            kind: Some(Kind::Data(pb::Data {
+                origin: "eu/a".into(),
+                epoch: 5,
+                channel: "bad name".into(),
+                seq: 51,
+                payload: Bytes::new(),
+            })),
+        };
+        let mut wire = wire;
+        let body = bad.encode_to_vec();
+        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&body);
+        assert!(matches!(read_all(wire, 512).1, Err(WireError::Name(_))));
     }
 }
