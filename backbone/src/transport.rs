@@ -287,6 +287,11 @@ impl Backbone {
         self.addr
     }
 
+    /// Own messages that reachable peers want and have not acknowledged yet.
+    pub fn unacknowledged(&self) -> u64 {
+        lock(&self.shared.replica).unacknowledged()
+    }
+
     /// The peers this node has a link with now.
     pub fn linked_peers(&self) -> Vec<NodeId> {
         lock(&self.shared.replica).linked()

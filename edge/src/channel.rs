@@ -294,6 +294,12 @@ impl Hub {
         self.backbone.get().map(Backbone::local_addr)
     }
 
+    /// Own messages reachable peers want and have not acknowledged yet (0 without a
+    /// backbone).
+    pub fn backbone_unacknowledged(&self) -> u64 {
+        self.backbone.get().map_or(0, Backbone::unacknowledged)
+    }
+
     /// The peers this node's backbone has a link with now (none without a backbone).
     pub fn linked_peers(&self) -> Vec<NodeId> {
         self.backbone.get().map(Backbone::linked_peers).unwrap_or_default()

@@ -392,7 +392,10 @@ pub struct TimeoutsConfig {
     /// Time allowed for a close frame to be flushed to a client before the socket drops.
     #[serde(with = "humantime_serde")]
     pub close: Duration,
-    /// On SIGTERM/SIGINT, how long open connections get to close before the node exits.
+    /// On SIGTERM/SIGINT, how long open connections get to close before the node exits;
+    /// with a backbone, also (9/10 of it at most) how long the node keeps replicating until
+    /// the reachable peers acknowledged every message it accepted, so a rolling restart
+    /// loses nothing.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }

@@ -63,6 +63,34 @@ pub enum BindError {
     Tls(String),
 }
 
+/// Longest a shutdown waits for the peers to acknowledge this node's messages: most of
+/// `timeouts.shutdown_grace`, so the rest of the shutdown fits in it.
+fn drain_time(grace: Duration) -> Duration {
+    grace * 9 / 10
+}
+
+/// At shutdown, once the client connections are gone (no more publishes), keeps the
+/// backbone running until every reachable peer acknowledged the messages this node accepted
+/// — a rolling restart loses nothing it acknowledged to a publisher — or until the drain
+/// time is over; then stops it.
+async fn drain_backbone(node: Arc<Node>, stop: CancellationToken) {
+    node.shutdown().cancelled().await;
+    let grace = node.settings().config.timeouts.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + drain_time(grace);
+    loop {
+        let pending = node.hub().backbone_unacknowledged();
+        if node.connection_count() == 0 && pending == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(pending, "shutdown: peers did not acknowledge everything in time");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+}
+
 /// Serves HTTP/1.1 (with upgrades) on one client connection until it ends or the node
 /// shuts down.
 async fn serve_http<I>(
@@ -277,14 +305,18 @@ impl Server {
                 },
             };
             let sink = Arc::new(HubSink(Arc::downgrade(&node)));
+            // The backbone outlives the client connections at shutdown: it stops once the
+            // peers have what this node acknowledged (see `drain_backbone`).
+            let backbone_stop = CancellationToken::new();
             let backbone = Backbone::start(
                 node.settings().node.clone(),
                 node.hub().epoch(),
                 config,
                 sink,
-                node.shutdown().clone(),
+                backbone_stop.clone(),
                 node.tracker(),
             )?;
+            node.tracker().spawn(drain_backbone(node.clone(), backbone_stop));
             node.hub().set_backbone(backbone);
             let relayed = node.hub().relay_recent(RELAY_WITHIN, RELAY_MAX);
             if relayed > 0 {

@@ -481,6 +481,19 @@ impl Replica {
         }
     }
 
+    /// Messages of this node's channels that peers whose links are up want and have not
+    /// acknowledged yet (a graceful shutdown waits for this to reach 0).
+    pub fn unacknowledged(&self) -> u64 {
+        self.links
+            .values()
+            .filter(|l| l.up)
+            .flat_map(|l| &l.out)
+            .map(|(channel, out)| {
+                self.logs.get(channel).map_or(0, |log| log.last.saturating_sub(out.acked))
+            })
+            .sum()
+    }
+
     /// Payload bytes and messages the origin logs hold now.
     pub fn log_usage(&self) -> (usize, usize) {
         (self.budget.bytes, self.budget.held)
