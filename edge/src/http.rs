@@ -441,6 +441,13 @@ async fn http_publish(
                         "delivered, but not confirmed in the history log in time".into(),
                     );
                 }
+                if store.failed(ticket) {
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Internal,
+                        "delivered, but the history log could not be written".into(),
+                    );
+                }
             }
             if replicated && a.own {
                 let mut changes = node.hub().replicated_watch();

@@ -953,7 +953,8 @@ impl Session {
     }
 
     /// Sends the acks whose messages are durable enough, in order; a replicated publish
-    /// that no other region acknowledged in time is answered with `NOT_REPLICATED`.
+    /// that no other region acknowledged in time is answered with `NOT_REPLICATED`, one
+    /// whose log write failed with `INTERNAL`.
     fn flush_acks(&mut self) {
         let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
         let now = Instant::now();
@@ -961,7 +962,17 @@ impl Session {
             if front.ticket > logged {
                 break;
             }
+            let unlogged =
+                front.ticket > 0 && self.node.hub().store().is_some_and(|s| s.failed(front.ticket));
             let frame = match &front.replicated {
+                _ if unlogged => Some(Nack {
+                    request_id: front.ack.request_id,
+                    channel: front.ack.channel.clone(),
+                    message_id: front.ack.message_id.clone(),
+                    code: ErrorCode::Internal as i32,
+                    reason: "delivered, but the history log could not be written".into(),
+                    retry_after_ms: 0,
+                }),
                 None => None,
                 Some((ch, seq, _)) if self.node.hub().is_replicated(ch, *seq) => None,
                 Some((_, _, deadline)) if now >= *deadline => Some(Nack {

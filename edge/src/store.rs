@@ -21,7 +21,7 @@
 //! loses at most that interval). Publish acks on history channels wait until the message's
 //! group is committed (and, with `DURABILITY_REPLICATED`, until another region has it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Weak};
@@ -161,9 +161,18 @@ pub struct Store {
     /// queue in order.
     tx: Arc<std::sync::Mutex<(SyncSender<Msg>, u64)>>,
     committed: tokio::sync::watch::Receiver<u64>,
+    /// Ticket ranges whose write failed (the newest [`FAILURES_KEPT`]).
+    failed: Failures,
+    /// Test hook: the next group's write fails as a full disk would make it.
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
     namespaces: Arc<HashMap<String, Retention>>,
     path: PathBuf,
 }
+
+/// Failed write ranges remembered: far more than publishers can be waiting on at once.
+const FAILURES_KEPT: usize = 1024;
+
+type Failures = Arc<std::sync::Mutex<VecDeque<(u64, u64)>>>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -191,22 +200,40 @@ impl Store {
         let namespaces = Arc::new(options.namespaces);
         let (weak, ns2) = (Arc::downgrade(&db), namespaces.clone());
         let (committed_tx, committed) = tokio::sync::watch::channel(0u64);
+        let failed = Failures::default();
+        let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let outcome = Outcome { committed: committed_tx, failed: failed.clone() };
+        let hook = fail_next.clone();
         std::thread::Builder::new()
             .name("tern-history".into())
-            .spawn(move || writer(db, rx, options.sync, ns2, committed_tx))
+            .spawn(move || writer(db, rx, options.sync, ns2, outcome, hook))
             .map_err(|e| StoreError::Db(format!("cannot start the writer: {e}")))?;
         let tx = Arc::new(std::sync::Mutex::new((tx, 0)));
-        Ok(Self { db: weak, tx, committed, namespaces, path })
+        Ok(Self { db: weak, tx, committed, failed, fail_next, namespaces, path })
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         self.db.upgrade().ok_or_else(|| StoreError::Db("the history store is closed".into()))
     }
 
-    /// The last ticket written to the log (see [`Store::append`]); watch it to learn when a
-    /// message is logged.
+    /// The last ticket the writer is done with (see [`Store::append`]); watch it to learn
+    /// when a message is logged — or, rarely, that its write failed: check
+    /// [`Store::failed`] before confirming.
     pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Whether the write of `ticket` failed (the message was delivered but is not in the
+    /// log). Meaningful once [`Store::committed`] reached the ticket.
+    pub fn failed(&self, ticket: u64) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        failed.iter().any(|&(first, last)| (first..=last).contains(&ticket))
+    }
+
+    /// Test hook: the next group of writes fails, as a full or broken disk would make it.
+    #[doc(hidden)]
+    pub fn fail_next_write(&self) {
+        self.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The last ticket handed out: once [`Store::committed`] reaches it, everything appended
@@ -371,7 +398,8 @@ fn writer(
     rx: Receiver<Msg>,
     sync: SyncPolicy,
     namespaces: Arc<HashMap<String, Retention>>,
-    committed: tokio::sync::watch::Sender<u64>,
+    outcome: Outcome,
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
 ) {
     const GROUP: usize = 4096;
     let mut last_sync = Instant::now();
@@ -405,12 +433,14 @@ fn writer(
                 return;
             }
         }
-        let last_ticket = group.last().map(|e| e.ticket);
+        let tickets = group.first().zip(group.last()).map(|(a, b)| (a.ticket, b.ticket));
         if let Some(done) = closing.take() {
             if let Err(e) = commit_group(&db, &mut group, true) {
                 tracing::error!(error = %e, "history write failed at close");
-            } else if let Some(t) = last_ticket {
-                committed.send_replace(t);
+                group.clear();
+                outcome.failed(tickets);
+            } else {
+                outcome.written(tickets);
             }
             drop(db);
             let _ = done.send(());
@@ -425,6 +455,9 @@ fn writer(
             continue;
         }
         let result = (|| -> Result<(), StoreError> {
+            if !group.is_empty() && fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Db("injected write failure (test hook)".into()));
+            }
             let mut txn = db.begin_write()?;
             txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
             {
@@ -453,16 +486,13 @@ fn writer(
             Ok(())
         })();
         match result {
-            Ok(()) => {
-                if let Some(t) = last_ticket {
-                    committed.send_replace(t);
-                }
-            }
+            Ok(()) => outcome.written(tickets),
             Err(e) => {
-                // Publishers waiting for these tickets time out with an error: the messages
-                // were delivered but are not in the log.
+                // The publishers waiting for these tickets are told: the messages were
+                // delivered but are not in the log.
                 tracing::error!(error = %e, "history write failed");
                 group.clear();
+                outcome.failed(tickets);
             }
         }
         if trim {
@@ -474,6 +504,33 @@ fn writer(
         } else {
             pending_sync = true;
         }
+    }
+}
+
+/// How the writer tells waiting publishers what became of their tickets.
+struct Outcome {
+    committed: tokio::sync::watch::Sender<u64>,
+    failed: Failures,
+}
+
+impl Outcome {
+    fn written(&self, tickets: Option<(u64, u64)>) {
+        if let Some((_, last)) = tickets {
+            self.committed.send_replace(last);
+        }
+    }
+
+    /// Records the failed range before waking the waiters, so each sees it.
+    fn failed(&self, tickets: Option<(u64, u64)>) {
+        let Some(range) = tickets else { return };
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if failed.len() == FAILURES_KEPT {
+                failed.pop_front();
+            }
+            failed.push_back(range);
+        }
+        self.committed.send_replace(range.1);
     }
 }
 

@@ -282,6 +282,40 @@ async fn an_idle_channel_gives_back_its_tail_and_a_rewind_still_joins_live() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A publish whose log write fails (a full or broken disk) is never confirmed as logged:
+/// the WebSocket publisher gets a nack `INTERNAL`, the HTTP publisher a 503, even when a
+/// later write succeeds; the log holds only what was confirmed.
+#[tokio::test]
+async fn a_failed_log_write_is_reported_not_acknowledged() {
+    let dir = data_dir("failed-write");
+    let n = node(&dir, 1000).await;
+    let store = n.node.hub().store().unwrap().clone();
+    let client = tern_client::Client::connect(&n.url(), tern_client::ClientOptions::default())
+        .await
+        .unwrap();
+    client.publish("log:disk", "before").await.unwrap();
+    store.fail_next_write();
+    match client.publish("log:disk", "lost").await {
+        Err(tern_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, tern_proto::client::ErrorCode::Internal)
+        }
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    client.publish("log:disk", "after").await.unwrap();
+    store.fail_next_write();
+    let (status, body) =
+        http(n.addr, "POST", "/v1/channels/log:disk/messages", "text/plain", b"lost over HTTP")
+            .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("ERROR_CODE_INTERNAL"), "{body}");
+    publish(&n, "log:disk", "last").await;
+    let page = until_logged(&n, "log:disk", 3).await;
+    assert_eq!(texts(&page), ["before", "after", "last"]);
+    client.close().await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// History over the WebSocket protocol (JSON frames): pages, and the documented errors.
 #[tokio::test]
 async fn history_over_websocket() {
