@@ -129,7 +129,7 @@ pub fn issue_server(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), 
 /// Revokes `node`'s certificate in `DIR` (as issued by [`issue_node`]): adds its serial
 /// number to the CA's revocation list `DIR/crl.pem` (created if missing, re-signed with
 /// every earlier entry kept) and returns the list's path. Revoking twice changes nothing
-/// but the list's dates. Nodes load the list at start (`backbone.crl`).
+/// but the list's dates. Nodes given the list (`backbone.crl`) re-read it while running.
 pub fn revoke_node(dir: &Path, node: &NodeId) -> Result<PathBuf, CertError> {
     let (cert_path, _) = node_files(dir, node);
     let serial = cert_serial(&cert_path)?;
@@ -246,8 +246,7 @@ pub fn tls_configs(
     }
     let roots = Arc::new(roots);
     let chain = certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| CertError::Pem { path: files.key.clone(), reason: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_error(&files.key, e))?;
     let crls = match &files.crl {
         Some(path) => crls(path)?,
         None => Vec::new(),

@@ -404,13 +404,7 @@ async fn drive(
                     }
                     LinkEvent::Revoked(serials) => {
                         for (peer, q) in &quic {
-                            let serial = q
-                                .peer_identity()
-                                .and_then(|id| {
-                                    id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                                        .ok()
-                                })
-                                .and_then(|chain| chain.first().and_then(certs::serial_of));
+                            let serial = peer_leaf(q).and_then(|c| certs::serial_of(&c));
                             if serial.is_some_and(|s| serials.contains(&s)) {
                                 warn!(%peer, "closing the link: the peer's certificate was revoked");
                                 q.close(4u32.into(), b"certificate revoked");
@@ -534,11 +528,8 @@ async fn accept(endpoint: quinn::Endpoint, expected: Vec<NodeId>, ctx: LinkCtx) 
                     return;
                 }
             };
-            let certs = conn
-                .peer_identity()
-                .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-            let peer = certs.as_ref().and_then(|c| c.first()).and_then(|cert| {
-                expected.iter().find(|p| certs::cert_names(cert, p)).cloned()
+            let peer = peer_leaf(&conn).and_then(|cert| {
+                expected.iter().find(|p| certs::cert_names(&cert, p)).cloned()
             });
             match peer {
                 Some(peer) => run_link(conn, peer, &ctx2).await,
@@ -550,6 +541,13 @@ async fn accept(endpoint: quinn::Endpoint, expected: Vec<NodeId>, ctx: LinkCtx) 
         });
     }
     endpoint.close(0u32.into(), b"shutdown");
+}
+
+/// The (CA-verified) certificate the peer of `conn` presented.
+fn peer_leaf(conn: &quinn::Connection) -> Option<rustls_pki_types::CertificateDer<'static>> {
+    let chain =
+        conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    chain.into_iter().next()
 }
 
 async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {

@@ -40,7 +40,7 @@ fn channel(s: String) -> Result<ChannelName, WireError> {
 /// origin (the common case on a lane) is parsed and validated once, and shares one
 /// allocation per name.
 #[derive(Debug, Default)]
-pub struct Names {
+struct Names {
     origin: Option<NodeId>,
     channel: Option<ChannelName>,
 }

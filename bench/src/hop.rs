@@ -29,7 +29,7 @@ pub struct HopReport {
     /// Sustained messages/s over the hop.
     pub link: ThroughputReport,
     /// CPU microseconds per replicated message on (publishing, receiving) server, at
-    /// [`CPU_RATE`] messages/s; `None` without both PIDs.
+    /// [`CPU_RATE`] messages/s; `None` without both PIDs (or where `/proc` is unreadable).
     pub cpu_per_message_us: Option<(f64, f64)>,
 }
 
@@ -69,10 +69,8 @@ pub async fn measure(
         Some([a, b]) => {
             let meters = [CpuMeter::start(Some(a)), CpuMeter::start(Some(b))];
             let run = fanout::latency(hop, None, 1, CPU_RATE, step, payload).await?;
-            let per = |m: &CpuMeter| {
-                m.cpu_seconds().map(|s| s * 1e6 / run.delivered.max(1) as f64).unwrap_or(0.0)
-            };
-            Some((per(&meters[0]), per(&meters[1])))
+            let per = |m: &CpuMeter| m.cpu_seconds().map(|s| s * 1e6 / run.delivered.max(1) as f64);
+            per(&meters[0]).zip(per(&meters[1]))
         }
         None => None,
     };

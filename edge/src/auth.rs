@@ -242,7 +242,7 @@ pub enum AuthConfigError {
     #[error("auth.{0} is only for a rotation: set the current key too")]
     PreviousOnly(&'static str),
     /// The public key file could not be read or parsed.
-    #[error("auth.es256_public_key {0}: {1}")]
+    #[error("auth: ES256 public key {0}: {1} (es256_public_key or es256_previous_public_key)")]
     PublicKey(PathBuf, String),
     /// A secret is still the production example's placeholder.
     #[error("a secret in [auth] is still the example's placeholder (REPLACE-ME…): set your own")]

@@ -153,7 +153,7 @@ struct ChannelState {
     /// `recent` was dropped while the channel sat idle (see [`Hub::sweep`]); it is read
     /// back from the log before the channel is used again.
     tail_evicted: bool,
-    /// When the channel last had a message.
+    /// When the channel last logged a message (history channels: the ones with a tail).
     last_message: Option<Instant>,
     /// Per other origin, the last message delivered here (newest epoch only).
     remote: Vec<OriginPosition>,

@@ -964,35 +964,35 @@ impl Session {
             }
             let unlogged =
                 front.ticket > 0 && self.node.hub().store().is_some_and(|s| s.failed(front.ticket));
-            let frame = match &front.replicated {
-                _ if unlogged => Some(Nack {
-                    request_id: front.ack.request_id,
-                    channel: front.ack.channel.clone(),
-                    message_id: front.ack.message_id.clone(),
-                    code: ErrorCode::Internal as i32,
-                    reason: "delivered, but the history log could not be written".into(),
-                    retry_after_ms: 0,
-                }),
+            let refusal = match &front.replicated {
+                _ if unlogged => Some((
+                    ErrorCode::Internal,
+                    "delivered, but the history log could not be written".to_owned(),
+                )),
                 None => None,
                 Some((ch, seq, _)) if self.node.hub().is_replicated(ch, *seq) => None,
-                Some((_, _, deadline)) if now >= *deadline => Some(Nack {
-                    request_id: front.ack.request_id,
-                    channel: front.ack.channel.clone(),
-                    message_id: front.ack.message_id.clone(),
-                    code: ErrorCode::NotReplicated as i32,
-                    reason: format!(
+                Some((_, _, deadline)) if now >= *deadline => Some((
+                    ErrorCode::NotReplicated,
+                    format!(
                         "no other region acknowledged the message within {REPLICATION_WAIT:?}; \
                          it was delivered here and is replicated once a region is reachable"
                     ),
-                    retry_after_ms: 0,
-                }),
+                )),
                 Some(_) => break,
             };
             let Some(done) = self.acks.pop_front() else { break };
-            match frame {
-                None => self.reply(server_frame::Kind::Ack(done.ack)),
-                Some(nack) => self.reply(server_frame::Kind::Nack(nack)),
-            }
+            let frame = match refusal {
+                None => server_frame::Kind::Ack(done.ack),
+                Some((code, reason)) => server_frame::Kind::Nack(Nack {
+                    request_id: done.ack.request_id,
+                    channel: done.ack.channel,
+                    message_id: done.ack.message_id,
+                    code: code as i32,
+                    reason,
+                    retry_after_ms: 0,
+                }),
+            };
+            self.reply(frame);
         }
     }
 

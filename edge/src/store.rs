@@ -161,8 +161,8 @@ pub struct Store {
     /// queue in order.
     tx: Arc<std::sync::Mutex<(SyncSender<Msg>, u64)>>,
     committed: tokio::sync::watch::Receiver<u64>,
-    /// Ticket ranges whose write failed (the newest [`FAILURES_KEPT`]).
-    failed: Failures,
+    /// Ticket ranges whose write failed.
+    failed: Arc<Failures>,
     /// Test hook: the next group's write fails as a full disk would make it.
     fail_next: Arc<std::sync::atomic::AtomicBool>,
     namespaces: Arc<HashMap<String, Retention>>,
@@ -172,7 +172,13 @@ pub struct Store {
 /// Failed write ranges remembered: far more than publishers can be waiting on at once.
 const FAILURES_KEPT: usize = 1024;
 
-type Failures = Arc<std::sync::Mutex<VecDeque<(u64, u64)>>>;
+/// Failed write ranges (the newest [`FAILURES_KEPT`]), and the newest failed ticket, so
+/// confirming a ticket past it (every ack while the disk is healthy) takes no lock.
+#[derive(Debug, Default)]
+struct Failures {
+    newest: std::sync::atomic::AtomicU64,
+    ranges: std::sync::Mutex<VecDeque<(u64, u64)>>,
+}
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,7 +206,7 @@ impl Store {
         let namespaces = Arc::new(options.namespaces);
         let (weak, ns2) = (Arc::downgrade(&db), namespaces.clone());
         let (committed_tx, committed) = tokio::sync::watch::channel(0u64);
-        let failed = Failures::default();
+        let failed = Arc::new(Failures::default());
         let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let outcome = Outcome { committed: committed_tx, failed: failed.clone() };
         let hook = fail_next.clone();
@@ -226,8 +232,11 @@ impl Store {
     /// Whether the write of `ticket` failed (the message was delivered but is not in the
     /// log). Meaningful once [`Store::committed`] reached the ticket.
     pub fn failed(&self, ticket: u64) -> bool {
-        let failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        failed.iter().any(|&(first, last)| (first..=last).contains(&ticket))
+        if ticket > self.failed.newest.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let ranges = self.failed.ranges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ranges.iter().any(|&(first, last)| (first..=last).contains(&ticket))
     }
 
     /// Test hook: the next group of writes fails, as a full or broken disk would make it.
@@ -510,7 +519,7 @@ fn writer(
 /// How the writer tells waiting publishers what became of their tickets.
 struct Outcome {
     committed: tokio::sync::watch::Sender<u64>,
-    failed: Failures,
+    failed: Arc<Failures>,
 }
 
 impl Outcome {
@@ -524,12 +533,14 @@ impl Outcome {
     fn failed(&self, tickets: Option<(u64, u64)>) {
         let Some(range) = tickets else { return };
         {
-            let mut failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if failed.len() == FAILURES_KEPT {
-                failed.pop_front();
+            let mut ranges =
+                self.failed.ranges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ranges.len() == FAILURES_KEPT {
+                ranges.pop_front();
             }
-            failed.push_back(range);
+            ranges.push_back(range);
         }
+        self.failed.newest.store(range.1, std::sync::atomic::Ordering::Release);
         self.committed.send_replace(range.1);
     }
 }
