@@ -216,11 +216,13 @@ fn quic_configs(
 }
 
 impl Backbone {
-    /// Starts the backbone for node `me` in `epoch`. Tasks run on `tracker` until
-    /// `shutdown` is cancelled.
+    /// Starts the backbone for node `me` in `epoch`, from what its durable log holds
+    /// (`restored`, see [`Replica::restore`]; empty for a node without one). Tasks run on
+    /// `tracker` until `shutdown` is cancelled.
     pub fn start(
         me: NodeId,
         epoch: Epoch,
+        restored: core::Restored,
         config: BackboneConfig,
         sink: Arc<dyn Sink>,
         shutdown: CancellationToken,
@@ -239,7 +241,7 @@ impl Backbone {
         let client = Arc::new(Mutex::new(client));
 
         let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id.clone()).collect();
-        let replica = Replica::new(me.clone(), epoch, &peer_ids, config.core.clone());
+        let replica = Replica::restore(me.clone(), epoch, &peer_ids, config.core.clone(), restored);
         let shared = Arc::new(Shared { replica: Mutex::new(replica), wake: Notify::new() });
         // Inbound frames from every link; full means the driver is behind, and readers wait.
         let (inbound_tx, inbound_rx) = mpsc::channel(8192);
@@ -297,11 +299,26 @@ impl Backbone {
         lock(&self.shared.replica).linked()
     }
 
-    /// Replicates a local publish. Returns the origin sequence the core assigned.
-    pub fn publish(&self, channel: ChannelName, payload: Bytes) -> Seq {
-        let seq = lock(&self.shared.replica).publish(Instant::now(), channel, payload);
+    /// Replicates a local publish the node sequenced as `seq` (see [`Replica::publish`]).
+    pub fn publish(&self, channel: ChannelName, seq: Seq, payload: Bytes) {
+        lock(&self.shared.replica).publish(Instant::now(), channel, seq, payload);
         self.shared.wake.notify_one();
-        seq
+    }
+
+    /// Where this node is in `origin`'s stream of `channel` (see [`Replica::stream`]).
+    pub fn stream(&self, origin: &NodeId, channel: &ChannelName) -> Option<core::StreamPos> {
+        lock(&self.shared.replica).stream(origin, channel)
+    }
+
+    /// Whether this node has everything `peer` had for it when their link came up (see
+    /// [`Replica::caught_up_with`]).
+    pub fn caught_up_with(&self, peer: &NodeId) -> bool {
+        lock(&self.shared.replica).caught_up_with(peer)
+    }
+
+    /// Every peer link's state (see [`Replica::peers`]).
+    pub fn peers(&self) -> Vec<core::PeerState> {
+        lock(&self.shared.replica).peers(Instant::now())
     }
 }
 
@@ -338,6 +355,7 @@ fn lane_of(frame: &Frame, lanes: usize) -> usize {
     let channel = match frame {
         Frame::Hello { .. } | Frame::Heartbeat { .. } => return 0,
         Frame::Data { channel, .. }
+        | Frame::End { channel, .. }
         | Frame::Ack { channel, .. }
         | Frame::Nack { channel, .. }
         | Frame::Gone { channel, .. }

@@ -95,9 +95,17 @@ impl From<&Frame> for pb::BackboneFrame {
                 after: after.0,
                 generation: *generation,
             }),
-            Frame::Heartbeat { epoch, greeted } => {
-                Kind::Heartbeat(pb::Heartbeat { epoch: epoch.0, greeted: *greeted })
-            }
+            Frame::Heartbeat { epoch, greeted, caught_up } => Kind::Heartbeat(pb::Heartbeat {
+                epoch: epoch.0,
+                greeted: *greeted,
+                caught_up: *caught_up,
+            }),
+            Frame::End { channel, epoch, last, next } => Kind::End(pb::End {
+                channel: channel.to_string(),
+                epoch: epoch.0,
+                last: last.map(|s| s.0),
+                next: next.0,
+            }),
             Frame::Data { origin, epoch, channel, seq, payload } => Kind::Data(pb::Data {
                 origin: origin.to_string(),
                 epoch: epoch.0,
@@ -164,7 +172,15 @@ fn convert(f: pb::BackboneFrame, names: &mut Names) -> Result<Frame, WireError> 
             after: Seq(s.after),
             generation: s.generation,
         },
-        Kind::Heartbeat(h) => Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted },
+        Kind::Heartbeat(h) => {
+            Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted, caught_up: h.caught_up }
+        }
+        Kind::End(e) => Frame::End {
+            channel: channel(e.channel)?,
+            epoch: Epoch(e.epoch),
+            last: e.last.map(Seq),
+            next: Epoch(e.next),
+        },
         Kind::Data(d) => Frame::Data {
             origin: names.origin(&d.origin)?,
             epoch: Epoch(d.epoch),
@@ -280,7 +296,9 @@ mod tests {
             },
             Frame::Interest { channel: ch.clone(), generation: 6, withdraw: true },
             Frame::Start { channel: ch.clone(), epoch: Epoch(5), after: Seq(11), generation: 6 },
-            Frame::Heartbeat { epoch: Epoch(5), greeted: true },
+            Frame::Heartbeat { epoch: Epoch(5), greeted: true, caught_up: true },
+            Frame::End { channel: ch.clone(), epoch: Epoch(4), last: Some(Seq(9)), next: Epoch(5) },
+            Frame::End { channel: ch.clone(), epoch: Epoch(3), last: None, next: Epoch(5) },
             Frame::Data {
                 origin,
                 epoch: Epoch(5),
@@ -352,7 +370,7 @@ mod tests {
                 seq: Seq(seq),
                 payload: Bytes::from(vec![seq as u8; seq as usize * 100]),
             })
-            .chain([Frame::Heartbeat { epoch: Epoch(5), greeted: true }])
+            .chain([Frame::Heartbeat { epoch: Epoch(5), greeted: true, caught_up: false }])
             .collect();
         let wire: Vec<u8> = frames.iter().flat_map(|f| encode(f).to_vec()).collect();
         for step in [1, 3, 7, 4096, 1 << 20] {

@@ -2,9 +2,11 @@
 //!
 //! A seeded in-memory network of 3–5 nodes drops, duplicates, delays and reorders frames,
 //! partitions and heals links, and crashes and restarts nodes (with or without their log).
-//! Half the channels are in a replicate-all namespace (`h:`), half are interest-routed
-//! (`chat:`): every node asks for those at the start (and again after a restart), and in the
-//! `interest_churn` scenario nodes gain and withdraw interest at random moments.
+//! Half the channels are in a replicate-all, durable namespace (`h:`, as history namespaces
+//! are), half are interest-routed (`chat:`): every node asks for those at the start (and again
+//! after a restart), and in the `interest_churn` scenario nodes gain and withdraw interest at
+//! random moments. A restart with the log starts a new epoch from what the crashed node's log
+//! held ([`Replica::durable_state`] → [`Replica::restore`], as a real node does from its store).
 //! After every run the invariants of the delivery contract are checked:
 //! - each node delivers each origin's messages in sequence, each once, with the payload the
 //!   origin published; an interest-routed stream starts where the origin's `Start` said
@@ -12,7 +14,11 @@
 //! - after healing, nothing published within retention is missing (for interest-routed
 //!   channels: nothing after the start of the node's current interest);
 //! - anything irreparable (trimmed log, origin restarted without its log) was reported as a
-//!   discontinuity, never skipped silently.
+//!   discontinuity, never skipped silently;
+//! - after a restart with the log, nothing is delivered twice (the restarted node continues
+//!   from its logged positions: its events before and after the crash are checked as one
+//!   stream), and durable channels show no discontinuity at all: the peers get the rest of the
+//!   restarted origin's previous epoch and its `End`, then the new epoch.
 //!
 //! A failure prints its scenario and seed. Replay one with
 //! `TERN_FAULT_SEED=scenario:seed cargo test -p tern-backbone --test faults -- --nocapture`;
@@ -23,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tern_backbone::core::{Config, Event, Frame, Persisted, Replica};
+use tern_backbone::core::{Config, Event, Frame, Replica, Restored};
 use tern_proto::types::{ChannelName, Epoch, NodeId, RegionId};
 
 /// SplitMix64: tiny, seedable, identical everywhere.
@@ -100,6 +106,25 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "dup_reorder", nodes: 4, loss: 0.05, dup: 0.25, max_delay_ms: 150, ..BASE },
     Scenario { name: "partition3", loss: 0.02, partition: Some((500, 2_500)), ..BASE },
     Scenario { name: "restart_with_log", loss: 0.05, restart: Restart::WithLog, ..BASE },
+    // The node restarts while cut off from the others: when the partition heals, the peers
+    // are behind in its previous epoch and it is behind in theirs.
+    Scenario {
+        name: "restart_isolated",
+        loss: 0.05,
+        restart: Restart::WithLog,
+        partition: Some((200, 2_800)),
+        isolate_first: true,
+        ..BASE
+    },
+    Scenario {
+        name: "restart_reorder",
+        nodes: 4,
+        loss: 0.10,
+        dup: 0.20,
+        max_delay_ms: 150,
+        restart: Restart::WithLog,
+        ..BASE
+    },
     Scenario { name: "restart_without_log", loss: 0.05, restart: Restart::WithoutLog, ..BASE },
     Scenario {
         name: "retention",
@@ -199,6 +224,7 @@ fn config(s: &Scenario) -> Config {
         retention_bytes: s.retention_bytes,
         send_window: s.send_window,
         replicate_all: ["h".to_owned()].into(),
+        durable: ["h".to_owned()].into(),
         interest_grace: Duration::from_millis(if s.churn > 0 { 150 } else { 60_000 }),
         ..Config::default()
     }
@@ -206,6 +232,8 @@ fn config(s: &Scenario) -> Config {
 
 fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
     let mut rng = Rng(seed ^ 0x5EED);
+    // `TERN_FAULT_TRACE=1` with `TERN_FAULT_SEED` prints every frame as it arrives.
+    let trace = std::env::var("TERN_FAULT_TRACE").is_ok_and(|v| v == "1");
     let t0 = Instant::now();
     let ids: Vec<NodeId> = (0..s.nodes).map(node_id).collect();
     let mut nodes: Vec<SimNode> = (0..s.nodes)
@@ -233,7 +261,7 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
     publishes.sort();
     let crash_at = Duration::from_millis(300 + rng.below(s.publish_ms - 600));
     let restart_at = crash_at + Duration::from_millis(100 + rng.below(800));
-    let mut crashed_state: Option<Persisted> = None;
+    let mut crashed_state: Option<Restored> = None;
     let mut crash_done = false;
     let mut restart_done = false;
     let mut cut: BTreeSet<(usize, usize)> = BTreeSet::new();
@@ -361,7 +389,7 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
         }
         if !matches!(s.restart, Restart::None) && !crash_done && now_d >= crash_at {
             crash_done = true;
-            crashed_state = Some(nodes[0].replica.persisted());
+            crashed_state = Some(nodes[0].replica.durable_state());
             nodes[0].alive = false;
             for y in 1..s.nodes {
                 nodes[y].replica.handle_link_down(now, &ids[0]);
@@ -369,17 +397,20 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
         }
         if crash_done && !restart_done && now_d >= restart_at {
             restart_done = true;
+            // Every start is a new epoch; with the log, the node continues from it.
+            epoch_counter += 1_000;
+            let epoch = Epoch(epoch_counter);
             let replica = match s.restart {
                 Restart::WithLog => Replica::restore(
                     ids[0].clone(),
+                    epoch,
                     &ids,
                     config(s),
                     crashed_state.take().expect("state saved at crash"),
                 ),
                 _ => {
-                    epoch_counter += 1_000;
                     nodes[0].events.clear();
-                    Replica::new(ids[0].clone(), Epoch(epoch_counter), &ids, config(s))
+                    Replica::new(ids[0].clone(), epoch, &ids, config(s))
                 }
             };
             nodes[0].replica = replica;
@@ -419,7 +450,7 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
             }
             let epoch = nodes[origin].replica.epoch().0;
             let payload = Bytes::from(format!("o{origin}-c{ch}-e{epoch}-{next_pub}"));
-            let seq = nodes[origin].replica.publish(now, channel(ch), payload.clone()).0;
+            let seq = nodes[origin].replica.publish_next(now, channel(ch), payload.clone()).0;
             published.insert((origin, ch, epoch, seq), payload);
             last_seq.insert((origin, ch, epoch), seq);
         }
@@ -431,6 +462,9 @@ fn run(s: &Scenario, seed: u64) -> Result<Counts, String> {
             let frame = net.frames.remove(&f.order).expect("stored");
             if cut.contains(&pair(f.from, f.to)) || !nodes[f.to].alive || !nodes[f.from].alive {
                 continue;
+            }
+            if trace {
+                println!("{:>6} ms {} → {}: {frame:?}", now_d.as_millis(), f.from, f.to);
             }
             nodes[f.to].replica.handle_frame(now, &ids[f.from], frame);
         }
@@ -465,9 +499,19 @@ fn check(
                     let key = (idx(origin), chan_idx(channel));
                     let p = pos.entry(key).or_insert((epoch.0, 0));
                     if p.0 != epoch.0 {
-                        if !reported_end.contains(&(key.0, key.1, p.0)) {
+                        // Either the old epoch ended with a report, or it was complete (the
+                        // origin ended it with `End` after resending its rest).
+                        let complete =
+                            last_seq.get(&(key.0, key.1, p.0)).is_none_or(|&last| p.1 >= last);
+                        if !reported_end.contains(&(key.0, key.1, p.0)) && !complete {
                             return Err(format!(
-                                "node {n}: origin {} {channel} moved from epoch {} to {} without a discontinuity",
+                                "node {n}: origin {} {channel} moved from epoch {} (at {}) to {} without a discontinuity",
+                                key.0, p.0, p.1, epoch.0
+                            ));
+                        }
+                        if epoch.0 < p.0 {
+                            return Err(format!(
+                                "node {n}: origin {} {channel} went back from epoch {} to {}",
                                 key.0, p.0, epoch.0
                             ));
                         }
@@ -510,6 +554,13 @@ fn check(
                 Event::Discontinuity { origin, channel, epoch, after, through } => {
                     let key = (idx(origin), chan_idx(channel));
                     counts.discontinuities += 1;
+                    let trimmed = s.retention < 100 || s.retention_bytes < 1024;
+                    if matches!(s.restart, Restart::WithLog) && !routed(key.1) && !trimmed {
+                        return Err(format!(
+                            "node {n}: discontinuity in durable {channel} of origin {} (epoch {}, after {after}, through {through:?}) in a restart with the log",
+                            key.0, epoch.0
+                        ));
+                    }
                     let p = pos.entry(key).or_insert((epoch.0, 0));
                     if p.0 != epoch.0 || p.1 != after.0 {
                         return Err(format!(

@@ -87,7 +87,7 @@ impl Pair {
     }
 
     fn publish(&mut self, channel: &str) -> Seq {
-        self.a.publish(self.now, ch(channel), Bytes::from_static(b"m"))
+        self.a.publish_next(self.now, ch(channel), Bytes::from_static(b"m"))
     }
 
     fn delivered(&self) -> Vec<u64> {

@@ -221,6 +221,7 @@ pub(crate) async fn start(
         pacer: crate::pacer::Pacer::new(connected.limits.as_ref()),
         unsent: std::collections::VecDeque::new(),
         send_at: None,
+        acked: HashMap::new(),
     };
     tokio::spawn(driver.run(ws, cmd_rx));
     Ok((cmd_tx, state_rx))
@@ -365,6 +366,9 @@ struct Driver {
     unsent: std::collections::VecDeque<u32>,
     /// When the first of `unsent` may go (the pacer's or a `retry_after_ms`'s wait).
     send_at: Option<Instant>,
+    /// Per channel, this client's last acknowledged message (origin, epoch, sequence):
+    /// every publish carries it as `after`, so a node this client moves to keeps its order.
+    acked: HashMap<String, OriginPosition>,
 }
 
 enum Flow {
@@ -544,7 +548,8 @@ impl Driver {
                 self.send_at = Some(Instant::now() + wait);
                 break;
             }
-            let frame = frame.clone();
+            let mut frame = frame.clone();
+            frame.after = self.acked.get(&frame.channel).cloned();
             self.unsent.pop_front();
             let flow = self.write(ws.as_deref_mut(), client_frame::Kind::Publish(frame)).await;
             if !matches!(flow, Flow::Continue) {
@@ -732,13 +737,26 @@ impl Driver {
                 }
             }
             Kind::Ack(a) => {
+                if !a.origin.is_empty() {
+                    let last = OriginPosition {
+                        origin: a.origin.clone(),
+                        epoch: a.origin_epoch,
+                        seq: a.origin_seq,
+                    };
+                    self.acked.insert(a.channel.clone(), last);
+                }
                 if let Some((_, reply)) = self.publishes.remove(&a.request_id) {
                     let _ = reply.send(Ok(a));
                 }
             }
-            Kind::Nack(n) if n.code == ErrorCode::RateLimited as i32 => {
+            Kind::Nack(n)
+                if n.code == ErrorCode::RateLimited as i32
+                    || n.code == ErrorCode::Unavailable as i32 =>
+            {
                 // Over the node's rate despite the pacing (the network bunched publishes
-                // up): the same publish goes again after the node's hint, first in line.
+                // up), or the node is not yet caught up with where this client's earlier
+                // messages were sequenced: the same publish goes again after the node's
+                // hint, first in line (until the caller's request timeout).
                 if self.publishes.contains_key(&n.request_id) {
                     self.unsent.push_front(n.request_id);
                     let wait = std::time::Duration::from_millis(u64::from(n.retry_after_ms.max(1)));

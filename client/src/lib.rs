@@ -258,6 +258,8 @@ impl Client {
             name: name.to_owned(),
             data: Some(data),
             durability: durability as i32,
+            // Set by the driver as the frame leaves (the last ack's position then).
+            after: None,
         };
         self.request(|reply| Command::Publish { frame, reply }).await
     }

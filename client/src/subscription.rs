@@ -11,6 +11,8 @@ use crate::driver::Command;
 
 /// What a subscription yields.
 #[derive(Debug, Clone, PartialEq)]
+// Nearly every event is a message: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// A message, in the channel's delivery order.
     Message(Message),

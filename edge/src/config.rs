@@ -208,6 +208,16 @@ pub struct BackboneSection {
     /// then catches up from its log).
     #[serde(default = "default_interest_wait", with = "humantime_serde")]
     pub interest_wait: Duration,
+    /// After a start, longest the node reports not ready (`/readyz` and `/v1/ping` answer
+    /// 503) while it catches up with its peers: it is ready once every peer is caught up
+    /// with (the link is up and the peer's catch-up acknowledged) or unreachable, or when
+    /// this much time passed.
+    #[serde(default = "default_ready_wait", with = "humantime_serde")]
+    pub ready_wait: Duration,
+    /// Longest a replicated message waits here for its publisher's earlier message from
+    /// another node (`after`: the publisher moved) before it is delivered anyway.
+    #[serde(default = "default_order_wait", with = "humantime_serde")]
+    pub order_wait: Duration,
     /// The other nodes.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -239,6 +249,16 @@ fn default_interest_grace() -> Duration {
 }
 fn default_interest_wait() -> Duration {
     Duration::from_secs(2)
+}
+fn default_ready_wait() -> Duration {
+    // A restarted node's catch-up after a rolling restart takes well under a second; a
+    // peer's backlog after a long partition may take longer, and the node serves anyway.
+    Duration::from_secs(10)
+}
+pub(crate) fn default_order_wait() -> Duration {
+    // Covers a restart of the publisher's previous node (about a second) with room; a node
+    // down longer costs its publishers' order with it, not availability.
+    Duration::from_secs(10)
 }
 fn default_send_window() -> usize {
     // 8,192 per round trip: 32,000 messages/s of one channel across a 250 ms ocean link;
@@ -325,6 +345,12 @@ pub struct LimitsConfig {
     /// History reads one connection may have in flight; more are refused with
     /// `RATE_LIMITED`.
     pub history_reads_per_connection: usize,
+    /// Longest a publish that names the publisher's previous message (`Publish.after`) on
+    /// another node waits until this node caught up with that node; then it is refused with
+    /// `UNAVAILABLE` (and `retry_after_ms`), and later publishes of the channel on that
+    /// connection with it.
+    #[serde(with = "humantime_serde")]
+    pub publish_order_wait: Duration,
     /// `[[limits.namespaces]]`: limits for the channels of one namespace that differ from
     /// the ones above.
     pub namespaces: Vec<NamespaceLimits>,
@@ -463,6 +489,9 @@ impl Default for LimitsConfig {
             // Each read is up to 1,000 messages off the disk on a blocking thread.
             history_reads: 32,
             history_reads_per_connection: 4,
+            // A restart of the publisher's previous node takes about a second; an SDK's
+            // request timeout (10 s by default) leaves room for one retry.
+            publish_order_wait: Duration::from_secs(5),
             namespaces: Vec::new(),
         }
     }

@@ -37,12 +37,40 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn readyz(State(node): State<Arc<Node>>) -> StatusCode {
-    if node.shutdown().is_cancelled() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+/// `GET /readyz`: 200 once the node is ready for traffic, 503 (with `Retry-After: 1`) while
+/// it catches up with its peers after a start (at most `backbone.ready_wait`) or shuts down.
+/// The body says why, and each peer's link: `{"ready": false, "reason": "catching up with
+/// peers", "peers": [{"node": "us-east/edge-1", "linked": true, "caughtUp": false}]}`.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let r = node.readiness();
+    let peers: Vec<serde_json::Value> = r
+        .peers
+        .iter()
+        .map(|(n, up, caught_up)| serde_json::json!({"node": n, "linked": up, "caughtUp": caught_up}))
+        .collect();
+    let body = serde_json::json!({"ready": r.ready, "reason": r.reason, "peers": peers});
+    let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut res =
+        (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    if !r.ready {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
+    res
 }
 
+/// `GET /v1/ping`: 204 for latency probes (header `x-tern-region`); 503 with `Retry-After`
+/// while the node is not ready (see [`readyz`]), so SDKs choosing the nearest region skip a
+/// node that is still catching up.
 async fn ping(State(node): State<Arc<Node>>) -> Response {
-    let mut res = StatusCode::NO_CONTENT.into_response();
+    let status = if node.readiness().ready {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut res = status.into_response();
+    if status != StatusCode::NO_CONTENT {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
     if let Ok(v) = HeaderValue::from_str(node.settings().region.as_str()) {
         res.headers_mut().insert("x-tern-region", v);
     }
@@ -387,7 +415,7 @@ async fn http_publish(
             }
             Ok(p) => {
                 replicated = p.durability == client::Durability::Replicated as i32;
-                PublishRequest { channel, id: p.id, name: p.name, data: p.data }
+                PublishRequest { channel, id: p.id, name: p.name, data: p.data, after: p.after }
             }
             Err(e) => {
                 return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
@@ -427,6 +455,33 @@ async fn http_publish(
             ErrorCode::Unsupported,
             "this node has no backbone: no other region can hold the message".into(),
         );
+    }
+    if let Err(reason) = pubmod::check_after(req.after.as_ref()) {
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason);
+    }
+    if let Some(after) = req.after.clone() {
+        // A publisher that moved here: its earlier messages come first.
+        let wait = node.settings().config.limits.publish_order_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match node.hub().order_ready(&req.channel, &after) {
+                crate::channel::order::OrderReady::Ready => break,
+                crate::channel::order::OrderReady::Wait(reason) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        let mut r = error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            ErrorCode::Unavailable,
+                            format!(
+                                "not sequenced within {wait:?}: {reason}; retry with the same id"
+                            ),
+                        );
+                        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+                        return r;
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     match pubmod::publish(&node, req, publisher.as_deref().unwrap_or("http")) {
         Ok(a) => {

@@ -26,6 +26,21 @@ pub struct Node {
     history_reads: Arc<tokio::sync::Semaphore>,
     /// HTTP API publish buckets per caller (`limits.http_publish_rate`).
     http_publishes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
+    /// When the node started (readiness waits at most `backbone.ready_wait` from here).
+    started: std::time::Instant,
+    /// Set once the node was ready: it stays ready until it shuts down.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// Whether the node serves clients with everything its peers had for it (`/readyz`).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// Ready for traffic.
+    pub ready: bool,
+    /// Why not, or how it became ready.
+    pub reason: &'static str,
+    /// The backbone's peers: (node id, link up, caught up with).
+    pub peers: Vec<(String, bool, bool)>,
 }
 
 /// Callers whose HTTP publish buckets are kept before idle (full) buckets are dropped.
@@ -46,6 +61,11 @@ impl Node {
             dedupe_ids: limits.dedupe_ids_per_channel,
             dedupe_window: limits.dedupe_window,
             max_channels: limits.max_channels,
+            order_wait: settings
+                .config
+                .backbone
+                .as_ref()
+                .map_or_else(crate::config::default_order_wait, |b| b.order_wait),
         };
         // The start time in microseconds: it grows across restarts (peers tell a restart
         // without log by a newer epoch) and stays below 2^53 for JavaScript clients.
@@ -69,7 +89,43 @@ impl Node {
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
             http_publishes: std::sync::Mutex::new(std::collections::HashMap::new()),
             history_reads: Arc::new(tokio::sync::Semaphore::new(history_reads)),
+            started: std::time::Instant::now(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Whether the node is ready for traffic. After a start it waits until it caught up
+    /// with every peer (the link is up and the peer's catch-up after it acknowledged), or
+    /// the peer is unreachable (its link down for `backbone.interest_wait`), or
+    /// `backbone.ready_wait` passed; from then on it is ready until it shuts down. A node
+    /// without a backbone is ready at once.
+    pub fn readiness(&self) -> Readiness {
+        let peers: Vec<_> = self.hub.backbone().map(|b| b.peers()).unwrap_or_default();
+        let listed = peers.iter().map(|p| (p.peer.to_string(), p.up, p.caught_up)).collect();
+        if self.shutdown.is_cancelled() {
+            return Readiness { ready: false, reason: "shutting down", peers: listed };
+        }
+        let ready = |reason| Readiness { ready: true, reason, peers: listed.clone() };
+        if self.ready.load(Ordering::Relaxed) {
+            return ready("ready");
+        }
+        let Some(b) = self.settings.config.backbone.as_ref() else {
+            self.ready.store(true, Ordering::Relaxed);
+            return ready("ready: no backbone");
+        };
+        let age = self.started.elapsed();
+        let all = peers
+            .iter()
+            .all(|p| p.caught_up || (!p.up && p.down_for.unwrap_or(age) >= b.interest_wait));
+        if all {
+            self.ready.store(true, Ordering::Relaxed);
+            return ready("ready: caught up with every reachable peer");
+        }
+        if age >= b.ready_wait {
+            self.ready.store(true, Ordering::Relaxed);
+            return ready("ready: backbone.ready_wait passed before every peer caught up");
+        }
+        Readiness { ready: false, reason: "catching up with peers", peers: listed }
     }
 
     /// Validated settings.

@@ -1,7 +1,7 @@
 //! Publishing, shared by the WebSocket session and the HTTP API: parse → apply, with the
 //! errors mapped to the wire in one place.
 
-use tern_proto::client::{ErrorCode, message, publish};
+use tern_proto::client::{ErrorCode, OriginPosition, message, publish};
 use tern_proto::types::{ChannelName, ChannelNameError, check_event_name, check_message_id};
 
 use crate::channel::{Accepted, NewMessage};
@@ -18,6 +18,8 @@ pub struct PublishRequest {
     pub name: String,
     /// Payload.
     pub data: Option<publish::Data>,
+    /// The publisher's previous message on the channel (`Publish.after`), if it sent one.
+    pub after: Option<OriginPosition>,
 }
 
 /// Why a publish was refused. Always the publisher's fault; retrying unchanged won't help.
@@ -63,6 +65,16 @@ impl PublishError {
     }
 }
 
+/// Checks a `Publish.after`: an origin that is a node id (or empty: none).
+pub fn check_after(after: Option<&OriginPosition>) -> Result<(), String> {
+    match after {
+        Some(a) if !a.origin.is_empty() => tern_proto::types::NodeId::parse(&a.origin)
+            .map(|_| ())
+            .map_err(|e| format!("after.origin: {e}")),
+        _ => Ok(()),
+    }
+}
+
 /// Validates and publishes. Returns the ack contents.
 pub fn publish(
     node: &Node,
@@ -72,6 +84,7 @@ pub fn publish(
     ChannelName::validate(&req.channel)?;
     check_message_id(&req.id).map_err(PublishError::InvalidArgument)?;
     check_event_name(&req.name).map_err(PublishError::InvalidArgument)?;
+    check_after(req.after.as_ref()).map_err(PublishError::InvalidArgument)?;
     let max = node.settings().config.limits.max_message_bytes_for(&req.channel);
     let data = match req.data {
         Some(publish::Data::Text(t)) => Some(message::Data::Text(t)),
@@ -91,6 +104,7 @@ pub fn publish(
         name: req.name,
         data,
         client_id: client_id.to_owned(),
+        after: req.after.filter(|a| !a.origin.is_empty()),
     };
     node.hub()
         .publish(req.channel, msg)

@@ -78,7 +78,8 @@ async fn drain_backbone(node: Arc<Node>, stop: CancellationToken) {
     let grace = node.settings().config.timeouts.shutdown_grace;
     let deadline = tokio::time::Instant::now() + drain_time(grace);
     loop {
-        let pending = node.hub().backbone_unacknowledged();
+        // Messages still waiting for their log write reach the backbone once written.
+        let pending = node.hub().backbone_unacknowledged() + node.hub().unreleased() as u64;
         if node.connection_count() == 0 && pending == 0 {
             break;
         }
@@ -175,23 +176,17 @@ impl tokio::io::AsyncWrite for Counted {
 /// Hands replicated messages to the hub (weakly: the node owns the backbone).
 struct HubSink(Weak<Node>);
 
-/// After a restart, own messages logged this long before are offered to the peers again
-/// (what was in flight when the node died).
-pub const RELAY_WITHIN: Duration = Duration::from_secs(30);
-/// At most this many per channel.
-pub const RELAY_MAX: usize = 10_000;
-
 impl Sink for HubSink {
     fn deliver(
         &self,
-        _origin: &NodeId,
+        origin: &NodeId,
         _channel: &ChannelName,
-        _epoch: Epoch,
-        _seq: Seq,
+        epoch: Epoch,
+        seq: Seq,
         payload: Bytes,
     ) {
         if let Some(node) = self.0.upgrade() {
-            node.hub().deliver_remote(&payload);
+            node.hub().deliver_remote(origin, epoch, seq, &payload);
         }
     }
 
@@ -216,17 +211,54 @@ impl Sink for HubSink {
         through: Option<Seq>,
     ) {
         let Some(node) = self.0.upgrade() else { return };
-        let logged = node.hub().store().is_some_and(|s| s.keeps(channel.as_str()));
-        if through.is_none() && logged {
-            // The origin restarted: it relays what it logged of its previous run (see
-            // `Hub::relay_recent`), so nothing acknowledged is missing.
-            debug!(%origin, %channel, %epoch, %after, "origin restarted; its log repairs the stream");
-            return;
-        }
         warn!(%origin, %channel, %epoch, %after, ?through, "replication discontinuity");
-        node.hub().discontinuity(channel, origin.as_str(), epoch.0, after.0);
+        node.hub().discontinuity(channel, origin.as_str(), epoch.0, after.0, through.map(|s| s.0));
     }
 }
+
+/// What the durable log tells the backbone after a restart (see
+/// [`tern_backbone::core::Replica::restore`]): this node's newest messages of each history
+/// channel (at most `retention` of the newest log rows per channel, and `retention_bytes`
+/// in all), and how far it got in every other origin's.
+fn restored(
+    store: &crate::store::Store,
+    me: &NodeId,
+    retention: usize,
+    retention_bytes: usize,
+) -> tern_backbone::core::Restored {
+    use tern_backbone::core::{OwnLog, Restored};
+    let mut out = Restored::default();
+    let positions = store.all_positions().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the logged positions; peers resend what they hold");
+        Vec::new()
+    });
+    let mut bytes = 0;
+    for p in positions.into_iter().filter(|p| store.keeps(&p.channel)) {
+        let Ok(channel) = ChannelName::parse(&p.channel) else { continue };
+        if p.origin == me.as_str() {
+            let entries = if bytes < retention_bytes {
+                store
+                    .origin_tail(&p.channel, me.as_str(), p.epoch, p.seq, retention)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            bytes += entries.iter().map(|(_, b)| b.len()).sum::<usize>();
+            out.own.push(OwnLog {
+                channel,
+                epoch: Epoch(p.epoch),
+                last: Seq(p.seq),
+                entries: entries.into_iter().map(|(s, b)| (Seq(s), b)).collect(),
+            });
+        } else if let Ok(origin) = NodeId::parse(&p.origin) {
+            out.positions.push((origin, channel, Epoch(p.epoch), Seq(p.seq)));
+        }
+    }
+    out
+}
+
+/// How often messages held for their publisher's order are checked for `order_wait`.
+const HOLD_CHECK: Duration = Duration::from_millis(200);
 
 impl Server {
     /// Binds the client port, and starts the backbone when configured. `shutdown` stops the
@@ -273,6 +305,19 @@ impl Server {
             Some(store)
         };
         let node = Node::new(settings, shutdown, store)?;
+        if let Some(store) = node.hub().store().cloned() {
+            // Messages of history channels are delivered once their log write is committed.
+            // Not tracked: it ends when the store closes, after the connections.
+            let weak = Arc::downgrade(&node);
+            let mut committed = store.committed();
+            tokio::spawn(async move {
+                while committed.changed().await.is_ok() {
+                    let ticket = *committed.borrow_and_update();
+                    let Some(node) = weak.upgrade() else { break };
+                    node.hub().release(ticket);
+                }
+            });
+        }
         if let Some(b) = node.settings().config.backbone.clone() {
             let config = BackboneConfig {
                 listen: b.listen,
@@ -299,18 +344,40 @@ impl Server {
                                 .map(|n| n.name.clone()),
                         )
                         .collect(),
+                    // History namespaces keep a log on every node: a node that restarts with
+                    // it continues where it left off (see `Replica::restore`).
+                    durable: node
+                        .settings()
+                        .config
+                        .history
+                        .namespaces
+                        .iter()
+                        .map(|n| n.name.clone())
+                        .collect(),
                     interest_grace: b.interest_grace,
                     interest_wait: b.interest_wait,
                     ..Default::default()
                 },
             };
+            let me = node.settings().node.clone();
+            let restored = node.hub().store().map_or_else(Default::default, |s| {
+                restored(s, &me, b.retention, b.retention_bytes)
+            });
+            if !restored.own.is_empty() || !restored.positions.is_empty() {
+                info!(
+                    channels = restored.own.len(),
+                    positions = restored.positions.len(),
+                    "backbone continues from the log"
+                );
+            }
             let sink = Arc::new(HubSink(Arc::downgrade(&node)));
             // The backbone outlives the client connections at shutdown: it stops once the
             // peers have what this node acknowledged (see `drain_backbone`).
             let backbone_stop = CancellationToken::new();
             let backbone = Backbone::start(
-                node.settings().node.clone(),
+                me,
                 node.hub().epoch(),
+                restored,
                 config,
                 sink,
                 backbone_stop.clone(),
@@ -318,13 +385,6 @@ impl Server {
             )?;
             node.tracker().spawn(drain_backbone(node.clone(), backbone_stop));
             node.hub().set_backbone(backbone);
-            let relayed = node.hub().relay_recent(RELAY_WITHIN, RELAY_MAX);
-            if relayed > 0 {
-                tracing::info!(
-                    relayed,
-                    "own messages of the previous run offered to the peers again"
-                );
-            }
         }
         Ok(Self { node, listener, tls })
     }
@@ -375,6 +435,19 @@ impl Server {
                             debug!(ids = swept.ids, tails = swept.tails, "idle channel memory released");
                         }
                     }
+                }
+            }
+        });
+        // Replicated messages held for their publisher's order go after `order_wait`.
+        let holder = node.clone();
+        let stop = shutdown.clone();
+        node.tracker().spawn(async move {
+            let mut tick = tokio::time::interval(HOLD_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => holder.hub().release_expired(std::time::Instant::now()),
                 }
             }
         });

@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
+use crate::channel::order::OrderReady;
 use crate::fanout::{self, Outbox, OutboxReceiver, Outgoing};
 use crate::node::{Admission, Node};
 use crate::publish::{self, PublishRequest};
@@ -84,7 +85,21 @@ struct Session {
     namespace_publishes: Vec<(usize, TokenBucket)>,
     /// History reads of this connection in flight (`limits.history_reads_per_connection`).
     history_reads: Arc<std::sync::atomic::AtomicUsize>,
+    /// Publishes waiting until the node caught up with the node that sequenced the
+    /// publisher's earlier messages (`Publish.after`, see `crate::channel::order`), in
+    /// order; later publishes of the same channel wait behind them.
+    parked: VecDeque<Parked>,
 }
+
+/// A publish waiting for its publisher's order.
+struct Parked {
+    publish: client::Publish,
+    /// Refused with `UNAVAILABLE` past this.
+    deadline: Instant,
+}
+
+/// How often parked publishes check whether they can go.
+const PARKED_CHECK: Duration = Duration::from_millis(10);
 
 /// An ack waiting for its message to be durable enough.
 struct PendingAck {
@@ -158,6 +173,7 @@ async fn run_inner<S>(
         publishes: TokenBucket::new(cfg.limits.publish_rate, cfg.limits.publish_burst),
         namespace_publishes: Vec::new(),
         history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        parked: VecDeque::new(),
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -169,6 +185,8 @@ async fn run_inner<S>(
     let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    let mut parked_tick = tokio::time::interval(PARKED_CHECK);
+    parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let connect_deadline = sleep_until(Instant::now() + cfg.timeouts.connect);
     tokio::pin!(connect_deadline);
     // Deliveries handled since the socket was last read.
@@ -242,6 +260,10 @@ async fn run_inner<S>(
                 }
             }, if session.acks.front().is_some_and(|a| a.replicated.is_some()) => {
                 session.flush_acks();
+                Ok(())
+            }
+            _ = parked_tick.tick(), if !session.parked.is_empty() => {
+                session.retry_parked();
                 Ok(())
             }
             (id, timed_out, result) = async {
@@ -845,7 +867,34 @@ impl Session {
             let reason = "this node has no backbone: no other region can hold the message".into();
             return self.reply(nack(ErrorCode::Unsupported, reason, 0));
         }
-        let req = PublishRequest { channel: p.channel, id: p.id, name: p.name, data: p.data };
+        if let Err(reason) = publish::check_after(p.after.as_ref()) {
+            return self.reply(nack(ErrorCode::InvalidArgument, reason, 0));
+        }
+        // A publisher that moved here: its earlier messages come first (see
+        // `crate::channel::order`). Behind a parked publish, wait too (acks keep order).
+        let must_wait = !self.parked.is_empty()
+            || p.after
+                .as_ref()
+                .is_some_and(|a| self.node.hub().order_ready(&channel, a) != OrderReady::Ready);
+        if must_wait {
+            let deadline = Instant::now() + self.cfg().limits.publish_order_wait;
+            self.parked.push_back(Parked { publish: p, deadline });
+            return;
+        }
+        self.sequence(p, client_id);
+    }
+
+    /// Publishes a validated publish that may be sequenced now, and queues its ack.
+    fn sequence(&mut self, p: client::Publish, client_id: &str) {
+        let (request_id, channel) = (p.request_id, p.channel.clone());
+        let replicated = p.durability == client::Durability::Replicated as i32;
+        let req = PublishRequest {
+            channel: p.channel,
+            id: p.id.clone(),
+            name: p.name,
+            data: p.data,
+            after: p.after,
+        };
         match publish::publish(&self.node, req, client_id) {
             Ok(a) => {
                 // The ack waits until the message is in the history log, if it goes there,
@@ -859,8 +908,61 @@ impl Session {
                 });
                 self.flush_acks();
             }
-            Err(e) => self.reply(nack(e.code(), e.to_string(), 0)),
+            Err(e) => self.reply(server_frame::Kind::Nack(Nack {
+                request_id,
+                channel,
+                message_id: p.id,
+                code: e.code() as i32,
+                reason: e.to_string(),
+                retry_after_ms: 0,
+            })),
         }
+    }
+
+    /// Publishes the parked publishes that may go now, in order (acks keep publish order,
+    /// so everything behind one still waiting waits too); refuses with `UNAVAILABLE` those
+    /// that waited `limits.publish_order_wait`, and the later ones of their channel, which
+    /// must not overtake them.
+    fn retry_parked(&mut self) {
+        let Some(client_id) = self.client_id.clone() else { return };
+        let now = Instant::now();
+        let mut refused: Vec<(String, String)> = Vec::new();
+        while let Some(w) = self.parked.pop_front() {
+            let channel = w.publish.channel.clone();
+            if let Some((_, reason)) = refused.iter().find(|(c, _)| *c == channel) {
+                let reason = reason.clone();
+                self.refuse_parked(w.publish, reason);
+                continue;
+            }
+            let ready = w
+                .publish
+                .after
+                .as_ref()
+                .map_or(OrderReady::Ready, |a| self.node.hub().order_ready(&channel, a));
+            match ready {
+                OrderReady::Ready => self.sequence(w.publish, &client_id),
+                OrderReady::Wait(reason) if now >= w.deadline => {
+                    refused.push((channel, reason.clone()));
+                    self.refuse_parked(w.publish, reason);
+                }
+                OrderReady::Wait(_) => {
+                    self.parked.push_front(w);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn refuse_parked(&mut self, p: client::Publish, reason: String) {
+        let wait = self.cfg().limits.publish_order_wait;
+        self.reply(server_frame::Kind::Nack(Nack {
+            request_id: p.request_id,
+            channel: p.channel,
+            message_id: p.id,
+            code: ErrorCode::Unavailable as i32,
+            reason: format!("not sequenced within {wait:?}: {reason}; retry with the same id"),
+            retry_after_ms: 1000,
+        }));
     }
 
     /// Takes a publish token for `channel` (its namespace's bucket, if it has its own rate).

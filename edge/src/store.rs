@@ -35,6 +35,10 @@ use tern_proto::types::ChannelName;
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
 /// Node-wide values (the log epoch).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (channel, origin) → (origin epoch, origin sequence) of the newest message of that origin
+/// in the channel's log, written in the same transaction as the log rows: after a restart
+/// the node knows exactly which messages it holds, so nothing is appended or delivered twice.
+const POSITIONS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("positions");
 
 /// When groups are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +116,32 @@ struct Entry {
     offset: u64,
     timestamp_ms: u64,
     message: Bytes,
+    /// The message's origin identity (for [`POSITIONS`]).
+    origin: Identity,
+}
+
+/// A message's origin identity: origin node, its epoch and sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Origin node id.
+    pub origin: tern_proto::types::NodeId,
+    /// Origin epoch.
+    pub epoch: u64,
+    /// Origin sequence.
+    pub seq: u64,
+}
+
+/// The newest logged message of one origin in one channel (see [`Store::positions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedPosition {
+    /// The channel.
+    pub channel: String,
+    /// The origin node id.
+    pub origin: String,
+    /// Origin epoch.
+    pub epoch: u64,
+    /// Origin sequence.
+    pub seq: u64,
 }
 
 /// One stored message.
@@ -201,6 +231,7 @@ impl Store {
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(LOG).map_err(db_err)?;
         txn.open_table(META).map_err(db_err)?;
+        txn.open_table(POSITIONS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         let (tx, rx) = sync_channel(options.queue.max(1));
         let namespaces = Arc::new(options.namespaces);
@@ -311,10 +342,17 @@ impl Store {
         self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a message for the log and returns its ticket: it is logged once
-    /// [`Store::committed`] reaches the ticket. Waits only when the writer is `queue`
-    /// entries behind (back-pressure; nothing is dropped). `None` if the writer is gone.
-    pub fn append(&self, channel: &ChannelName, offset: u64, message: Bytes) -> Option<u64> {
+    /// Queues a message (whose origin identity is `origin`) for the log and returns its
+    /// ticket: it is logged once [`Store::committed`] reaches the ticket. Waits only when the
+    /// writer is `queue` entries behind (back-pressure; nothing is dropped). `None` if the
+    /// writer is gone.
+    pub fn append(
+        &self,
+        channel: &ChannelName,
+        offset: u64,
+        message: Bytes,
+        origin: Identity,
+    ) -> Option<u64> {
         let mut tx = self.lock_tx();
         let ticket = tx.1 + 1;
         let entry = Msg::Append(Entry {
@@ -323,6 +361,7 @@ impl Store {
             offset,
             timestamp_ms: now_ms(),
             message,
+            origin,
         });
         let sent = match tx.0.try_send(entry) {
             Ok(()) => true,
@@ -334,6 +373,87 @@ impl Store {
         }
         tx.1 = ticket;
         Some(ticket)
+    }
+
+    /// Per origin, the newest message of `channel` its log holds (see [`POSITIONS`]).
+    pub fn positions(&self, channel: &str) -> Result<Vec<LoggedPosition>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_err)?;
+        let table = txn.open_table(POSITIONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.range((channel, "")..).map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let (c, origin) = k.value();
+            if c != channel {
+                break;
+            }
+            let (epoch, seq) = v.value();
+            out.push(LoggedPosition {
+                channel: c.to_owned(),
+                origin: origin.to_owned(),
+                epoch,
+                seq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// [`Store::positions`] of every channel.
+    pub fn all_positions(&self) -> Result<Vec<LoggedPosition>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_err)?;
+        let table = txn.open_table(POSITIONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let (channel, origin) = k.value();
+            let (epoch, seq) = v.value();
+            out.push(LoggedPosition {
+                channel: channel.to_owned(),
+                origin: origin.to_owned(),
+                epoch,
+                seq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `origin`'s newest messages of `epoch` in `channel`'s log, oldest first, reading at
+    /// most `max_rows` of the newest rows: the run that ends at `last` (contiguous
+    /// sequences), as the backbone resends them after a restart.
+    pub fn origin_tail(
+        &self,
+        channel: &str,
+        origin: &str,
+        epoch: u64,
+        last: u64,
+        max_rows: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+        let q = Query {
+            from: None,
+            to: None,
+            since_ms: None,
+            until_ms: None,
+            limit: max_rows,
+            backwards: true,
+        };
+        let mut out = Vec::new();
+        let mut expect = last;
+        for row in self.read(channel, q)? {
+            let Ok(m) =
+                <tern_proto::client::Message as prost::Message>::decode(row.message.as_slice())
+            else {
+                continue;
+            };
+            if m.origin != origin || m.origin_epoch != epoch {
+                continue;
+            }
+            if m.origin_seq != expect || expect == 0 {
+                break;
+            }
+            out.push((expect, Bytes::from(row.message)));
+            expect -= 1;
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Every channel with a log (in name order).
@@ -468,12 +588,15 @@ fn writer(
                 return Err(StoreError::Db("injected write failure (test hook)".into()));
             }
             let mut txn = db.begin_write()?;
-            txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
+            // `Eventual`: committed without an fsync. It survives a crash of the process
+            // (the operating system holds the write), not one of the machine.
+            txn.set_durability(if durable { Durability::Immediate } else { Durability::Eventual });
             {
                 let mut log = txn.open_table(LOG)?;
                 for e in &group {
                     touched.insert(e.channel.clone(), e.offset);
                 }
+                insert_positions(&mut txn.open_table(POSITIONS)?, &group)?;
                 insert_all(&mut log, &mut group)?;
                 if trim {
                     let now = now_ms();
@@ -548,9 +671,27 @@ impl Outcome {
 /// Writes `group` in one transaction (durably when `durable`).
 fn commit_group(db: &Database, group: &mut Vec<Entry>, durable: bool) -> Result<(), StoreError> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(if durable { Durability::Immediate } else { Durability::None });
+    txn.set_durability(if durable { Durability::Immediate } else { Durability::Eventual });
+    insert_positions(&mut txn.open_table(POSITIONS)?, group)?;
     insert_all(&mut txn.open_table(LOG)?, group)?;
     txn.commit()?;
+    Ok(())
+}
+
+/// Records, per (channel, origin), the newest message of `group` (see [`POSITIONS`]).
+fn insert_positions(
+    table: &mut redb::Table<(&'static str, &'static str), (u64, u64)>,
+    group: &[Entry],
+) -> Result<(), StoreError> {
+    let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
+    for e in group {
+        let key = (e.channel.as_str(), e.origin.origin.as_str());
+        let at = (e.origin.epoch, e.origin.seq);
+        newest.entry(key).and_modify(|v| *v = (*v).max(at)).or_insert(at);
+    }
+    for (key, at) in newest {
+        table.insert(key, at)?;
+    }
     Ok(())
 }
 

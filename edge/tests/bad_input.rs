@@ -406,7 +406,7 @@ async fn impostor(c: &common::Cluster) -> Result<(), String> {
     };
     let mut bytes = tern_backbone::wire::encode(&data(u64::MAX)).to_vec();
     for k in 0..20_000u64 {
-        bytes.extend_from_slice(&tern_backbone::wire::encode(&data(1 << 40 | k * 7919)));
+        bytes.extend_from_slice(&tern_backbone::wire::encode(&data((1 << 40) | (k * 7919))));
     }
     // A length prefix far over the frame limit.
     bytes.extend_from_slice(&u32::MAX.to_be_bytes());

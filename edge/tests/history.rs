@@ -16,8 +16,8 @@ fn data_dir(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tern-history-{tag}-{}-{nanos}", std::process::id()))
 }
 
-async fn node(dir: &PathBuf, max_messages: u64) -> TestNode {
-    let dir = dir.clone();
+async fn node(dir: &std::path::Path, max_messages: u64) -> TestNode {
+    let dir = dir.to_path_buf();
     TestNode::start(move |cfg| {
         cfg.history.data_dir = dir;
         cfg.history.namespaces = vec![HistoryNamespace {

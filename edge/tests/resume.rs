@@ -19,8 +19,8 @@ fn data_dir(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tern-resume-{tag}-{}-{nanos}", std::process::id()))
 }
 
-fn history(cfg: &mut tern_edge::Config, dir: &PathBuf, max_messages: u64) {
-    cfg.history.data_dir = dir.clone();
+fn history(cfg: &mut tern_edge::Config, dir: &std::path::Path, max_messages: u64) {
+    cfg.history.data_dir = dir.to_path_buf();
     cfg.history.namespaces = vec![HistoryNamespace {
         name: "log".into(),
         max_messages,

@@ -63,7 +63,7 @@ async fn clients_connect_over_wss_and_messages_flow() {
     let tls = options.tls.clone().unwrap();
     let regions = tern_client::nearest::regions_with(&url, WAIT, &tls).await.unwrap();
     assert!(regions[0].url.starts_with("wss://"), "{regions:?}");
-    let ranked = tern_client::nearest::rank_with(&[url.clone()], 2, WAIT, &tls).await;
+    let ranked = tern_client::nearest::rank_with(std::slice::from_ref(&url), 2, WAIT, &tls).await;
     assert!(ranked[0].rtt.is_some(), "probed over TLS: {ranked:?}");
     let nearest = Client::connect_nearest(&url, options).await.unwrap();
     nearest.publish("chat:tls", "nearest").await.unwrap();

@@ -18,7 +18,7 @@ fn position() -> impl Strategy<Value = Option<Position>> {
     )
 }
 fn code() -> impl Strategy<Value = i32> {
-    (0i32..=11).prop_map(|c| c)
+    (0i32..=13).prop_map(|c| c)
 }
 fn message_data() -> impl Strategy<Value = Option<message::Data>> {
     prop_oneof![
@@ -28,19 +28,14 @@ fn message_data() -> impl Strategy<Value = Option<message::Data>> {
     ]
 }
 fn message() -> impl Strategy<Value = Message> {
-    (s(), s(), s(), message_data(), s(), s(), any::<u64>(), any::<u64>(), position(), any::<u64>())
+    (
+        (s(), s(), s(), message_data(), s(), s()),
+        (any::<u64>(), any::<u64>(), position(), any::<u64>(), after()),
+    )
         .prop_map(
             |(
-                channel,
-                id,
-                name,
-                data,
-                client_id,
-                origin,
-                origin_epoch,
-                origin_seq,
-                position,
-                timestamp_ms,
+                (channel, id, name, data, client_id, origin),
+                (origin_epoch, origin_seq, position, timestamp_ms, after),
             )| Message {
                 channel,
                 id,
@@ -52,19 +47,25 @@ fn message() -> impl Strategy<Value = Message> {
                 origin_seq,
                 position,
                 timestamp_ms,
+                after,
             },
         )
 }
 
+fn origin() -> impl Strategy<Value = OriginPosition> {
+    (s(), any::<u64>(), any::<u64>()).prop_map(|(origin, epoch, seq)| OriginPosition {
+        origin,
+        epoch,
+        seq,
+    })
+}
+
+fn after() -> impl Strategy<Value = Option<OriginPosition>> {
+    prop_oneof![Just(None), origin().prop_map(Some)]
+}
+
 fn origins() -> impl Strategy<Value = Vec<OriginPosition>> {
-    proptest::collection::vec(
-        (s(), any::<u64>(), any::<u64>()).prop_map(|(origin, epoch, seq)| OriginPosition {
-            origin,
-            epoch,
-            seq,
-        }),
-        0..3,
-    )
+    proptest::collection::vec(origin(), 0..3)
 }
 
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
@@ -115,9 +116,9 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
             request_id,
             channel
         })),
-        (any::<u32>(), s(), s(), s(), publish_data, 0..2i32).prop_map(
-            |(request_id, channel, id, name, data, durability)| {
-                Kind::Publish(Publish { request_id, channel, id, name, data, durability })
+        (any::<u32>(), s(), s(), s(), publish_data, 0..2i32, after()).prop_map(
+            |(request_id, channel, id, name, data, durability, after)| {
+                Kind::Publish(Publish { request_id, channel, id, name, data, durability, after })
             }
         ),
         any::<u64>().prop_map(|nonce| Kind::Heartbeat(Heartbeat { nonce })),
@@ -199,19 +200,28 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             request_id,
             channel
         })),
-        (any::<u32>(), s(), s(), any::<u64>(), position(), any::<u64>(), any::<bool>()).prop_map(
-            |(request_id, channel, message_id, origin_seq, position, timestamp_ms, duplicate)| {
-                Kind::Ack(Ack {
-                    request_id,
-                    channel,
-                    message_id,
-                    origin_seq,
-                    position,
-                    timestamp_ms,
-                    duplicate,
-                })
-            }
-        ),
+        (
+            (any::<u32>(), s(), s(), any::<u64>(), position()),
+            (any::<u64>(), any::<bool>(), s(), any::<u64>())
+        )
+            .prop_map(
+                |(
+                    (request_id, channel, message_id, origin_seq, position),
+                    (timestamp_ms, duplicate, origin, origin_epoch),
+                )| {
+                    Kind::Ack(Ack {
+                        request_id,
+                        channel,
+                        message_id,
+                        origin_seq,
+                        position,
+                        timestamp_ms,
+                        duplicate,
+                        origin,
+                        origin_epoch,
+                    })
+                }
+            ),
         (any::<u32>(), s(), s(), code(), s(), any::<u32>()).prop_map(
             |(request_id, channel, message_id, code, reason, retry_after_ms)| {
                 Kind::Nack(Nack { request_id, channel, message_id, code, reason, retry_after_ms })

@@ -492,6 +492,7 @@ async fn start_edges(
     }
     let mut edges = Vec::new();
     let mut backbone_addrs = Vec::new();
+    let mut nodes = Vec::new();
     for (i, region) in regions.iter().enumerate() {
         let mut cfg = Config::default();
         // Every emulated client reaches the node from a loopback relay: one address.
@@ -522,6 +523,8 @@ async fn start_edges(
                 replicate_all: Vec::new(),
                 interest_grace: Duration::from_secs(120),
                 interest_wait: Duration::from_secs(5),
+                ready_wait: Duration::from_secs(10),
+                order_wait: Duration::from_secs(10),
                 peers: (0..n)
                     .filter(|&j| j != i)
                     .map(|j| PeerConfig {
@@ -536,6 +539,7 @@ async fn start_edges(
         let server = Server::bind(settings, shutdown.clone()).await.map_err(setup)?;
         backbone_addrs.push(server.backbone_addr());
         let url_addr = server.local_addr();
+        nodes.push(server.node().clone());
         let task = tokio::spawn(server.run());
         edges.push(Edge { region: region.clone(), url_addr, shutdown, task });
     }
@@ -546,11 +550,11 @@ async fn start_edges(
             relay.set_target(addr);
         }
     }
-    // Let the mesh come up before clients arrive (a first subscriber would wait for it).
-    if !relays.is_empty() {
-        let longest =
-            relays.keys().map(|(a, b)| rtt(&regions[*a], &regions[*b])).max().unwrap_or_default();
-        tokio::time::sleep(longest * 3 + Duration::from_millis(300)).await;
+    // Let the mesh come up before clients arrive: every node ready (`/readyz`: caught up
+    // with its reachable peers, or `backbone.ready_wait` passed). A node that is not ready
+    // answers the clients' nearest-edge probes with 503.
+    while !nodes.iter().all(|n| n.readiness().ready) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok((edges, cuts))

@@ -103,7 +103,9 @@ async fn regions_lists_the_configured_urls_or_the_node_itself() {
     assert_eq!((list[0].region.as_str(), list[0].url.clone()), ("solo", format!("ws://{addr}")));
     stop.cancel();
 
-    let mut bad = Config::default();
-    bad.regions = vec![RegionUrl { name: "x".into(), url: "ftp://h".into() }];
+    let bad = Config {
+        regions: vec![RegionUrl { name: "x".into(), url: "ftp://h".into() }],
+        ..Config::default()
+    };
     assert!(bad.validate().unwrap_err().to_string().contains("regions.url"));
 }

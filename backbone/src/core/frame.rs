@@ -70,6 +70,9 @@ pub enum Frame {
         /// Whether the sender received the recipient's `Hello` since the link came up; if
         /// not, the recipient sends it again.
         greeted: bool,
+        /// Whether the recipient acknowledged everything of the sender's it lacked at its
+        /// `Hello`: it caught up with the sender (readiness after a restart).
+        caught_up: bool,
     },
     /// One message. Keeps its origin identity wherever it travels.
     Data {
@@ -103,6 +106,21 @@ pub enum Frame {
         from: Seq,
         /// Last missing sequence.
         to: Seq,
+    },
+    /// The origin's `epoch` of `channel` ended at `last` (after a restart with its log): a
+    /// recipient that delivered up to `last` continues in `next` without a discontinuity
+    /// (one behind asks for the rest first). `last: None`: the origin lost the rest of that
+    /// epoch (restarted without its log); the recipient reports it and moves on to `next`.
+    /// Sent on the channel's lane, ahead of the next epoch's data.
+    End {
+        /// The channel.
+        channel: ChannelName,
+        /// The epoch that ended.
+        epoch: Epoch,
+        /// Its last sequence, if the origin still knows it.
+        last: Option<Seq>,
+        /// The epoch that follows.
+        next: Epoch,
     },
     /// The origin no longer holds anything up to `through` of `channel`: the recipient must
     /// skip it and report a discontinuity.

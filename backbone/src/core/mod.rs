@@ -26,4 +26,4 @@ mod frame;
 mod replica;
 
 pub use frame::{Frame, Have, Want};
-pub use replica::{Config, Event, Persisted, Replica};
+pub use replica::{Config, END_WAIT, Event, OwnLog, PeerState, Replica, Restored, StreamPos};

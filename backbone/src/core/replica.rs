@@ -36,6 +36,12 @@ pub struct Config {
     /// history, so history and cross-region resume are served locally). `"*"` means every
     /// channel. Every node of a mesh must use the same set.
     pub replicate_all: BTreeSet<String>,
+    /// Namespaces whose channels every node keeps in a durable log (the history
+    /// namespaces). A node that restarts with its log offers its peers the rest of its
+    /// previous epoch of these channels from the log and then ends that epoch (`End`), so
+    /// they continue without a discontinuity; a peer waits for that `End` before it takes
+    /// the new epoch. Every node of a mesh must use the same set.
+    pub durable: BTreeSet<String>,
     /// How long a node keeps receiving a channel after its last local subscriber left, so a
     /// subscriber that returns (or resumes) within it misses nothing.
     pub interest_grace: Duration,
@@ -55,26 +61,41 @@ impl Default for Config {
             send_window: 8192,
             heartbeat: Duration::from_secs(1),
             replicate_all: BTreeSet::new(),
+            durable: BTreeSet::new(),
             interest_grace: Duration::from_secs(120),
             interest_wait: Duration::from_secs(2),
         }
     }
 }
 
+/// Whether `set` names `channel`'s namespace (or holds `"*"`).
+fn names(set: &BTreeSet<String>, channel: &ChannelName) -> bool {
+    !set.is_empty() && (set.contains("*") || set.contains(channel.namespace()))
+}
+
 impl Config {
     /// Whether `channel` goes to every node regardless of interest.
     pub fn replicates_all(&self, channel: &ChannelName) -> bool {
-        !self.replicate_all.is_empty()
-            && (self.replicate_all.contains("*")
-                || self.replicate_all.contains(channel.namespace()))
+        names(&self.replicate_all, channel)
+    }
+
+    /// Whether nodes keep `channel` in a durable log (its epochs end with `End`).
+    pub fn is_durable(&self, channel: &ChannelName) -> bool {
+        names(&self.durable, channel)
     }
 }
+
+/// How long a receiver that is still in an origin's earlier epoch of a durable channel
+/// (waiting for the origin's `End`, see [`Config::durable`]) drops data of the new epoch
+/// without any progress in the old one before it gives up waiting: it then reports the rest
+/// of the old epoch as a discontinuity and takes the new one.
+pub const END_WAIT: Duration = Duration::from_secs(5);
 
 /// What the core reports to the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Deliver a replicated message to local subscribers. Per (origin, channel, epoch),
-    /// sequences come strictly in order, each once.
+    /// Deliver a replicated message to local subscribers. Per (origin, channel), sequences
+    /// come strictly in order, each once, and an origin's epochs one after the other.
     Deliver {
         /// Origin node.
         origin: NodeId,
@@ -179,6 +200,15 @@ impl OriginLog {
     }
 }
 
+/// A durable channel's messages from this node's previous epoch, read back from the log
+/// after a restart, for peers that were still in that epoch: they get its rest, then `End`,
+/// then the current epoch.
+#[derive(Debug, Clone)]
+struct Past {
+    epoch: Epoch,
+    log: OriginLog,
+}
+
 /// The byte budget of all origin logs: which message of which channel is oldest.
 #[derive(Debug, Clone, Default)]
 struct LogBudget {
@@ -196,6 +226,9 @@ struct LogBudget {
 struct Recv {
     epoch: Epoch,
     delivered: u64,
+    /// Where this node's stream began (its `Start`, or the position it had when restored):
+    /// the origin's messages up to it never come.
+    start: u64,
     /// Out-of-order messages waiting for the gap before them (or, before the stream
     /// started, for the origin's `Start`).
     held: BTreeMap<u64, Bytes>,
@@ -204,6 +237,12 @@ struct Recv {
     started: bool,
     /// When the pending interest was last sent to the origin.
     asked: Option<Instant>,
+    /// The origin ended `epoch` at this sequence (`End`); once delivered up to it, the
+    /// stream continues in the next epoch.
+    end: Option<(u64, Epoch)>,
+    /// Since when data of a newer epoch is dropped, waiting for the origin's `End` of this
+    /// one (reset by progress here).
+    waiting_since: Option<Instant>,
 }
 
 impl Recv {
@@ -211,16 +250,35 @@ impl Recv {
         Self {
             epoch,
             delivered,
+            start: delivered,
             held: BTreeMap::new(),
             last_nack: None,
             started: true,
             asked: None,
+            end: None,
+            waiting_since: None,
         }
     }
 
     fn pending(asked: Option<Instant>) -> Self {
         Self { started: false, asked, ..Self::started(Epoch(0), 0) }
     }
+
+    /// The first sequence missing before `end`, when this epoch is ending: (from, to).
+    fn missing_before_end(&self) -> Option<(u64, u64)> {
+        let (last, _) = self.end?;
+        let to = self.held.keys().next().map_or(last, |first| first - 1).min(last);
+        (self.delivered < to).then_some((self.delivered + 1, to))
+    }
+}
+
+/// Where a peer is in this node's past epoch of a channel.
+#[derive(Debug, Clone, Copy)]
+struct PastOut {
+    acked: u64,
+    sent: u64,
+    /// `End` sent since the peer last made progress.
+    end_sent: bool,
 }
 
 /// What one peer receives of one of this node's channels.
@@ -239,12 +297,29 @@ struct Out {
     retries: u32,
     /// Highest sequence sent at least once (at least `acked`).
     sent: u64,
+    /// While the peer is still in the channel's past epoch (see [`Past`]): its progress
+    /// there. The current epoch waits until it moved on.
+    past: Option<PastOut>,
 }
 
 impl Out {
     /// A stream to a peer that has everything up to `acked`.
     fn new(acked: u64, generation: u64, now: Instant) -> Self {
-        Self { acked, progress_at: now, generation, start: acked, retries: 0, sent: acked }
+        Self {
+            acked,
+            progress_at: now,
+            generation,
+            start: acked,
+            retries: 0,
+            sent: acked,
+            past: None,
+        }
+    }
+
+    /// A stream to a peer still at `acked` of the channel's past epoch.
+    fn in_past(acked: u64, generation: u64, now: Instant) -> Self {
+        let past = Some(PastOut { acked, sent: acked, end_sent: false });
+        Self { past, ..Self::new(0, generation, now) }
     }
 }
 
@@ -262,6 +337,14 @@ struct Link {
     peer_epoch: Option<Epoch>,
     /// The channels the peer receives from this node, with its progress.
     out: BTreeMap<ChannelName, Out>,
+    /// What the peer lacked of this node's channels when its `Hello` came (the current
+    /// epoch's last sequence then, per channel); an entry leaves once the peer acknowledged
+    /// it. Empty (and greeted): the peer caught up, and the heartbeats say so.
+    catchup: BTreeMap<ChannelName, u64>,
+    /// The last heartbeat told the peer it caught up.
+    told_caught_up: bool,
+    /// The peer's heartbeats say this node caught up with it (since the link came up).
+    peer_caught_up: bool,
 }
 
 impl Link {
@@ -269,6 +352,18 @@ impl Link {
     /// least twice the measured round trip.
     fn rto(&self, config: &Config) -> Duration {
         config.rto.max(self.rtt * 2)
+    }
+
+    /// Whether the peer has everything it lacked at its `Hello`.
+    fn caught_up(&self) -> bool {
+        self.greeted && self.catchup.is_empty()
+    }
+
+    /// Forgets catch-up entries the peer passed (or no longer receives).
+    fn prune_catchup(&mut self) {
+        let out = &self.out;
+        self.catchup
+            .retain(|c, head| out.get(c).is_some_and(|o| o.past.is_some() || o.acked < *head));
     }
 }
 
@@ -282,13 +377,55 @@ struct Interest {
     ready_by: Option<Instant>,
 }
 
-/// The state that survives a restart when the node keeps its log.
-#[derive(Debug, Clone)]
-pub struct Persisted {
-    epoch: Epoch,
-    logs: BTreeMap<ChannelName, OriginLog>,
-    positions: BTreeMap<(NodeId, ChannelName), (Epoch, u64)>,
-    generation: u64,
+/// One durable channel's messages of this node, as its log holds them: the epoch they
+/// belong to (the last one with messages), its last sequence, and the newest messages
+/// (contiguous, ending at `last`; fewer, or none, when the log trimmed them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnLog {
+    /// The channel.
+    pub channel: ChannelName,
+    /// This node's epoch the messages belong to.
+    pub epoch: Epoch,
+    /// The last sequence of that epoch.
+    pub last: Seq,
+    /// Newest messages, oldest first.
+    pub entries: Vec<(Seq, Bytes)>,
+}
+
+/// What a node's durable log tells the replication core after a restart (see
+/// [`Replica::restore`]): its own messages of durable channels, and how far it got in each
+/// peer's replicate-all channels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Per durable channel, this node's messages of its last epoch with any.
+    pub own: Vec<OwnLog>,
+    /// (origin, channel, epoch, last sequence logged).
+    pub positions: Vec<(NodeId, ChannelName, Epoch, Seq)>,
+}
+
+/// Where this node is in an origin's stream of a channel (see [`Replica::stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPos {
+    /// The origin epoch (0 while the stream has not started).
+    pub epoch: Epoch,
+    /// The stream began after this sequence: the origin's messages up to it never come.
+    pub start: Seq,
+    /// Last sequence delivered.
+    pub delivered: Seq,
+}
+
+/// A peer link as the node reports it (`/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerState {
+    /// The peer.
+    pub peer: NodeId,
+    /// The link is up.
+    pub up: bool,
+    /// This node has everything the peer had for it when the link came up.
+    pub caught_up: bool,
+    /// How long the link has been down (since the core's first event, if it never came
+    /// up); `None` while up, or before anything happened.
+    pub down_for: Option<Duration>,
 }
 
 /// The replication core of one node. See the module docs for the data path.
@@ -298,6 +435,8 @@ pub struct Replica {
     epoch: Epoch,
     config: Config,
     logs: BTreeMap<ChannelName, OriginLog>,
+    /// Durable channels' messages of this node's previous epoch (after a restart).
+    past: BTreeMap<ChannelName, Past>,
     budget: LogBudget,
     recv: BTreeMap<(NodeId, ChannelName), Recv>,
     links: BTreeMap<NodeId, Link>,
@@ -328,11 +467,14 @@ impl Replica {
             epoch,
             config,
             logs: BTreeMap::new(),
+            past: BTreeMap::new(),
             budget: LogBudget::default(),
             recv: BTreeMap::new(),
             links,
             interest: BTreeMap::new(),
-            generation: 0,
+            // Interest generations grow across restarts too (peers ignore a generation
+            // older than one they answered).
+            generation: epoch.0,
             withdraw_due: BTreeSet::new(),
             ack_due: BTreeSet::new(),
             next_tick: None,
@@ -343,48 +485,77 @@ impl Replica {
         }
     }
 
-    /// A node restarted with its log: same epoch, sequences continue, positions of
-    /// replicate-all channels kept (a restarted node has no local subscribers, so it holds
-    /// no interest).
-    pub fn restore(me: NodeId, peers: &[NodeId], config: Config, state: Persisted) -> Self {
-        let mut r = Self::new(me, state.epoch, peers, config);
-        r.logs = state.logs;
-        // Oldest first across channels is unknown after a restore: by sequence, channel
-        // after channel, is a fair approximation.
-        let mut entries: Vec<(u64, ChannelName)> = Vec::new();
-        for (channel, log) in &r.logs {
-            for (seq, payload) in &log.entries {
-                r.budget.bytes += payload.len();
-                r.budget.held += 1;
-                entries.push((*seq, channel.clone()));
+    /// A node restarted with its durable log, in a new `epoch`: its messages of durable
+    /// channels from the last epoch that had any become that channel's past epoch, which
+    /// peers still in it get the rest of, then `End` (so they continue without a
+    /// discontinuity), and its positions in the peers' replicate-all channels are where it
+    /// left off (so peers resend only what it lacks, and nothing it logged comes twice). A
+    /// restarted node has no local subscribers, so it holds no interest. Own logs of
+    /// `epoch` itself, or whose entries do not end at their last sequence, are skipped.
+    pub fn restore(
+        me: NodeId,
+        epoch: Epoch,
+        peers: &[NodeId],
+        config: Config,
+        restored: Restored,
+    ) -> Self {
+        let mut r = Self::new(me, epoch, peers, config);
+        for own in restored.own {
+            if own.epoch >= epoch || own.last.0 == 0 {
+                continue;
+            }
+            let contiguous = own.entries.windows(2).all(|w| w[1].0.0 == w[0].0.0 + 1)
+                && own.entries.last().is_none_or(|(s, _)| *s == own.last);
+            let entries = if contiguous {
+                own.entries.into_iter().map(|(s, b)| (s.0, b)).collect()
+            } else {
+                VecDeque::new()
+            };
+            let log = OriginLog { last: own.last.0, entries };
+            r.past.insert(own.channel, Past { epoch: own.epoch, log });
+        }
+        for (origin, channel, e, seq) in restored.positions {
+            if origin != r.me && r.links.contains_key(&origin) && r.config.replicates_all(&channel)
+            {
+                r.recv.insert((origin, channel), Recv::started(e, seq.0));
             }
         }
-        entries.sort();
-        r.budget.order = entries.into_iter().map(|(seq, c)| (c, seq)).collect();
-        r.trim_logs();
-        r.generation = state.generation;
-        r.recv = state
-            .positions
-            .into_iter()
-            .filter(|((_, channel), _)| r.config.replicates_all(channel))
-            .map(|(k, (epoch, delivered))| (k, Recv::started(epoch, delivered)))
-            .collect();
         r
     }
 
-    /// The durable part of the state (what a node writes to its log).
-    pub fn persisted(&self) -> Persisted {
-        Persisted {
-            epoch: self.epoch,
-            logs: self.logs.clone(),
-            positions: self
-                .recv
-                .iter()
-                .filter(|(_, r)| r.started)
-                .map(|(k, r)| (k.clone(), (r.epoch, r.delivered)))
-                .collect(),
-            generation: self.generation,
+    /// What a durable log would hold of this node's replication state now, in the form
+    /// [`Replica::restore`] takes (the node builds it from its store; the fault suite takes
+    /// it from a running core to model a restart with the log): own messages of durable
+    /// channels, and positions in the peers' durable channels.
+    pub fn durable_state(&self) -> Restored {
+        let mut own = Vec::new();
+        for (channel, log) in &self.logs {
+            if self.config.is_durable(channel) && log.last > 0 {
+                own.push(OwnLog {
+                    channel: channel.clone(),
+                    epoch: self.epoch,
+                    last: Seq(log.last),
+                    entries: log.entries.iter().map(|(s, b)| (Seq(*s), b.clone())).collect(),
+                });
+            }
         }
+        for (channel, past) in &self.past {
+            if self.logs.get(channel).is_none_or(|l| l.last == 0) {
+                own.push(OwnLog {
+                    channel: channel.clone(),
+                    epoch: past.epoch,
+                    last: Seq(past.log.last),
+                    entries: past.log.entries.iter().map(|(s, b)| (Seq(*s), b.clone())).collect(),
+                });
+            }
+        }
+        let positions = self
+            .recv
+            .iter()
+            .filter(|((_, c), r)| r.started && self.config.is_durable(c))
+            .map(|((o, c), r)| (o.clone(), c.clone(), r.epoch, Seq(r.delivered)))
+            .collect();
+        Restored { own, positions }
     }
 
     /// This node's epoch.
@@ -397,9 +568,22 @@ impl Replica {
         &self.config
     }
 
-    /// Sequences a local publish and sends it to every reachable peer that wants the
-    /// channel. Returns its sequence.
-    pub fn publish(&mut self, now: Instant, channel: ChannelName, payload: Bytes) -> Seq {
+    /// The next sequence of `channel` (for callers that do not sequence themselves).
+    pub fn next_seq(&self, channel: &ChannelName) -> Seq {
+        Seq(self.logs.get(channel).map_or(0, |l| l.last) + 1)
+    }
+
+    /// Sequences a local publish itself (see [`Replica::publish`]).
+    pub fn publish_next(&mut self, now: Instant, channel: ChannelName, payload: Bytes) -> Seq {
+        let seq = self.next_seq(&channel);
+        self.publish(now, channel, seq, payload)
+    }
+
+    /// Logs a local publish that the node sequenced as `seq` (the next of the channel) and
+    /// sends it to every reachable peer that wants the channel. A `seq` further ahead
+    /// leaves the sequences in between unsent: peers that ask for them get `Gone`. One at
+    /// or below the last is ignored. Returns the sequence logged.
+    pub fn publish(&mut self, now: Instant, channel: ChannelName, seq: Seq, payload: Bytes) -> Seq {
         let retention = self.config.retention.max(1);
         // The budget keeps the log's own key: entries of one channel share one allocation,
         // which lets its compaction skip repeated lookups.
@@ -407,8 +591,19 @@ impl Replica {
             btree_map::Entry::Occupied(o) => (o.key().clone(), o.into_mut()),
             btree_map::Entry::Vacant(v) => (v.key().clone(), v.insert(OriginLog::default())),
         };
-        log.last += 1;
-        let seq = log.last;
+        let seq = seq.0;
+        if seq <= log.last {
+            return Seq(log.last);
+        }
+        if seq > log.last + 1 {
+            // Entries stay contiguous: what came before the hole is no longer offered.
+            for (_, old) in log.entries.drain(..) {
+                self.budget.bytes -= old.len();
+                self.budget.held -= 1;
+            }
+            log.last = seq - 1;
+        }
+        log.last = seq;
         log.entries.push_back((seq, payload.clone()));
         self.budget.bytes += payload.len();
         self.budget.held += 1;
@@ -423,11 +618,15 @@ impl Replica {
         let frame = self.data(&channel, seq, payload);
         let all = self.config.replicates_all(&channel);
         let window = self.config.send_window.max(1) as u64;
+        let has_past = self.past.contains_key(&channel);
         for (peer, link) in &mut self.links {
             if !link.up {
                 continue;
             }
-            let Some(out) = out_for(link, &channel, all, now) else { continue };
+            let Some(out) = out_for(link, &channel, all, has_past, now) else { continue };
+            if out.past.is_some() {
+                continue; // the current epoch follows once the peer left the past one
+            }
             // A peer that was caught up starts its retransmission clock now; one still
             // behind keeps its older clock, so the repair continues on time.
             if out.acked + 1 >= seq {
@@ -482,14 +681,21 @@ impl Replica {
     }
 
     /// Messages of this node's channels that peers whose links are up want and have not
-    /// acknowledged yet (a graceful shutdown waits for this to reach 0).
+    /// acknowledged yet, past epochs included (a graceful shutdown waits for this to
+    /// reach 0).
     pub fn unacknowledged(&self) -> u64 {
         self.links
             .values()
             .filter(|l| l.up)
             .flat_map(|l| &l.out)
             .map(|(channel, out)| {
-                self.logs.get(channel).map_or(0, |log| log.last.saturating_sub(out.acked))
+                let current =
+                    self.logs.get(channel).map_or(0, |log| log.last.saturating_sub(out.acked));
+                let past = match (out.past, self.past.get(channel)) {
+                    (Some(p), Some(past)) => past.log.last.saturating_sub(p.acked),
+                    _ => 0,
+                };
+                current + past
             })
             .sum()
     }
@@ -554,6 +760,49 @@ impl Replica {
         self.config.replicates_all(channel) || self.interest.contains_key(channel)
     }
 
+    /// Where this node is in `origin`'s stream of `channel`; `None` when it does not
+    /// receive that channel from `origin` (not a peer, or an interest-routed channel it does
+    /// not want). A replicate-all channel nothing arrived of yet is at epoch 0.
+    pub fn stream(&self, origin: &NodeId, channel: &ChannelName) -> Option<StreamPos> {
+        if !self.links.contains_key(origin) {
+            return None;
+        }
+        match self.recv.get(&(origin.clone(), channel.clone())) {
+            Some(r) if r.started => {
+                Some(StreamPos { epoch: r.epoch, start: Seq(r.start), delivered: Seq(r.delivered) })
+            }
+            Some(_) => Some(StreamPos { epoch: Epoch(0), start: Seq(0), delivered: Seq(0) }),
+            None if self.config.replicates_all(channel) => {
+                Some(StreamPos { epoch: Epoch(0), start: Seq(0), delivered: Seq(0) })
+            }
+            None => None,
+        }
+    }
+
+    /// Whether this node has everything `peer` had for it when their link (last) came up:
+    /// the link is up, the peer's `Hello` came, and the peer's heartbeats say its catch-up
+    /// is acknowledged.
+    pub fn caught_up_with(&self, peer: &NodeId) -> bool {
+        self.links.get(peer).is_some_and(|l| l.up && l.greeted && l.peer_caught_up)
+    }
+
+    /// Every peer link: up or not, caught up or not, and for how long it has been down.
+    pub fn peers(&self, now: Instant) -> Vec<PeerState> {
+        self.links
+            .iter()
+            .map(|(peer, l)| PeerState {
+                peer: peer.clone(),
+                up: l.up,
+                caught_up: l.up && l.greeted && l.peer_caught_up,
+                down_for: if l.up {
+                    None
+                } else {
+                    l.down_since.or(self.born).map(|t| now.saturating_duration_since(t))
+                },
+            })
+            .collect()
+    }
+
     fn data(&self, channel: &ChannelName, seq: u64, payload: Bytes) -> Frame {
         Frame::Data {
             origin: self.me.clone(),
@@ -582,6 +831,9 @@ impl Replica {
         link.up = true;
         link.greeted = false;
         link.down_since = None;
+        link.peer_caught_up = false;
+        link.told_caught_up = false;
+        link.catchup.clear();
         self.send_hello(now, peer);
         self.arm(now);
     }
@@ -629,6 +881,7 @@ impl Replica {
                 link.down_since = Some(now);
             }
             link.up = false;
+            link.peer_caught_up = false;
         }
         self.arm(now);
     }
@@ -641,9 +894,13 @@ impl Replica {
         self.arm(now);
         match frame {
             Frame::Hello { epoch, have, want } => self.on_hello(now, from, epoch, have, want),
-            Frame::Heartbeat { epoch, greeted } => {
+            Frame::Heartbeat { epoch, greeted, caught_up } => {
                 self.on_peer_epoch(from, epoch);
-                if !greeted && self.links.get(from).is_some_and(|l| l.up) {
+                let up = self.links.get(from).is_some_and(|l| l.up);
+                if let Some(link) = self.links.get_mut(from) {
+                    link.peer_caught_up = up && caught_up;
+                }
+                if !greeted && up {
                     self.send_hello(now, from); // ours was lost
                 }
             }
@@ -652,32 +909,21 @@ impl Replica {
                     self.on_data(now, origin, epoch, channel, seq.0, payload);
                 }
             }
-            Frame::Ack { channel, epoch, seq } => {
-                if epoch == self.epoch {
-                    let all = self.config.replicates_all(&channel);
-                    let link = self.links.get_mut(from).expect("checked above");
-                    if let Some(out) = out_for(link, &channel, all, now) {
-                        if seq.0 > out.acked {
-                            out.acked = seq.0;
-                            out.progress_at = now;
-                            out.retries = 0;
-                            self.fill(from, &channel);
-                            if from.region() != self.me.region() {
-                                self.events.push_back(Event::Replicated { channel, seq });
-                            }
-                        }
-                    }
-                }
-            }
+            Frame::Ack { channel, epoch, seq } => self.on_ack(now, from, channel, epoch, seq.0),
             Frame::Nack { channel, epoch, from: first, to } => {
+                let window = self.config.send_window.max(1) as u64;
+                let to = to.0.min(first.0.saturating_add(window - 1));
                 if epoch == self.epoch {
-                    let window = self.config.send_window.max(1) as u64;
-                    let to = to.0.min(first.0.saturating_add(window - 1));
                     self.resend(from, &channel, first.0, to);
+                } else if self.past.get(&channel).is_some_and(|p| p.epoch == epoch) {
+                    self.resend_past(from, &channel, first.0, to);
                 }
             }
             Frame::Gone { channel, epoch, through } => {
                 self.on_gone(from, channel, epoch, through.0)
+            }
+            Frame::End { channel, epoch, last, next } => {
+                self.on_end(from, channel, epoch, last.map(|s| s.0), next)
             }
             Frame::Interest { channel, generation, withdraw } => {
                 self.on_interest(now, from, channel, generation, withdraw)
@@ -688,25 +934,93 @@ impl Replica {
         }
     }
 
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        channel: ChannelName,
+        epoch: Epoch,
+        seq: u64,
+    ) {
+        let all = self.config.replicates_all(&channel);
+        let past = self.past.get(&channel).map(|p| p.epoch);
+        let link = self.links.get_mut(from).expect("checked by caller");
+        let Some(out) = out_for(link, &channel, all, past.is_some(), now) else { return };
+        let mut progressed = false;
+        let mut replicated = false;
+        if epoch == self.epoch {
+            // An ack in this epoch: the peer left the past one (`End` reached it).
+            progressed |= out.past.take().is_some();
+            if seq > out.acked {
+                out.acked = seq;
+                progressed = true;
+                replicated = from.region() != self.me.region();
+            }
+        } else if past == Some(epoch) {
+            if let Some(p) = out.past.as_mut().filter(|p| seq > p.acked) {
+                p.acked = seq;
+                p.end_sent = false;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            return;
+        }
+        out.progress_at = now;
+        out.retries = 0;
+        self.fill(from, &channel);
+        if replicated {
+            self.events.push_back(Event::Replicated { channel, seq: Seq(seq) });
+        }
+        self.check_caught_up(from);
+    }
+
+    /// Tells `peer` at once (in a heartbeat) when it has everything it lacked at its
+    /// `Hello`, so it need not wait for the next regular one.
+    fn check_caught_up(&mut self, peer: &NodeId) {
+        let Some(link) = self.links.get_mut(peer) else { return };
+        link.prune_catchup();
+        if link.up && link.caught_up() && !link.told_caught_up {
+            link.told_caught_up = true;
+            let frame = Frame::Heartbeat { epoch: self.epoch, greeted: true, caught_up: true };
+            self.transmit.push_back((peer.clone(), frame));
+        }
+    }
+
     /// A peer announced its epoch: if it is newer than what we hold of its channels, it
-    /// restarted without its log, and what we hold of its old epoch is finished.
+    /// restarted, and what we hold of its old epoch is finished — except for durable
+    /// channels, whose old epoch the peer ends itself (`End`) once it resent the rest from
+    /// its log.
     fn on_peer_epoch(&mut self, from: &NodeId, epoch: Epoch) {
         if let Some(link) = self.links.get_mut(from) {
             if link.peer_epoch.is_some_and(|e| e != epoch) {
                 // It lost what it had of our channels, and its interest: its Hello says
                 // what it wants now.
                 link.out.clear();
+                link.catchup.clear();
             }
             link.peer_epoch = Some(epoch);
         }
         let stale: Vec<ChannelName> = self
             .recv
             .iter()
-            .filter(|((origin, _), r)| origin == from && r.started && r.epoch < epoch)
+            .filter(|((origin, c), r)| {
+                origin == from && r.started && r.epoch < epoch && !self.config.is_durable(c)
+            })
             .map(|((_, c), _)| c.clone())
             .collect();
         for channel in stale {
             self.new_epoch(from.clone(), channel, epoch);
+        }
+    }
+
+    /// A fresh stream of `channel` to a peer that has nothing of it: from the start of the
+    /// past epoch when this node has one, else of the current epoch.
+    fn fresh_out(&self, channel: &ChannelName, generation: u64, now: Instant) -> Out {
+        if self.past.contains_key(channel) {
+            Out::in_past(0, generation, now)
+        } else {
+            Out::new(0, generation, now)
         }
     }
 
@@ -719,30 +1033,45 @@ impl Replica {
         want: Vec<Want>,
     ) {
         self.on_peer_epoch(from, epoch);
-        if let Some(link) = self.links.get_mut(from) {
-            link.greeted = true;
-        }
         let my_epoch = self.epoch;
         let last = |logs: &BTreeMap<ChannelName, OriginLog>, c: &ChannelName| {
             logs.get(c).map_or(0, |l| l.last)
         };
+        let mut first = Vec::new();
+        let mut outs = Vec::new();
+        for h in have {
+            if self.links[from].out.get(&h.channel).is_some_and(|o| o.generation > h.generation) {
+                continue;
+            }
+            let past = self.past.get(&h.channel);
+            let out = if h.epoch == my_epoch {
+                Out::new(h.delivered.0.min(last(&self.logs, &h.channel)), h.generation, now)
+            } else if let Some(p) = past.filter(|p| p.epoch == h.epoch) {
+                Out::in_past(h.delivered.0.min(p.log.last), h.generation, now)
+            } else {
+                // An epoch of ours this node no longer holds (it restarted without its log,
+                // or that epoch is older than the one it kept): it ended; the peer reports
+                // the rest as lost and follows from the next one this node has.
+                let next = past.filter(|p| p.epoch > h.epoch).map_or(my_epoch, |p| p.epoch);
+                let end =
+                    Frame::End { channel: h.channel.clone(), epoch: h.epoch, last: None, next };
+                first.push(end);
+                if next == my_epoch {
+                    Out::new(0, h.generation, now)
+                } else {
+                    Out::in_past(0, h.generation, now)
+                }
+            };
+            outs.push((h.channel, out));
+        }
+        let link = self.links.get_mut(from).expect("checked by caller");
+        link.greeted = true;
+        for (channel, out) in outs {
+            link.out.insert(channel, out);
+        }
         // Merged into what the peer already asked for: an `Interest` sent after this Hello
         // may have overtaken it. (Interests the peer dropped while the link was down are
         // withdrawn again when their data reaches it.)
-        let link = self.links.get_mut(from).expect("checked by caller");
-        let mut starts = Vec::new();
-        for h in have {
-            if link.out.get(&h.channel).is_some_and(|o| o.generation > h.generation) {
-                continue;
-            }
-            // A position in an older epoch of ours: we lost that log; start from 1.
-            let acked = if h.epoch == my_epoch {
-                h.delivered.0.min(last(&self.logs, &h.channel))
-            } else {
-                0
-            };
-            link.out.insert(h.channel, Out::new(acked, h.generation, now));
-        }
         for w in want {
             let after = match link.out.get(&w.channel) {
                 Some(o) if o.generation > w.generation => continue,
@@ -753,33 +1082,48 @@ impl Replica {
                     after
                 }
             };
-            starts.push(Frame::Start {
+            first.push(Frame::Start {
                 channel: w.channel,
                 epoch: my_epoch,
                 after: Seq(after),
                 generation: w.generation,
             });
         }
-        for channel in self.logs.keys() {
-            if self.config.replicates_all(channel) && !link.out.contains_key(channel) {
-                link.out.insert(channel.clone(), Out::new(0, 0, now));
-            }
+        let fresh: Vec<ChannelName> = self
+            .logs
+            .keys()
+            .chain(self.past.keys())
+            .filter(|c| self.config.replicates_all(c) && !self.links[from].out.contains_key(*c))
+            .cloned()
+            .collect();
+        for channel in fresh {
+            let out = self.fresh_out(&channel, 0, now);
+            self.links.get_mut(from).expect("checked").out.insert(channel, out);
         }
         // Whatever was in flight when the link dropped is lost: send again from each
         // peer position.
+        let link = self.links.get_mut(from).expect("checked by caller");
         for o in link.out.values_mut() {
             o.sent = o.acked;
+            if let Some(p) = o.past.as_mut() {
+                p.sent = p.acked;
+                p.end_sent = false;
+            }
         }
         let behind: Vec<ChannelName> = link
             .out
             .iter()
-            .filter(|(c, o)| o.acked < last(&self.logs, c))
+            .filter(|(c, o)| o.past.is_some() || o.acked < last(&self.logs, c))
             .map(|(c, _)| c.clone())
             .collect();
-        self.transmit.extend(starts.into_iter().map(|f| (from.clone(), f)));
+        // What the peer lacks now: once it acknowledged all of it, it caught up with us.
+        link.catchup = behind.iter().map(|c| (c.clone(), last(&self.logs, c))).collect();
+        link.told_caught_up = false;
+        self.transmit.extend(first.into_iter().map(|f| (from.clone(), f)));
         for channel in behind {
             self.fill(from, &channel);
         }
+        self.check_caught_up(from);
     }
 
     fn on_interest(
@@ -834,6 +1178,7 @@ impl Replica {
         }
         r.epoch = epoch;
         r.delivered = after;
+        r.start = after;
         r.started = true;
         r.asked = None;
         r.held = r.held.split_off(&(after + 1));
@@ -868,13 +1213,43 @@ impl Replica {
     }
 
     /// Sends `peer` the messages of `channel` it has not been sent yet, as far as its window
-    /// allows: what publishes held back, or a catch-up after the link returned.
+    /// allows: what publishes held back, or a catch-up after the link returned. A peer still
+    /// in the channel's past epoch gets the rest of it, then `End`.
     fn fill(&mut self, peer: &NodeId, channel: &ChannelName) {
         let window = self.config.send_window.max(1) as u64;
-        let Some(log) = self.logs.get(channel) else { return };
+        let past = self.past.get(channel).map(|p| (p.epoch, p.log.last));
+        let my_epoch = self.epoch;
         let Some(out) = self.links.get_mut(peer).and_then(|l| l.out.get_mut(channel)) else {
             return;
         };
+        if let Some(p) = out.past.as_mut() {
+            let Some((epoch, past_last)) = past else {
+                out.past = None;
+                return;
+            };
+            let first = p.sent.max(p.acked) + 1;
+            let last = past_last.min(p.acked + window);
+            let range = (first <= last).then_some((first, last));
+            if let Some((_, last)) = range {
+                p.sent = last;
+            }
+            let end = p.sent >= past_last && !p.end_sent;
+            p.end_sent |= end;
+            if let Some((first, last)) = range {
+                self.resend_past(peer, channel, first, last);
+            }
+            if end {
+                let frame = Frame::End {
+                    channel: channel.clone(),
+                    epoch,
+                    last: Some(Seq(past_last)),
+                    next: my_epoch,
+                };
+                self.transmit.push_back((peer.clone(), frame));
+            }
+            return;
+        }
+        let Some(log) = self.logs.get(channel) else { return };
         let first = out.sent.max(out.acked) + 1;
         let last = log.last.min(out.acked + window);
         if first > last {
@@ -888,24 +1263,14 @@ impl Replica {
     /// is announced with `Gone`.
     fn resend(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) {
         let Some(log) = self.logs.get(channel) else { return };
-        let last = last.min(log.last);
-        if first > last {
-            return;
-        }
-        let retained = log.first_retained();
-        let mut frames = Vec::new();
-        if first < retained {
-            frames.push(Frame::Gone {
-                channel: channel.clone(),
-                epoch: self.epoch,
-                through: Seq(retained - 1),
-            });
-        }
-        for seq in first.max(retained)..=last {
-            if let Some(p) = log.get(seq) {
-                frames.push(self.data(channel, seq, p.clone()));
-            }
-        }
+        let frames = resend_frames(&self.me, self.epoch, channel, log, first, last);
+        self.transmit.extend(frames.into_iter().map(|f| (peer.clone(), f)));
+    }
+
+    /// As [`Replica::resend`], from the channel's past epoch.
+    fn resend_past(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) {
+        let Some(past) = self.past.get(channel) else { return };
+        let frames = resend_frames(&self.me, past.epoch, channel, &past.log, first, last);
         self.transmit.extend(frames.into_iter().map(|f| (peer.clone(), f)));
     }
 
@@ -922,7 +1287,9 @@ impl Replica {
                 });
             }
         }
-        self.recv.insert(key, Recv::started(epoch, 0));
+        self.recv.insert(key.clone(), Recv::started(epoch, 0));
+        // Tells the origin at once where this node is now.
+        self.ack_due.insert(key);
     }
 
     fn on_data(
@@ -935,6 +1302,7 @@ impl Replica {
         payload: Bytes,
     ) {
         let key = (origin.clone(), channel.clone());
+        let durable = self.config.is_durable(&channel);
         match self.recv.get_mut(&key) {
             None if self.config.replicates_all(&channel) => {
                 self.recv.insert(key.clone(), Recv::started(epoch, 0));
@@ -956,6 +1324,16 @@ impl Replica {
                 hold(&mut r.held, seq, payload, self.config.retention);
                 return;
             }
+            Some(r) if r.epoch < epoch && durable => {
+                // The origin restarted with its log: it ends our epoch (`End`, after the
+                // rest of it) before its new one counts here. An origin that never does
+                // costs a discontinuity after `END_WAIT` without progress.
+                let since = *r.waiting_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < END_WAIT {
+                    return;
+                }
+                self.new_epoch(origin.clone(), channel.clone(), epoch)
+            }
             Some(r) if r.epoch < epoch => self.new_epoch(origin.clone(), channel.clone(), epoch),
             Some(r) if r.epoch > epoch => return, // a frame of an epoch already left behind
             Some(_) => {}
@@ -965,29 +1343,80 @@ impl Replica {
         if seq <= r.delivered || r.held.contains_key(&seq) {
             return; // duplicate: the ack above tells the origin
         }
+        if r.end.is_some_and(|(last, _)| seq > last) {
+            return; // beyond the end the origin announced
+        }
         hold(&mut r.held, seq, payload, self.config.retention);
         self.drain(&key);
         self.nack_gap(now, &key);
+    }
+
+    /// The origin ended `epoch` of `channel` at `last` (or lost the rest of it: `None`);
+    /// the stream continues in `next` once this node delivered up to `last`.
+    fn on_end(
+        &mut self,
+        origin: &NodeId,
+        channel: ChannelName,
+        epoch: Epoch,
+        last: Option<u64>,
+        next: Epoch,
+    ) {
+        let key = (origin.clone(), channel.clone());
+        let Some(r) = self.recv.get(&key) else { return };
+        if !r.started || next <= epoch {
+            return;
+        }
+        if r.epoch > epoch {
+            // Already past it: a repeat because the origin did not hear of it (our ack in
+            // the next epoch was lost). Tell it again.
+            self.ack_due.insert(key);
+            return;
+        }
+        if r.epoch < epoch {
+            // Older still: what lay between is lost.
+            self.new_epoch(origin.clone(), channel.clone(), epoch);
+        }
+        let Some(last) = last else {
+            self.new_epoch(origin.clone(), channel, next);
+            return;
+        };
+        let r = self.recv.get_mut(&key).expect("present");
+        r.end = Some((last, next));
+        r.held.retain(|s, _| *s <= last);
+        self.drain(&key);
+        if let Some(r) = self.recv.get_mut(&key) {
+            if let Some((from, to)) = r.missing_before_end() {
+                r.last_nack = None;
+                let nack = Frame::Nack {
+                    channel: key.1.clone(),
+                    epoch: r.epoch,
+                    from: Seq(from),
+                    to: Seq(to),
+                };
+                self.transmit.push_back((origin.clone(), nack));
+            }
+        }
     }
 
     /// Asks the origin for the gap before the first held message (at most once per rto).
     fn nack_gap(&mut self, now: Instant, key: &(NodeId, ChannelName)) {
         let rto = self.rto(&key.0);
         let Some(r) = self.recv.get_mut(key) else { return };
-        let Some((&first_held, _)) = r.held.iter().next() else { return };
+        let Some((from, to)) = gap(r) else { return };
         if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
             r.last_nack = Some(now);
             let nack = Frame::Nack {
                 channel: key.1.clone(),
                 epoch: r.epoch,
-                from: Seq(r.delivered + 1),
-                to: Seq(first_held - 1),
+                from: Seq(from),
+                to: Seq(to),
             };
             self.transmit.push_back((key.0.clone(), nack));
         }
     }
 
-    /// Delivers held messages that are next in sequence.
+    /// Delivers held messages that are next in sequence; at the end the origin announced,
+    /// moves on to its next epoch.
     fn drain(&mut self, key: &(NodeId, ChannelName)) {
         let Some(r) = self.recv.get_mut(key) else { return };
         while let Some(entry) = r.held.first_entry() {
@@ -997,6 +1426,7 @@ impl Replica {
             let (seq, payload) = entry.remove_entry();
             r.delivered = seq;
             r.last_nack = None;
+            r.waiting_since = None;
             self.events.push_back(Event::Deliver {
                 origin: key.0.clone(),
                 channel: key.1.clone(),
@@ -1004,6 +1434,12 @@ impl Replica {
                 seq: Seq(seq),
                 payload,
             });
+        }
+        if let Some((last, next)) = r.end.filter(|(last, _)| r.delivered >= *last) {
+            let _ = last;
+            *r = Recv::started(next, 0);
+            // Acknowledged in the new epoch at once: the origin then sends it.
+            self.ack_due.insert(key.clone());
         }
     }
 
@@ -1055,9 +1491,13 @@ impl Replica {
         }
         if self.last_heartbeat.is_none_or(|t| now.duration_since(t) >= self.config.heartbeat) {
             self.last_heartbeat = Some(now);
-            for (peer, link) in &self.links {
+            for (peer, link) in &mut self.links {
                 if link.up {
-                    let frame = Frame::Heartbeat { epoch: self.epoch, greeted: link.greeted };
+                    link.prune_catchup();
+                    let caught_up = link.caught_up();
+                    link.told_caught_up = caught_up;
+                    let frame =
+                        Frame::Heartbeat { epoch: self.epoch, greeted: link.greeted, caught_up };
                     self.transmit.push_back((peer.clone(), frame));
                 }
             }
@@ -1065,17 +1505,32 @@ impl Replica {
         self.interest_timers(now);
         self.send_acks();
         let mut resends = Vec::new();
+        let mut past_resends = Vec::new();
         for (peer, link) in &mut self.links {
             if !link.up {
                 continue;
             }
             let rto = link.rto(&self.config);
             for (channel, out) in &mut link.out {
+                let due = now.duration_since(out.progress_at) >= rto * (1 << out.retries);
+                if let Some(p) = out.past.as_mut() {
+                    let Some(past) = self.past.get(channel) else { continue };
+                    if due {
+                        out.progress_at = now;
+                        out.retries = (out.retries + 1).min(3);
+                        let last = past.log.last.min(p.acked + self.config.resend_batch as u64);
+                        p.sent = p.sent.max(last);
+                        let end = (last == past.log.last).then_some((past.epoch, past.log.last));
+                        p.end_sent |= end.is_some();
+                        past_resends.push((peer.clone(), channel.clone(), p.acked + 1, last, end));
+                    }
+                    continue;
+                }
                 let Some(log) = self.logs.get(channel) else { continue };
                 if out.acked >= log.last {
                     continue;
                 }
-                if now.duration_since(out.progress_at) >= rto * (1 << out.retries) {
+                if due {
                     out.progress_at = now;
                     out.retries = (out.retries + 1).min(3);
                     let last = log.last.min(out.acked + self.config.resend_batch as u64);
@@ -1084,24 +1539,33 @@ impl Replica {
                 }
             }
             // Replicate-all channels the peer has not acknowledged anything of yet.
-            for (channel, log) in &self.logs {
-                if log.last > 0
-                    && !link.out.contains_key(channel)
-                    && self.config.replicates_all(channel)
-                {
-                    link.out.insert(channel.clone(), Out::new(0, 0, now));
+            for channel in self.logs.keys().chain(self.past.keys()) {
+                if !link.out.contains_key(channel) && self.config.replicates_all(channel) {
+                    let out = if self.past.contains_key(channel) {
+                        Out::in_past(0, 0, now)
+                    } else {
+                        Out::new(0, 0, now)
+                    };
+                    link.out.insert(channel.clone(), out);
                 }
             }
         }
         for (peer, channel, first, last) in resends {
             self.resend(&peer, &channel, first, last);
         }
+        for (peer, channel, first, last, end) in past_resends {
+            self.resend_past(&peer, &channel, first, last);
+            if let Some((epoch, last)) = end {
+                let frame = Frame::End { channel, epoch, last: Some(Seq(last)), next: self.epoch };
+                self.transmit.push_back((peer, frame));
+            }
+        }
         let mut nacks = Vec::new();
         for ((origin, channel), r) in &mut self.recv {
             if !r.started {
                 continue;
             }
-            let Some((&first_held, _)) = r.held.iter().next() else { continue };
+            let Some((from, to)) = gap(r) else { continue };
             let Some(link) = self.links.get(origin).filter(|l| l.up) else { continue };
             let rto = link.rto(&self.config);
             if r.last_nack.is_none_or(|t| now.duration_since(t) >= rto) {
@@ -1109,8 +1573,8 @@ impl Replica {
                 let nack = Frame::Nack {
                     channel: channel.clone(),
                     epoch: r.epoch,
-                    from: Seq(r.delivered + 1),
-                    to: Seq(first_held - 1),
+                    from: Seq(from),
+                    to: Seq(to),
                 };
                 nacks.push((origin.clone(), nack));
             }
@@ -1189,18 +1653,66 @@ impl Replica {
     }
 }
 
+/// The range a receiver misses before what it holds (or before the end of an epoch the
+/// origin ended).
+fn gap(r: &Recv) -> Option<(u64, u64)> {
+    if let Some((&first_held, _)) = r.held.iter().next() {
+        return Some((r.delivered + 1, first_held - 1));
+    }
+    r.missing_before_end()
+}
+
+/// Frames that resend `first..=last` of `log` (messages of `origin`'s `epoch`): `Gone` for
+/// what the log no longer holds, then the data.
+fn resend_frames(
+    origin: &NodeId,
+    epoch: Epoch,
+    channel: &ChannelName,
+    log: &OriginLog,
+    first: u64,
+    last: u64,
+) -> Vec<Frame> {
+    let last = last.min(log.last);
+    if first > last {
+        return Vec::new();
+    }
+    let retained = log.first_retained();
+    let mut frames = Vec::new();
+    if first < retained {
+        frames.push(Frame::Gone { channel: channel.clone(), epoch, through: Seq(retained - 1) });
+    }
+    for seq in first.max(retained)..=last {
+        if let Some(p) = log.get(seq) {
+            frames.push(Frame::Data {
+                origin: origin.clone(),
+                epoch,
+                channel: channel.clone(),
+                seq: Seq(seq),
+                payload: p.clone(),
+            });
+        }
+    }
+    frames
+}
+
 /// What `link`'s peer receives of `channel`: its interest entry, or a fresh one for a
-/// replicate-all channel (`all`); `None` when the peer does not want the channel.
+/// replicate-all channel (`all`; starting in the past epoch when the node has one,
+/// `has_past`); `None` when the peer does not want the channel.
 fn out_for<'a>(
     link: &'a mut Link,
     channel: &ChannelName,
     all: bool,
+    has_past: bool,
     now: Instant,
 ) -> Option<&'a mut Out> {
     if !all {
         return link.out.get_mut(channel);
     }
-    Some(link.out.entry(channel.clone()).or_insert(Out::new(0, 0, now)))
+    Some(
+        link.out.entry(channel.clone()).or_insert_with(|| {
+            if has_past { Out::in_past(0, 0, now) } else { Out::new(0, 0, now) }
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -1221,7 +1733,7 @@ mod tests {
         for round in 0..200 {
             for c in 0..50 {
                 let channel = ChannelName::parse(&format!("chat:{c}")).unwrap();
-                r.publish(now, channel, payload.clone());
+                r.publish_next(now, channel, payload.clone());
             }
             let (bytes, held) = r.log_usage();
             assert!(bytes <= 64 << 10, "round {round}: {bytes} bytes held");
@@ -1261,7 +1773,7 @@ mod tests {
             // Runs of one channel, then interleaved ones.
             let c = if k < 10_000 { k / 2_500 } else { k % 3 };
             let channel = ChannelName::parse(&format!("chat:{c}")).unwrap();
-            r.publish(now, channel, Bytes::from(vec![1u8; 10]));
+            r.publish_next(now, channel, Bytes::from(vec![1u8; 10]));
             let (bytes, held) = r.log_usage();
             assert!(r.budget.order.len() <= 2 * held + 1024, "after {k}");
             let real: usize = r.logs.values().map(|l| l.entries.len()).sum();
@@ -1294,7 +1806,7 @@ mod tests {
                 .collect()
         };
         for k in 0..20 {
-            r.publish(now, channel.clone(), Bytes::from(format!("m{k}")));
+            r.publish_next(now, channel.clone(), Bytes::from(format!("m{k}")));
         }
         assert_eq!(data_seqs(&mut r), vec![1, 2, 3, 4]);
         let ack = |seq| Frame::Ack { channel: channel.clone(), epoch: Epoch(1), seq: Seq(seq) };
@@ -1303,7 +1815,7 @@ mod tests {
         r.handle_frame(now, &b, ack(6));
         assert_eq!(data_seqs(&mut r), vec![7, 8, 9, 10]);
         // A new publish while the window is full waits too.
-        r.publish(now, channel.clone(), Bytes::from("m20"));
+        r.publish_next(now, channel.clone(), Bytes::from("m20"));
         assert_eq!(data_seqs(&mut r), Vec::<u64>::new());
         r.handle_frame(now, &b, ack(10));
         assert_eq!(data_seqs(&mut r), vec![11, 12, 13, 14]);
@@ -1313,7 +1825,7 @@ mod tests {
         assert_eq!(data_seqs(&mut r), vec![19, 20, 21]);
         // A caught-up peer gets the next publish at once.
         r.handle_frame(now, &b, ack(21));
-        r.publish(now, channel.clone(), Bytes::from("m21"));
+        r.publish_next(now, channel.clone(), Bytes::from("m21"));
         assert_eq!(data_seqs(&mut r), vec![22]);
     }
 
@@ -1356,5 +1868,143 @@ mod tests {
             })
             .collect();
         assert_eq!(delivered, (1..=50).collect::<Vec<_>>());
+    }
+
+    /// Moves every frame between two cores until both are quiet; returns B's events.
+    fn exchange(a: &mut Replica, b: &mut Replica, now: Instant) -> Vec<Event> {
+        let (ida, idb) = (a.me.clone(), b.me.clone());
+        let mut events = Vec::new();
+        loop {
+            let mut moved = false;
+            while let Some((_, f)) = a.poll_transmit() {
+                moved = true;
+                b.handle_frame(now, &ida, f);
+            }
+            while let Some((_, f)) = b.poll_transmit() {
+                moved = true;
+                a.handle_frame(now, &idb, f);
+            }
+            b.send_acks();
+            a.send_acks();
+            events.extend(std::iter::from_fn(|| b.poll_event()));
+            while a.poll_event().is_some() {}
+            if !moved {
+                return events;
+            }
+        }
+    }
+
+    fn delivered(events: &[Event]) -> Vec<(u64, u64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Deliver { epoch, seq, .. } => Some((epoch.0, seq.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn durable_config() -> Config {
+        Config {
+            replicate_all: ["h".to_owned()].into(),
+            durable: ["h".to_owned()].into(),
+            ..Config::default()
+        }
+    }
+
+    /// An origin restarts with its log while a peer is behind in its previous epoch: the
+    /// peer gets the rest of that epoch, then `End`, then the new epoch — every message once,
+    /// in order, with no discontinuity — and learns that it caught up.
+    #[test]
+    fn a_restarted_origin_ends_its_previous_epoch_after_resending_the_rest() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let ch = ChannelName::parse("h:x").unwrap();
+        let ids = [a.clone(), b.clone()];
+        let now = Instant::now();
+        let mut ra = Replica::new(a.clone(), Epoch(10), &ids, durable_config());
+        let mut rb = Replica::new(b.clone(), Epoch(20), &ids, durable_config());
+        ra.handle_link_up(now, &b);
+        rb.handle_link_up(now, &a);
+        for k in 1..=3 {
+            ra.publish_next(now, ch.clone(), Bytes::from(format!("m{k}")));
+        }
+        assert_eq!(delivered(&exchange(&mut ra, &mut rb, now)), [(10, 1), (10, 2), (10, 3)]);
+        // The link drops; A logs two more, then crashes and restarts with its log.
+        ra.handle_link_down(now, &b);
+        rb.handle_link_down(now, &a);
+        for k in 4..=5 {
+            ra.publish_next(now, ch.clone(), Bytes::from(format!("m{k}")));
+        }
+        let log = ra.durable_state();
+        let mut ra = Replica::restore(a.clone(), Epoch(11), &ids, durable_config(), log);
+        ra.publish_next(now, ch.clone(), Bytes::from("new"));
+        ra.handle_link_up(now, &b);
+        rb.handle_link_up(now, &a);
+        let events = exchange(&mut ra, &mut rb, now);
+        assert_eq!(delivered(&events), [(10, 4), (10, 5), (11, 1)]);
+        assert!(!events.iter().any(|e| matches!(e, Event::Discontinuity { .. })), "{events:?}");
+        assert_eq!(ra.unacknowledged(), 0);
+        assert!(rb.caught_up_with(&a), "B has everything A had for it");
+    }
+
+    /// An origin that lost its log ends the epoch a peer is in without a last sequence: the
+    /// peer reports the rest as lost and takes the new epoch.
+    #[test]
+    fn an_origin_without_its_log_ends_the_old_epoch_as_lost() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let ch = ChannelName::parse("h:x").unwrap();
+        let ids = [a.clone(), b.clone()];
+        let now = Instant::now();
+        let mut ra = Replica::new(a.clone(), Epoch(10), &ids, durable_config());
+        let mut rb = Replica::new(b.clone(), Epoch(20), &ids, durable_config());
+        ra.handle_link_up(now, &b);
+        rb.handle_link_up(now, &a);
+        ra.publish_next(now, ch.clone(), Bytes::from("m1"));
+        exchange(&mut ra, &mut rb, now);
+        let mut ra = Replica::new(a.clone(), Epoch(11), &ids, durable_config());
+        ra.publish_next(now, ch.clone(), Bytes::from("new"));
+        ra.handle_link_up(now, &b);
+        rb.handle_link_down(now, &a);
+        rb.handle_link_up(now, &a);
+        let events = exchange(&mut ra, &mut rb, now);
+        assert!(
+            matches!(
+                events.first(),
+                Some(Event::Discontinuity { epoch: Epoch(10), after: Seq(1), through: None, .. })
+            ),
+            "{events:?}"
+        );
+        assert_eq!(delivered(&events), [(11, 1)]);
+    }
+
+    /// A receiver still in an origin's earlier epoch of a durable channel drops the new
+    /// epoch's data while it waits for the origin's `End`; without one and without progress
+    /// for `END_WAIT`, it reports the rest as lost and takes the new epoch.
+    #[test]
+    fn a_receiver_waits_for_end_but_not_forever() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let ch = ChannelName::parse("h:x").unwrap();
+        let now = Instant::now();
+        let mut rb = Replica::new(b.clone(), Epoch(20), &[a.clone(), b], durable_config());
+        rb.handle_link_up(now, &a);
+        let data = |epoch, seq| Frame::Data {
+            origin: a.clone(),
+            epoch: Epoch(epoch),
+            channel: ch.clone(),
+            seq: Seq(seq),
+            payload: Bytes::from("x"),
+        };
+        rb.handle_frame(now, &a, data(10, 1));
+        rb.handle_frame(now, &a, data(11, 1));
+        let events: Vec<Event> = std::iter::from_fn(|| rb.poll_event()).collect();
+        assert_eq!(delivered(&events), [(10, 1)], "the new epoch waits");
+        let later = now + END_WAIT;
+        rb.handle_frame(later, &a, data(11, 1));
+        let events: Vec<Event> = std::iter::from_fn(|| rb.poll_event()).collect();
+        assert!(matches!(events[0], Event::Discontinuity { through: None, .. }), "{events:?}");
+        assert_eq!(delivered(&events), [(11, 1)]);
     }
 }

@@ -216,6 +216,8 @@ pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> B
         replicate_all: Vec::new(),
         interest_grace: Duration::from_secs(120),
         interest_wait: Duration::from_secs(5),
+        ready_wait: Duration::from_secs(10),
+        order_wait: Duration::from_secs(10),
         peers: (0..ids.len())
             .filter(|&i| i != me)
             .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })

@@ -1,14 +1,40 @@
 //! The channel registry: sequencing, de-duplication and fan-out to local subscribers.
 //!
+//! ```text
+//!  publish ─┐                                      ┌─▶ subscribers (members, fan_out)
+//!           ├─▶ channel lock: dedupe → seq/offset ─┤
+//!  replica ─┘   (order: hold for the publisher)    └─▶ log ─(commit)─▶ release ─▶ subscribers
+//!                                                                           └──▶ backbone
+//! ```
+//!
 //! Each channel has one lock. A publish takes it, assigns the origin sequence and the log
-//! offset, and pushes the shared encoded message into every subscriber's outbox before
-//! releasing it, so every subscriber sees one channel order and each publisher's messages
-//! in the order it sent them. Nothing under the lock waits: a full outbox is an overflow
-//! (see [`crate::fanout`]), never a stall.
+//! offset, and either delivers the shared encoded message to every subscriber's outbox at
+//! once (channels without history) or, on channels that keep history, queues it until its
+//! log write is committed ([`release`]): a message is delivered — to subscribers here and to
+//! other regions — only once it is in this node's log, so a crash never takes back a message
+//! anyone saw, and a restarted node knows everything it ever delivered. Either way every
+//! subscriber sees one channel order and each publisher's messages in the order it sent
+//! them. Nothing under the lock waits: a full outbox is an overflow (see [`crate::fanout`]),
+//! never a stall.
+//!
+//! - [`dedupe`]: ids remembered for the dedupe window (seeded from the log after a restart);
+//! - [`members`]: subscribers, and the floors of resumed ones whose client is ahead of this
+//!   node (it is still catching up);
+//! - [`order`]: a publisher that moved here from another node continues its order
+//!   (`Publish.after`), here and at every other node;
+//! - [`release`]: delivery after the log write;
+//! - [`resume`]: the lock side of `Subscribe.resume`.
 //!
 //! A channel that was never published to is dropped with its last subscriber. A channel
 //! that was keeps its counters (so origin sequences are never reused within an epoch) and
-//! its de-duplication window. The durable log (a later issue) bounds that by retention.
+//! its de-duplication window.
+
+mod dedupe;
+mod members;
+pub mod order;
+mod release;
+mod resume;
+mod state;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -19,12 +45,16 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use tern_backbone::transport::Backbone;
 use tern_proto::client::{
-    Discontinuity, Message, OriginPosition, Position, Resume, Subscribed, message, server_frame,
+    Discontinuity, Message, OriginPosition, Position, Subscribed, message, server_frame,
 };
 use tern_proto::codec::EncodedMessage;
 use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId, Offset, Seq};
 
+use self::members::{Member, fan_out};
+use self::state::{ChannelState, Held, PendingSub, Unreleased, note_origin};
 use crate::fanout::{Outbox, Outgoing};
+
+pub use self::resume::Resumed;
 
 /// A message to publish, already validated.
 #[derive(Debug, Clone)]
@@ -37,6 +67,10 @@ pub struct NewMessage {
     pub data: Option<message::Data>,
     /// Publisher's client id.
     pub client_id: String,
+    /// The publisher's previous message on the channel, when it was sequenced by another
+    /// node (`Publish.after`): the message carries it so every node delivers it after that
+    /// one (see [`order`]).
+    pub after: Option<OriginPosition>,
 }
 
 /// The result of a publish: what the publisher's ack carries.
@@ -60,11 +94,16 @@ pub struct Accepted {
     /// Sequenced by this node in this epoch (so `seq` is this node's own origin sequence);
     /// false for an id first seen from another origin.
     pub own: bool,
+    /// The origin that sequenced it and its epoch (`None` for an id first seen from another
+    /// origin: only its hash is remembered).
+    pub origin: Option<(NodeId, Epoch)>,
 }
 
 impl Accepted {
     /// The publisher's `Ack` frame.
     pub fn into_ack(self, request_id: u32, channel: String) -> tern_proto::client::Ack {
+        let (origin, origin_epoch) =
+            self.origin.map_or((String::new(), 0), |(n, e)| (n.to_string(), e.0));
         tern_proto::client::Ack {
             request_id,
             channel,
@@ -73,6 +112,8 @@ impl Accepted {
             position: Some(Position { epoch: self.epoch.0, offset: self.offset.0 }),
             timestamp_ms: self.timestamp_ms,
             duplicate: self.duplicate,
+            origin,
+            origin_epoch,
         }
     }
 }
@@ -87,6 +128,9 @@ pub struct HubLimits {
     /// Channels held at most before local publishes and subscribes to new channels are
     /// refused (replicated messages still open theirs: refusing them would lose messages).
     pub max_channels: usize,
+    /// Longest a replicated message waits for its publisher's earlier message from another
+    /// origin (see [`order`]) before it is delivered anyway.
+    pub order_wait: Duration,
 }
 
 /// What one [`Hub::sweep`] released.
@@ -120,6 +164,13 @@ pub struct Hub {
     id_hash: std::collections::hash_map::RandomState,
     /// `node:epoch-hex:`, the start of the ids this node gives messages published without one.
     id_prefix: String,
+    /// Channels with messages waiting for their log write, by the first one's ticket (see
+    /// [`release`]).
+    releases: Mutex<VecDeque<(u64, Arc<Channel>)>>,
+    /// Messages in those channels' queues.
+    unreleased: std::sync::atomic::AtomicUsize,
+    /// Channels holding replicated messages for their publisher's order (see [`order`]).
+    holding: Mutex<HashMap<ChannelName, Arc<Channel>>>,
 }
 
 #[derive(Debug)]
@@ -127,98 +178,8 @@ struct Channel {
     state: Mutex<ChannelState>,
 }
 
-#[derive(Debug, Default)]
-struct ChannelState {
-    /// The channel's name, set when the registry creates it.
-    name: Option<ChannelName>,
-    /// Last origin sequence this node assigned.
-    seq: u64,
-    /// Last log offset.
-    offset: u64,
-    subscribers: HashMap<ConnectionId, Outbox>,
-    /// First subscribers waiting for the peers to confirm the channel (see
-    /// [`Hub::subscribe`]).
-    pending: Vec<PendingSub>,
-    /// Whether this node asked the backbone for the channel (it has, or had until the
-    /// last one left, local subscribers).
-    interested: bool,
-    dedupe: Dedupe,
-    /// Set when the registry dropped this channel; holders must look it up again.
-    removed: bool,
-    /// Own sequences (this epoch) a node of another region acknowledged.
-    replicated: u64,
-    /// The newest messages of a channel that keeps history (at most [`REWIND_MAX`]), so a
-    /// rewind is served under the channel lock, seamlessly joined to the live stream.
-    recent: VecDeque<Arc<EncodedMessage>>,
-    /// `recent` was dropped while the channel sat idle (see [`Hub::sweep`]); it is read
-    /// back from the log before the channel is used again.
-    tail_evicted: bool,
-    /// When the channel last logged a message (history channels: the ones with a tail).
-    last_message: Option<Instant>,
-    /// Per other origin, the last message delivered here (newest epoch only).
-    remote: Vec<OriginPosition>,
-}
-
-/// What [`Hub::resume`] did.
-#[derive(Debug)]
-pub enum Resumed {
-    /// The subscription is set up (any replay, discontinuity and `Subscribed` are queued, or
-    /// the frame is returned for the session to send, as with [`Hub::subscribe`]).
-    Done(Option<Subscribed>),
-    /// The session must replay from the log first (see [`crate::resume`]); the subscription
-    /// is not live until [`Hub::finish_catchup`] says so.
-    Catchup(Box<crate::resume::Catchup>, Subscribed),
-}
-
 /// Most messages a subscription can rewind.
 pub const REWIND_MAX: usize = 100;
-
-#[derive(Debug)]
-struct PendingSub {
-    conn: ConnectionId,
-    outbox: Outbox,
-    request_id: u32,
-}
-
-#[derive(Debug, Default)]
-struct Dedupe {
-    seen: HashMap<String, Accepted>,
-    order: VecDeque<(Instant, String)>,
-    /// Ids of messages that arrived from other origins, as keyed 64-bit hashes (the
-    /// replication path stays allocation-free; the key is random per process, so ids
-    /// cannot be crafted to collide).
-    remote: std::collections::HashSet<u64>,
-    remote_order: VecDeque<(Instant, u64)>,
-}
-
-impl Dedupe {
-    fn prune(&mut self, now: Instant, limits: &HubLimits) {
-        expire(&mut self.order, now, limits, |id| {
-            self.seen.remove(&id);
-        });
-        expire(&mut self.remote_order, now, limits, |h| {
-            self.remote.remove(&h);
-        });
-    }
-}
-
-/// Drops the entries of `order` older than the dedupe window or beyond its size, handing
-/// each to `forget`.
-fn expire<T>(
-    order: &mut VecDeque<(Instant, T)>,
-    now: Instant,
-    limits: &HubLimits,
-    mut forget: impl FnMut(T),
-) {
-    while let Some((at, _)) = order.front() {
-        if now.duration_since(*at) < limits.dedupe_window && order.len() <= limits.dedupe_ids {
-            break;
-        }
-        if let Some((_, key)) = order.pop_front() {
-            forget(key);
-        }
-    }
-}
 
 /// The recent messages a rewind asks for: the last `count`, or those of the last
 /// `since_ms` (both capped at [`REWIND_MAX`]).
@@ -236,23 +197,6 @@ fn rewound(
     recent.iter().skip(skip)
 }
 
-/// The log offset a message was delivered at on this node.
-fn offset_of(m: &EncodedMessage) -> u64 {
-    m.message().position.map_or(0, |p| p.offset)
-}
-
-/// Records the newest message of an origin in a channel's vector.
-fn note_origin(vector: &mut Vec<OriginPosition>, origin: &str, epoch: u64, seq: u64) {
-    match vector.iter_mut().find(|p| p.origin == origin) {
-        Some(p) if (epoch, seq) > (p.epoch, p.seq) => {
-            p.epoch = epoch;
-            p.seq = seq;
-        }
-        Some(_) => {}
-        None => vector.push(OriginPosition { origin: origin.to_owned(), epoch, seq }),
-    }
-}
-
 /// Only reachable if a caller skipped validation: keep serving rather than panic.
 fn unvalidated(name: &str) -> ChannelName {
     tracing::error!(channel = name, "unvalidated channel name reached the hub");
@@ -263,6 +207,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a channel lock leaves consistent counters (they are bumped
     // before anything that can panic), so continuing is safe.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a channel's log tells when the channel is opened after a restart: where it stands,
+/// its newest messages, and the ids of the dedupe window.
+#[derive(Debug, Default)]
+struct Loaded {
+    offset: u64,
+    /// Per other origin, the newest message logged.
+    remote: Vec<OriginPosition>,
+    /// Newest messages, oldest first.
+    tail: Vec<Message>,
+    /// Messages logged within the dedupe window, oldest first, with their offsets.
+    window: Vec<(u64, Message)>,
 }
 
 impl Hub {
@@ -286,7 +243,20 @@ impl Hub {
             id_hash: std::collections::hash_map::RandomState::new(),
             id_prefix: format!("{node}:{:x}:", epoch.0),
             node,
+            releases: Mutex::new(VecDeque::new()),
+            unreleased: std::sync::atomic::AtomicUsize::new(0),
+            holding: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The backbone, when it runs.
+    pub fn backbone(&self) -> Option<&Backbone> {
+        self.backbone.get()
     }
 
     /// The backbone's UDP address, when it runs.
@@ -310,49 +280,118 @@ impl Hub {
         let _ = self.backbone.set(backbone);
     }
 
-    /// Delivers a message replicated from another origin to local subscribers, at the next
-    /// position of this node's channel log. Returns false for a payload that is not a valid
-    /// message (the origin's bug; dropped and logged).
-    pub fn deliver_remote(&self, payload: &[u8]) -> bool {
-        let Ok(mut message) = Message::decode(payload) else {
-            tracing::warn!("undecodable replicated message dropped");
+    /// Delivers a message replicated from `origin` (its `epoch` and `seq`, as the backbone
+    /// received them) to local subscribers, at the next position of this node's channel log.
+    /// A message this node already holds (by its origin identity, or by its id within the
+    /// dedupe window) is dropped; one that names an earlier message of its publisher this
+    /// node has not delivered yet waits for it (see [`order`]). Returns false for a payload
+    /// that is not a valid message of that identity (the origin's bug; dropped and logged).
+    pub fn deliver_remote(&self, origin: &NodeId, epoch: Epoch, seq: Seq, payload: &[u8]) -> bool {
+        let Ok(message) = Message::decode(payload) else {
+            tracing::warn!(%origin, "undecodable replicated message dropped");
             return false;
         };
-        if ChannelName::validate(&message.channel).is_err() {
-            tracing::warn!(channel = %message.channel, "replicated message with an invalid channel dropped");
+        if ChannelName::validate(&message.channel).is_err()
+            || message.origin != origin.as_str()
+            || message.origin_epoch != epoch.0
+            || message.origin_seq != seq.0
+        {
+            tracing::warn!(%origin, channel = %message.channel, "replicated message whose identity does not match its frame dropped");
             return false;
         }
         let channel = message.channel.clone();
-        let epoch = self.log_epoch.0;
         let now = Instant::now();
-        let mut message = Some(&mut message);
-        self.with_state(&channel, |state| {
+        let mut message = Some(message);
+        self.with_channel(&channel, usize::MAX, |ch, state| {
             let Some(m) = message.take() else { return };
-            // Already here: a message the restarted origin relayed again from its log (see
-            // `Hub::relay_recent`), which reached this node before the crash.
-            if crate::resume::covers(&state.remote, m) {
+            if tern_proto::vector::covers(&state.remote, &m) {
+                // Already here (logged before a restart, or a relayed copy).
                 return;
             }
-            note_origin(&mut state.remote, &m.origin, m.origin_epoch, m.origin_seq);
-            // A publish retried on another region (after a failover) carries the same id:
-            // whichever copy reaches this node first is the one delivered here.
-            state.dedupe.prune(now, &self.limits);
-            if !m.id.is_empty() {
-                let h = self.id_hash.hash_one(&m.id);
-                if state.dedupe.seen.contains_key(&m.id) || !state.dedupe.remote.insert(h) {
-                    tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
-                    return;
-                }
-                state.dedupe.remote_order.push_back((now, h));
+            let after = m.after.clone().filter(|a| a.origin != self.node.as_str());
+            // An origin's messages never overtake each other: behind one that waits, wait.
+            let blocked = state.held.iter().any(|h| h.origin == *origin);
+            if blocked || after.as_ref().is_some_and(|a| !self.order_met(state, a)) {
+                state.held.push_back(Held {
+                    origin: origin.clone(),
+                    message: m,
+                    after,
+                    since: now,
+                });
+                self.note_holding(ch, state);
+                return;
             }
-            state.offset += 1;
-            m.position = Some(Position { epoch, offset: state.offset });
-            let encoded = Arc::new(EncodedMessage::new(std::mem::take(m)));
-            let offset = state.offset;
-            let _ = self.log(state, &channel, offset, &encoded);
-            state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
-        });
+            self.accept_remote(ch, state, m, now);
+            if !state.held.is_empty() {
+                self.release_held(ch, state, now, false);
+            }
+        })
+        .unwrap_or(());
         true
+    }
+
+    /// Sequences a replicated message into this node's channel log and delivers it (or
+    /// queues it for its log write).
+    fn accept_remote(
+        &self,
+        ch: &Arc<Channel>,
+        state: &mut ChannelState,
+        mut m: Message,
+        now: Instant,
+    ) {
+        note_origin(&mut state.remote, &m.origin, m.origin_epoch, m.origin_seq);
+        // A publish retried on another region (after a failover) carries the same id:
+        // whichever copy reaches this node first is the one delivered here.
+        state.dedupe.prune(now, &self.limits);
+        if !m.id.is_empty() {
+            let h = self.id_hash.hash_one(&m.id);
+            if state.dedupe.seen.contains_key(&m.id) || !state.dedupe.note_remote(h, now) {
+                tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
+                return;
+            }
+        }
+        state.offset += 1;
+        m.position = Some(Position { epoch: self.log_epoch.0, offset: state.offset });
+        let encoded = Arc::new(EncodedMessage::new(m));
+        self.sequenced(ch, state, encoded, false);
+    }
+
+    /// A message took its place in the channel: delivered now, or, on a channel that keeps
+    /// history, once its log write is committed. Returns the store ticket.
+    fn sequenced(
+        &self,
+        ch: &Arc<Channel>,
+        state: &mut ChannelState,
+        encoded: Arc<EncodedMessage>,
+        own: bool,
+    ) -> Option<u64> {
+        let Some(store) = self.store.as_ref().filter(|s| s.keeps(&encoded.message().channel))
+        else {
+            self.show(state, &encoded, own);
+            return None;
+        };
+        state.last_message = Some(Instant::now());
+        let m = encoded.message();
+        let name = state.name.clone().unwrap_or_else(|| unvalidated(&m.channel));
+        let identity = crate::store::Identity {
+            origin: if own {
+                self.node.clone()
+            } else {
+                NodeId::parse(&m.origin).unwrap_or_else(|_| self.node.clone())
+            },
+            epoch: m.origin_epoch,
+            seq: m.origin_seq,
+        };
+        let ticket = store.append(&name, offset_of_encoded(&encoded), encoded.protobuf(), identity);
+        if ticket.is_none() {
+            tracing::error!(channel = %name, "history writer is gone; message delivered without its log write");
+        }
+        self.queue_release(
+            ch,
+            state,
+            Unreleased { ticket: ticket.unwrap_or(0), message: encoded, own },
+        );
+        ticket
     }
 
     /// Whether a backbone runs (publishes can wait for another region).
@@ -404,82 +443,6 @@ impl Hub {
         self.store.as_ref()
     }
 
-    /// Writes a message to the durable log if its namespace keeps history (and keeps it
-    /// among the channel's recent ones); returns the store ticket to wait for.
-    fn log(
-        &self,
-        state: &mut ChannelState,
-        channel: &str,
-        offset: u64,
-        encoded: &Arc<EncodedMessage>,
-    ) -> Option<u64> {
-        let store = self.store.as_ref()?;
-        if !store.keeps(channel) {
-            return None;
-        }
-        state.recent.push_back(encoded.clone());
-        if state.recent.len() > REWIND_MAX {
-            state.recent.pop_front();
-        }
-        state.last_message = Some(Instant::now());
-        let name = ChannelName::parse(channel).ok()?;
-        let ticket = store.append(&name, offset, encoded.protobuf());
-        if ticket.is_none() {
-            tracing::error!(%channel, offset, "history writer is gone; message not logged");
-        }
-        ticket
-    }
-
-    /// After a restart (a new origin epoch): sends this node's own messages of earlier epochs
-    /// logged in the last `within` (at most `max` per channel) to the peers again, each
-    /// keeping its original origin, epoch and sequence. What the peers already have they
-    /// drop (by origin vector or id); what the crash kept from reaching them arrives now,
-    /// ahead of the new epoch's messages. Returns the number relayed.
-    pub fn relay_recent(&self, within: Duration, max: usize) -> usize {
-        let (Some(store), Some(backbone)) = (self.store.as_ref(), self.backbone.get()) else {
-            return 0;
-        };
-        let now = crate::store::now_ms();
-        let since = now.saturating_sub(within.as_millis() as u64);
-        let channels = store.channels().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot list the logged channels");
-            Vec::new()
-        });
-        let mut relayed = 0;
-        for name in channels.iter().filter(|c| store.keeps(c)) {
-            let Ok(channel) = ChannelName::parse(name) else { continue };
-            let q = crate::store::Query {
-                from: None,
-                to: None,
-                since_ms: Some(since),
-                until_ms: None,
-                limit: max,
-                backwards: true,
-            };
-            let rows = store.read(name, q).unwrap_or_default();
-            let own: Vec<_> = rows
-                .into_iter()
-                .rev()
-                .filter(|r| {
-                    Message::decode(r.message.as_slice()).is_ok_and(|m| {
-                        m.origin == self.node.as_str() && m.origin_epoch != self.epoch.0
-                    })
-                })
-                .collect();
-            if own.is_empty() {
-                continue;
-            }
-            self.with_state(name, |state| {
-                for r in &own {
-                    state.seq += 1;
-                    backbone.publish(channel.clone(), bytes::Bytes::from(r.message.clone()));
-                }
-            });
-            relayed += own.len();
-        }
-        relayed
-    }
-
     /// Forgets, on every channel, the message ids older than the dedupe window, and gives
     /// back the memory of emptied windows. Publishes prune their own channel as they go;
     /// this reaches the channels nobody publishes to any more, so id memory is bounded by
@@ -499,15 +462,16 @@ impl Hub {
         for channel in channels {
             let mut state = lock(&channel.state);
             let d = &mut state.dedupe;
-            let before = d.order.len() + d.remote_order.len();
+            let before = d.len();
             d.prune(now, &self.limits);
-            let after = d.order.len() + d.remote_order.len();
+            let after = d.len();
             swept.ids += before - after;
             if after == 0 && before > 0 {
-                *d = Dedupe::default();
+                *d = dedupe::Dedupe::default();
             }
-            let idle = state.subscribers.is_empty()
+            let idle = state.members.is_empty()
                 && state.pending.is_empty()
+                && state.unreleased.is_empty()
                 && state
                     .last_message
                     .is_none_or(|t| now.saturating_duration_since(t) >= self.limits.dedupe_window);
@@ -534,11 +498,13 @@ impl Hub {
     }
 
     /// Looks a channel up by its (already validated) name, creating it if needed while the
-    /// node holds fewer than `max` channels (`None` at the limit).
+    /// node holds fewer than `max` channels (`None` at the limit). A channel that keeps
+    /// history starts from what its log holds (read before the registry is locked).
     fn channel(&self, name: &str, max: usize) -> Option<Arc<Channel>> {
         if let Some(c) = self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name) {
             return Some(c.clone());
         }
+        let loaded = self.store.as_ref().filter(|s| s.keeps(name)).map(|s| self.load(s, name));
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get(name) {
             return Some(c.clone());
@@ -548,29 +514,58 @@ impl Hub {
         }
         let key = ChannelName::parse(name).unwrap_or_else(|_| unvalidated(name));
         let mut state = ChannelState { name: Some(key.clone()), ..ChannelState::default() };
-        // A logged channel continues its offsets after a restart.
-        if let Some(store) = self.store.as_ref().filter(|s| s.keeps(name)) {
-            match store.last_offset(name) {
-                Ok(last) => state.offset = last,
-                Err(e) => {
-                    tracing::error!(channel = name, error = %e, "cannot read the history log")
-                }
-            }
-            // And its newest messages, for rewinds.
-            self.load_tail(name, &mut state, true);
+        if let Some(loaded) = loaded {
+            self.seed(&mut state, loaded);
         }
         let channel = Arc::new(Channel { state: Mutex::new(state) });
         map.insert(key, channel.clone());
         Some(channel)
     }
 
-    /// Reads the channel's newest logged messages into its in-memory tail (`recent`), when
-    /// its namespace keeps history. At creation (`seed`), also what they tell about other
-    /// origins and the ids already sequenced, so a retry or a relayed copy after a restart
-    /// is recognised; when the tail comes back after an idle spell, only the tail.
-    fn load_tail(&self, name: &str, state: &mut ChannelState, seed: bool) {
-        state.tail_evicted = false;
-        let Some(store) = self.store.as_ref().filter(|s| s.keeps(name)) else { return };
+    /// Reads what `name`'s log holds (see [`Loaded`]).
+    fn load(&self, store: &crate::store::Store, name: &str) -> Loaded {
+        let fail = |e: crate::store::StoreError| {
+            tracing::error!(channel = name, error = %e, "cannot read the history log");
+        };
+        let mut loaded = Loaded::default();
+        match store.last_offset(name) {
+            Ok(last) => loaded.offset = last,
+            Err(e) => fail(e),
+        }
+        match store.positions(name) {
+            Ok(positions) => {
+                for p in positions.into_iter().filter(|p| p.origin != self.node.as_str()) {
+                    note_origin(&mut loaded.remote, &p.origin, p.epoch, p.seq);
+                }
+            }
+            Err(e) => fail(e),
+        }
+        loaded.tail = self.read_tail(store, name);
+        let since =
+            crate::store::now_ms().saturating_sub(self.limits.dedupe_window.as_millis() as u64);
+        let window = crate::store::Query {
+            from: None,
+            to: None,
+            since_ms: Some(since),
+            until_ms: None,
+            limit: self.limits.dedupe_ids.max(1),
+            backwards: true,
+        };
+        match store.read(name, window) {
+            Ok(rows) => {
+                loaded.window = rows
+                    .into_iter()
+                    .rev()
+                    .filter_map(|r| Some((r.offset, Message::decode(r.message.as_slice()).ok()?)))
+                    .collect();
+            }
+            Err(e) => fail(e),
+        }
+        loaded
+    }
+
+    /// The channel's newest logged messages, oldest first.
+    fn read_tail(&self, store: &crate::store::Store, name: &str) -> Vec<Message> {
         let newest = crate::store::Query {
             from: None,
             to: None,
@@ -579,68 +574,87 @@ impl Hub {
             limit: REWIND_MAX,
             backwards: true,
         };
+        let rows = store.read(name, newest).unwrap_or_else(|e| {
+            tracing::error!(channel = name, error = %e, "cannot read the history log");
+            Vec::new()
+        });
+        rows.into_iter().rev().filter_map(|r| Message::decode(r.message.as_slice()).ok()).collect()
+    }
+
+    /// Starts a channel's state from its log: offsets continue, the origins it holds are
+    /// not accepted again, the ids of the dedupe window are recognised, rewinds are served.
+    fn seed(&self, state: &mut ChannelState, loaded: Loaded) {
+        state.offset = loaded.offset;
+        state.shown_offset = loaded.offset;
+        state.remote = loaded.remote.clone();
+        state.shown = loaded.remote;
+        state.recent = loaded.tail.into_iter().map(|m| Arc::new(EncodedMessage::new(m))).collect();
         let now = Instant::now();
-        state.recent.clear();
-        for m in store.read(name, newest).unwrap_or_default().into_iter().rev() {
-            let Ok(msg) = Message::decode(m.message.as_slice()) else { continue };
-            if seed {
-                if msg.origin != self.node.as_str() {
-                    note_origin(&mut state.remote, &msg.origin, msg.origin_epoch, msg.origin_seq);
-                }
-                if !msg.id.is_empty() && !state.dedupe.seen.contains_key(&msg.id) {
-                    let accepted = Accepted {
-                        message_id: msg.id.clone(),
-                        seq: Seq(msg.origin_seq),
-                        offset: Offset(m.offset),
-                        timestamp_ms: msg.timestamp_ms,
-                        duplicate: false,
-                        epoch: self.log_epoch,
-                        log_ticket: None,
-                        own: msg.origin == self.node.as_str() && msg.origin_epoch == self.epoch.0,
-                    };
-                    state.dedupe.seen.insert(msg.id.clone(), accepted);
-                    state.dedupe.order.push_back((now, msg.id.clone()));
-                }
+        for (offset, m) in loaded.window {
+            if m.id.is_empty() {
+                continue;
             }
-            state.recent.push_back(Arc::new(EncodedMessage::new(msg)));
+            if m.origin == self.node.as_str() {
+                let accepted = Accepted {
+                    message_id: m.id.clone(),
+                    seq: Seq(m.origin_seq),
+                    offset: Offset(offset),
+                    timestamp_ms: m.timestamp_ms,
+                    duplicate: false,
+                    epoch: self.log_epoch,
+                    log_ticket: None,
+                    own: m.origin_epoch == self.epoch.0,
+                    origin: Some((self.node.clone(), Epoch(m.origin_epoch))),
+                };
+                state.dedupe.note_own(&m.id, &accepted, now);
+            } else {
+                state.dedupe.note_remote(self.id_hash.hash_one(&m.id), now);
+            }
         }
     }
 
     /// Runs `f` on the live state of `name`, creating the channel if needed (whatever the
     /// channel limit: replication and existing subscriptions must not be refused).
-    fn with_state<R>(&self, name: &str, f: impl FnMut(&mut ChannelState) -> R) -> R {
-        self.with_state_within(name, usize::MAX, f)
+    fn with_state<R>(&self, name: &str, mut f: impl FnMut(&mut ChannelState) -> R) -> R {
+        self.with_channel(name, usize::MAX, |_, state| f(state))
             .unwrap_or_else(|| unreachable!("no limit, so the channel exists"))
     }
 
-    /// Runs `f` on the live state of `name`, creating the channel only while the node holds
-    /// fewer than `max` channels; `None` when it would be a new one beyond that.
-    fn with_state_within<R>(
+    /// Runs `f` on the channel `name` and its live state, creating the channel only while
+    /// the node holds fewer than `max` channels; `None` when it would be a new one beyond
+    /// that.
+    fn with_channel<R>(
         &self,
         name: &str,
         max: usize,
-        mut f: impl FnMut(&mut ChannelState) -> R,
+        mut f: impl FnMut(&Arc<Channel>, &mut ChannelState) -> R,
     ) -> Option<R> {
         loop {
             let channel = self.channel(name, max)?;
             let mut state = lock(&channel.state);
             if !state.removed {
                 if state.tail_evicted {
-                    self.load_tail(name, &mut state, false);
+                    state.tail_evicted = false;
+                    if let Some(store) = self.store.as_ref() {
+                        let tail = self.read_tail(store, name);
+                        state.recent =
+                            tail.into_iter().map(|m| Arc::new(EncodedMessage::new(m))).collect();
+                    }
                 }
-                return Some(f(&mut state));
+                return Some(f(&channel, &mut state));
             }
         }
     }
 
-    /// The channel's vector: per origin (this node first), the last message delivered here.
+    /// The channel's vector as its subscribers see it: per origin (this node first), the
+    /// last message delivered here.
     fn origins(&self, state: &ChannelState) -> Vec<OriginPosition> {
         let own = OriginPosition {
             origin: self.node.as_str().to_owned(),
             epoch: self.epoch.0,
-            seq: state.seq,
+            seq: state.shown_seq,
         };
-        std::iter::once(own).chain(state.remote.iter().cloned()).collect()
+        std::iter::once(own).chain(state.shown.iter().cloned()).collect()
     }
 
     /// The `Subscribed` frame for a subscription whose live stream starts now.
@@ -648,7 +662,7 @@ impl Hub {
         Subscribed {
             request_id,
             channel: name.to_string(),
-            position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
+            position: Some(Position { epoch: self.log_epoch.0, offset: state.shown_offset }),
             origins: self.origins(state),
             resumed: false,
         }
@@ -712,7 +726,7 @@ impl Hub {
                     ok = ok && outbox.push(Outgoing::Message(m.clone()));
                 }
                 if ok {
-                    state.subscribers.insert(conn, outbox.clone());
+                    state.members.insert(conn, Member::new(outbox.clone()));
                 }
                 return None;
             }
@@ -733,166 +747,21 @@ impl Hub {
             state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
             return None;
         }
-        state.subscribers.insert(conn, outbox.clone());
+        state.members.insert(conn, Member::new(outbox.clone()));
         Some(self.subscribed(state, request_id, name))
     }
 
-    /// Adds a subscriber that continues where an earlier subscription left off (see
-    /// [`crate::resume`]). Channels that keep history replay what the client missed; others
-    /// can only tell it (with a `Discontinuity`) that it missed something.
-    #[allow(clippy::too_many_arguments)]
-    pub fn resume(
-        &self,
-        name: &ChannelName,
-        conn: ConnectionId,
-        outbox: Outbox,
-        request_id: u32,
-        resume: Resume,
-        window: Duration,
-        max_scan: usize,
-    ) -> Resumed {
-        let claimed = resume.node == self.node.as_str()
-            && resume.position.is_some_and(|p| p.epoch == self.log_epoch.0);
-        let after = resume.position.map_or(0, |p| p.offset);
-        let history = self.store.as_ref().filter(|s| s.keeps(name.as_str()));
-        self.with_state(name.as_str(), |state| {
-            // A position on this node counts only if this node still has the client's last
-            // message there: after a crash, offsets delivered but not yet logged are issued
-            // again to other messages.
-            let mut verify_at = None;
-            let same_node = claimed
-                && after <= state.offset
-                && (after == 0
-                    || match state.recent.iter().find(|m| offset_of(m) == after) {
-                        Some(m) => crate::resume::covers(&resume.origins, m.message()),
-                        None => {
-                            verify_at = Some(after);
-                            history.is_some()
-                        }
-                    });
-            let Some(store) = history else {
-                // No log: say whether anything was missed, then go live.
-                let missed = if same_node {
-                    state.offset > after
-                } else {
-                    let known = self.origins(state);
-                    !resume.origins.iter().all(|v| {
-                        known
-                            .iter()
-                            .any(|k| k.origin == v.origin && k.epoch == v.epoch && k.seq == v.seq)
-                    }) || known
-                        .iter()
-                        .any(|k| k.seq > 0 && !resume.origins.iter().any(|v| v.origin == k.origin))
-                };
-                if missed {
-                    let d = Discontinuity {
-                        channel: name.to_string(),
-                        reason: "this channel keeps no history: messages published while \
-                                 disconnected cannot be replayed"
-                            .into(),
-                        origins: Vec::new(),
-                    };
-                    outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
-                }
-                return Resumed::Done(
-                    self.join(state, name, conn, &outbox, request_id).map(|s| Subscribed {
-                        resumed: true,
-                        origins: Vec::new(),
-                        ..s
-                    }),
-                );
-            };
-            self.want(state, name);
-            let mut subscribed = self.subscribed(state, request_id, name);
-            subscribed.resumed = true;
-            subscribed.origins = Vec::new();
-            // Same node, and the in-memory tail reaches back to the client's position: no
-            // log read needed.
-            let now = crate::store::now_ms();
-            let cutoff_ms = now.saturating_sub(window.as_millis() as u64);
-            if same_node
-                && (after >= state.offset
-                    || state.recent.front().is_some_and(|m| offset_of(m) <= after + 1))
-            {
-                let mut ok = outbox
-                    .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
-                let missed = state.recent.iter().filter(|m| offset_of(m) > after);
-                let stale = missed.clone().take_while(|m| m.message().timestamp_ms < cutoff_ms);
-                let stale = stale.count();
-                if stale > 0 {
-                    let d = Discontinuity {
-                        channel: name.to_string(),
-                        reason: format!(
-                            "{stale} message(s) are older than the resume window; fetch history"
-                        ),
-                        origins: Vec::new(),
-                    };
-                    ok = ok
-                        && outbox
-                            .push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
-                }
-                for m in missed.skip(stale) {
-                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
-                }
-                if ok {
-                    state.subscribers.insert(conn, outbox.clone());
-                }
-                return Resumed::Done(None);
-            }
-            let catchup = crate::resume::Catchup {
-                id: 0,
-                channel: name.clone(),
-                request_id,
-                next: after + 1,
-                head: state.offset,
-                wait_ticket: store.last_ticket(),
-                vector: resume.origins.clone(),
-                found: same_node,
-                verify_at,
-                started: false,
-                cutoff_ms,
-                known: self.origins(state),
-                max_scan,
-            };
-            Resumed::Catchup(Box::new(catchup), subscribed)
-        })
-    }
-
-    /// Ends a replay that reached `next`: when the in-memory tail covers the rest, queues it
-    /// (skipping what `vector` covers) and makes the subscription live; otherwise returns
-    /// false (the log is behind; read more once it caught up).
-    pub fn finish_catchup(
-        &self,
-        name: &ChannelName,
-        conn: ConnectionId,
-        outbox: &Outbox,
-        next: u64,
-        vector: &[OriginPosition],
-        force: bool,
-    ) -> bool {
-        self.with_state(name.as_str(), |state| {
-            let covered =
-                next > state.offset || state.recent.front().is_some_and(|m| offset_of(m) <= next);
-            if !covered && !force {
-                return false;
-            }
-            let mut ok = true;
-            for m in state.recent.iter().filter(|m| offset_of(m) >= next) {
-                if !crate::resume::covers(vector, m.message()) {
-                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
-                }
-            }
-            self.want(state, name);
-            if ok {
-                state.subscribers.insert(conn, outbox.clone());
-            }
-            true
-        })
-    }
-
     /// Tells the channel's subscribers that messages of `origin` were lost between regions
-    /// (its log no longer held them when the link came back).
-    pub fn discontinuity(&self, name: &ChannelName, origin: &str, epoch: u64, after: u64) {
+    /// (after `after` in `epoch`, through `through` or, when `None`, the rest of that
+    /// epoch); messages held for their publisher's order behind them go on (see [`order`]).
+    pub fn discontinuity(
+        &self,
+        name: &ChannelName,
+        origin: &str,
+        epoch: u64,
+        after: u64,
+        through: Option<u64>,
+    ) {
         let Some(channel) =
             self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
         else {
@@ -906,9 +775,13 @@ impl Hub {
             ),
             origins: vec![OriginPosition { origin: origin.to_owned(), epoch, seq: after }],
         };
-        state.subscribers.retain(|_, outbox| {
-            outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(frame.clone()))))
+        state.members.retain(|_, m| {
+            m.outbox
+                .push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(frame.clone()))))
         });
+        // Nothing of the hole comes: messages waiting for one of them go on.
+        note_origin(&mut state.remote, origin, epoch, through.unwrap_or(u64::MAX));
+        self.release_held(&channel, &mut state, Instant::now(), false);
     }
 
     /// The peers confirmed this node's interest in `name`: pending subscriptions take effect.
@@ -923,7 +796,7 @@ impl Hub {
             let subscribed = self.subscribed(&state, p.request_id, name);
             let frame = server_frame::Kind::Subscribed(subscribed);
             if p.outbox.push(Outgoing::Frame(Box::new(frame))) {
-                state.subscribers.insert(p.conn, p.outbox);
+                state.members.insert(p.conn, Member::new(p.outbox));
             }
         }
     }
@@ -938,21 +811,22 @@ impl Hub {
         };
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let mut state = lock(&channel.state);
-        let removed = state.subscribers.remove(&conn).or_else(|| {
+        let removed = state.members.remove(&conn).map(|m| m.outbox).or_else(|| {
             let i = state.pending.iter().position(|p| p.conn == conn)?;
             Some(state.pending.remove(i).outbox)
         });
         if let (Some(outbox), Some(item)) = (removed, then) {
             outbox.push(item);
         }
-        if state.subscribers.is_empty() && state.pending.is_empty() && state.interested {
+        if state.members.is_empty() && state.pending.is_empty() && state.interested {
             state.interested = false;
             if let Some(b) = self.backbone.get() {
                 b.remove_interest(name);
             }
         }
-        let unused = state.subscribers.is_empty()
+        let unused = state.members.is_empty()
             && state.pending.is_empty()
+            && state.held.is_empty()
             && state.seq == 0
             && state.offset == 0;
         if unused && !state.removed {
@@ -966,12 +840,12 @@ impl Hub {
     }
 
     /// Sequences a message on `name` (validated with [`ChannelName::validate`]) and delivers
-    /// it to every local subscriber. `None` when `name` would be a new channel and the node
-    /// holds `max_channels` already.
+    /// it to every local subscriber — on a channel that keeps history, once it is in the log.
+    /// `None` when `name` would be a new channel and the node holds `max_channels` already.
     pub fn publish(&self, name: String, msg: NewMessage) -> Option<Accepted> {
         let now = Instant::now();
         let timestamp_ms = crate::store::now_ms();
-        self.with_state_within(&name, self.limits.max_channels, |state| {
+        self.with_channel(&name, self.limits.max_channels, |ch, state| {
             state.dedupe.prune(now, &self.limits);
             if let Some(id) = &msg.id {
                 if let Some(prev) = state.dedupe.seen.get(id) {
@@ -988,6 +862,7 @@ impl Hub {
                         epoch: self.log_epoch,
                         log_ticket: None,
                         own: false,
+                        origin: None,
                     };
                 }
             }
@@ -1016,38 +891,59 @@ impl Hub {
                 origin_seq: state.seq,
                 position: Some(Position { epoch: self.log_epoch.0, offset: state.offset }),
                 timestamp_ms,
+                after: msg.after.clone().filter(|a| a.origin != self.node.as_str()),
             }));
-            let offset = state.offset;
-            let log_ticket = self.log(state, &name, offset, &encoded);
-            let accepted = Accepted {
+            let mut accepted = Accepted {
                 message_id,
                 seq: Seq(state.seq),
                 offset: Offset(state.offset),
                 timestamp_ms,
                 duplicate: false,
                 epoch: self.log_epoch,
-                log_ticket,
+                log_ticket: None,
                 own: true,
+                origin: Some((self.node.clone(), self.epoch)),
             };
             if let Some(id) = &msg.id {
-                state.dedupe.seen.insert(id.clone(), accepted.clone());
-                state.dedupe.order.push_back((now, id.clone()));
+                state.dedupe.note_own(id, &accepted, now);
             }
-            // Overflowed subscribers are dropped here; their sessions close with 4001.
-            state.subscribers.retain(|_, outbox| outbox.push(Outgoing::Message(encoded.clone())));
-            // Still under the channel lock, so the backbone sees this channel's messages in
-            // sequence order and numbers them the same way.
-            if let Some(backbone) = self.backbone.get() {
-                if let Some(channel) = state.name.clone() {
-                    let seq = backbone.publish(channel, encoded.protobuf());
-                    if seq.0 != state.seq {
-                        tracing::error!(channel = %name, hub = state.seq, backbone = seq.0, "sequence mismatch");
-                    }
-                }
-            }
+            accepted.log_ticket = self.sequenced(ch, state, encoded, true);
             accepted
         })
     }
+
+    /// Delivers a sequenced message to the channel's subscribers (and, when this node
+    /// sequenced it, hands it to the backbone): the message is now part of what the node
+    /// shows, in log order.
+    fn show(&self, state: &mut ChannelState, encoded: &Arc<EncodedMessage>, own: bool) {
+        let m = encoded.message();
+        state.shown_offset = state.shown_offset.max(offset_of_encoded(encoded));
+        if self.store.as_ref().is_some_and(|s| s.keeps(&m.channel)) {
+            state.recent.push_back(encoded.clone());
+            if state.recent.len() > REWIND_MAX {
+                state.recent.pop_front();
+            }
+        }
+        if own {
+            state.shown_seq = m.origin_seq;
+        } else {
+            note_origin(&mut state.shown, &m.origin, m.origin_epoch, m.origin_seq);
+        }
+        // Overflowed subscribers are dropped here; their sessions close with 4001.
+        fan_out(&mut state.members, encoded);
+        // Still under the channel lock, so the backbone sees this channel's messages in
+        // sequence order.
+        if own {
+            if let (Some(backbone), Some(channel)) = (self.backbone.get(), state.name.clone()) {
+                backbone.publish(channel, Seq(m.origin_seq), encoded.protobuf());
+            }
+        }
+    }
+}
+
+/// The log offset of a message this node sequenced.
+fn offset_of_encoded(m: &EncodedMessage) -> u64 {
+    state::offset_of(m)
 }
 
 #[cfg(test)]
@@ -1066,7 +962,12 @@ mod tests {
             node,
             Epoch(7),
             Epoch(7),
-            HubLimits { dedupe_ids: 2, dedupe_window: Duration::from_secs(120), max_channels },
+            HubLimits {
+                dedupe_ids: 2,
+                dedupe_window: Duration::from_secs(120),
+                max_channels,
+                order_wait: Duration::from_secs(10),
+            },
             None,
         )
     }
@@ -1082,6 +983,7 @@ mod tests {
             name: String::new(),
             data: None,
             client_id: String::new(),
+            after: None,
         }
     }
 

@@ -1,0 +1,74 @@
+//! Delivery after the log write.
+//!
+//! On a channel that keeps history, a message — published here or replicated from another
+//! origin — is delivered to subscribers, and (when this node sequenced it) handed to the
+//! backbone, only once the store committed its log write. So a crash never takes back a
+//! message anyone received, a restarted node knows from its log everything it ever
+//! delivered (nothing is appended or delivered twice), and a position a subscriber holds is
+//! always in the log. The cost is the commit's latency on such channels (≈ 0.5 ms with an
+//! fsync per group on this machine, see `tern bench history`).
+//!
+//! ```text
+//!  publish / deliver_remote ─▶ unreleased (per channel, log order) ─┐
+//!  store commits ticket T ──▶ Hub::release(T) ─▶ channels whose first ticket ≤ T ─┴─▶ show
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::state::{ChannelState, Unreleased};
+use super::{Channel, Hub, lock};
+
+impl Hub {
+    /// Queues a sequenced message until its log write is committed.
+    pub(super) fn queue_release(&self, ch: &Arc<Channel>, state: &mut ChannelState, u: Unreleased) {
+        if u.ticket == 0 && state.unreleased.is_empty() {
+            // No log write to wait for (the writer is gone): deliver at once.
+            return self.show(state, &u.message, u.own);
+        }
+        let first = state.unreleased.is_empty();
+        let ticket = u.ticket;
+        state.unreleased.push_back(u);
+        self.unreleased.fetch_add(1, Ordering::Relaxed);
+        if first {
+            lock(&self.releases).push_back((ticket, ch.clone()));
+        }
+    }
+
+    /// Delivers every message whose log write is done (the store's committed ticket reached
+    /// `committed`), channel by channel, in log order. Run whenever the store commits.
+    pub fn release(&self, committed: u64) {
+        let ready: Vec<Arc<Channel>> = {
+            let mut queue = lock(&self.releases);
+            let mut ready = Vec::new();
+            queue.retain(|(ticket, ch)| {
+                if *ticket <= committed {
+                    ready.push(ch.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            ready
+        };
+        for ch in ready {
+            let mut state = lock(&ch.state);
+            let mut released = 0;
+            while state.unreleased.front().is_some_and(|u| u.ticket <= committed) {
+                let Some(u) = state.unreleased.pop_front() else { break };
+                self.show(&mut state, &u.message, u.own);
+                released += 1;
+            }
+            self.unreleased.fetch_sub(released, Ordering::Relaxed);
+            if let Some(next) = state.unreleased.front() {
+                lock(&self.releases).push_back((next.ticket, ch.clone()));
+            }
+        }
+    }
+
+    /// Messages sequenced and waiting for their log write (a graceful shutdown waits for
+    /// them to go out).
+    pub fn unreleased(&self) -> usize {
+        self.unreleased.load(Ordering::Relaxed)
+    }
+}
