@@ -1,17 +1,22 @@
-//! Chaos: three real `tern edge` processes (regions) with durable history, publishers on
-//! every node, subscribers whose connections are reset (RST, no close frame) at random
-//! moments and come back — to the same node or to another region — and one node SIGKILLed
-//! and restarted mid-run. Every subscriber must end with every message of every publisher
-//! exactly once, in publisher order; one more subscriber is held away while its channel's
-//! log is forced past retention and must be told so with a discontinuity.
+//! Chaos: three real `tern edge` processes (regions) with durable history; publishers and
+//! subscribers whose connections are reset (RST, no close frame) at random moments and come
+//! back — to the same node or to another region — one node SIGKILLed and another SIGTERMed
+//! (a rolling restart) mid-run, each restarted, and clients that resume on a node that is
+//! still catching up. Beside the SDK's clients, plain protocol-level clients written from
+//! docs/protocol.md (`common::plain`: raw JSON frames, positions kept as documented, nothing
+//! dropped on their side) publish and subscribe. Every subscriber must end with every message
+//! of every publisher exactly once, in publisher order, and every node's log must hold each
+//! message exactly once, in publisher order; one more subscriber is held away while its
+//! channel's log is forced past retention and must be told so with a discontinuity.
 //!
-//! Each subscriber reaches the cluster through its own TCP proxy, which picks the node for
-//! every new connection (same one or another region, at random) and cuts connections with
-//! a reset. `TERN_CHAOS_SEED=N` replays a run's choices (timing still varies).
+//! Each client reaches the cluster through its own TCP proxy, which picks the node for every
+//! new connection (same one or another region, at random) and cuts connections with a reset.
+//! `TERN_CHAOS_SEED=N` replays a run's choices (timing still varies).
 
 mod common;
 
-use common::{ProcessCluster, REGIONS};
+use common::plain::{Plain, PlainState, log_of};
+use common::{ProcessCluster, REGIONS, sigterm};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,8 +34,10 @@ use tokio::task::AbortHandle;
 const WAIT: Duration = Duration::from_secs(90);
 /// Messages per publisher.
 const EACH: usize = 1_000;
-/// Subscribers per node.
-const SUBS_PER_NODE: usize = 2;
+/// SDK subscribers.
+const SDK_SUBS: usize = 3;
+/// Plain protocol-level subscribers.
+const PLAIN_SUBS: usize = 4;
 /// Messages published while the retention subscriber is away (its namespace keeps 20).
 const FORCED: usize = 150;
 
@@ -178,6 +185,84 @@ fn record(seen: &mut Seen, ev: Event) {
     }
 }
 
+/// Publisher `p`'s numbers in the order `got` holds them.
+fn of(got: &[(String, usize)], p: &str) -> Vec<usize> {
+    got.iter().filter(|(who, _)| who == p).map(|(_, k)| *k).collect()
+}
+
+fn parse(text: &str) -> (String, usize) {
+    let (who, k) = text.split_once(':').expect("P<n>:<k>");
+    (who.to_owned(), k.parse().expect("number"))
+}
+
+/// A plain subscriber: reconnects through its proxy after every cut, resumes as the docs
+/// say, and records everything it is given until it holds `want` messages.
+async fn plain_subscriber(url: String, channel: &'static str, want: usize) -> PlainState {
+    let mut st = PlainState::default();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    'connect: loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "plain subscriber stalled at {}",
+            st.got.len()
+        );
+        let Ok(mut c) = Plain::connect(&url).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match c.subscribe(&mut st, channel).await {
+            Ok(f) if f.get("subscribed").is_some() => {}
+            Ok(f) => panic!("plain subscriber refused: {f}"),
+            Err(_) => continue 'connect,
+        }
+        while st.got.len() < want {
+            if c.frame(&mut st, WAIT).await.is_err() {
+                continue 'connect;
+            }
+        }
+        return st;
+    }
+}
+
+/// A plain publisher: publishes `P<i>:0…` with ids `p<i>-k` through its proxy; after a cut
+/// it reconnects (maybe to another region) and sends the same publish again, with `after`
+/// as the docs say, until it is acknowledged.
+async fn plain_publisher(url: String, i: usize, pause: u64) {
+    let mut st = PlainState::default();
+    let mut conn: Option<Plain> = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for k in 0..EACH {
+        let (id, body) = (format!("p{i}-{k}"), format!("P{i}:{k}"));
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "publish {id} never acked");
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match Plain::connect(&url).await {
+                    Ok(c) => conn.insert(c),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            match c.publish(&mut st, "chaos:room", &id, &body).await {
+                Ok(f) if f.get("ack").is_some() => break,
+                Ok(f) => {
+                    let wait = f["nack"]["retryAfterMs"].as_u64().unwrap_or(100);
+                    assert!(
+                        ["ERROR_CODE_UNAVAILABLE", "ERROR_CODE_RATE_LIMITED"]
+                            .contains(&f["nack"]["code"].as_str().unwrap_or("")),
+                        "{id}: {f}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Err(_) => conn = None,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     let seed = std::env::var("TERN_CHAOS_SEED")
@@ -202,37 +287,63 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     for i in 0..3 {
         nodes.push(cluster.start(i, WAIT).await);
     }
-    let url = |i: usize| cluster.url(i);
-
-    // Subscribers: each behind its own cutting proxy, subscribed before anything is
-    // published, so "everything published during its subscription" is everything.
-    let mut proxies = Vec::new();
-    let mut subs = Vec::new();
-    for i in 0..3 * SUBS_PER_NODE {
-        let home = i % 3;
+    for i in 0..3 {
+        common::ready(&cluster.http(i), WAIT).await;
+    }
+    let proxy_to = |home: usize| {
         let mut targets = client.clone();
         targets.rotate_left(home);
-        let proxy = Proxy::start(targets, rng.random()).await;
+        targets
+    };
+
+    // Subscribers: each behind its own cutting proxy, subscribed before anything is
+    // published, so "everything published during its subscription" is everything. SDK
+    // subscribers, and plain ones (the contract is the node's).
+    let mut proxies = Vec::new();
+    let mut subs = Vec::new();
+    for i in 0..SDK_SUBS {
+        let proxy = Proxy::start(proxy_to(i % 3), rng.random()).await;
         let c = Client::connect(&proxy.url(), fast_reconnect()).await.unwrap();
         let sub = c.subscribe("chaos:room").await.unwrap();
         proxies.push(proxy);
         subs.push((c, sub));
+    }
+    let mut plain_subs = Vec::new();
+    for i in 0..PLAIN_SUBS {
+        let proxy = Proxy::start(proxy_to(i % 3), rng.random()).await;
+        let url = proxy.url();
+        proxies.push(proxy);
+        // Subscribed before anything is published (its first subscribe answers at once).
+        let mut st = PlainState::default();
+        let mut c = Plain::connect(&url).await.unwrap();
+        c.subscribe(&mut st, "chaos:room").await.unwrap();
+        drop(c);
+        plain_subs.push(tokio::spawn(async move {
+            let mut more = plain_subscriber(url, "chaos:room", 3 * EACH).await;
+            more.got.splice(0..0, st.got);
+            more
+        }));
     }
     // The retention subscriber.
     let tiny_proxy = Proxy::start(client.clone(), rng.random()).await;
     let tiny_client = Client::connect(&tiny_proxy.url(), fast_reconnect()).await.unwrap();
     let mut tiny_sub = tiny_client.subscribe("tiny:room").await.unwrap();
 
-    // Publishers, one per node, each retrying with the same id until acknowledged. They
-    // stay with their node (the one on the killed node waits for its restart): acknowledged
-    // messages still only in a dead node's log cannot reach anyone before it returns, so a
-    // publisher that moved on to another region could be overtaken by itself.
+    // Publishers, each behind its own cutting proxy too: when its connection is cut (or its
+    // node goes down) it fails over and retries with the same id. Two use the SDK (which
+    // sends `after`), one is plain.
     let mut pubs = Vec::new();
     for i in 0..3 {
-        let home = url(i);
+        let proxy = Proxy::start(proxy_to(i), rng.random()).await;
+        let url = proxy.url();
+        proxies.push(proxy);
         let pause = rng.random_range(1..4u64);
+        if i == 2 {
+            pubs.push(tokio::spawn(plain_publisher(url, i, pause)));
+            continue;
+        }
         pubs.push(tokio::spawn(async move {
-            let c = Client::connect(&home, fast_reconnect()).await.unwrap();
+            let c = Client::connect(&url, fast_reconnect()).await.unwrap();
             for k in 0..EACH {
                 let id = format!("p{i}-{k}");
                 let body = format!("P{i}:{k}");
@@ -264,31 +375,42 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         }));
     }
 
-    // Chaos: cut subscribers at random moments; kill one node mid-run and restart it.
-    let victim = rng.random_range(0..3usize);
-    let kill_after = Duration::from_millis(rng.random_range(500..2000));
+    // Chaos: cut clients at random moments; SIGKILL one node mid-run and restart it, then
+    // SIGTERM another (a rolling restart) and restart it. Right after each restart every
+    // client is cut, so some resume on the node that is still catching up.
+    let killed = rng.random_range(0..3usize);
+    let termed = (killed + rng.random_range(1..3usize)) % 3;
+    let kill_after = Duration::from_millis(rng.random_range(500..1500));
+    let term_after = kill_after + Duration::from_millis(rng.random_range(1500..3000));
     let started = tokio::time::Instant::now();
-    let mut killed = false;
+    let (mut kill_done, mut term_done) = (false, false);
     let mut cuts = 0usize;
     while !pubs.iter().all(|p| p.is_finished()) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..120))).await;
         let p = rng.random_range(0..proxies.len());
         proxies[p].cut();
         cuts += 1;
-        if !killed && started.elapsed() >= kill_after {
-            killed = true;
-            nodes[victim].kill().await.unwrap(); // SIGKILL
+        let elapsed = started.elapsed();
+        if !kill_done && elapsed >= kill_after {
+            kill_done = true;
+            nodes[killed].kill().await.unwrap(); // SIGKILL
             tokio::time::sleep(Duration::from_millis(300)).await;
-            nodes[victim] = cluster.start(victim, WAIT).await;
+            nodes[killed] = cluster.start(killed, WAIT).await;
+            proxies.iter().for_each(Proxy::cut);
+        } else if kill_done && !term_done && elapsed >= term_after {
+            term_done = true;
+            sigterm(&mut nodes[termed]).await;
+            nodes[termed] = cluster.start(termed, WAIT).await;
+            proxies.iter().for_each(Proxy::cut);
         }
     }
     for p in pubs {
         p.await.unwrap();
     }
-    assert!(killed, "the run was long enough to kill a node");
+    assert!(kill_done && term_done, "the run was long enough to kill and to stop a node");
 
     // Retention: the tiny subscriber stays away while its log is forced past 20 messages.
-    let publisher = Client::connect(&url(0), fast_reconnect()).await.unwrap();
+    let publisher = Client::connect(&cluster.url(0), fast_reconnect()).await.unwrap();
     publisher.publish("tiny:room", "T:0").await.unwrap();
     let mut tiny = Seen::default();
     record(&mut tiny, tokio::time::timeout(WAIT, tiny_sub.next()).await.unwrap().unwrap());
@@ -307,30 +429,68 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         }
     }
 
+    let all: Vec<usize> = (0..EACH).collect();
     let mut delivered = 0;
     let mut discontinuities = 0;
     for (i, r) in readers.into_iter().enumerate() {
         let seen = r.await.unwrap();
         for p in 0..3 {
             let got = &seen.per[&format!("P{p}")];
-            if got != &(0..EACH).collect::<Vec<_>>() {
+            if got != &all {
                 let mut counts = BTreeMap::new();
                 for e in &seen.log {
                     *counts.entry(e.0.clone()).or_insert(0) += 1;
                 }
                 for (at, e) in seen.log.iter().enumerate().filter(|(_, e)| counts[&e.0] > 1) {
-                    println!("subscriber {i} repeated, as message {at}: {e:?}");
+                    println!("SDK subscriber {i} repeated, as message {at}: {e:?}");
                 }
             }
             assert_eq!(
-                got,
-                &(0..EACH).collect::<Vec<_>>(),
-                "subscriber {i}, publisher {p}: every message once, in order (seed {seed})"
+                got, &all,
+                "SDK subscriber {i}, publisher {p}: every message once, in order (seed {seed})"
             );
             delivered += got.len();
         }
         discontinuities += seen.discontinuities;
-        assert_eq!(seen.discontinuities, 0, "subscriber {i}: nothing was past retention");
+        assert_eq!(seen.discontinuities, 0, "SDK subscriber {i}: nothing was past retention");
+    }
+    for (i, r) in plain_subs.into_iter().enumerate() {
+        let st = r.await.unwrap();
+        let got: Vec<(String, usize)> = st.got.iter().map(|g| parse(&g.text)).collect();
+        for p in 0..3 {
+            let mine = of(&got, &format!("P{p}"));
+            if mine != all {
+                for g in st.got.iter().filter(|g| g.text.starts_with(&format!("P{p}:"))) {
+                    println!("plain subscriber {i}: {g:?}");
+                }
+            }
+            assert_eq!(
+                mine, all,
+                "plain subscriber {i}, publisher {p}: every message once, in order, with no help from the client (seed {seed})"
+            );
+        }
+        assert_eq!(got.len(), 3 * EACH, "plain subscriber {i}: nothing else, nothing twice");
+        assert!(st.discontinuities.is_empty(), "plain subscriber {i}: {:?}", st.discontinuities);
+        delivered += got.len();
+    }
+    // Every node's log holds each message once, in publisher order.
+    for n in 0..3 {
+        let log = log_of(&cluster.http(n), "chaos:room").await;
+        let got: Vec<(String, usize)> = log.iter().map(|g| parse(&g.text)).collect();
+        for p in 0..3 {
+            assert_eq!(
+                of(&got, &format!("P{p}")),
+                all,
+                "{}'s log, publisher {p} (seed {seed})",
+                REGIONS[n]
+            );
+        }
+        assert_eq!(
+            got.len(),
+            3 * EACH,
+            "{}'s log holds each message once (seed {seed})",
+            REGIONS[n]
+        );
     }
     let (mut resumed, mut failed_over) = (0, 0);
     for p in &proxies {
@@ -343,12 +503,16 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     assert!(t.windows(2).all(|w| w[0] < w[1]), "in order, once: {t:?}");
     assert!(t.len() < FORCED, "the log kept only its retention: {}", t.len());
     println!(
-        "chaos seed {seed}: {delivered} delivered to {} subscribers, {cuts} cuts, {resumed} \
-         resumes ({failed_over} on another region), node {} killed and restarted, \
-         {discontinuities} unexpected discontinuities; retention subscriber: {} \
-         discontinuity, {} of {} messages replayable",
-        proxies.len(),
-        REGIONS[victim],
+        "chaos seed {seed}: {delivered} delivered to {} SDK and {} plain subscribers, 0 lost, \
+         0 duplicated, 0 out of order; 3 logs with {} messages each, each once; {cuts} cuts, \
+         {resumed} reconnects ({failed_over} to another region); {} SIGKILLed, {} SIGTERMed, \
+         both restarted; {discontinuities} unexpected discontinuities; retention subscriber: \
+         {} discontinuity, {} of {} messages replayable",
+        SDK_SUBS,
+        PLAIN_SUBS,
+        3 * EACH,
+        REGIONS[killed],
+        REGIONS[termed],
         tiny.discontinuities,
         t.len() - 1,
         FORCED

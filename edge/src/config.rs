@@ -89,8 +89,9 @@ pub struct HistoryConfig {
     /// directory; `tern edge --data-dir` overrides it.
     pub data_dir: PathBuf,
     /// `group`: every group of writes is fsynced before the next (a crash loses at most the
-    /// group in flight); `interval`: fsync at most every `sync_interval` (fewer fsyncs; a
-    /// crash loses at most that interval).
+    /// group in flight, which nobody received yet); `interval`: groups are committed without
+    /// an fsync and fsynced at most every `sync_interval` (fewer fsyncs; a crash of the
+    /// process loses nothing committed, a crash of the machine up to that interval).
     pub sync: SyncMode,
     /// For `sync = "interval"`.
     #[serde(with = "humantime_serde")]

@@ -95,10 +95,10 @@ impl Node {
     }
 
     /// Whether the node is ready for traffic. After a start it waits until it caught up
-    /// with every peer (the link is up and the peer's catch-up after it acknowledged), or
-    /// the peer is unreachable (its link down for `backbone.interest_wait`), or
-    /// `backbone.ready_wait` passed; from then on it is ready until it shuts down. A node
-    /// without a backbone is ready at once.
+    /// with every peer (the link is up and the peer's catch-up after it acknowledged) or
+    /// `backbone.ready_wait` passed (a peer that stays unreachable delays readiness that
+    /// long); from then on it is ready until it shuts down. A node without a backbone is
+    /// ready at once.
     pub fn readiness(&self) -> Readiness {
         let peers: Vec<_> = self.hub.backbone().map(|b| b.peers()).unwrap_or_default();
         let listed = peers.iter().map(|p| (p.peer.to_string(), p.up, p.caught_up)).collect();
@@ -113,15 +113,11 @@ impl Node {
             self.ready.store(true, Ordering::Relaxed);
             return ready("ready: no backbone");
         };
-        let age = self.started.elapsed();
-        let all = peers
-            .iter()
-            .all(|p| p.caught_up || (!p.up && p.down_for.unwrap_or(age) >= b.interest_wait));
-        if all {
+        if peers.iter().all(|p| p.caught_up) {
             self.ready.store(true, Ordering::Relaxed);
-            return ready("ready: caught up with every reachable peer");
+            return ready("ready: caught up with every peer");
         }
-        if age >= b.ready_wait {
+        if self.started.elapsed() >= b.ready_wait {
             self.ready.store(true, Ordering::Relaxed);
             return ready("ready: backbone.ready_wait passed before every peer caught up");
         }

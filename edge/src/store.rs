@@ -17,9 +17,13 @@
 //!
 //! Sync policy ([`SyncPolicy`]): `group` makes every group durable before the next starts
 //! (an fsync per group; a crash loses at most the group being written); `interval` commits
-//! groups without fsync and makes them durable every `sync_interval` (fewer fsyncs, a crash
-//! loses at most that interval). Publish acks on history channels wait until the message's
-//! group is committed (and, with `DURABILITY_REPLICATED`, until another region has it).
+//! groups without fsync (`redb::Durability::Eventual`: a crash of the process loses
+//! nothing committed) and fsyncs every `sync_interval` (a crash of the machine loses at most
+//! that interval). Publish acks on history channels wait until the message's group is
+//! committed (and, with `DURABILITY_REPLICATED`, until another region has it); so does its
+//! delivery (see `crate::channel`). The same transaction records, per channel and origin,
+//! the newest message logged ([`Store::positions`]): after a restart the node knows exactly
+//! which messages it holds.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -195,6 +199,8 @@ pub struct Store {
     failed: Arc<Failures>,
     /// Test hook: the next group's write fails as a full disk would make it.
     fail_next: Arc<std::sync::atomic::AtomicBool>,
+    /// Test hook: the writer takes no new group while set (a slow disk).
+    paused: Arc<std::sync::atomic::AtomicBool>,
     namespaces: Arc<HashMap<String, Retention>>,
     path: PathBuf,
 }
@@ -240,13 +246,14 @@ impl Store {
         let failed = Arc::new(Failures::default());
         let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let outcome = Outcome { committed: committed_tx, failed: failed.clone() };
-        let hook = fail_next.clone();
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hooks = Hooks { fail_next: fail_next.clone(), paused: paused.clone() };
         std::thread::Builder::new()
             .name("tern-history".into())
-            .spawn(move || writer(db, rx, options.sync, ns2, outcome, hook))
+            .spawn(move || writer(db, rx, options.sync, ns2, outcome, hooks))
             .map_err(|e| StoreError::Db(format!("cannot start the writer: {e}")))?;
         let tx = Arc::new(std::sync::Mutex::new((tx, 0)));
-        Ok(Self { db: weak, tx, committed, failed, fail_next, namespaces, path })
+        Ok(Self { db: weak, tx, committed, failed, fail_next, paused, namespaces, path })
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
@@ -274,6 +281,12 @@ impl Store {
     #[doc(hidden)]
     pub fn fail_next_write(&self) {
         self.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Test hook: while `on`, the writer commits nothing (a disk that stalls).
+    #[doc(hidden)]
+    pub fn pause_writes(&self, on: bool) {
+        self.paused.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The last ticket handed out: once [`Store::committed`] reaches it, everything appended
@@ -528,7 +541,7 @@ fn writer(
     sync: SyncPolicy,
     namespaces: Arc<HashMap<String, Retention>>,
     outcome: Outcome,
-    fail_next: Arc<std::sync::atomic::AtomicBool>,
+    hooks: Hooks,
 ) {
     const GROUP: usize = 4096;
     let mut last_sync = Instant::now();
@@ -562,6 +575,9 @@ fn writer(
                 return;
             }
         }
+        while hooks.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let tickets = group.first().zip(group.last()).map(|(a, b)| (a.ticket, b.ticket));
         if let Some(done) = closing.take() {
             if let Err(e) = commit_group(&db, &mut group, true) {
@@ -584,7 +600,8 @@ fn writer(
             continue;
         }
         let result = (|| -> Result<(), StoreError> {
-            if !group.is_empty() && fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if !group.is_empty() && hooks.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
                 return Err(StoreError::Db("injected write failure (test hook)".into()));
             }
             let mut txn = db.begin_write()?;
@@ -637,6 +654,12 @@ fn writer(
             pending_sync = true;
         }
     }
+}
+
+/// The writer's test hooks (see [`Store::fail_next_write`], [`Store::pause_writes`]).
+struct Hooks {
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How the writer tells waiting publishers what became of their tickets.

@@ -316,6 +316,37 @@ async fn a_failed_log_write_is_reported_not_acknowledged() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// On a history channel a message is delivered only once it is in the log: while the disk
+/// stalls, a message published after it on a channel without history overtakes it; it
+/// follows (with its ack) once written. So a crash never takes back a message a subscriber
+/// received: the log holds everything anyone saw.
+#[tokio::test]
+async fn history_is_delivered_once_it_is_in_the_log() {
+    let dir = data_dir("release");
+    let n = node(&dir, 1000).await;
+    let store = n.node.hub().store().unwrap().clone();
+    let (mut sub, _) = common::RawJson::connected(n.addr).await;
+    for (k, ch) in ["log:held", "chat:free"].iter().enumerate() {
+        sub.send(&format!(r#"{{"subscribe":{{"requestId":{},"channel":"{ch}"}}}}"#, k + 1)).await;
+        assert!(sub.recv().await.get("subscribed").is_some());
+    }
+    let (mut publisher, _) = common::RawJson::connected(n.addr).await;
+    store.pause_writes(true);
+    publisher.send(r#"{"publish":{"requestId":1,"channel":"log:held","text":"logged"}}"#).await;
+    publisher.send(r#"{"publish":{"requestId":2,"channel":"chat:free","text":"free"}}"#).await;
+    let first = sub.recv().await;
+    assert_eq!(first["deliver"]["messages"][0]["text"], "free", "{first}");
+    // The history message waits for its log write, and so does its ack: the publisher's
+    // acks keep publish order.
+    store.pause_writes(false);
+    let next = sub.recv().await;
+    assert_eq!(next["deliver"]["messages"][0]["text"], "logged", "{next}");
+    assert_eq!(publisher.recv().await["ack"]["requestId"], 1);
+    assert_eq!(publisher.recv().await["ack"]["requestId"], 2);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// History over the WebSocket protocol (JSON frames): pages, and the documented errors.
 #[tokio::test]
 async fn history_over_websocket() {

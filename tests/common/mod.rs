@@ -1,6 +1,8 @@
 //! Shared helpers for the tests that run the real `tern` binary.
 #![allow(dead_code)]
 
+pub mod plain;
+
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -52,6 +54,37 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// Writes certificates and configurations; `extra(region)` is appended to each.
     pub fn write(dir: &Path, extra: impl Fn(&str) -> String) -> Self {
+        Self::write_with(dir, extra, |_, _, addr| addr)
+    }
+
+    /// As [`ProcessCluster::write`], with every backbone link through a [`UdpRelay`] the
+    /// test can block (keyed by the pair of node indexes, lower first).
+    pub async fn write_relayed(
+        dir: &Path,
+        extra: impl Fn(&str) -> String,
+    ) -> (Self, std::collections::BTreeMap<(usize, usize), UdpRelay>) {
+        let relays = std::sync::Mutex::new(std::collections::BTreeMap::new());
+        let cluster = Self::write_with(dir, extra, |i, j, addr| {
+            let relay = UdpRelay::bind(addr);
+            let front = relay.addr;
+            relays.lock().unwrap().insert((i.min(j), i.max(j)), relay);
+            front
+        });
+        let relays = relays.into_inner().unwrap();
+        for r in relays.values() {
+            r.run();
+        }
+        (cluster, relays)
+    }
+
+    /// Writes the configurations; `peer_addr(me, peer, addr)` is the backbone address node
+    /// `me` dials for `peer` (whose own is `addr`). Only the dialer (the smaller node id)
+    /// uses it.
+    fn write_with(
+        dir: &Path,
+        extra: impl Fn(&str) -> String,
+        peer_addr: impl Fn(usize, usize, SocketAddr) -> SocketAddr,
+    ) -> Self {
         let d = dir.to_str().unwrap();
         let run = |args: &[&str]| {
             assert!(std::process::Command::new(tern()).args(args).status().unwrap().success());
@@ -68,18 +101,19 @@ impl ProcessCluster {
         for (i, r) in REGIONS.iter().enumerate() {
             let mut toml = format!(
                 "[node]\nregion = \"{r}\"\nname = \"edge-1\"\n[listen]\nclient = \"{}\"\n\
-                 [heartbeat]\ninterval = \"500ms\"\nidle_timeout = \"5s\"\n\
+                 [heartbeat]\ninterval = \"500ms\"\nidle_timeout = \"20s\"\n\
                  [limits]\npublish_rate = 1000000\npublish_burst = 1000000\n\
-                 frame_rate = 1000000\nframe_burst = 1000000\n\
+                 frame_rate = 1000000\nframe_burst = 1000000\npublish_order_wait = \"30s\"\n\
                  [backbone]\nlisten = \"{}\"\nca = \"{d}/ca.pem\"\ncert = \"{d}/{r}-edge-1.pem\"\nkey = \"{d}/{r}-edge-1.key\"\n",
                 client[i], backbone[i]
             );
             for (j, r2) in REGIONS.iter().enumerate() {
                 if j != i {
-                    toml += &format!(
-                        "[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"{}\"\n",
-                        backbone[j]
-                    );
+                    // The smaller node id dials.
+                    let dials = format!("{}/edge-1", REGIONS[i]) < format!("{r2}/edge-1");
+                    let addr = if dials { peer_addr(i, j, backbone[j]) } else { backbone[j] };
+                    toml +=
+                        &format!("[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"{addr}\"\n");
                 }
             }
             toml += &extra(r);
@@ -98,5 +132,105 @@ impl ProcessCluster {
     /// Node `i`'s client URL.
     pub fn url(&self, i: usize) -> String {
         format!("ws://{}", self.client[i])
+    }
+
+    /// Node `i`'s HTTP base URL.
+    pub fn http(&self, i: usize) -> String {
+        format!("http://{}", self.client[i])
+    }
+}
+
+/// Stops a node gracefully (SIGTERM) and waits for it to exit.
+pub async fn sigterm(child: &mut Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(ok.success(), "kill -TERM {pid}");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    assert!(status.is_ok(), "the node exits after SIGTERM within its grace");
+}
+
+/// Waits until node `http`'s `/readyz` answers 200.
+pub async fn ready(http: &str, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let ok = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let host = http.strip_prefix("http://")?;
+            let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+            let req = format!("GET /readyz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            Some(buf.starts_with(b"HTTP/1.1 200"))
+        }
+        .await;
+        if ok == Some(true) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{http} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A UDP relay in front of one node's backbone port, for one peer link: what the dialer
+/// sends to [`UdpRelay::addr`] goes to the node, and the node's answers back, unless the
+/// relay is blocked (then both directions are dropped, as a partition would).
+pub struct UdpRelay {
+    /// Where the dialer sends.
+    pub addr: SocketAddr,
+    front: std::net::UdpSocket,
+    back: std::net::UdpSocket,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpRelay {
+    fn bind(target: SocketAddr) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        front.set_nonblocking(true).unwrap();
+        back.set_nonblocking(true).unwrap();
+        Self { addr: front.local_addr().unwrap(), front, back, blocked: Default::default() }
+    }
+
+    fn run(&self) {
+        use std::sync::atomic::Ordering;
+        let front = std::sync::Arc::new(
+            tokio::net::UdpSocket::from_std(self.front.try_clone().unwrap()).unwrap(),
+        );
+        let back = std::sync::Arc::new(
+            tokio::net::UdpSocket::from_std(self.back.try_clone().unwrap()).unwrap(),
+        );
+        let client = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let (f, b, c, blocked) =
+            (front.clone(), back.clone(), client.clone(), self.blocked.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                // Errors (an ICMP "port unreachable" while a node restarts) are not the end.
+                let Ok((n, from)) = f.recv_from(&mut buf).await else { continue };
+                *c.lock().unwrap() = Some(from);
+                if !blocked.load(Ordering::Relaxed) {
+                    let _ = b.send(&buf[..n]).await;
+                }
+            }
+        });
+        let blocked = self.blocked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok(n) = back.recv(&mut buf).await else { continue };
+                let to = *client.lock().unwrap();
+                if let Some(to) = to.filter(|_| !blocked.load(std::sync::atomic::Ordering::Relaxed))
+                {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+    }
+
+    /// Drops everything both ways while `on`.
+    pub fn block(&self, on: bool) {
+        self.blocked.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 }
