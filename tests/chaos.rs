@@ -20,6 +20,7 @@ use common::{ProcessCluster, REGIONS, sigterm};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -190,6 +191,30 @@ fn of(got: &[(String, usize)], p: &str) -> Vec<usize> {
     got.iter().filter(|(who, _)| who == p).map(|(_, k)| *k).collect()
 }
 
+/// The entries of `p`'s messages that break "each once, in order", with what the caller
+/// knows of them (`info`), for the failure message.
+fn anomalies<'a>(texts: impl Iterator<Item = (&'a str, String)>, p: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = 0usize;
+    let mut first: std::collections::HashMap<&str, (usize, String)> = Default::default();
+    for (at, (text, info)) in texts.enumerate() {
+        let (who, k) = parse(text);
+        if who != p {
+            continue;
+        }
+        if k != next {
+            let before = first
+                .get(text)
+                .map_or("never before".into(), |(i, f)| format!("first at {i}: {f}"));
+            out.push(format!("at {at}: {text} (expected {p}:{next}) {info}; {before}"));
+        }
+        first.entry(text).or_insert((at, info));
+        next = next.max(k + 1);
+    }
+    out.truncate(20);
+    out
+}
+
 fn parse(text: &str) -> (String, usize) {
     let (who, k) = text.split_once(':').expect("P<n>:<k>");
     (who.to_owned(), k.parse().expect("number"))
@@ -227,7 +252,7 @@ async fn plain_subscriber(url: String, channel: &'static str, want: usize) -> Pl
 /// A plain publisher: publishes `P<i>:0…` with ids `p<i>-k` through its proxy; after a cut
 /// it reconnects (maybe to another region) and sends the same publish again, with `after`
 /// as the docs say, until it is acknowledged.
-async fn plain_publisher(url: String, i: usize, pause: u64) {
+async fn plain_publisher(url: String, i: usize, pause: u64, acked: Arc<AtomicUsize>) {
     let mut st = PlainState::default();
     let mut conn: Option<Plain> = None;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -246,7 +271,10 @@ async fn plain_publisher(url: String, i: usize, pause: u64) {
                 },
             };
             match c.publish(&mut st, "chaos:room", &id, &body).await {
-                Ok(f) if f.get("ack").is_some() => break,
+                Ok(f) if f.get("ack").is_some() => {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 Ok(f) => {
                     let wait = f["nack"]["retryAfterMs"].as_u64().unwrap_or(100);
                     assert!(
@@ -333,13 +361,15 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     // node goes down) it fails over and retries with the same id. Two use the SDK (which
     // sends `after`), one is plain.
     let mut pubs = Vec::new();
+    let acked = Arc::new(AtomicUsize::new(0));
     for i in 0..3 {
         let proxy = Proxy::start(proxy_to(i), rng.random()).await;
         let url = proxy.url();
         proxies.push(proxy);
         let pause = rng.random_range(1..4u64);
+        let acked = acked.clone();
         if i == 2 {
-            pubs.push(tokio::spawn(plain_publisher(url, i, pause)));
+            pubs.push(tokio::spawn(plain_publisher(url, i, pause, acked)));
             continue;
         }
         pubs.push(tokio::spawn(async move {
@@ -351,6 +381,7 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
                 while c.publish_with("chaos:room", "", Some(&id), body.as_str()).await.is_err() {
                     assert!(tokio::time::Instant::now() < deadline, "publish {id} never acked");
                 }
+                acked.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }));
@@ -380,9 +411,9 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     // client is cut, so some resume on the node that is still catching up.
     let killed = rng.random_range(0..3usize);
     let termed = (killed + rng.random_range(1..3usize)) % 3;
-    let kill_after = Duration::from_millis(rng.random_range(500..1500));
-    let term_after = kill_after + Duration::from_millis(rng.random_range(1500..3000));
-    let started = tokio::time::Instant::now();
+    // By progress (acknowledged publishes), so both happen while messages flow.
+    let kill_at = 3 * EACH * rng.random_range(15..35usize) / 100;
+    let term_at = 3 * EACH * rng.random_range(55..75usize) / 100;
     let (mut kill_done, mut term_done) = (false, false);
     let mut cuts = 0usize;
     while !pubs.iter().all(|p| p.is_finished()) {
@@ -390,14 +421,14 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         let p = rng.random_range(0..proxies.len());
         proxies[p].cut();
         cuts += 1;
-        let elapsed = started.elapsed();
-        if !kill_done && elapsed >= kill_after {
+        let progress = acked.load(Ordering::Relaxed);
+        if !kill_done && progress >= kill_at {
             kill_done = true;
             nodes[killed].kill().await.unwrap(); // SIGKILL
             tokio::time::sleep(Duration::from_millis(300)).await;
             nodes[killed] = cluster.start(killed, WAIT).await;
             proxies.iter().for_each(Proxy::cut);
-        } else if kill_done && !term_done && elapsed >= term_after {
+        } else if kill_done && !term_done && progress >= term_at {
             term_done = true;
             sigterm(&mut nodes[termed]).await;
             nodes[termed] = cluster.start(termed, WAIT).await;
@@ -430,20 +461,36 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     }
 
     let all: Vec<usize> = (0..EACH).collect();
+    // Every node's log holds each message once, in publisher order.
+    for (n, region) in REGIONS.iter().enumerate() {
+        let log = log_of(&cluster.http(n), "chaos:room").await;
+        let got: Vec<(String, usize)> = log.iter().map(|g| parse(&g.text)).collect();
+        for p in 0..3 {
+            for a in anomalies(
+                log.iter()
+                    .map(|g| (g.text.as_str(), format!("{}@{}:{}", g.origin, g.epoch, g.seq))),
+                &format!("P{p}"),
+            ) {
+                println!("{region}'s log: {a}");
+            }
+            assert_eq!(
+                of(&got, &format!("P{p}")),
+                all,
+                "{region}'s log, publisher {p} (seed {seed})"
+            );
+        }
+        assert_eq!(got.len(), 3 * EACH, "{region}'s log holds each message once (seed {seed})");
+    }
+
     let mut delivered = 0;
     let mut discontinuities = 0;
     for (i, r) in readers.into_iter().enumerate() {
         let seen = r.await.unwrap();
         for p in 0..3 {
             let got = &seen.per[&format!("P{p}")];
-            if got != &all {
-                let mut counts = BTreeMap::new();
-                for e in &seen.log {
-                    *counts.entry(e.0.clone()).or_insert(0) += 1;
-                }
-                for (at, e) in seen.log.iter().enumerate().filter(|(_, e)| counts[&e.0] > 1) {
-                    println!("SDK subscriber {i} repeated, as message {at}: {e:?}");
-                }
+            let info = |e: &(String, String, String, u64, u64)| format!("{}@{}:{}", e.2, e.3, e.4);
+            for a in anomalies(seen.log.iter().map(|e| (e.0.as_str(), info(e))), &format!("P{p}")) {
+                println!("SDK subscriber {i}: {a}");
             }
             assert_eq!(
                 got, &all,
@@ -459,10 +506,12 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         let got: Vec<(String, usize)> = st.got.iter().map(|g| parse(&g.text)).collect();
         for p in 0..3 {
             let mine = of(&got, &format!("P{p}"));
-            if mine != all {
-                for g in st.got.iter().filter(|g| g.text.starts_with(&format!("P{p}:"))) {
-                    println!("plain subscriber {i}: {g:?}");
-                }
+            let info = |g: &common::plain::Got| {
+                format!("{}@{}:{} from {}", g.origin, g.epoch, g.seq, g.node)
+            };
+            for a in anomalies(st.got.iter().map(|g| (g.text.as_str(), info(g))), &format!("P{p}"))
+            {
+                println!("plain subscriber {i}: {a}");
             }
             assert_eq!(
                 mine, all,
@@ -472,25 +521,6 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         assert_eq!(got.len(), 3 * EACH, "plain subscriber {i}: nothing else, nothing twice");
         assert!(st.discontinuities.is_empty(), "plain subscriber {i}: {:?}", st.discontinuities);
         delivered += got.len();
-    }
-    // Every node's log holds each message once, in publisher order.
-    for n in 0..3 {
-        let log = log_of(&cluster.http(n), "chaos:room").await;
-        let got: Vec<(String, usize)> = log.iter().map(|g| parse(&g.text)).collect();
-        for p in 0..3 {
-            assert_eq!(
-                of(&got, &format!("P{p}")),
-                all,
-                "{}'s log, publisher {p} (seed {seed})",
-                REGIONS[n]
-            );
-        }
-        assert_eq!(
-            got.len(),
-            3 * EACH,
-            "{}'s log holds each message once (seed {seed})",
-            REGIONS[n]
-        );
     }
     let (mut resumed, mut failed_over) = (0, 0);
     for p in &proxies {

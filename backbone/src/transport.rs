@@ -88,6 +88,11 @@ pub trait Sink: Send + Sync + 'static {
     fn replicated(&self, channel: &ChannelName, seq: Seq) {
         let _ = (channel, seq);
     }
+    /// `peer` asks for the newest message of this node's `channel` it sequenced: answer with
+    /// [`Backbone::answer_head`].
+    fn head_requested(&self, peer: &NodeId, channel: &ChannelName, nonce: u64) {
+        let _ = (peer, channel, nonce);
+    }
 }
 
 /// Why the backbone could not start.
@@ -316,6 +321,35 @@ impl Backbone {
         lock(&self.shared.replica).caught_up_with(peer)
     }
 
+    /// Asks `origin` for the newest message of its `channel` (see
+    /// [`Replica::request_head`]); returns the nonce.
+    pub fn request_head(&self, origin: &NodeId, channel: &ChannelName) -> u64 {
+        let nonce = lock(&self.shared.replica).request_head(Instant::now(), origin, channel);
+        self.shared.wake.notify_one();
+        nonce
+    }
+
+    /// The answer to the question `nonce`, once it came.
+    pub fn head(&self, nonce: u64) -> Option<(Epoch, Seq)> {
+        lock(&self.shared.replica).head(nonce)
+    }
+
+    /// Forgets the question `nonce`.
+    pub fn forget_head(&self, nonce: u64) {
+        lock(&self.shared.replica).forget_head(nonce);
+    }
+
+    /// Answers a peer's question about `channel` (see [`Sink::head_requested`]).
+    pub fn answer_head(&self, peer: &NodeId, channel: ChannelName, nonce: u64, head: (Epoch, Seq)) {
+        lock(&self.shared.replica).answer_head(peer, channel, nonce, head.0, head.1);
+        self.shared.wake.notify_one();
+    }
+
+    /// The last message of `channel` in this node's past epoch (see [`Replica::past_head`]).
+    pub fn past_head(&self, channel: &ChannelName) -> Option<(Epoch, Seq)> {
+        lock(&self.shared.replica).past_head(channel)
+    }
+
     /// Every peer link's state (see [`Replica::peers`]).
     pub fn peers(&self) -> Vec<core::PeerState> {
         lock(&self.shared.replica).peers(Instant::now())
@@ -356,6 +390,8 @@ fn lane_of(frame: &Frame, lanes: usize) -> usize {
         Frame::Hello { .. } | Frame::Heartbeat { .. } => return 0,
         Frame::Data { channel, .. }
         | Frame::End { channel, .. }
+        | Frame::HeadRequest { channel, .. }
+        | Frame::Head { channel, .. }
         | Frame::Ack { channel, .. }
         | Frame::Nack { channel, .. }
         | Frame::Gone { channel, .. }
@@ -485,6 +521,9 @@ async fn drive(
                 }
                 Event::Ready { channel } => sink.ready(&channel),
                 Event::Replicated { channel, seq } => sink.replicated(&channel, seq),
+                Event::HeadRequested { peer, channel, nonce } => {
+                    sink.head_requested(&peer, &channel, nonce)
+                }
                 Event::Started { origin, channel, epoch, after, late } => {
                     if late && after.0 > 0 {
                         warn!(%origin, %channel, %epoch, %after, "stream started after subscribers joined (the origin was unreachable): its messages up to here may be missing");

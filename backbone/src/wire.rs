@@ -100,6 +100,15 @@ impl From<&Frame> for pb::BackboneFrame {
                 greeted: *greeted,
                 caught_up: *caught_up,
             }),
+            Frame::HeadRequest { channel, nonce } => {
+                Kind::HeadRequest(pb::HeadRequest { channel: channel.to_string(), nonce: *nonce })
+            }
+            Frame::Head { channel, epoch, seq, nonce } => Kind::Head(pb::Head {
+                channel: channel.to_string(),
+                epoch: epoch.0,
+                seq: seq.0,
+                nonce: *nonce,
+            }),
             Frame::End { channel, epoch, last, next } => Kind::End(pb::End {
                 channel: channel.to_string(),
                 epoch: epoch.0,
@@ -175,6 +184,13 @@ fn convert(f: pb::BackboneFrame, names: &mut Names) -> Result<Frame, WireError> 
         Kind::Heartbeat(h) => {
             Frame::Heartbeat { epoch: Epoch(h.epoch), greeted: h.greeted, caught_up: h.caught_up }
         }
+        Kind::HeadRequest(h) => Frame::HeadRequest { channel: channel(h.channel)?, nonce: h.nonce },
+        Kind::Head(h) => Frame::Head {
+            channel: channel(h.channel)?,
+            epoch: Epoch(h.epoch),
+            seq: Seq(h.seq),
+            nonce: h.nonce,
+        },
         Kind::End(e) => Frame::End {
             channel: channel(e.channel)?,
             epoch: Epoch(e.epoch),
@@ -299,6 +315,8 @@ mod tests {
             Frame::Heartbeat { epoch: Epoch(5), greeted: true, caught_up: true },
             Frame::End { channel: ch.clone(), epoch: Epoch(4), last: Some(Seq(9)), next: Epoch(5) },
             Frame::End { channel: ch.clone(), epoch: Epoch(3), last: None, next: Epoch(5) },
+            Frame::HeadRequest { channel: ch.clone(), nonce: 7 },
+            Frame::Head { channel: ch.clone(), epoch: Epoch(5), seq: Seq(8), nonce: 7 },
             Frame::Data {
                 origin,
                 epoch: Epoch(5),

@@ -533,7 +533,7 @@ fn check(
                 }
                 // Acknowledgement progress for publishers waiting on replication; the
                 // edge tests check what it promises.
-                Event::Replicated { .. } => {}
+                Event::Replicated { .. } | Event::HeadRequested { .. } => {}
                 Event::Started { origin, channel, epoch, after, .. } => {
                     let key = (idx(origin), chan_idx(channel));
                     if !routed(key.1) {

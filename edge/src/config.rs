@@ -210,9 +210,9 @@ pub struct BackboneSection {
     #[serde(default = "default_interest_wait", with = "humantime_serde")]
     pub interest_wait: Duration,
     /// After a start, longest the node reports not ready (`/readyz` and `/v1/ping` answer
-    /// 503) while it catches up with its peers: it is ready once every peer is caught up
-    /// with (the link is up and the peer's catch-up acknowledged) or unreachable, or when
-    /// this much time passed.
+    /// 503) while it catches up with its peers: it is ready once it caught up with every
+    /// peer (the link is up and the peer's catch-up acknowledged), or when this much time
+    /// passed (so a peer that stays unreachable delays readiness this long).
     #[serde(default = "default_ready_wait", with = "humantime_serde")]
     pub ready_wait: Duration,
     /// Longest a replicated message waits here for its publisher's earlier message from

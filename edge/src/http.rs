@@ -404,7 +404,7 @@ async fn http_publish(
         .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
         .unwrap_or_else(|| "application/json".into());
     let mut replicated = false;
-    let req = match content_type.as_str() {
+    let mut req = match content_type.as_str() {
         "application/json" => match serde_json::from_slice::<client::Publish>(&body) {
             Ok(p) if !p.channel.is_empty() && p.channel != channel => {
                 return error_response(
@@ -459,15 +459,25 @@ async fn http_publish(
     if let Err(reason) = pubmod::check_after(req.after.as_ref()) {
         return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason);
     }
-    if let Some(after) = req.after.clone() {
+    if let Some(after) = req.after.take() {
         // A publisher that moved here: its earlier messages come first.
         let wait = node.settings().config.limits.publish_order_wait;
         let deadline = tokio::time::Instant::now() + wait;
+        let mut probe = None;
         loop {
-            match node.hub().order_ready(&req.channel, &after) {
-                crate::channel::order::OrderReady::Ready => break,
+            match node.hub().order_ready(&req.channel, &after, &mut probe, false) {
+                crate::channel::order::OrderReady::Ready(verified) => {
+                    if let Some(nonce) = probe {
+                        node.hub().forget_probe(nonce);
+                    }
+                    req.after = verified;
+                    break;
+                }
                 crate::channel::order::OrderReady::Wait(reason) => {
                     if tokio::time::Instant::now() >= deadline {
+                        if let Some(nonce) = probe {
+                            node.hub().forget_probe(nonce);
+                        }
                         let mut r = error_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             ErrorCode::Unavailable,

@@ -69,11 +69,14 @@ impl Node {
         };
         // The start time in microseconds: it grows across restarts (peers tell a restart
         // without log by a newer epoch) and stays below 2^53 for JavaScript clients.
-        let epoch = Epoch(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_micros() as u64),
-        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        // With a data directory the epoch also grows when the clock went back.
+        let epoch = Epoch(match &store {
+            Some(s) => s.start_epoch(now)?,
+            None => now,
+        });
         let log_epoch = match &store {
             Some(s) => Epoch(s.epoch_or(epoch.0)?),
             None => epoch,

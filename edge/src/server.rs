@@ -202,6 +202,14 @@ impl Sink for HubSink {
         }
     }
 
+    fn head_requested(&self, peer: &NodeId, channel: &ChannelName, nonce: u64) {
+        let Some(node) = self.0.upgrade() else { return };
+        let head = node.hub().own_head(channel);
+        if let Some(b) = node.hub().backbone() {
+            b.answer_head(peer, channel.clone(), nonce, head);
+        }
+    }
+
     fn discontinuity(
         &self,
         origin: &NodeId,
@@ -218,8 +226,8 @@ impl Sink for HubSink {
 
 /// What the durable log tells the backbone after a restart (see
 /// [`tern_backbone::core::Replica::restore`]): this node's newest messages of each history
-/// channel (at most `retention` of the newest log rows per channel, and `retention_bytes`
-/// in all), and how far it got in every other origin's.
+/// channel from its last epoch with any (at most `retention` per channel, and
+/// `retention_bytes` in all), and how far it got in every other origin's.
 fn restored(
     store: &crate::store::Store,
     me: &NodeId,
@@ -237,8 +245,11 @@ fn restored(
         let Ok(channel) = ChannelName::parse(&p.channel) else { continue };
         if p.origin == me.as_str() {
             let entries = if bytes < retention_bytes {
+                // Other origins' messages lie in between: read up to 100 times as many
+                // rows as own messages wanted (this is the start, not the hot path).
+                let rows = retention.saturating_mul(100).min(10_000_000);
                 store
-                    .origin_tail(&p.channel, me.as_str(), p.epoch, p.seq, retention)
+                    .origin_tail(&p.channel, me.as_str(), (p.epoch, p.seq), retention, rows)
                     .unwrap_or_default()
             } else {
                 Vec::new()

@@ -89,6 +89,9 @@ struct Session {
     /// publisher's earlier messages (`Publish.after`, see `crate::channel::order`), in
     /// order; later publishes of the same channel wait behind them.
     parked: VecDeque<Parked>,
+    /// (channel, origin) whose publishes on this connection were ordered after that origin
+    /// already: later ones naming it wait only for their `after` (bounded).
+    synced: Vec<(String, String)>,
 }
 
 /// A publish waiting for its publisher's order.
@@ -96,7 +99,15 @@ struct Parked {
     publish: client::Publish,
     /// Refused with `UNAVAILABLE` past this.
     deadline: Instant,
+    /// The question to the origin of `after` (see `crate::channel::order`).
+    probe: Option<u64>,
 }
+
+/// Most (channel, origin) pairs a connection remembers as ordered.
+const SYNCED_MAX: usize = 256;
+
+/// Most publishes one connection holds for their order; more are refused (`UNAVAILABLE`).
+const PARKED_MAX: usize = 1024;
 
 /// How often parked publishes check whether they can go.
 const PARKED_CHECK: Duration = Duration::from_millis(10);
@@ -109,6 +120,8 @@ struct PendingAck {
     /// when to give up.
     replicated: Option<(String, u64, Instant)>,
     ack: client::Ack,
+    /// A refusal that must leave in order with the acks (a parked publish refused).
+    refused: Option<Nack>,
 }
 
 /// How long a `DURABILITY_REPLICATED` publish waits for another region.
@@ -174,6 +187,7 @@ async fn run_inner<S>(
         namespace_publishes: Vec::new(),
         history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         parked: VecDeque::new(),
+        synced: Vec::new(),
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -872,20 +886,41 @@ impl Session {
         }
         // A publisher that moved here: its earlier messages come first (see
         // `crate::channel::order`). Behind a parked publish, wait too (acks keep order).
-        let must_wait = !self.parked.is_empty()
-            || p.after
-                .as_ref()
-                .is_some_and(|a| self.node.hub().order_ready(&channel, a) != OrderReady::Ready);
-        if must_wait {
+        let mut probe = None;
+        let ready = match p.after.clone() {
+            _ if !self.parked.is_empty() => None,
+            Some(a) => match self.order_ready(&channel, &a, &mut probe) {
+                OrderReady::Ready(verified) => Some(verified),
+                OrderReady::Wait(_) => None,
+            },
+            None => Some(None),
+        };
+        let Some(verified) = ready else {
+            if self.parked.len() >= PARKED_MAX {
+                if let Some(nonce) = probe {
+                    self.node.hub().forget_probe(nonce);
+                }
+                let reason = format!("{PARKED_MAX} publishes already wait for their order");
+                return self.refuse_parked(p, reason);
+            }
             let deadline = Instant::now() + self.cfg().limits.publish_order_wait;
-            self.parked.push_back(Parked { publish: p, deadline });
+            self.parked.push_back(Parked { publish: p, deadline, probe });
             return;
+        };
+        if let Some(nonce) = probe {
+            self.node.hub().forget_probe(nonce);
         }
-        self.sequence(p, client_id);
+        self.sequence(p, client_id, verified);
     }
 
-    /// Publishes a validated publish that may be sequenced now, and queues its ack.
-    fn sequence(&mut self, p: client::Publish, client_id: &str) {
+    /// Publishes a validated publish that may be sequenced now (carrying `after`, see
+    /// `crate::channel::order`), and queues its ack.
+    fn sequence(
+        &mut self,
+        p: client::Publish,
+        client_id: &str,
+        after: Option<client::OriginPosition>,
+    ) {
         let (request_id, channel) = (p.request_id, p.channel.clone());
         let replicated = p.durability == client::Durability::Replicated as i32;
         let req = PublishRequest {
@@ -893,7 +928,7 @@ impl Session {
             id: p.id.clone(),
             name: p.name,
             data: p.data,
-            after: p.after,
+            after,
         };
         match publish::publish(&self.node, req, client_id) {
             Ok(a) => {
@@ -905,6 +940,7 @@ impl Session {
                     ticket: a.log_ticket.unwrap_or(0),
                     replicated: wait,
                     ack: a.into_ack(request_id, channel),
+                    refused: None,
                 });
                 self.flush_acks();
             }
@@ -934,35 +970,63 @@ impl Session {
                 self.refuse_parked(w.publish, reason);
                 continue;
             }
-            let ready = w
-                .publish
-                .after
-                .as_ref()
-                .map_or(OrderReady::Ready, |a| self.node.hub().order_ready(&channel, a));
+            let mut probe = w.probe;
+            let ready = match w.publish.after.clone() {
+                Some(a) => self.order_ready(&channel, &a, &mut probe),
+                None => OrderReady::Ready(None),
+            };
+            if matches!(ready, OrderReady::Ready(_)) || now >= w.deadline {
+                if let Some(nonce) = probe {
+                    self.node.hub().forget_probe(nonce);
+                }
+            }
             match ready {
-                OrderReady::Ready => self.sequence(w.publish, &client_id),
+                OrderReady::Ready(verified) => self.sequence(w.publish, &client_id, verified),
                 OrderReady::Wait(reason) if now >= w.deadline => {
                     refused.push((channel, reason.clone()));
                     self.refuse_parked(w.publish, reason);
                 }
                 OrderReady::Wait(_) => {
-                    self.parked.push_front(w);
+                    self.parked.push_front(Parked { probe, ..w });
                     break;
                 }
             }
         }
     }
 
+    /// [`crate::channel::Hub::order_ready`] for this connection: a (channel, origin) it
+    /// already ordered after waits only for `after`; one newly ordered is remembered.
+    fn order_ready(
+        &mut self,
+        channel: &str,
+        after: &client::OriginPosition,
+        probe: &mut Option<u64>,
+    ) -> OrderReady {
+        let synced = self.synced.iter().any(|(c, o)| c == channel && *o == after.origin);
+        let ready = self.node.hub().order_ready(channel, after, probe, synced);
+        if matches!(ready, OrderReady::Ready(_)) && !synced && probe.is_some() {
+            if self.synced.len() >= SYNCED_MAX {
+                self.synced.clear();
+            }
+            self.synced.push((channel.to_owned(), after.origin.clone()));
+        }
+        ready
+    }
+
+    /// Refuses a parked publish with `UNAVAILABLE`, after the acks of earlier publishes.
     fn refuse_parked(&mut self, p: client::Publish, reason: String) {
         let wait = self.cfg().limits.publish_order_wait;
-        self.reply(server_frame::Kind::Nack(Nack {
+        let nack = Nack {
             request_id: p.request_id,
             channel: p.channel,
             message_id: p.id,
             code: ErrorCode::Unavailable as i32,
             reason: format!("not sequenced within {wait:?}: {reason}; retry with the same id"),
             retry_after_ms: 1000,
-        }));
+        };
+        let ack = client::Ack::default();
+        self.acks.push_back(PendingAck { ticket: 0, replicated: None, ack, refused: Some(nack) });
+        self.flush_acks();
     }
 
     /// Takes a publish token for `channel` (its namespace's bucket, if it has its own rate).
@@ -1083,6 +1147,10 @@ impl Session {
                 Some(_) => break,
             };
             let Some(done) = self.acks.pop_front() else { break };
+            if let Some(nack) = done.refused {
+                self.reply(server_frame::Kind::Nack(nack));
+                continue;
+            }
             let frame = match refusal {
                 None => server_frame::Kind::Ack(done.ack),
                 Some((code, reason)) => server_frame::Kind::Nack(Nack {

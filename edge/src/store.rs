@@ -332,6 +332,23 @@ impl Store {
         Ok(epoch)
     }
 
+    /// This start's origin epoch: `now` (microseconds), or one above the previous start's
+    /// when the clock is behind it (a machine that booted before its clock was set), stored
+    /// durably. A node's epochs must grow across restarts: peers take a smaller one for an
+    /// old one.
+    pub fn start_epoch(&self, now: u64) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_write().map_err(db_err)?;
+        let epoch = {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let last = meta.get("start").map_err(db_err)?.map_or(0, |v| v.value());
+            let epoch = now.max(last.saturating_add(1));
+            meta.insert("start", epoch).map_err(db_err)?;
+            epoch
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(epoch)
+    }
+
     /// Whether `channel`'s namespace keeps history.
     pub fn keeps(&self, channel: &str) -> bool {
         self.namespaces.contains_key(tern_proto::types::namespace_of(channel))
@@ -429,41 +446,57 @@ impl Store {
         Ok(out)
     }
 
-    /// `origin`'s newest messages of `epoch` in `channel`'s log, oldest first, reading at
-    /// most `max_rows` of the newest rows: the run that ends at `last` (contiguous
-    /// sequences), as the backbone resends them after a restart.
+    /// `origin`'s newest messages of `epoch` in `channel`'s log, oldest first: the run of
+    /// consecutive sequences that ends at `last`, at most `max` of them, reading the log
+    /// backwards a page at a time and at most `max_rows` rows (other origins' messages lie
+    /// in between). The backbone resends them after a restart.
     pub fn origin_tail(
         &self,
         channel: &str,
         origin: &str,
-        epoch: u64,
-        last: u64,
+        (epoch, last): (u64, u64),
+        max: usize,
         max_rows: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError> {
-        let q = Query {
-            from: None,
-            to: None,
-            since_ms: None,
-            until_ms: None,
-            limit: max_rows,
-            backwards: true,
-        };
+        const PAGE: usize = 1024;
         let mut out = Vec::new();
         let mut expect = last;
-        for row in self.read(channel, q)? {
-            let Ok(m) =
-                <tern_proto::client::Message as prost::Message>::decode(row.message.as_slice())
-            else {
-                continue;
+        let mut from = None;
+        let mut read = 0;
+        'scan: while read < max_rows && out.len() < max && expect > 0 {
+            let q = Query {
+                from,
+                to: None,
+                since_ms: None,
+                until_ms: None,
+                limit: PAGE.min(max_rows - read),
+                backwards: true,
             };
-            if m.origin != origin || m.origin_epoch != epoch {
-                continue;
+            let rows = self.read(channel, q)?;
+            let page = rows.len();
+            for row in rows {
+                read += 1;
+                from = Some(row.offset.saturating_sub(1));
+                let Ok(m) =
+                    <tern_proto::client::Message as prost::Message>::decode(row.message.as_slice())
+                else {
+                    continue;
+                };
+                if m.origin != origin {
+                    continue;
+                }
+                if m.origin_epoch != epoch || m.origin_seq != expect {
+                    break 'scan; // an older epoch, or a gap: the run ends
+                }
+                out.push((expect, Bytes::from(row.message)));
+                expect -= 1;
+                if out.len() >= max || expect == 0 || row.offset <= 1 {
+                    break 'scan;
+                }
             }
-            if m.origin_seq != expect || expect == 0 {
+            if page < PAGE.min(max_rows) {
                 break;
             }
-            out.push((expect, Bytes::from(row.message)));
-            expect -= 1;
         }
         out.reverse();
         Ok(out)

@@ -345,3 +345,58 @@ async fn replicated_durability_waits_for_another_region() {
     }
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// Readiness after a start: a node whose peer is not up answers `/readyz` and `/v1/ping`
+/// with 503 (the body lists the peer), so load balancers and SDKs choosing the nearest
+/// region pass it by (the SDK ranks it last); once it caught up with the peer it is ready,
+/// and it stays ready when the peer goes away again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_ready_once_it_caught_up_with_its_peers() {
+    let dir = temp_dir("ready");
+    certs::init_ca(&dir).unwrap();
+    let ids: Vec<NodeId> = ["eu-west", "us-east"]
+        .iter()
+        .map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap())
+        .collect();
+    for id in &ids {
+        certs::issue_node(&dir, id).unwrap();
+    }
+    let addrs = [free_udp_port(), free_udp_port()];
+    let start = |i: usize| {
+        let b = section(&dir, i, &ids, &addrs);
+        let region = ids[i].region().to_owned();
+        TestNode::start(move |cfg| {
+            cfg.node.region = region;
+            cfg.backbone = Some(tern_edge::config::BackboneSection {
+                ready_wait: Duration::from_secs(600),
+                ..b
+            });
+        })
+    };
+    let eu = start(0).await;
+    let (status, body) = common::http(eu.addr, "GET", "/readyz", "text/plain", b"").await;
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["reason"], "catching up with peers");
+    assert_eq!(v["peers"][0]["node"], "us-east/edge-1");
+    assert_eq!(v["peers"][0]["linked"], false);
+    let (status, _) = common::http(eu.addr, "GET", "/v1/ping", "text/plain", b"").await;
+    assert_eq!(status, 503, "probes pass a node that is not ready by");
+    let ranked = tern_client::nearest::rank(&[eu.url()], 2, Duration::from_secs(5)).await;
+    assert_eq!(ranked[0].rtt, None, "the SDK ranks a node that is not ready last");
+    let us = start(1).await;
+    assert!(
+        eventually(|| eu.node.readiness().ready && us.node.readiness().ready).await,
+        "both ready once linked and caught up: {:?}",
+        eu.node.readiness()
+    );
+    let (status, body) = common::http(eu.addr, "GET", "/readyz", "text/plain", b"").await;
+    assert_eq!(status, 200, "{body}");
+    let ranked = tern_client::nearest::rank(&[eu.url(), us.url()], 2, Duration::from_secs(5)).await;
+    assert!(ranked.iter().all(|p| p.rtt.is_some()), "both answer probes now: {ranked:?}");
+    us.stop().await;
+    let (status, _) = common::http(eu.addr, "GET", "/readyz", "text/plain", b"").await;
+    assert_eq!(status, 200, "a ready node stays ready when a peer goes away");
+    eu.stop().await;
+}

@@ -49,6 +49,8 @@ pub struct Got {
     pub origin: String,
     pub epoch: u64,
     pub seq: u64,
+    /// The node that delivered it (empty when read from a log).
+    pub node: String,
 }
 
 /// The state a plain client keeps across connections.
@@ -161,6 +163,7 @@ impl Plain {
                     origin: origin.clone(),
                     epoch,
                     seq,
+                    node: self.node.clone(),
                 });
                 let pos = st.channels.entry(channel).or_default();
                 pos.node.clone_from(&self.node);
@@ -274,6 +277,7 @@ pub async fn log_of(base_http: &str, channel: &str) -> Vec<Got> {
                 origin: m["origin"].as_str().unwrap_or_default().to_owned(),
                 epoch: u64_of(&m["originEpoch"]),
                 seq: u64_of(&m["originSeq"]),
+                node: String::new(),
             });
         }
         match v["next"].get("from").and_then(Value::as_u64) {

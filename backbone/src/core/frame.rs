@@ -122,6 +122,27 @@ pub enum Frame {
         /// The epoch that follows.
         next: Epoch,
     },
+    /// Asks the recipient for the newest message of its own `channel` it sequenced (`Head`):
+    /// a node about to sequence a publish from a client that moved from the recipient waits
+    /// until it holds that message.
+    HeadRequest {
+        /// The channel.
+        channel: ChannelName,
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// The answer to `HeadRequest`: the newest message of the sender's `channel` it
+    /// sequenced, sent or not yet (`seq` 0: none).
+    Head {
+        /// The channel.
+        channel: ChannelName,
+        /// Its origin epoch.
+        epoch: Epoch,
+        /// Its sequence.
+        seq: Seq,
+        /// The request's nonce.
+        nonce: u64,
+    },
     /// The origin no longer holds anything up to `through` of `channel`: the recipient must
     /// skip it and report a discontinuity.
     Gone {

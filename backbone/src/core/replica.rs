@@ -146,6 +146,16 @@ pub enum Event {
         /// Channel.
         channel: ChannelName,
     },
+    /// `peer` asks for the newest message of this node's `channel` it sequenced: answer with
+    /// [`Replica::answer_head`] (the node knows what it sequenced but has not sent yet).
+    HeadRequested {
+        /// The asking peer.
+        peer: NodeId,
+        /// Channel.
+        channel: ChannelName,
+        /// To echo.
+        nonce: u64,
+    },
     /// A node of another region acknowledged this node's messages of `channel` up to `seq`
     /// (this epoch): they survive the loss of this region.
     Replicated {
@@ -403,6 +413,20 @@ pub struct Restored {
     pub positions: Vec<(NodeId, ChannelName, Epoch, Seq)>,
 }
 
+/// A question to an origin about the newest message of its channel (see
+/// [`Replica::request_head`]).
+#[derive(Debug, Clone)]
+struct HeadAsk {
+    origin: NodeId,
+    channel: ChannelName,
+    /// When it was last sent (`None`: not yet on this link).
+    asked: Option<Instant>,
+    answer: Option<(Epoch, Seq)>,
+}
+
+/// Most questions about heads kept at once; the oldest give way.
+const HEADS_MAX: usize = 4096;
+
 /// Where this node is in an origin's stream of a channel (see [`Replica::stream`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPos {
@@ -454,6 +478,9 @@ pub struct Replica {
     born: Option<Instant>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
+    /// Questions to origins about their channels' heads, by nonce.
+    heads: BTreeMap<u64, HeadAsk>,
+    next_nonce: u64,
 }
 
 impl Replica {
@@ -482,6 +509,8 @@ impl Replica {
             born: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            heads: BTreeMap::new(),
+            next_nonce: 0,
         }
     }
 
@@ -803,6 +832,67 @@ impl Replica {
             .collect()
     }
 
+    /// Asks `origin` for the newest message of its `channel` it sequenced (sent or not yet);
+    /// returns the question's nonce for [`Replica::head`]. Asked again after `rto` without an
+    /// answer, and when the link comes back; forgotten with [`Replica::forget_head`] (or
+    /// when [`HEADS_MAX`] newer questions are pending).
+    pub fn request_head(&mut self, now: Instant, origin: &NodeId, channel: &ChannelName) -> u64 {
+        self.next_nonce += 1;
+        let nonce = self.next_nonce;
+        while self.heads.len() >= HEADS_MAX {
+            self.heads.pop_first();
+        }
+        let up = self.links.get(origin).is_some_and(|l| l.up);
+        self.heads.insert(
+            nonce,
+            HeadAsk {
+                origin: origin.clone(),
+                channel: channel.clone(),
+                asked: up.then_some(now),
+                answer: None,
+            },
+        );
+        if up {
+            let frame = Frame::HeadRequest { channel: channel.clone(), nonce };
+            self.transmit.push_back((origin.clone(), frame));
+        }
+        self.arm(now);
+        nonce
+    }
+
+    /// The answer to the question `nonce`: the origin's newest message of the channel
+    /// (epoch, sequence; sequence 0: none), once it came.
+    pub fn head(&self, nonce: u64) -> Option<(Epoch, Seq)> {
+        self.heads.get(&nonce)?.answer
+    }
+
+    /// Forgets the question `nonce`.
+    pub fn forget_head(&mut self, nonce: u64) {
+        self.heads.remove(&nonce);
+    }
+
+    /// Answers `peer`'s [`Event::HeadRequested`]: the newest message of `channel` this node
+    /// sequenced.
+    pub fn answer_head(
+        &mut self,
+        peer: &NodeId,
+        channel: ChannelName,
+        nonce: u64,
+        epoch: Epoch,
+        seq: Seq,
+    ) {
+        if self.links.get(peer).is_some_and(|l| l.up) {
+            let frame = Frame::Head { channel, epoch, seq, nonce };
+            self.transmit.push_back((peer.clone(), frame));
+        }
+    }
+
+    /// The last message of `channel` in this node's past epoch, if it has one (after a
+    /// restart with its log).
+    pub fn past_head(&self, channel: &ChannelName) -> Option<(Epoch, Seq)> {
+        self.past.get(channel).map(|p| (p.epoch, Seq(p.log.last)))
+    }
+
     fn data(&self, channel: &ChannelName, seq: u64, payload: Bytes) -> Frame {
         Frame::Data {
             origin: self.me.clone(),
@@ -834,6 +924,9 @@ impl Replica {
         link.peer_caught_up = false;
         link.told_caught_up = false;
         link.catchup.clear();
+        for ask in self.heads.values_mut().filter(|a| a.origin == *peer && a.answer.is_none()) {
+            ask.asked = None; // asked again on the next tick
+        }
         self.send_hello(now, peer);
         self.arm(now);
     }
@@ -924,6 +1017,16 @@ impl Replica {
             }
             Frame::End { channel, epoch, last, next } => {
                 self.on_end(from, channel, epoch, last.map(|s| s.0), next)
+            }
+            Frame::HeadRequest { channel, nonce } => {
+                self.events.push_back(Event::HeadRequested { peer: from.clone(), channel, nonce })
+            }
+            Frame::Head { channel, epoch, seq, nonce } => {
+                if let Some(ask) = self.heads.get_mut(&nonce) {
+                    if ask.origin == *from && ask.channel == channel {
+                        ask.answer = Some((epoch, seq));
+                    }
+                }
             }
             Frame::Interest { channel, generation, withdraw } => {
                 self.on_interest(now, from, channel, generation, withdraw)
@@ -1504,6 +1607,16 @@ impl Replica {
         }
         self.interest_timers(now);
         self.send_acks();
+        for (nonce, ask) in &mut self.heads {
+            let Some(link) = self.links.get(&ask.origin).filter(|l| l.up) else { continue };
+            if ask.answer.is_none()
+                && ask.asked.is_none_or(|t| now.duration_since(t) >= link.rto(&self.config))
+            {
+                ask.asked = Some(now);
+                let frame = Frame::HeadRequest { channel: ask.channel.clone(), nonce: *nonce };
+                self.transmit.push_back((ask.origin.clone(), frame));
+            }
+        }
         let mut resends = Vec::new();
         let mut past_resends = Vec::new();
         for (peer, link) in &mut self.links {
@@ -2006,5 +2119,45 @@ mod tests {
         let events: Vec<Event> = std::iter::from_fn(|| rb.poll_event()).collect();
         assert!(matches!(events[0], Event::Discontinuity { through: None, .. }), "{events:?}");
         assert_eq!(delivered(&events), [(11, 1)]);
+    }
+
+    /// A node asks an origin for its channel's head; the origin's node answers; the answer
+    /// reaches the asker. A question to an unreachable origin is asked again when the link
+    /// comes back.
+    #[test]
+    fn a_head_question_is_answered_and_asked_again_after_the_link_returns() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let ch = ChannelName::parse("chat:x").unwrap();
+        let ids = [a.clone(), b.clone()];
+        let now = Instant::now();
+        let mut ra = Replica::new(a.clone(), Epoch(10), &ids, Config::default());
+        let mut rb = Replica::new(b.clone(), Epoch(20), &ids, Config::default());
+        // B asks while its link to A is down: nothing goes out.
+        let nonce = rb.request_head(now, &a, &ch);
+        assert!(std::iter::from_fn(|| rb.poll_transmit()).next().is_none());
+        ra.handle_link_up(now, &b);
+        rb.handle_link_up(now, &a);
+        let later = now + Duration::from_millis(50);
+        rb.handle_timeout(later);
+        let mut answered = false;
+        for _ in 0..10 {
+            while let Some((_, f)) = rb.poll_transmit() {
+                ra.handle_frame(later, &b, f);
+            }
+            while let Some(e) = ra.poll_event() {
+                if let Event::HeadRequested { peer, channel, nonce } = e {
+                    ra.answer_head(&peer, channel, nonce, Epoch(10), Seq(42));
+                    answered = true;
+                }
+            }
+            while let Some((_, f)) = ra.poll_transmit() {
+                rb.handle_frame(later, &a, f);
+            }
+        }
+        assert!(answered, "A was asked once the link was up");
+        assert_eq!(rb.head(nonce), Some((Epoch(10), Seq(42))));
+        rb.forget_head(nonce);
+        assert_eq!(rb.head(nonce), None);
     }
 }

@@ -94,8 +94,7 @@ pub struct Accepted {
     /// Sequenced by this node in this epoch (so `seq` is this node's own origin sequence);
     /// false for an id first seen from another origin.
     pub own: bool,
-    /// The origin that sequenced it and its epoch (`None` for an id first seen from another
-    /// origin: only its hash is remembered).
+    /// The origin that sequenced it and its epoch (for a duplicate, the first copy's).
     pub origin: Option<(NodeId, Epoch)>,
 }
 
@@ -169,6 +168,8 @@ pub struct Hub {
     releases: Mutex<VecDeque<(u64, Arc<Channel>)>>,
     /// Messages in those channels' queues.
     unreleased: std::sync::atomic::AtomicUsize,
+    /// The newest committed ticket a release has seen.
+    committed_seen: std::sync::atomic::AtomicU64,
     /// Channels holding replicated messages for their publisher's order (see [`order`]).
     holding: Mutex<HashMap<ChannelName, Arc<Channel>>>,
 }
@@ -245,6 +246,7 @@ impl Hub {
             node,
             releases: Mutex::new(VecDeque::new()),
             unreleased: std::sync::atomic::AtomicUsize::new(0),
+            committed_seen: std::sync::atomic::AtomicU64::new(0),
             holding: Mutex::new(HashMap::new()),
         }
     }
@@ -312,12 +314,10 @@ impl Hub {
             // An origin's messages never overtake each other: behind one that waits, wait.
             let blocked = state.held.iter().any(|h| h.origin == *origin);
             if blocked || after.as_ref().is_some_and(|a| !self.order_met(state, a)) {
-                state.held.push_back(Held {
-                    origin: origin.clone(),
-                    message: m,
-                    after,
-                    since: now,
-                });
+                let bytes = payload.len();
+                state.held_bytes += bytes;
+                let origin = origin.clone();
+                state.held.push_back(Held { bytes, origin, message: m, after, since: now });
                 self.note_holding(ch, state);
                 return;
             }
@@ -345,7 +345,10 @@ impl Hub {
         state.dedupe.prune(now, &self.limits);
         if !m.id.is_empty() {
             let h = self.id_hash.hash_one(&m.id);
-            if state.dedupe.seen.contains_key(&m.id) || !state.dedupe.note_remote(h, now) {
+            let at = (m.origin_epoch, m.origin_seq, state.offset + 1);
+            if state.dedupe.seen.contains_key(&m.id)
+                || !state.dedupe.note_remote(h, &m.origin, at, now)
+            {
                 tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
                 return;
             }
@@ -608,7 +611,8 @@ impl Hub {
                 };
                 state.dedupe.note_own(&m.id, &accepted, now);
             } else {
-                state.dedupe.note_remote(self.id_hash.hash_one(&m.id), now);
+                let at = (m.origin_epoch, m.origin_seq, offset);
+                state.dedupe.note_remote(self.id_hash.hash_one(&m.id), &m.origin, at, now);
             }
         }
     }
@@ -851,18 +855,19 @@ impl Hub {
                 if let Some(prev) = state.dedupe.seen.get(id) {
                     return Accepted { duplicate: true, ..prev.clone() };
                 }
-                if state.dedupe.remote.contains(&self.id_hash.hash_one(id)) {
-                    // First sequenced by another origin (the publisher failed over here).
+                if let Some((origin, r)) = state.dedupe.remote(self.id_hash.hash_one(id)) {
+                    // First sequenced by another origin (the publisher failed over here):
+                    // the ack names that message, so the publisher's next `after` does.
                     return Accepted {
                         message_id: id.clone(),
-                        seq: Seq(0),
-                        offset: Offset(state.offset),
+                        seq: Seq(r.seq),
+                        offset: Offset(r.offset),
                         timestamp_ms,
                         duplicate: true,
                         epoch: self.log_epoch,
                         log_ticket: None,
                         own: false,
-                        origin: None,
+                        origin: Some((origin, Epoch(r.epoch))),
                     };
                 }
             }
@@ -904,10 +909,11 @@ impl Hub {
                 own: true,
                 origin: Some((self.node.clone(), self.epoch)),
             };
+            accepted.log_ticket = self.sequenced(ch, state, encoded, true);
             if let Some(id) = &msg.id {
+                // With its ticket: a retry's ack also waits for (and checks) the log write.
                 state.dedupe.note_own(id, &accepted, now);
             }
-            accepted.log_ticket = self.sequenced(ch, state, encoded, true);
             accepted
         })
     }

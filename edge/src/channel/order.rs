@@ -4,13 +4,15 @@
 //! sends each publish with `after`: its own last acknowledged message on the channel
 //! (origin, epoch, sequence). Two things keep its order:
 //!
-//! - **Here**, the node sequences the publish only once it caught up with that origin: the
-//!   link is up and the origin's catch-up after it is acknowledged (so any message the
-//!   publisher sent there, acknowledged or not, is here too, and a retried one is recognised
-//!   by its id), and this channel's stream of that origin reached `after`
-//!   ([`Hub::order_ready`]). Until then the session holds the publish (and the later ones
-//!   on the channel), at most `limits.publish_order_wait`; past it the publish is refused
-//!   with `ERROR_CODE_UNAVAILABLE` and can be retried.
+//! - **Here**, the node sequences the publish only once it holds everything that origin
+//!   sequenced of the channel when asked (it asks with a `HeadRequest` when the publish
+//!   arrives, so any message the publisher sent there, acknowledged or not, is here first,
+//!   and a retried one is recognised by its id) and `after` itself ([`Hub::order_ready`]).
+//!   An origin that does not answer (unreachable, crashed) is waited for. Until then the
+//!   session holds the publish (and the later ones), at most `limits.publish_order_wait`;
+//!   past it the publish is refused with `ERROR_CODE_UNAVAILABLE` and can be retried. Once a
+//!   connection's publishes on a channel were ordered after an origin, later ones naming it
+//!   only wait for `after`.
 //! - **Everywhere else**, the message carries `after`, and a node that receives it before it
 //!   delivered `after` holds it — and what follows from the same origin — until it did
 //!   ([`Hub::deliver_remote`]), at most `order_wait`; past it the message is delivered
@@ -22,55 +24,102 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tern_proto::client::OriginPosition;
-use tern_proto::types::NodeId;
+use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 
 use super::state::{ChannelState, reaches};
 use super::{Channel, Hub, lock};
 
-/// Most replicated messages one channel holds for their publishers' order; past it the
-/// oldest is delivered without waiting further (memory stays bounded).
+/// Most replicated messages, and payload bytes, one channel holds for their publishers'
+/// order; past either the oldest is delivered without waiting further (memory stays
+/// bounded).
 const HELD_MAX: usize = 4096;
+const HELD_BYTES: usize = 16 << 20;
 
 /// Whether a publish that must follow `after` can be sequenced now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderReady {
-    /// Sequence it.
-    Ready,
+    /// Sequence it, carrying this `after` in the message (what this node verified: the
+    /// origin's head it waited for; `None` when other nodes need not wait for anything).
+    Ready(Option<OriginPosition>),
     /// Not yet: this node is not caught up with the origin of `after`. The reason names it.
     Wait(String),
 }
 
 impl Hub {
     /// Whether this node can sequence a publish on `channel` that must follow the
-    /// publisher's message `after` now (see the module docs). A position of this node, of a
-    /// node outside the mesh, or on a channel beyond the node's channel limit does not wait.
-    pub fn order_ready(&self, channel: &str, after: &OriginPosition) -> OrderReady {
+    /// publisher's message `after` now (see the module docs). `probe` holds the question to
+    /// `after`'s origin (asked on the first call); `synced`: this connection's publishes on
+    /// the channel were already ordered after that origin (only `after` is waited for, and
+    /// the message carries none: it follows the first one in this node's own order). A
+    /// position of this node, of a node outside the mesh, or on a channel beyond the node's
+    /// channel limit does not wait.
+    pub fn order_ready(
+        &self,
+        channel: &str,
+        after: &OriginPosition,
+        probe: &mut Option<u64>,
+        synced: bool,
+    ) -> OrderReady {
         if after.origin.is_empty() || after.origin == self.node.as_str() {
-            return OrderReady::Ready;
+            return OrderReady::Ready(None);
         }
         let (Ok(origin), Some(backbone)) = (NodeId::parse(&after.origin), self.backbone.get())
         else {
-            return OrderReady::Ready;
+            return OrderReady::Ready(None);
         };
         if !backbone.peers().iter().any(|p| p.peer == origin) {
-            return OrderReady::Ready;
+            return OrderReady::Ready(None);
         }
-        if !backbone.caught_up_with(&origin) {
-            return OrderReady::Wait(format!(
-                "this node is not caught up with {origin}, where this publisher's earlier \
-                 messages were sequenced (unreachable, or still sending what this node lacks)"
-            ));
-        }
+        let head = if synced {
+            None
+        } else {
+            let Ok(name) = ChannelName::parse(channel) else { return OrderReady::Ready(None) };
+            let nonce = *probe.get_or_insert_with(|| backbone.request_head(&origin, &name));
+            let Some((epoch, seq)) = backbone.head(nonce) else {
+                return OrderReady::Wait(format!(
+                    "{origin}, where this publisher's earlier messages were sequenced, has not \
+                     said what it sequenced of {channel} (unreachable, or restarting)"
+                ));
+            };
+            Some(OriginPosition { origin: after.origin.clone(), epoch: epoch.0, seq: seq.0 })
+        };
         let met = self.with_channel(channel, self.limits.max_channels, |_, state| {
-            self.order_met(state, after)
+            head.as_ref().is_none_or(|h| h.seq == 0 || self.order_met(state, h))
+                && self.order_met(state, after)
         });
         if met.unwrap_or(true) {
-            OrderReady::Ready
+            // Other nodes hold the message until they have the origin's head too. (The
+            // client's own `after` is not forwarded: this node verified the head, not it.)
+            OrderReady::Ready(head.filter(|h| h.seq > 0))
         } else {
             OrderReady::Wait(format!(
-                "this node has not yet received {origin}'s message {} (epoch {}) of {channel}",
-                after.seq, after.epoch
+                "this node has not yet received every message {origin} sequenced of {channel} \
+                 before this publish"
             ))
+        }
+    }
+
+    /// Forgets a question [`Hub::order_ready`] asked.
+    pub fn forget_probe(&self, nonce: u64) {
+        if let Some(b) = self.backbone.get() {
+            b.forget_head(nonce);
+        }
+    }
+
+    /// The newest message of `channel` this node sequenced, sent or not yet (epoch,
+    /// sequence; sequence 0: none): what it answers a peer's `HeadRequest` with.
+    pub fn own_head(&self, channel: &ChannelName) -> (Epoch, Seq) {
+        let seq = self
+            .channels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(channel)
+            .map(|c| lock(&c.state).seq);
+        match seq {
+            Some(seq) if seq > 0 => (self.epoch, Seq(seq)),
+            _ => {
+                self.backbone.get().and_then(|b| b.past_head(channel)).unwrap_or((Epoch(0), Seq(0)))
+            }
         }
     }
 
@@ -98,7 +147,7 @@ impl Hub {
             lock(&self.holding).entry(name).or_insert_with(|| ch.clone());
         }
         let now = Instant::now();
-        while state.held.len() > HELD_MAX {
+        while state.held.len() > HELD_MAX || state.held_bytes > HELD_BYTES {
             tracing::warn!(channel = ?state.name, "too many messages held for their publishers' order; delivering the oldest");
             self.release_held(ch, state, now, true);
         }
@@ -122,9 +171,10 @@ impl Hub {
                     continue;
                 }
                 let met = h.after.as_ref().is_none_or(|a| self.order_met(state, a));
+                let full = state.held.len() > HELD_MAX || state.held_bytes > HELD_BYTES;
                 let expired = force
                     && (now.saturating_duration_since(h.since) >= self.limits.order_wait
-                        || (i == 0 && state.held.len() > HELD_MAX));
+                        || (i == 0 && full));
                 if met || expired {
                     if !met {
                         tracing::warn!(
@@ -141,6 +191,7 @@ impl Hub {
             }
             let Some(i) = pick else { break };
             let Some(h) = state.held.remove(i) else { break };
+            state.held_bytes -= h.bytes;
             self.accept_remote(ch, state, h.message, now);
         }
     }

@@ -6,7 +6,9 @@
 //! message anyone received, a restarted node knows from its log everything it ever
 //! delivered (nothing is appended or delivered twice), and a position a subscriber holds is
 //! always in the log. The cost is the commit's latency on such channels (≈ 0.5 ms with an
-//! fsync per group on this machine, see `tern bench history`).
+//! fsync per group on this machine, see `tern bench history`). A write that fails (a full
+//! or broken disk) is delivered anyway, and its publisher told (`INTERNAL`): it is then
+//! missing from this node's history only.
 //!
 //! ```text
 //!  publish / deliver_remote ─▶ unreleased (per channel, log order) ─┐
@@ -22,17 +24,18 @@ use super::{Channel, Hub, lock};
 impl Hub {
     /// Queues a sequenced message until its log write is committed.
     pub(super) fn queue_release(&self, ch: &Arc<Channel>, state: &mut ChannelState, u: Unreleased) {
-        if u.ticket == 0 && state.unreleased.is_empty() {
-            // No log write to wait for (the writer is gone): deliver at once.
-            return self.show(state, &u.message, u.own);
+        if state.unreleased.is_empty() {
+            let mut releases = lock(&self.releases);
+            // Already written (the release for its commit may have run before this channel
+            // queued), or no log write to wait for (the writer is gone): deliver now.
+            if u.ticket <= self.committed_seen.load(Ordering::Acquire) {
+                drop(releases);
+                return self.show(state, &u.message, u.own);
+            }
+            releases.push_back((u.ticket, ch.clone()));
         }
-        let first = state.unreleased.is_empty();
-        let ticket = u.ticket;
         state.unreleased.push_back(u);
         self.unreleased.fetch_add(1, Ordering::Relaxed);
-        if first {
-            lock(&self.releases).push_back((ticket, ch.clone()));
-        }
     }
 
     /// Delivers every message whose log write is done (the store's committed ticket reached
@@ -40,6 +43,9 @@ impl Hub {
     pub fn release(&self, committed: u64) {
         let ready: Vec<Arc<Channel>> = {
             let mut queue = lock(&self.releases);
+            // Under the queue's lock: a channel that queues after this sees it (see
+            // `queue_release`), so no message waits for a later commit.
+            self.committed_seen.fetch_max(committed, Ordering::AcqRel);
             let mut ready = Vec::new();
             queue.retain(|(ticket, ch)| {
                 if *ticket <= committed {

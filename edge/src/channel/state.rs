@@ -58,8 +58,9 @@ pub(super) struct ChannelState {
     /// channels), in log order.
     pub(super) unreleased: VecDeque<Unreleased>,
     /// Replicated messages waiting for an earlier message of their publisher from another
-    /// origin (see [`super::order`]), in arrival order.
+    /// origin (see [`super::order`]), in arrival order, and their payload bytes.
     pub(super) held: VecDeque<Held>,
+    pub(super) held_bytes: usize,
 }
 
 /// A message waiting for its log write before it is delivered.
@@ -75,6 +76,8 @@ pub(super) struct Unreleased {
 /// A replicated message held for its publisher's order (see [`super::order`]).
 #[derive(Debug)]
 pub(super) struct Held {
+    /// Payload bytes (counted against the channel's hold budget).
+    pub(super) bytes: usize,
     pub(super) origin: NodeId,
     pub(super) message: Message,
     /// The publisher's earlier message it must follow (`None`: it only waits for earlier
