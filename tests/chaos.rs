@@ -467,8 +467,10 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         let got: Vec<(String, usize)> = log.iter().map(|g| parse(&g.text)).collect();
         for p in 0..3 {
             for a in anomalies(
-                log.iter()
-                    .map(|g| (g.text.as_str(), format!("{}@{}:{}", g.origin, g.epoch, g.seq))),
+                log.iter().map(|g| {
+                    let info = format!("{}@{}:{} after {:?}", g.origin, g.epoch, g.seq, g.after);
+                    (g.text.as_str(), info)
+                }),
                 &format!("P{p}"),
             ) {
                 println!("{region}'s log: {a}");

@@ -465,7 +465,7 @@ async fn http_publish(
         let deadline = tokio::time::Instant::now() + wait;
         let mut probe = None;
         loop {
-            match node.hub().order_ready(&req.channel, &after, &mut probe, false) {
+            match node.hub().order_ready(&req.channel, &after, &mut probe) {
                 crate::channel::order::OrderReady::Ready(verified) => {
                     if let Some(nonce) = probe {
                         node.hub().forget_probe(nonce);

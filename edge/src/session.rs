@@ -89,9 +89,10 @@ struct Session {
     /// publisher's earlier messages (`Publish.after`, see `crate::channel::order`), in
     /// order; later publishes of the same channel wait behind them.
     parked: VecDeque<Parked>,
-    /// (channel, origin) whose publishes on this connection were ordered after that origin
-    /// already: later ones naming it wait only for their `after` (bounded).
-    synced: Vec<(String, String)>,
+    /// (channel, origin, the origin's head this node waited for) whose publishes on this
+    /// connection were ordered after that origin already: later ones naming it carry that
+    /// head without asking again (bounded).
+    synced: Vec<(String, client::OriginPosition)>,
 }
 
 /// A publish waiting for its publisher's order.
@@ -791,6 +792,23 @@ impl Session {
                     c.verify_at = None;
                 }
                 c.next = step.next;
+                // The replay read what the log holds, which may run ahead of what the
+                // channel delivered yet (written, not yet released): the client's vector now
+                // covers it, so the live stream skips it (see `Hub::finish_catchup`).
+                for m in &step.messages {
+                    let m = m.message();
+                    match c.vector.iter_mut().find(|p| p.origin == m.origin) {
+                        Some(p) if (m.origin_epoch, m.origin_seq) > (p.epoch, p.seq) => {
+                            (p.epoch, p.seq) = (m.origin_epoch, m.origin_seq);
+                        }
+                        Some(_) => {}
+                        None => c.vector.push(client::OriginPosition {
+                            origin: m.origin.clone(),
+                            epoch: m.origin_epoch,
+                            seq: m.origin_seq,
+                        }),
+                    }
+                }
                 if let Some(d) = step.discontinuity {
                     self.reply(server_frame::Kind::Discontinuity(d));
                 }
@@ -995,20 +1013,31 @@ impl Session {
     }
 
     /// [`crate::channel::Hub::order_ready`] for this connection: a (channel, origin) it
-    /// already ordered after waits only for `after`; one newly ordered is remembered.
+    /// already ordered after carries the head it waited for then, without asking again
+    /// (the publish that asked may have been a duplicate, so every later one naming that
+    /// origin carries it); one newly ordered is remembered.
     fn order_ready(
         &mut self,
         channel: &str,
         after: &client::OriginPosition,
         probe: &mut Option<u64>,
     ) -> OrderReady {
-        let synced = self.synced.iter().any(|(c, o)| c == channel && *o == after.origin);
-        let ready = self.node.hub().order_ready(channel, after, probe, synced);
-        if matches!(ready, OrderReady::Ready(_)) && !synced && probe.is_some() {
-            if self.synced.len() >= SYNCED_MAX {
-                self.synced.clear();
+        let synced = self.synced.iter().find(|(c, h)| c == channel && h.origin == after.origin);
+        if let Some((_, head)) = synced {
+            return OrderReady::Ready((head.seq > 0).then(|| head.clone()));
+        }
+        let ready = self.node.hub().order_ready(channel, after, probe);
+        if let OrderReady::Ready(verified) = &ready {
+            if probe.is_some() {
+                if self.synced.len() >= SYNCED_MAX {
+                    self.synced.clear();
+                }
+                let head = verified.clone().unwrap_or_else(|| client::OriginPosition {
+                    origin: after.origin.clone(),
+                    ..Default::default()
+                });
+                self.synced.push((channel.to_owned(), head));
             }
-            self.synced.push((channel.to_owned(), after.origin.clone()));
         }
         ready
     }

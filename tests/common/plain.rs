@@ -51,6 +51,19 @@ pub struct Got {
     pub seq: u64,
     /// The node that delivered it (empty when read from a log).
     pub node: String,
+    /// Its `after`, if it carries one (`origin@epoch:seq`).
+    pub after: String,
+}
+
+fn after_of(m: &Value) -> String {
+    m.get("after").map_or(String::new(), |a| {
+        format!(
+            "{}@{}:{}",
+            a["origin"].as_str().unwrap_or(""),
+            u64_of(&a["epoch"]),
+            u64_of(&a["seq"])
+        )
+    })
 }
 
 /// The state a plain client keeps across connections.
@@ -164,6 +177,7 @@ impl Plain {
                     epoch,
                     seq,
                     node: self.node.clone(),
+                    after: after_of(m),
                 });
                 let pos = st.channels.entry(channel).or_default();
                 pos.node.clone_from(&self.node);
@@ -278,6 +292,7 @@ pub async fn log_of(base_http: &str, channel: &str) -> Vec<Got> {
                 epoch: u64_of(&m["originEpoch"]),
                 seq: u64_of(&m["originSeq"]),
                 node: String::new(),
+                after: after_of(&m),
             });
         }
         match v["next"].get("from").and_then(Value::as_u64) {

@@ -48,17 +48,14 @@ pub enum OrderReady {
 impl Hub {
     /// Whether this node can sequence a publish on `channel` that must follow the
     /// publisher's message `after` now (see the module docs). `probe` holds the question to
-    /// `after`'s origin (asked on the first call); `synced`: this connection's publishes on
-    /// the channel were already ordered after that origin (only `after` is waited for, and
-    /// the message carries none: it follows the first one in this node's own order). A
-    /// position of this node, of a node outside the mesh, or on a channel beyond the node's
-    /// channel limit does not wait.
+    /// `after`'s origin (asked on the first call). Ready carries the origin's head, for the
+    /// message. A position of this node, of a node outside the mesh, or on a channel beyond
+    /// the node's channel limit does not wait.
     pub fn order_ready(
         &self,
         channel: &str,
         after: &OriginPosition,
         probe: &mut Option<u64>,
-        synced: bool,
     ) -> OrderReady {
         if after.origin.is_empty() || after.origin == self.node.as_str() {
             return OrderReady::Ready(None);
@@ -70,27 +67,22 @@ impl Hub {
         if !backbone.peers().iter().any(|p| p.peer == origin) {
             return OrderReady::Ready(None);
         }
-        let head = if synced {
-            None
-        } else {
-            let Ok(name) = ChannelName::parse(channel) else { return OrderReady::Ready(None) };
-            let nonce = *probe.get_or_insert_with(|| backbone.request_head(&origin, &name));
-            let Some((epoch, seq)) = backbone.head(nonce) else {
-                return OrderReady::Wait(format!(
-                    "{origin}, where this publisher's earlier messages were sequenced, has not \
-                     said what it sequenced of {channel} (unreachable, or restarting)"
-                ));
-            };
-            Some(OriginPosition { origin: after.origin.clone(), epoch: epoch.0, seq: seq.0 })
+        let Ok(name) = ChannelName::parse(channel) else { return OrderReady::Ready(None) };
+        let nonce = *probe.get_or_insert_with(|| backbone.request_head(&origin, &name));
+        let Some((epoch, seq)) = backbone.head(nonce) else {
+            return OrderReady::Wait(format!(
+                "{origin}, where this publisher's earlier messages were sequenced, has not \
+                 said what it sequenced of {channel} (unreachable, or restarting)"
+            ));
         };
+        let head = OriginPosition { origin: after.origin.clone(), epoch: epoch.0, seq: seq.0 };
         let met = self.with_channel(channel, self.limits.max_channels, |_, state| {
-            head.as_ref().is_none_or(|h| h.seq == 0 || self.order_met(state, h))
-                && self.order_met(state, after)
+            (head.seq == 0 || self.order_met(state, &head)) && self.order_met(state, after)
         });
         if met.unwrap_or(true) {
             // Other nodes hold the message until they have the origin's head too. (The
             // client's own `after` is not forwarded: this node verified the head, not it.)
-            OrderReady::Ready(head.filter(|h| h.seq > 0))
+            OrderReady::Ready((head.seq > 0).then_some(head))
         } else {
             OrderReady::Wait(format!(
                 "this node has not yet received every message {origin} sequenced of {channel} \
