@@ -8,7 +8,9 @@
 //! - B: a publisher that moves to a restarted node which has not yet received its earlier
 //!   messages keeps its order there;
 //! - C: a client that resumes on a node still catching up with messages it already had
-//!   does not get them again.
+//!   does not get them again;
+//! - D: a third region that gets a moved publisher's new messages before its earlier ones
+//!   holds the new ones until the earlier arrive.
 
 mod common;
 
@@ -280,6 +282,51 @@ async fn a_resume_on_a_node_still_catching_up_repeats_nothing() {
         }
     }
     assert_eq!(s_state.got.len(), 151, "each message once");
+    for mut n in nodes {
+        let _ = n.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// D: a publisher sends 1–100 on X while a third region Z cannot hear X; it moves to Y
+/// (which has them) and sends 101–110. Z gets 101–110 from Y before X's messages: it must
+/// hold them until X's arrive, so its log, and its subscribers, keep the publisher's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_region_keeps_a_moved_publishers_order() {
+    const Z: usize = 2; // ap-south
+    let dir = temp("d");
+    let (cluster, relays) = ProcessCluster::write_relayed(&dir, history(&dir)).await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(cluster.start(i, WAIT).await);
+    }
+    for i in 0..3 {
+        ready(&cluster.http(i), WAIT).await;
+    }
+    let ch = "log:d";
+    let mut s_state = PlainState::default();
+    let mut s = Plain::connect(&cluster.url(Z)).await.unwrap();
+    s.subscribe(&mut s_state, ch).await.unwrap();
+    relays[&(X, Z)].block(true);
+    let mut p_state = PlainState::default();
+    let mut p = Plain::connect(&cluster.url(X)).await.unwrap();
+    publish_all(&mut p, &mut p_state, ch, &numbered("P", 1..=100)).await;
+    log_reaches(&cluster.http(Y), ch, 100).await;
+    let mut p = Plain::connect(&cluster.url(Y)).await.unwrap();
+    publish_all(&mut p, &mut p_state, ch, &numbered("P", 101..=110)).await;
+    // Y's messages reach Z (a moment) before X's can: Z must hold them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = log_of(&cluster.http(Z), ch).await;
+    assert!(held.is_empty(), "Z logged before X's messages: {:?}", texts(&held));
+    relays[&(X, Z)].block(false);
+    let all = numbered("P", 1..=110);
+    let log = log_reaches(&cluster.http(Z), ch, 110).await;
+    assert_eq!(texts(&log), all, "Z's log keeps the publisher's order");
+    assert_eq!(
+        texts(&until(&mut s, &mut s_state, "P:110").await),
+        all,
+        "and so does its subscriber"
+    );
     for mut n in nodes {
         let _ = n.kill().await;
     }
