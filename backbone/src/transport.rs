@@ -93,6 +93,11 @@ pub trait Sink: Send + Sync + 'static {
     fn head_requested(&self, peer: &NodeId, channel: &ChannelName, nonce: u64) {
         let _ = (peer, channel, nonce);
     }
+    /// `origin`'s `epoch` of `channel` ended, every message of it delivered (see
+    /// [`Event::EpochEnded`]).
+    fn epoch_ended(&self, origin: &NodeId, channel: &ChannelName, epoch: Epoch) {
+        let _ = (origin, channel, epoch);
+    }
 }
 
 /// Why the backbone could not start.
@@ -523,6 +528,9 @@ async fn drive(
                 Event::Replicated { channel, seq } => sink.replicated(&channel, seq),
                 Event::HeadRequested { peer, channel, nonce } => {
                     sink.head_requested(&peer, &channel, nonce)
+                }
+                Event::EpochEnded { origin, channel, epoch, .. } => {
+                    sink.epoch_ended(&origin, &channel, epoch)
                 }
                 Event::Started { origin, channel, epoch, after, late } => {
                     if late && after.0 > 0 {

@@ -533,7 +533,9 @@ fn check(
                 }
                 // Acknowledgement progress for publishers waiting on replication; the
                 // edge tests check what it promises.
-                Event::Replicated { .. } | Event::HeadRequested { .. } => {}
+                Event::Replicated { .. }
+                | Event::HeadRequested { .. }
+                | Event::EpochEnded { .. } => {}
                 Event::Started { origin, channel, epoch, after, .. } => {
                     let key = (idx(origin), chan_idx(channel));
                     if !routed(key.1) {

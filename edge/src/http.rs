@@ -463,21 +463,23 @@ async fn http_publish(
         // A publisher that moved here: its earlier messages come first.
         let wait = node.settings().config.limits.publish_order_wait;
         let deadline = tokio::time::Instant::now() + wait;
-        let mut probe = None;
+        // Forgets the question to the other node however this request ends (a client
+        // that goes away drops it mid-wait).
+        struct Probe(Arc<Node>, Option<u64>);
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                self.0.hub().forget_probe_opt(self.1);
+            }
+        }
+        let mut probe = Probe(node.clone(), None);
         loop {
-            match node.hub().order_ready(&req.channel, &after, &mut probe) {
+            match node.hub().order_ready(&req.channel, &after, &mut probe.1) {
                 crate::channel::order::OrderReady::Ready(verified) => {
-                    if let Some(nonce) = probe {
-                        node.hub().forget_probe(nonce);
-                    }
                     req.after = verified;
                     break;
                 }
                 crate::channel::order::OrderReady::Wait(reason) => {
                     if tokio::time::Instant::now() >= deadline {
-                        if let Some(nonce) = probe {
-                            node.hub().forget_probe(nonce);
-                        }
                         let mut r = error_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             ErrorCode::Unavailable,

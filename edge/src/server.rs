@@ -202,6 +202,12 @@ impl Sink for HubSink {
         }
     }
 
+    fn epoch_ended(&self, origin: &NodeId, channel: &ChannelName, epoch: Epoch) {
+        if let Some(node) = self.0.upgrade() {
+            node.hub().epoch_ended(channel, origin.as_str(), epoch.0);
+        }
+    }
+
     fn head_requested(&self, peer: &NodeId, channel: &ChannelName, nonce: u64) {
         let Some(node) = self.0.upgrade() else { return };
         let head = node.hub().own_head(channel);

@@ -93,6 +93,7 @@ struct Session {
     /// connection were ordered after that origin already: later ones naming it carry that
     /// head without asking again (bounded).
     synced: Vec<(String, client::OriginPosition)>,
+    order_blocks: Vec<OrderBlock>,
 }
 
 /// A publish waiting for its publisher's order.
@@ -102,7 +103,20 @@ struct Parked {
     deadline: Instant,
     /// The question to the origin of `after` (see `crate::channel::order`).
     probe: Option<u64>,
+    /// Not a publish to sequence: a later publish's refusal, answered in its turn.
+    refused: Option<Nack>,
 }
+
+/// A channel whose publish was refused for its order on this connection: until that
+/// publish (`id`) is retried, or `until`, later ones of the channel are refused too.
+struct OrderBlock {
+    channel: String,
+    id: String,
+    until: Instant,
+}
+
+/// Most channels a connection keeps blocked that way.
+const ORDER_BLOCKS_MAX: usize = 64;
 
 /// Most (channel, origin) pairs a connection remembers as ordered.
 const SYNCED_MAX: usize = 256;
@@ -189,6 +203,7 @@ async fn run_inner<S>(
         history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         parked: VecDeque::new(),
         synced: Vec::new(),
+        order_blocks: Vec::new(),
     };
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
@@ -871,36 +886,50 @@ impl Session {
 
     fn publish(&mut self, p: client::Publish, client_id: &str) {
         let (request_id, channel, id) = (p.request_id, p.channel.clone(), p.id.clone());
-        let nack = |code: ErrorCode, reason: String, retry_after_ms: u32| {
-            server_frame::Kind::Nack(Nack {
-                request_id,
-                channel: channel.clone(),
-                message_id: id.clone(),
-                code: code as i32,
-                reason,
-                retry_after_ms,
-            })
+        let nack = |code: ErrorCode, reason: String, retry_after_ms: u32| Nack {
+            request_id,
+            channel: channel.clone(),
+            message_id: id.clone(),
+            code: code as i32,
+            reason,
+            retry_after_ms,
         };
         if let Err(e) = ChannelName::validate(&channel) {
-            return self.reply(nack(ErrorCode::InvalidChannel, e.to_string(), 0));
+            return self.refuse(nack(ErrorCode::InvalidChannel, e.to_string(), 0));
         }
         if !self.allowed(crate::auth::Operation::Publish, &channel) {
             let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
-            return self.reply(nack(ErrorCode::Forbidden, reason, 0));
+            return self.refuse(nack(ErrorCode::Forbidden, reason, 0));
         }
         if let Err(wait) = self.take_publish(&channel) {
             let rate = self.publish_rate(&channel);
             let reason = format!("more than {rate} publishes/s; retry after {wait:?}");
             let retry = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
-            return self.reply(nack(ErrorCode::RateLimited, reason, retry));
+            return self.refuse(nack(ErrorCode::RateLimited, reason, retry));
         }
         let replicated = p.durability == client::Durability::Replicated as i32;
         if replicated && !self.node.hub().replicates() {
             let reason = "this node has no backbone: no other region can hold the message".into();
-            return self.reply(nack(ErrorCode::Unsupported, reason, 0));
+            return self.refuse(nack(ErrorCode::Unsupported, reason, 0));
         }
         if let Err(reason) = publish::check_after(p.after.as_ref()) {
-            return self.reply(nack(ErrorCode::InvalidArgument, reason, 0));
+            return self.refuse(nack(ErrorCode::InvalidArgument, reason, 0));
+        }
+        // An earlier publish of this channel was refused for its order: later ones wait for
+        // its retry (or `publish_order_wait`), or they would overtake it.
+        let now = Instant::now();
+        self.order_blocks.retain(|b| b.until > now);
+        if let Some(i) = self.order_blocks.iter().position(|b| b.channel == channel) {
+            if self.order_blocks[i].id == id {
+                self.order_blocks.swap_remove(i); // the retry: the channel goes on
+            } else {
+                let reason = format!(
+                    "an earlier publish on this channel ({:?}) was refused for its order; \
+                     retry it first",
+                    self.order_blocks[i].id
+                );
+                return self.refuse(nack(ErrorCode::Unavailable, reason, 1000));
+            }
         }
         // A publisher that moved here: its earlier messages come first (see
         // `crate::channel::order`). Behind a parked publish, wait too (acks keep order).
@@ -913,22 +942,38 @@ impl Session {
             },
             None => Some(None),
         };
-        let Some(verified) = ready else {
-            if self.parked.len() >= PARKED_MAX {
-                if let Some(nonce) = probe {
-                    self.node.hub().forget_probe(nonce);
-                }
-                let reason = format!("{PARKED_MAX} publishes already wait for their order");
-                return self.refuse_parked(p, reason);
-            }
-            let deadline = Instant::now() + self.cfg().limits.publish_order_wait;
-            self.parked.push_back(Parked { publish: p, deadline, probe });
-            return;
-        };
-        if let Some(nonce) = probe {
-            self.node.hub().forget_probe(nonce);
+        if let Some(verified) = ready {
+            self.node.hub().forget_probe_opt(probe);
+            return self.sequence(p, client_id, verified);
         }
-        self.sequence(p, client_id, verified);
+        if self.parked.len() >= PARKED_MAX {
+            self.node.hub().forget_probe_opt(probe);
+            let reason = format!("{PARKED_MAX} publishes already wait for their order");
+            return self.refuse_parked(p, reason, false);
+        }
+        let deadline = Instant::now() + self.cfg().limits.publish_order_wait;
+        self.parked.push_back(Parked { publish: p, deadline, probe, refused: None });
+    }
+
+    /// Answers a publish with a refusal, in publish order: behind the parked publishes and
+    /// the acks still waiting, if any.
+    fn refuse(&mut self, nack: Nack) {
+        // (Past twice the parked limit a flood is answered at once, order or not.)
+        if !self.parked.is_empty() && self.parked.len() < 2 * PARKED_MAX {
+            let publish = client::Publish::default();
+            let deadline = Instant::now();
+            self.parked.push_back(Parked { publish, deadline, probe: None, refused: Some(nack) });
+        } else if !self.acks.is_empty() {
+            let ack = client::Ack::default();
+            self.acks.push_back(PendingAck {
+                ticket: 0,
+                replicated: None,
+                ack,
+                refused: Some(nack),
+            });
+        } else {
+            self.reply(server_frame::Kind::Nack(nack));
+        }
     }
 
     /// Publishes a validated publish that may be sequenced now (carrying `after`, see
@@ -962,14 +1007,14 @@ impl Session {
                 });
                 self.flush_acks();
             }
-            Err(e) => self.reply(server_frame::Kind::Nack(Nack {
+            Err(e) => self.refuse(Nack {
                 request_id,
                 channel,
                 message_id: p.id,
                 code: e.code() as i32,
                 reason: e.to_string(),
                 retry_after_ms: 0,
-            })),
+            }),
         }
     }
 
@@ -980,12 +1025,25 @@ impl Session {
     fn retry_parked(&mut self) {
         let Some(client_id) = self.client_id.clone() else { return };
         let now = Instant::now();
-        let mut refused: Vec<(String, String)> = Vec::new();
         while let Some(w) = self.parked.pop_front() {
+            if let Some(nack) = w.refused {
+                // A refusal queued behind earlier parked publishes: its turn now.
+                self.acks.push_back(PendingAck {
+                    ticket: 0,
+                    replicated: None,
+                    ack: client::Ack::default(),
+                    refused: Some(nack),
+                });
+                self.flush_acks();
+                continue;
+            }
             let channel = w.publish.channel.clone();
-            if let Some((_, reason)) = refused.iter().find(|(c, _)| *c == channel) {
-                let reason = reason.clone();
-                self.refuse_parked(w.publish, reason);
+            if self.order_blocks.iter().any(|b| b.channel == channel && b.id != w.publish.id) {
+                self.node.hub().forget_probe_opt(w.probe);
+                let reason = "an earlier publish on this channel was refused for its order; \
+                              retry it first"
+                    .to_owned();
+                self.refuse_parked(w.publish, reason, true);
                 continue;
             }
             let mut probe = w.probe;
@@ -993,16 +1051,14 @@ impl Session {
                 Some(a) => self.order_ready(&channel, &a, &mut probe),
                 None => OrderReady::Ready(None),
             };
-            if matches!(ready, OrderReady::Ready(_)) || now >= w.deadline {
-                if let Some(nonce) = probe {
-                    self.node.hub().forget_probe(nonce);
-                }
-            }
             match ready {
-                OrderReady::Ready(verified) => self.sequence(w.publish, &client_id, verified),
+                OrderReady::Ready(verified) => {
+                    self.node.hub().forget_probe_opt(probe);
+                    self.sequence(w.publish, &client_id, verified);
+                }
                 OrderReady::Wait(reason) if now >= w.deadline => {
-                    refused.push((channel, reason.clone()));
-                    self.refuse_parked(w.publish, reason);
+                    self.node.hub().forget_probe_opt(probe);
+                    self.refuse_parked(w.publish, reason, true);
                 }
                 OrderReady::Wait(_) => {
                     self.parked.push_front(Parked { probe, ..w });
@@ -1042,9 +1098,24 @@ impl Session {
         ready
     }
 
-    /// Refuses a parked publish with `UNAVAILABLE`, after the acks of earlier publishes.
-    fn refuse_parked(&mut self, p: client::Publish, reason: String) {
+    /// Refuses a parked publish with `UNAVAILABLE`, after the acks of earlier publishes;
+    /// later publishes of its channel are refused too until it is retried (or
+    /// `publish_order_wait` passed), so none overtakes it.
+    /// `in_turn`: it is the parked publish whose turn it is (else a new one, answered behind
+    /// whatever waits).
+    fn refuse_parked(&mut self, p: client::Publish, reason: String, in_turn: bool) {
         let wait = self.cfg().limits.publish_order_wait;
+        if !self.order_blocks.iter().any(|b| b.channel == p.channel) {
+            if self.order_blocks.len() >= ORDER_BLOCKS_MAX {
+                self.order_blocks.remove(0);
+            }
+            let until = Instant::now() + wait;
+            self.order_blocks.push(OrderBlock {
+                channel: p.channel.clone(),
+                id: p.id.clone(),
+                until,
+            });
+        }
         let nack = Nack {
             request_id: p.request_id,
             channel: p.channel,
@@ -1053,9 +1124,18 @@ impl Session {
             reason: format!("not sequenced within {wait:?}: {reason}; retry with the same id"),
             retry_after_ms: 1000,
         };
-        let ack = client::Ack::default();
-        self.acks.push_back(PendingAck { ticket: 0, replicated: None, ack, refused: Some(nack) });
-        self.flush_acks();
+        if in_turn {
+            let ack = client::Ack::default();
+            self.acks.push_back(PendingAck {
+                ticket: 0,
+                replicated: None,
+                ack,
+                refused: Some(nack),
+            });
+            self.flush_acks();
+        } else {
+            self.refuse(nack);
+        }
     }
 
     /// Takes a publish token for `channel` (its namespace's bucket, if it has its own rate).
@@ -1196,6 +1276,9 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
+        for w in std::mem::take(&mut self.parked) {
+            self.node.hub().forget_probe_opt(w.probe);
+        }
         for channel in self.channels.drain() {
             self.node.hub().unsubscribe(&channel, self.id, None);
         }

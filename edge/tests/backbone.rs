@@ -400,3 +400,83 @@ async fn a_node_is_ready_once_it_caught_up_with_its_peers() {
     assert_eq!(status, 200, "a ready node stays ready when a peer goes away");
     eu.stop().await;
 }
+
+/// A publish naming (with `after`) a node this one cannot hear from waits at most
+/// `limits.publish_order_wait`, then is refused with `UNAVAILABLE`; so is every later publish
+/// of that channel until it is retried; and the answers come in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_ordered_after_an_unreachable_node_is_refused_in_order() {
+    let dir = temp_dir("order");
+    certs::init_ca(&dir).unwrap();
+    let ids: Vec<NodeId> = ["eu-west", "us-east"]
+        .iter()
+        .map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap())
+        .collect();
+    for id in &ids {
+        certs::issue_node(&dir, id).unwrap();
+    }
+    let addrs = [free_udp_port(), free_udp_port()];
+    let b = section(&dir, 0, &ids, &addrs);
+    // us-east never starts.
+    let eu = TestNode::start(move |cfg| {
+        cfg.node.region = "eu-west".into();
+        cfg.backbone = Some(b);
+        cfg.limits.publish_order_wait = Duration::from_millis(300);
+    })
+    .await;
+    let (mut c, _) = common::RawJson::connected(eu.addr).await;
+    let after = r#""after":{"origin":"us-east/edge-1","epoch":"5","seq":"9"}"#;
+    c.send(&format!(
+        r#"{{"publish":{{"requestId":1,"channel":"chat:o","id":"a",{after},"text":"1"}}}}"#
+    ))
+    .await;
+    c.send(&format!(
+        r#"{{"publish":{{"requestId":2,"channel":"chat:o","id":"b",{after},"text":"2"}}}}"#
+    ))
+    .await;
+    c.send(r#"{"publish":{"requestId":3,"channel":"chat:other","id":"c","text":"3"}}"#).await;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let f = c.recv().await;
+        let (kind, body) = f.as_object().unwrap().iter().next().unwrap();
+        answers.push((kind.clone(), body["requestId"].as_u64().unwrap(), body["code"].clone()));
+    }
+    let unavailable = serde_json::json!("ERROR_CODE_UNAVAILABLE");
+    assert_eq!(
+        answers,
+        [
+            ("nack".to_owned(), 1, unavailable.clone()),
+            ("nack".to_owned(), 2, unavailable.clone()),
+            ("ack".to_owned(), 3, serde_json::Value::Null),
+        ],
+        "refused after the wait, the channel's next one too, and answers in publish order"
+    );
+    // The channel stays refused to others until the first is retried (it waits again).
+    c.send(r#"{"publish":{"requestId":4,"channel":"chat:o","id":"d","text":"4"}}"#).await;
+    let f = c.recv().await;
+    assert_eq!(f["nack"]["requestId"], 4, "{f}");
+    assert_eq!(f["nack"]["code"], unavailable, "{f}");
+    c.send(&format!(
+        r#"{{"publish":{{"requestId":5,"channel":"chat:o","id":"a",{after},"text":"1"}}}}"#
+    ))
+    .await;
+    let f = c.recv().await;
+    assert_eq!(
+        (f["nack"]["requestId"].as_u64(), &f["nack"]["code"]),
+        (Some(5), &unavailable),
+        "{f}"
+    );
+    // Over HTTP: 503 with Retry-After.
+    let body = format!(r#"{{"id":"h",{after},"text":"over http"}}"#);
+    let (status, text) = common::http(
+        eu.addr,
+        "POST",
+        "/v1/channels/chat:h/messages",
+        "application/json",
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("ERROR_CODE_UNAVAILABLE"), "{text}");
+    eu.stop().await;
+}

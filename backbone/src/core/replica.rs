@@ -156,6 +156,18 @@ pub enum Event {
         /// To echo.
         nonce: u64,
     },
+    /// `origin`'s `epoch` of `channel` ended here with everything delivered (its `End`):
+    /// the stream continues in `next`. Nothing more of `epoch` comes.
+    EpochEnded {
+        /// Origin node.
+        origin: NodeId,
+        /// Channel.
+        channel: ChannelName,
+        /// The epoch that ended.
+        epoch: Epoch,
+        /// The one that follows.
+        next: Epoch,
+    },
     /// A node of another region acknowledged this node's messages of `channel` up to `seq`
     /// (this epoch): they survive the loss of this region.
     Replicated {
@@ -840,7 +852,12 @@ impl Replica {
         self.next_nonce += 1;
         let nonce = self.next_nonce;
         while self.heads.len() >= HEADS_MAX {
-            self.heads.pop_first();
+            // Answered questions go first (their askers read the answer already, or will
+            // not), then the oldest.
+            match self.heads.iter().find(|(_, a)| a.answer.is_some()).map(|(n, _)| *n) {
+                Some(n) => self.heads.remove(&n),
+                None => self.heads.pop_first().map(|(_, a)| a),
+            };
         }
         let up = self.links.get(origin).is_some_and(|l| l.up);
         self.heads.insert(
@@ -1538,8 +1555,13 @@ impl Replica {
                 payload,
             });
         }
-        if let Some((last, next)) = r.end.filter(|(last, _)| r.delivered >= *last) {
-            let _ = last;
+        if let Some((_, next)) = r.end.filter(|(last, _)| r.delivered >= *last) {
+            self.events.push_back(Event::EpochEnded {
+                origin: key.0.clone(),
+                channel: key.1.clone(),
+                epoch: r.epoch,
+                next,
+            });
             *r = Recv::started(next, 0);
             // Acknowledged in the new epoch at once: the origin then sends it.
             self.ack_due.insert(key.clone());

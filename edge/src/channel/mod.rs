@@ -788,6 +788,20 @@ impl Hub {
         self.release_held(&channel, &mut state, Instant::now(), false);
     }
 
+    /// `origin`'s `epoch` of `name` ended with everything delivered here (it restarted and
+    /// sent the rest from its log): nothing more of it comes, so what waits on a message of
+    /// it (a publish's order, a head it reported before crashing) goes on.
+    pub fn epoch_ended(&self, name: &ChannelName, origin: &str, epoch: u64) {
+        let Some(channel) =
+            self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        else {
+            return;
+        };
+        let mut state = lock(&channel.state);
+        note_origin(&mut state.remote, origin, epoch, u64::MAX);
+        self.release_held(&channel, &mut state, Instant::now(), false);
+    }
+
     /// The peers confirmed this node's interest in `name`: pending subscriptions take effect.
     pub fn interest_ready(&self, name: &ChannelName) {
         let Some(channel) =

@@ -10,9 +10,10 @@
 //!   and a retried one is recognised by its id) and `after` itself ([`Hub::order_ready`]).
 //!   An origin that does not answer (unreachable, crashed) is waited for. Until then the
 //!   session holds the publish (and the later ones), at most `limits.publish_order_wait`;
-//!   past it the publish is refused with `ERROR_CODE_UNAVAILABLE` and can be retried. Once a
-//!   connection's publishes on a channel were ordered after an origin, later ones naming it
-//!   only wait for `after`.
+//!   past it the publish is refused with `ERROR_CODE_UNAVAILABLE` (and later ones of the
+//!   channel with it, until it is retried) and can be retried. Once a connection's publishes
+//!   on a channel were ordered after an origin, later ones naming it carry the head it
+//!   waited for then, without asking again.
 //! - **Everywhere else**, the message carries `after`, and a node that receives it before it
 //!   delivered `after` holds it — and what follows from the same origin — until it did
 //!   ([`Hub::deliver_remote`]), at most `order_wait`; past it the message is delivered
@@ -95,6 +96,13 @@ impl Hub {
     pub fn forget_probe(&self, nonce: u64) {
         if let Some(b) = self.backbone.get() {
             b.forget_head(nonce);
+        }
+    }
+
+    /// [`Hub::forget_probe`], when a question was asked.
+    pub fn forget_probe_opt(&self, nonce: Option<u64>) {
+        if let Some(nonce) = nonce {
+            self.forget_probe(nonce);
         }
     }
 
