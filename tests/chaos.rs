@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::plain::{Plain, PlainState, log_of};
+use common::plain::{Plain, PlainError, PlainState, log_of};
 use common::{ProcessCluster, REGIONS, sigterm};
 
 use std::collections::BTreeMap;
@@ -241,8 +241,15 @@ async fn plain_subscriber(url: String, channel: &'static str, want: usize) -> Pl
             Err(_) => continue 'connect,
         }
         while st.got.len() < want {
-            if c.frame(&mut st, WAIT).await.is_err() {
-                continue 'connect;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match c.frame(&mut st, left).await {
+                Ok(_) => {}
+                Err(PlainError::Timeout) => panic!(
+                    "plain subscriber stalled at {} of {want}: last {:?}",
+                    st.got.len(),
+                    st.got.last()
+                ),
+                Err(PlainError::Closed(_)) => continue 'connect,
             }
         }
         return st;
@@ -424,12 +431,14 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         let progress = acked.load(Ordering::Relaxed);
         if !kill_done && progress >= kill_at {
             kill_done = true;
+            println!("chaos: SIGKILL {} at {progress} acked", REGIONS[killed]);
             nodes[killed].kill().await.unwrap(); // SIGKILL
             tokio::time::sleep(Duration::from_millis(300)).await;
             nodes[killed] = cluster.start(killed, WAIT).await;
             proxies.iter().for_each(Proxy::cut);
         } else if kill_done && !term_done && progress >= term_at {
             term_done = true;
+            println!("chaos: SIGTERM {} at {progress} acked", REGIONS[termed]);
             sigterm(&mut nodes[termed]).await;
             nodes[termed] = cluster.start(termed, WAIT).await;
             proxies.iter().for_each(Proxy::cut);
@@ -465,6 +474,33 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     for (n, region) in REGIONS.iter().enumerate() {
         let log = log_of(&cluster.http(n), "chaos:room").await;
         let got: Vec<(String, usize)> = log.iter().map(|g| parse(&g.text)).collect();
+        if std::env::var("TERN_CHAOS_DUMP").is_ok() {
+            // Runs of one origin per publisher: (publisher, first..last, origin@epoch:seq, after).
+            let mut run: Option<(String, usize, usize, String, String)> = None;
+            for g in &log {
+                let (who, k) = parse(&g.text);
+                let (who2, origin) = (who.clone(), format!("{}@{}", g.origin, g.epoch));
+                match run.as_mut() {
+                    Some(r)
+                        if r.0 == who2 && r.3 == origin && r.2 + 1 == k && g.after.is_empty() =>
+                    {
+                        r.2 = k
+                    }
+                    _ => {
+                        if let Some(r) = run.take() {
+                            println!(
+                                "{region} log run: {} {}..{} {} after {:?}",
+                                r.0, r.1, r.2, r.3, r.4
+                            );
+                        }
+                        run = Some((who2, k, k, origin, format!("{}:{}", g.seq, g.after)));
+                    }
+                }
+            }
+            if let Some(r) = run {
+                println!("{region} log run: {} {}..{} {} after {:?}", r.0, r.1, r.2, r.3, r.4);
+            }
+        }
         for p in 0..3 {
             for a in anomalies(
                 log.iter().map(|g| {

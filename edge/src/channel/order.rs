@@ -125,9 +125,19 @@ impl Hub {
 
     /// Whether the channel here delivered (or will never receive) the message `after`.
     pub(super) fn order_met(&self, state: &ChannelState, after: &OriginPosition) -> bool {
-        if after.origin == self.node.as_str()
-            || reaches(&state.remote, &after.origin, after.epoch, after.seq)
-        {
+        if after.origin == self.node.as_str() {
+            return true;
+        }
+        // A message of that origin up to `after` still held here is not delivered yet, even
+        // when the origin's stream (an ended epoch) says nothing more of it comes.
+        let at = (after.epoch, after.seq);
+        if state.held.iter().any(|h| {
+            h.origin.as_str() == after.origin
+                && (h.message.origin_epoch, h.message.origin_seq) <= at
+        }) {
+            return false;
+        }
+        if reaches(&state.remote, &after.origin, after.epoch, after.seq) {
             return true;
         }
         let (Ok(origin), Some(backbone), Some(name)) =
