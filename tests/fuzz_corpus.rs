@@ -6,11 +6,12 @@ use std::path::Path;
 
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 4] = [
+const TARGETS: [Target; 5] = [
     ("client_frame_json", tern_edge::fuzzing::client_frame_json),
     ("client_frame_protobuf", tern_edge::fuzzing::client_frame_protobuf),
     ("backbone_frame", tern_edge::fuzzing::backbone_frame),
     ("token", tern_edge::fuzzing::token),
+    ("session", tern_edge::fuzzing::session),
 ];
 
 #[test]

@@ -145,13 +145,22 @@ pub struct Claims {
     pub capability: BTreeMap<String, Vec<Operation>>,
 }
 
+/// The longest a token keeps a connection open, whatever its `exp` says (a timer further
+/// out than this is never needed, and `Instant` arithmetic on `exp = 2^64 − 1` would
+/// overflow).
+pub const LONGEST_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl Claims {
-    /// How long until the token expires (zero if it already has).
-    pub fn remaining(&self) -> Duration {
+    /// How long the token stays valid from now: until `exp` plus `leeway`, the one rule
+    /// every surface applies (a token is accepted while `now <= exp + leeway`, and a
+    /// connection it opened or renewed lasts that long); zero if that passed; at most
+    /// [`LONGEST_LIFETIME`].
+    pub fn remaining(&self, leeway: Duration) -> Duration {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        Duration::from_secs(self.exp.saturating_sub(now))
+        let until = self.exp.saturating_add(leeway.as_secs());
+        Duration::from_secs(until.saturating_sub(now)).min(LONGEST_LIFETIME)
     }
 
     /// Whether the token allows `op` on `channel`.
@@ -357,6 +366,11 @@ impl Verifier {
         } else {
             Err(TokenError::ApiKey)
         }
+    }
+
+    /// The clock skew tolerated on `exp` and `nbf` (see [`Claims::remaining`]).
+    pub fn leeway(&self) -> Duration {
+        Duration::from_secs(self.leeway)
     }
 
     /// Verifies a token and returns its claims.

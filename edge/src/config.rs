@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tern_proto::types::{ChannelName, NameError, NodeId, RegionId};
+use tern_proto::types::{NameError, NodeId, RegionId, validate_namespace};
 
 /// The configuration file, as written by an operator.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -468,7 +468,7 @@ impl Default for LimitsConfig {
             max_channels: 1_000_000,
             max_message_bytes: 64 * 1024,
             // Room for a max-size binary payload in JSON (base64, +33%) plus fields.
-            max_frame_bytes: 96 * 1024,
+            max_frame_bytes: min_frame_bytes(64 * 1024),
             // About a second of a busy channel; a reader further behind is too slow.
             send_queue_messages: 1024,
             send_queue_bytes: 4 * 1024 * 1024,
@@ -571,7 +571,19 @@ impl Config {
     }
 
     /// Checks every value and builds the runtime settings.
-    pub fn validate(self) -> Result<Settings, ConfigError> {
+    pub fn validate(mut self) -> Result<Settings, ConfigError> {
+        // Settings compared against what requests carry are kept in the form they are
+        // compared in (see `normalise_origin`).
+        for o in &mut self.websocket.allowed_origins {
+            *o = normalise_origin(o).map_err(|reason| ConfigError::Invalid {
+                field: "websocket.allowed_origins",
+                reason,
+            })?;
+        }
+        for r in &mut self.regions {
+            r.url = normalise_region_url(&r.url)
+                .map_err(|reason| ConfigError::Invalid { field: "regions.url", reason })?;
+        }
         let region = RegionId::parse(&self.node.region)?;
         let node = NodeId::new(&region, &self.node.name)?;
         let l = &self.limits;
@@ -605,13 +617,24 @@ impl Config {
                 });
             }
         }
-        let need = l.max_message_bytes / 3 * 4 + 4096;
+        if l.max_message_bytes > MAX_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_message_bytes",
+                reason: format!(
+                    "must be at most {MAX_MESSAGE_BYTES}: every message the node accepts must \
+                     fit one backbone frame ({} bytes) with its envelope",
+                    tern_backbone::wire::MAX_FRAME
+                ),
+            });
+        }
+        let need = min_frame_bytes(l.max_message_bytes);
         if l.max_frame_bytes < need {
             return Err(ConfigError::Invalid {
                 field: "limits.max_frame_bytes",
                 reason: format!(
-                    "must be at least {need} to carry a max-size payload as base64 JSON \
-                     (limits.max_message_bytes * 4/3 + 4096)"
+                    "must be at least {need} to carry a max-size payload in every encoding \
+                     (limits.max_message_bytes * 6 + 8192: JSON may write each byte of a \
+                     text as a \\u escape)"
                 ),
             });
         }
@@ -631,9 +654,9 @@ impl Config {
         for ns in &l.namespaces {
             let invalid =
                 |reason: String| ConfigError::Invalid { field: "limits.namespaces", reason };
-            if ns.name.contains(':') || ChannelName::validate(&ns.name).is_err() {
+            if validate_namespace(&ns.name).is_err() {
                 return Err(invalid(format!(
-                    "{:?} is not a namespace (a channel name without ':')",
+                    "{:?} is not a namespace (1-32 bytes of a-z 0-9 _ -, as before a channel name's ':')",
                     ns.name
                 )));
             }
@@ -664,11 +687,11 @@ impl Config {
             });
         }
         for ns in &self.history.namespaces {
-            if ns.name.contains(':') || ChannelName::validate(&ns.name).is_err() {
+            if validate_namespace(&ns.name).is_err() {
                 return Err(ConfigError::Invalid {
                     field: "history.namespaces.name",
                     reason: format!(
-                        "{:?} is not a namespace (a channel name without ':')",
+                        "{:?} is not a namespace (1-32 bytes of a-z 0-9 _ -, as before a channel name's ':')",
                         ns.name
                     ),
                 });
@@ -686,15 +709,13 @@ impl Config {
                 reason: "queue and sync_interval must be above 0".into(),
             });
         }
+        let mut names = std::collections::HashSet::new();
         for r in &self.regions {
             RegionId::parse(&r.name)?;
-            let scheme_ok = ["ws://", "wss://", "http://", "https://"]
-                .iter()
-                .any(|p| r.url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
-            if !scheme_ok {
+            if !names.insert(r.name.as_str()) {
                 return Err(ConfigError::Invalid {
-                    field: "regions.url",
-                    reason: format!("{:?} is not a ws://, wss://, http:// or https:// URL", r.url),
+                    field: "regions.name",
+                    reason: format!("{:?} is listed twice", r.name),
                 });
             }
         }
@@ -715,11 +736,11 @@ impl Config {
                 }
             }
             for ns in &b.replicate_all {
-                if ns != "*" && (ns.contains(':') || ChannelName::validate(ns).is_err()) {
+                if ns != "*" && validate_namespace(ns).is_err() {
                     return Err(ConfigError::Invalid {
                         field: "backbone.replicate_all",
                         reason: format!(
-                            "{ns:?} is not a namespace (a channel name without ':') or \"*\""
+                            "{ns:?} is not a namespace (1-32 bytes of a-z 0-9 _ -) or \"*\""
                         ),
                     });
                 }
@@ -730,6 +751,12 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         field: "backbone.peers",
                         reason: format!("{id} is this node itself"),
+                    });
+                }
+                if peers.iter().any(|q: &tern_backbone::transport::Peer| q.id == id) {
+                    return Err(ConfigError::Invalid {
+                        field: "backbone.peers",
+                        reason: format!("{id} is listed twice"),
                     });
                 }
                 peers.push(tern_backbone::transport::Peer { id, addr: p.addr });
@@ -754,6 +781,82 @@ pub struct Settings {
     pub auth: crate::auth::Verifier,
     /// The validated configuration.
     pub config: Config,
+}
+
+/// A browser origin in the form `websocket.allowed_origins` and the `Origin` header are
+/// compared in (the serialisation of RFC 6454 § 6.2, which browsers send): lower-case scheme
+/// (`http` or `https`) and host, the port only when it is not the scheme's default, no
+/// path. `https://App.example.com:443/` becomes `https://app.example.com`; a path, query,
+/// user info or another scheme is refused, with the reason.
+pub fn normalise_origin(s: &str) -> Result<String, String> {
+    let what = "an origin is scheme://host[:port], e.g. https://app.example.com";
+    if s == "*" {
+        return Err("\"*\" is not an origin: leave the list empty to allow every origin".into());
+    }
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not an origin ({e}); {what}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("{s:?} is not an origin: {what}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return Err(format!("{s:?}: the scheme must be http or https")),
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("{s:?} holds user info: {what}"));
+    }
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(format!("{s:?} has a path or query: {what}"));
+    }
+    // `Uri` takes `h:` as an empty port; an origin has a port or no colon.
+    if authority.as_str().ends_with(':') {
+        return Err(format!("{s:?} has an empty port: {what}"));
+    }
+    let host = authority.host().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host: {what}"));
+    }
+    Ok(match authority.port_u16().filter(|&p| p != default_port) {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
+}
+
+/// A region's public URL as `[[regions]]` lists it: `ws`, `wss`, `http` or `https` with a
+/// host, scheme and host in lower case, no trailing `/` (clients add `/v1/ws` and
+/// `/v1/ping` to it), no query or fragment.
+fn normalise_region_url(s: &str) -> Result<String, String> {
+    let what = "a region URL is ws[s]://host[:port][/path] or http[s]://…";
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL ({e}); {what}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("{s:?} is not an absolute URL: {what}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if !["ws", "wss", "http", "https"].contains(&scheme.as_str()) {
+        return Err(format!("{s:?}: the scheme must be ws, wss, http or https"));
+    }
+    if authority.host().is_empty() || authority.as_str().contains('@') {
+        return Err(format!("{s:?} needs a host and no user info: {what}"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{s:?} has a query: {what}"));
+    }
+    let host = authority.as_str().to_ascii_lowercase();
+    Ok(format!("{scheme}://{host}{}", uri.path().trim_end_matches('/')))
+}
+
+/// The largest `limits.max_message_bytes`: a message and its envelope (ids, names, origin,
+/// position: well under 64 KiB) fit one backbone frame.
+pub const MAX_MESSAGE_BYTES: usize = tern_backbone::wire::MAX_FRAME - 64 * 1024;
+
+/// The smallest WebSocket message (and HTTP body) limit that carries every payload
+/// `max_message_bytes` allows, in every encoding: JSON may write each byte of a text as a
+/// six-byte `\u00XX` escape (control characters; `\ud83d\ude00` is 12 bytes for a 4-byte
+/// emoji), and the rest of a publish (channel, id, name, `after`, escaped too) fits in
+/// 8 KiB.
+pub const fn min_frame_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(6).saturating_add(8192)
 }
 
 #[cfg(test)]
@@ -783,6 +886,118 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("limits.max_frame_bytes"), "{e}");
+    }
+
+    /// The first error of `toml` (validated), which must name `field`.
+    fn refused(toml: &str, field: &str) -> String {
+        let e = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains(field), "{toml}: expected an error naming {field}, got {e}");
+        e
+    }
+
+    #[test]
+    fn origins_are_compared_in_one_form_and_malformed_ones_refused() {
+        let listed = |o: &str| {
+            let toml = format!("[websocket]\nallowed_origins = [{o:?}]\n");
+            Config::from_toml(&toml).unwrap().validate().unwrap().config.websocket.allowed_origins
+        };
+        for (written, kept) in [
+            ("https://app.example.com/", "https://app.example.com"),
+            ("https://app.example.com", "https://app.example.com"),
+            ("HTTPS://App.Example.COM:443", "https://app.example.com"),
+            ("http://app.example.com:80/", "http://app.example.com"),
+            ("http://localhost:8080", "http://localhost:8080"),
+            ("https://app.example.com:8443/", "https://app.example.com:8443"),
+            ("http://[::1]:3000", "http://[::1]:3000"),
+        ] {
+            assert_eq!(listed(written), [kept], "{written}");
+        }
+        // What a browser sends matches the listed form whatever way it was written.
+        assert_eq!(
+            normalise_origin("https://app.example.com").unwrap(),
+            listed("https://APP.example.com:443/")[0]
+        );
+        for bad in [
+            "https://app.example.com/app",
+            "https://app.example.com/?x=1",
+            "https://app.example.com:",
+            "app.example.com",
+            "*",
+            "ftp://app.example.com",
+            "https://user@app.example.com",
+            "https://",
+            "null",
+            "",
+        ] {
+            let toml = format!("[websocket]\nallowed_origins = [{bad:?}]\n");
+            refused(&toml, "websocket.allowed_origins");
+        }
+    }
+
+    #[test]
+    fn region_urls_namespaces_and_peers_are_checked_per_their_type() {
+        let url = |u: &str| {
+            let toml = format!("[[regions]]\nname = \"eu\"\nurl = {u:?}\n");
+            Config::from_toml(&toml).unwrap().validate().unwrap().config.regions[0].url.clone()
+        };
+        assert_eq!(url("wss://EU.Example.com/"), "wss://eu.example.com");
+        assert_eq!(url("https://eu.example.com:8443/tern/"), "https://eu.example.com:8443/tern");
+        for bad in [
+            "eu.example.com",
+            "wss://",
+            "ftp://eu.example.com",
+            "wss://eu example.com",
+            "wss://eu.example.com/?a=1",
+        ] {
+            refused(&format!("[[regions]]\nname = \"eu\"\nurl = {bad:?}\n"), "regions.url");
+        }
+        let twice = "[[regions]]\nname = \"eu\"\nurl = \"wss://a\"\n[[regions]]\nname = \"eu\"\nurl = \"wss://b\"\n";
+        refused(twice, "regions.name");
+        // Namespaces are what precedes a channel name's ':' (lower case, at most 32 bytes):
+        // one that no channel can have would silently never match.
+        for bad in ["Chat", "chat.x", "chat:x", &"n".repeat(33), ""] {
+            refused(
+                &format!(
+                    "[history]\n[[history.namespaces]]\nname = {bad:?}\nmax_messages = 5\nmax_age = \"1h\"\n"
+                ),
+                "history.namespaces",
+            );
+            refused(
+                &format!("[[limits.namespaces]]\nname = {bad:?}\npublish_rate = 5\n"),
+                "limits.namespaces",
+            );
+            refused(
+                &format!(
+                    "[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\nreplicate_all = [{bad:?}]\n"
+                ),
+                "backbone.replicate_all",
+            );
+        }
+        let peer = "[[backbone.peers]]\nid = \"b/n\"\naddr = \"127.0.0.1:1\"\n";
+        let toml = format!("[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n{peer}{peer}");
+        refused(&toml, "backbone.peers");
+    }
+
+    #[test]
+    fn the_limits_agree_across_encodings_and_transports() {
+        // The defaults carry a max-size payload as JSON escapes.
+        let l = Config::default().limits;
+        assert!(l.max_frame_bytes >= l.max_message_bytes * 6 + 8192);
+        let e = refused(
+            "[limits]\nmax_message_bytes = 65536\nmax_frame_bytes = 98304\n",
+            "limits.max_frame_bytes",
+        );
+        assert!(e.contains("401408"), "{e}");
+        // A message must fit one backbone frame.
+        refused(
+            "[limits]\nmax_message_bytes = 2000000\nmax_frame_bytes = 20000000\n",
+            "limits.max_message_bytes",
+        );
+        let s =
+            Config::from_toml("[limits]\nmax_message_bytes = 983040\nmax_frame_bytes = 5906432\n")
+                .unwrap()
+                .validate();
+        assert!(s.is_ok(), "{s:?}");
     }
 
     #[test]

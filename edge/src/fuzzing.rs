@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use crate::auth::{AuthConfig, AuthMode, Claims, Operation, Verifier};
+use tern_proto::client::server_frame;
 
 /// A client frame as a WebSocket text frame (JSON).
 pub fn client_frame_json(data: &[u8]) {
@@ -62,9 +63,165 @@ pub fn token(data: &[u8]) {
         for channel in ["chat:room", "a", "chat:room:x"] {
             let _ = claims.allows(Operation::Subscribe, channel);
         }
-        let _ = claims.remaining();
+        let _ = claims.remaining(std::time::Duration::from_secs(5));
     }
     let _ = crate::auth::parse_capability(text);
+}
+
+/// Most frames one [`session`] input sends.
+const SESSION_FRAMES: usize = 64;
+
+/// The nonce of the heartbeat that ends a [`session`] input.
+const MARK: u64 = 0x007e_570f_f022_e2d5;
+
+/// How long a [`session`] input waits for its marker's echo.
+const MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a session may take to end once its client closed.
+const SESSION_END: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A real node for [`session`], without sockets: a history namespace (`log`) in a
+/// temporary directory, no backbone; and the runtime its sessions run on.
+struct SessionHarness {
+    runtime: tokio::runtime::Runtime,
+    node: std::sync::Arc<crate::node::Node>,
+}
+
+fn session_harness() -> &'static SessionHarness {
+    static HARNESS: OnceLock<SessionHarness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let dir = std::env::temp_dir().join(format!("tern-fuzz-session-{}", std::process::id()));
+        let mut config = crate::Config::default();
+        config.history.data_dir = dir.clone();
+        config.history.namespaces = vec![crate::config::HistoryNamespace {
+            name: "log".into(),
+            max_messages: 16,
+            max_age: std::time::Duration::from_secs(3600),
+        }];
+        // No fsync per write: the inputs are not worth keeping.
+        config.history.sync = crate::config::SyncMode::Interval;
+        config.history.sync_interval = std::time::Duration::from_secs(1);
+        config.timeouts.close = std::time::Duration::from_millis(100);
+        config.limits.publish_order_wait = std::time::Duration::from_millis(100);
+        // A million inputs name channels at random: the node's limit keeps its memory
+        // bounded (and its refusal is explored too).
+        config.limits.max_channels = 4096;
+        let settings = config.validate().expect("the fuzz node's settings are valid");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let node = runtime
+            .block_on(async { crate::server::open_node(settings, shutdown) })
+            .expect("the fuzz node opens");
+        // The store holds its file open: the directory goes now, not left behind by every
+        // fuzzing process.
+        let _ = std::fs::remove_dir_all(&dir);
+        SessionHarness { runtime, node }
+    })
+}
+
+/// The frames of a [`session`] input after its first byte: each a header byte (bit 0: a
+/// binary frame, else text), a 16-bit big-endian length, and that many bytes (fewer at the
+/// end of the input).
+fn session_frames(mut data: &[u8]) -> Vec<tokio_tungstenite::tungstenite::Message> {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut frames = Vec::new();
+    while let [head, hi, lo, rest @ ..] = data {
+        if frames.len() == SESSION_FRAMES {
+            break;
+        }
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(rest.len());
+        let (bytes, tail) = rest.split_at(len);
+        frames.push(if head & 1 == 1 {
+            Message::Binary(bytes::Bytes::copy_from_slice(bytes))
+        } else {
+            // A text frame must be UTF-8 (the WebSocket layer refuses it otherwise, tested
+            // elsewhere): invalid bytes are replaced, so the frame reaches the session.
+            Message::Text(String::from_utf8_lossy(bytes).into_owned().into())
+        });
+        data = tail;
+    }
+    frames
+}
+
+/// A connection's worth of client frames against a real session core on a real node,
+/// over an in-memory pipe (no sockets). Byte 0 chooses the connection's wire format (bit 0:
+/// protobuf, else JSON) and whether a `connect` frame goes first (bit 1 clear); the rest is
+/// frames (see [`session_frames`]), at most 64. Then the client closes.
+///
+/// Beyond not panicking, the session must: never fail (close code 1011), end once the
+/// client closed, and leave nothing behind (no subscription, its connection slot freed).
+pub fn session(data: &[u8]) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let Some((&options, rest)) = data.split_first() else { return };
+    let frames = session_frames(rest);
+    let harness = session_harness();
+    let node = harness.node.clone();
+    harness.runtime.block_on(async move {
+        let before = node.connection_count();
+        let Some(admission) = node.admit() else { return };
+        let conn = admission.id;
+        let format = if options & 1 == 1 {
+            tern_proto::codec::Format::Protobuf
+        } else {
+            tern_proto::codec::Format::Json
+        };
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let config = crate::http::websocket_config(&node.settings().config);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(config)).await;
+        let served = tokio::spawn(crate::session::run(server, format, admission, None));
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let (mut tx, mut rx) = client.split();
+        // Frames from the node: the marker's echo is signalled, the close code kept.
+        let (marked, mut mark_seen) = tokio::sync::mpsc::channel::<()>(1);
+        let reader = tokio::spawn(async move {
+            let mut code = None;
+            while let Some(Ok(m)) = rx.next().await {
+                let decoded = match &m {
+                    Message::Text(t) => tern_proto::codec::decode_server(t.as_bytes(), true).ok(),
+                    Message::Binary(b) => tern_proto::codec::decode_server(b, false).ok(),
+                    Message::Close(Some(f)) => {
+                        code = Some(u16::from(f.code));
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(server_frame::Kind::Heartbeat(h)) = decoded {
+                    if h.nonce == MARK {
+                        let _ = marked.try_send(());
+                    }
+                }
+            }
+            code
+        });
+        if options & 2 == 0 {
+            let connect = r#"{"connect":{"protocol":1,"clientId":"fuzz"}}"#;
+            let _ = tx.send(Message::Text(connect.into())).await;
+        }
+        for frame in frames {
+            if tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+        // A heartbeat marks the end of the input: once it is answered, the session has
+        // handled every frame (answers that wait for the log may still be on their way).
+        let mark = format!(r#"{{"heartbeat":{{"nonce":"{MARK}"}}}}"#);
+        if tx.send(Message::Text(mark.into())).await.is_ok() {
+            let _ = tokio::time::timeout(MARK_WAIT, mark_seen.recv()).await;
+        }
+        let _ = tx.send(Message::Close(None)).await;
+        let ended = tokio::time::timeout(SESSION_END, served).await;
+        assert!(ended.is_ok(), "the session did not end within {SESSION_END:?} of the close");
+        drop(tx);
+        let code = tokio::time::timeout(SESSION_END, reader).await.ok().and_then(|r| r.ok());
+        assert_ne!(code.flatten(), Some(tern_proto::close::INTERNAL_ERROR), "the session failed");
+        assert_eq!(node.hub().subscriptions_of(conn), 0, "the session left subscriptions behind");
+        assert_eq!(node.connection_count(), before, "the session kept its connection slot");
+    });
 }
 
 #[cfg(test)]

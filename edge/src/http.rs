@@ -102,6 +102,59 @@ fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Respon
     (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
 
+/// The media type of an HTTP publish body, from what the request declares: `Content-Type`
+/// `application/json` (the default), `text/plain` (both UTF-8: a `charset` other than
+/// `utf-8` is refused, never reinterpreted) or `application/octet-stream`; no
+/// `Content-Encoding` but `identity`. The error says what to send instead (HTTP 415).
+fn publish_content_type(headers: &HeaderMap) -> Result<BodyType, String> {
+    const TYPES: &str = "use application/json, text/plain or application/octet-stream";
+    for v in headers.get_all(header::CONTENT_ENCODING) {
+        let coding = v.to_str().unwrap_or("?");
+        if coding.split(',').any(|c| !c.trim().eq_ignore_ascii_case("identity")) {
+            return Err(format!(
+                "Content-Encoding {coding:?} is not supported: send the body unencoded"
+            ));
+        }
+    }
+    let mut declared = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (declared.next(), declared.next()) else {
+        return if headers.contains_key(header::CONTENT_TYPE) {
+            Err(format!("more than one Content-Type: {TYPES}"))
+        } else {
+            Ok(BodyType::Json)
+        };
+    };
+    let mime: mime::Mime = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("Content-Type {value:?} is not a media type: {TYPES}"))?;
+    let (essence, body) = match mime.essence_str() {
+        "application/json" => ("application/json", BodyType::Json),
+        "text/plain" => ("text/plain", BodyType::Text),
+        "application/octet-stream" => return Ok(BodyType::Binary),
+        other => return Err(format!("Content-Type {other:?}: {TYPES}")),
+    };
+    match mime.get_param(mime::CHARSET).map(|c| c.as_str().trim_matches('"').to_owned()) {
+        Some(c) if !c.eq_ignore_ascii_case("utf-8") && !c.eq_ignore_ascii_case("utf8") => {
+            Err(format!(
+                "charset {c:?} is not supported: send {essence} as UTF-8 (charset=utf-8, or none)"
+            ))
+        }
+        _ => Ok(body),
+    }
+}
+
+/// What an HTTP publish body holds (see [`publish_content_type`]).
+enum BodyType {
+    /// A `Publish` object as JSON.
+    Json,
+    /// The payload, as UTF-8 text.
+    Text,
+    /// The payload, as bytes.
+    Binary,
+}
+
 /// Longest an HTTP publish waits for its message to reach the history log.
 const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -318,7 +371,12 @@ async fn websocket(
     };
     let allowed = &node.settings().config.websocket.allowed_origins;
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let listed = origin.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o));
+        // Compared in the form the setting was normalised to at start-up.
+        let listed = origin
+            .to_str()
+            .ok()
+            .and_then(|o| crate::config::normalise_origin(o).ok())
+            .is_some_and(|o| allowed.contains(&o));
         if !allowed.is_empty() && !listed {
             return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
@@ -336,13 +394,7 @@ async fn websocket(
         return plain(StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded\n");
     };
     let cfg = &node.settings().config;
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(cfg.websocket.read_buffer_bytes)
-        // Frames queued in one loop turn (acks, batches) go out in one write on flush.
-        .write_buffer_size(cfg.websocket.max_batch_bytes)
-        .max_write_buffer_size(cfg.websocket.max_batch_bytes * 4 + cfg.limits.max_frame_bytes)
-        .max_message_size(Some(cfg.limits.max_frame_bytes))
-        .max_frame_size(Some(cfg.limits.max_frame_bytes));
+    let ws_config = websocket_config(cfg);
     node.tracker().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -371,6 +423,17 @@ async fn websocket(
     res
 }
 
+/// The WebSocket settings of a client connection.
+pub fn websocket_config(cfg: &crate::Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(cfg.websocket.read_buffer_bytes)
+        // Frames queued in one loop turn (acks, batches) go out in one write on flush.
+        .write_buffer_size(cfg.websocket.max_batch_bytes)
+        .max_write_buffer_size(cfg.websocket.max_batch_bytes * 4 + cfg.limits.max_frame_bytes)
+        .max_message_size(Some(cfg.limits.max_frame_bytes))
+        .max_frame_size(Some(cfg.limits.max_frame_bytes))
+}
+
 /// `POST /v1/channels/{channel}/messages`.
 ///
 /// Body: `application/json` in the `Publish` frame's JSON form (`{"id":"…","name":"…",
@@ -381,7 +444,7 @@ async fn http_publish(
     State(node): State<Arc<Node>>,
     Path(channel): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let publisher = match authorize(&node, &headers, crate::auth::Operation::Publish, &channel) {
         Ok(who) => who,
@@ -398,19 +461,39 @@ async fn http_publish(
         r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         return r;
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .unwrap_or_else(|| "application/json".into());
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let max = node.settings().config.limits.max_frame_bytes;
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge,
+                format!("the body is over limits.max_frame_bytes ({max} bytes)"),
+            );
+        }
+        Err(e) => return error_response(e.status(), ErrorCode::BadFrame, e.body_text()),
+    };
+    let content_type = match publish_content_type(&headers) {
+        Ok(t) => t,
+        Err(reason) => {
+            return error_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadFrame, reason);
+        }
+    };
     let mut replicated = false;
-    let mut req = match content_type.as_str() {
-        "application/json" => match serde_json::from_slice::<client::Publish>(&body) {
+    let mut req = match content_type {
+        BodyType::Json => match serde_json::from_slice::<client::Publish>(&body) {
             Ok(p) if !p.channel.is_empty() && p.channel != channel => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     ErrorCode::InvalidArgument,
                     "the body's channel differs from the URL's".into(),
+                );
+            }
+            Ok(p) if client::Durability::try_from(p.durability).is_err() => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidArgument,
+                    format!("durability {} is not one this node knows", p.durability),
                 );
             }
             Ok(p) => {
@@ -421,7 +504,7 @@ async fn http_publish(
                 return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
             }
         },
-        "text/plain" => match String::from_utf8(body.to_vec()) {
+        BodyType::Text => match String::from_utf8(body.to_vec()) {
             Ok(t) => {
                 PublishRequest { channel, data: Some(publish::Data::Text(t)), ..Default::default() }
             }
@@ -433,20 +516,11 @@ async fn http_publish(
                 );
             }
         },
-        "application/octet-stream" => PublishRequest {
+        BodyType::Binary => PublishRequest {
             channel,
             data: Some(publish::Data::Binary(body)),
             ..Default::default()
         },
-        other => {
-            return error_response(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ErrorCode::BadFrame,
-                format!(
-                    "content type {other:?}: use application/json, text/plain or application/octet-stream"
-                ),
-            );
-        }
     };
     let channel_name = req.channel.clone();
     if replicated && !node.hub().replicates() {

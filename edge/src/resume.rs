@@ -233,7 +233,7 @@ fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
     let mut gaps = Vec::new();
     for o in origins.iter().filter(|o| !o.found) {
         let gap = match o.lowest_above {
-            Some(low) => low > o.pos.seq + 1,
+            Some(low) => low > o.pos.seq.saturating_add(1),
             None => c.known.iter().any(|k| {
                 k.origin == o.pos.origin
                     && ((k.epoch == o.pos.epoch && k.seq > o.pos.seq)

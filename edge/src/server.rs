@@ -274,6 +274,57 @@ fn restored(
     out
 }
 
+/// The node without its sockets: its history store opened (when namespaces keep history)
+/// and its messages released as their log writes commit. [`Server::bind`] adds the client
+/// port and the backbone; the session fuzz target (`crate::fuzzing::session`) drives
+/// sessions against it directly.
+pub fn open_node(settings: Settings, shutdown: CancellationToken) -> Result<Arc<Node>, BindError> {
+    let history = &settings.config.history;
+    let store = if history.namespaces.is_empty() {
+        None
+    } else {
+        let options = crate::store::StoreOptions {
+            dir: history.data_dir.clone(),
+            sync: match history.sync {
+                crate::config::SyncMode::Group => crate::store::SyncPolicy::Group,
+                crate::config::SyncMode::Interval => {
+                    crate::store::SyncPolicy::Interval(history.sync_interval)
+                }
+            },
+            namespaces: history
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let r = crate::store::Retention {
+                        max_messages: n.max_messages,
+                        max_age: n.max_age,
+                    };
+                    (n.name.clone(), r)
+                })
+                .collect(),
+            queue: history.queue,
+        };
+        let store = crate::store::Store::open(options)?;
+        info!(path = %store.path().display(), "history: durable channel log");
+        Some(store)
+    };
+    let node = Node::new(settings, shutdown, store)?;
+    if let Some(store) = node.hub().store().cloned() {
+        // Messages of history channels are delivered once their log write is committed.
+        // Not tracked: it ends when the store closes, after the connections.
+        let weak = Arc::downgrade(&node);
+        let mut committed = store.committed();
+        tokio::spawn(async move {
+            while committed.changed().await.is_ok() {
+                let ticket = *committed.borrow_and_update();
+                let Some(node) = weak.upgrade() else { break };
+                node.hub().release(ticket);
+            }
+        });
+    }
+    Ok(node)
+}
+
 /// How often messages held for their publisher's order are checked for `order_wait`.
 const HOLD_CHECK: Duration = Duration::from_millis(200);
 
@@ -292,49 +343,7 @@ impl Server {
             .map_err(BindError::Tls)?;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
-        let history = &settings.config.history;
-        let store = if history.namespaces.is_empty() {
-            None
-        } else {
-            let options = crate::store::StoreOptions {
-                dir: history.data_dir.clone(),
-                sync: match history.sync {
-                    crate::config::SyncMode::Group => crate::store::SyncPolicy::Group,
-                    crate::config::SyncMode::Interval => {
-                        crate::store::SyncPolicy::Interval(history.sync_interval)
-                    }
-                },
-                namespaces: history
-                    .namespaces
-                    .iter()
-                    .map(|n| {
-                        let r = crate::store::Retention {
-                            max_messages: n.max_messages,
-                            max_age: n.max_age,
-                        };
-                        (n.name.clone(), r)
-                    })
-                    .collect(),
-                queue: history.queue,
-            };
-            let store = crate::store::Store::open(options)?;
-            info!(path = %store.path().display(), "history: durable channel log");
-            Some(store)
-        };
-        let node = Node::new(settings, shutdown, store)?;
-        if let Some(store) = node.hub().store().cloned() {
-            // Messages of history channels are delivered once their log write is committed.
-            // Not tracked: it ends when the store closes, after the connections.
-            let weak = Arc::downgrade(&node);
-            let mut committed = store.committed();
-            tokio::spawn(async move {
-                while committed.changed().await.is_ok() {
-                    let ticket = *committed.borrow_and_update();
-                    let Some(node) = weak.upgrade() else { break };
-                    node.hub().release(ticket);
-                }
-            });
-        }
+        let node = open_node(settings, shutdown)?;
         if let Some(b) = node.settings().config.backbone.clone() {
             let config = BackboneConfig {
                 listen: b.listen,

@@ -161,15 +161,51 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let span = info_span!("session", conn = %admission.id, ?format);
-    run_inner(ws, format, admission, token).instrument(span).await
+    let node = admission.node().clone();
+    let mut ws = ws;
+    // A bug must not cost the client its close code (it would see 1006 and retry as if the
+    // network failed): a panic ends the session with 1011, its subscriptions left (see
+    // `Drop for Session`).
+    let served = std::panic::AssertUnwindSafe(run_inner(&mut ws, format, &admission, token))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    let end = served.unwrap_or_else(|_| {
+        tracing::error!(parent: &span, "session failed; closing with 1011");
+        End::Close(close::INTERNAL_ERROR, "internal error".into())
+    });
+    debug!(parent: &span, ?end, "session ended");
+    if let End::Close(code, mut reason) = end {
+        // A close frame's reason fits in 123 bytes (control frames carry at most 125).
+        if reason.len() > 123 {
+            let mut cut = 120;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push('…');
+        }
+        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
+        // The peer gets `timeouts.close` to take the close frame (after whatever is still
+        // buffered for it); then the socket is dropped regardless.
+        let _ = tokio::time::timeout(node.settings().config.timeouts.close, async {
+            ws.close(Some(frame)).await?;
+            // Wait for the peer's close reply so the close frame is not lost to a reset.
+            while ws.next().await.is_some() {}
+            Ok::<_, WsError>(())
+        })
+        .await;
+    }
+    drop(admission);
 }
 
 async fn run_inner<S>(
-    mut ws: WebSocketStream<S>,
+    ws: &mut WebSocketStream<S>,
     format: Format,
-    admission: Admission,
+    admission: &Admission,
     url_token: Option<String>,
-) where
+) -> End
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let node = admission.node().clone();
@@ -326,36 +362,14 @@ async fn run_inner<S>(
             break end;
         }
         if !session.replies.is_empty() {
-            if let Err(end) = session.flush(&mut ws, &stop, &rx, idle).await {
+            if let Err(end) = session.flush(ws, &stop, &rx, idle).await {
                 break end;
             }
         }
     };
 
     session.leave_all();
-    debug!(?end, "session ended");
-    if let End::Close(code, mut reason) = end {
-        // A close frame's reason fits in 123 bytes (control frames carry at most 125).
-        if reason.len() > 123 {
-            let mut cut = 120;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-            reason.push('…');
-        }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
-        // The peer gets `timeouts.close` to take the close frame (after whatever is still
-        // buffered for it); then the socket is dropped regardless.
-        let _ = tokio::time::timeout(node.settings().config.timeouts.close, async {
-            ws.close(Some(frame)).await?;
-            // Wait for the peer's close reply so the close frame is not lost to a reset.
-            while ws.next().await.is_some() {}
-            Ok::<_, WsError>(())
-        })
-        .await;
-    }
-    drop(admission);
+    end
 }
 
 /// Frames already received that one loop turn handles before writing the replies.
@@ -497,19 +511,21 @@ impl Session {
                 format!("more than {} frames/s (burst {})", l.frame_rate, l.frame_burst),
             ));
         }
-        let decoded = match &msg {
-            WsMessage::Text(t) => codec::decode_client(t.as_bytes(), true),
-            WsMessage::Binary(b) => codec::decode_client(b, false),
+        let (payload, text) = match &msg {
+            WsMessage::Text(t) => (t.as_bytes(), true),
+            WsMessage::Binary(b) => (&b[..], false),
             // The library answers pings itself; a close is answered by the library too,
             // and the next read ends the stream.
             WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) | WsMessage::Close(_) => {
                 return Ok(());
             }
         };
-        match decoded {
+        match codec::decode_client(payload, text) {
             Ok(kind) => self.handle(kind),
             Err(e) => {
-                self.error(0, e.code(), e.to_string(), String::new());
+                // A request that does not decode is still answered as that request.
+                let (request_id, channel) = codec::request_of(payload, text).unwrap_or_default();
+                self.error(request_id, e.code(), e.to_string(), channel);
                 Ok(())
             }
         }
@@ -560,7 +576,7 @@ impl Session {
             let claims = verifier
                 .verify(&token)
                 .map_err(|e| End::Close(close::UNAUTHORIZED, e.to_string()))?;
-            self.expires = Some(Instant::now() + claims.remaining());
+            self.expires = Some(Instant::now() + claims.remaining(verifier.leeway()));
             let sub = claims.sub.clone();
             self.claims = Some(claims);
             sub
@@ -646,7 +662,7 @@ impl Session {
                 format!("the new token names {:?}, this connection is {client_id:?}", claims.sub);
             return self.error(a.request_id, ErrorCode::InvalidArgument, reason, String::new());
         }
-        self.expires = Some(Instant::now() + claims.remaining());
+        self.expires = Some(Instant::now() + claims.remaining(verifier.leeway()));
         let renewed = client::AuthRenewed {
             request_id: a.request_id,
             client_id: client_id.to_owned(),
@@ -906,6 +922,11 @@ impl Session {
             let reason = format!("more than {rate} publishes/s; retry after {wait:?}");
             let retry = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
             return self.refuse(nack(ErrorCode::RateLimited, reason, retry));
+        }
+        if client::Durability::try_from(p.durability).is_err() {
+            // A durability this node does not know is refused, not weakened to the default.
+            let reason = format!("durability {} is not one this node knows", p.durability);
+            return self.refuse(nack(ErrorCode::InvalidArgument, reason, 0));
         }
         let replicated = p.durability == client::Durability::Replicated as i32;
         if replicated && !self.node.hub().replicates() {
@@ -1275,6 +1296,8 @@ impl Session {
         }
     }
 
+    /// Leaves every channel and forgets every question asked for this connection (also on a
+    /// panic, through `Drop`).
     fn leave_all(&mut self) {
         for w in std::mem::take(&mut self.parked) {
             self.node.hub().forget_probe_opt(w.probe);
@@ -1282,5 +1305,11 @@ impl Session {
         for channel in self.channels.drain() {
             self.node.hub().unsubscribe(&channel, self.id, None);
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.leave_all();
     }
 }

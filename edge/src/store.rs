@@ -181,7 +181,11 @@ pub struct Query {
 /// `None` when `page` was the last.
 pub fn next_from(page: &[Stored], limit: usize, backwards: bool) -> Option<u64> {
     let last = page.last().filter(|_| page.len() == limit)?;
-    if backwards { last.offset.checked_sub(1).filter(|o| *o > 0) } else { Some(last.offset + 1) }
+    if backwards {
+        last.offset.checked_sub(1).filter(|o| *o > 0)
+    } else {
+        last.offset.checked_add(1)
+    }
 }
 
 /// The durable channel logs of a node.

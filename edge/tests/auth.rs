@@ -424,3 +424,63 @@ async fn signing_keys_rotate_without_refusing_tokens_already_issued() {
     assert!(e.to_string().contains("hs256_previous_secret"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One rule for a token's time, on every surface: valid while `now <= exp + leeway`, and a
+/// connection it opened or renewed lasts exactly that long. A token that expired 2 s ago is
+/// inside a 5 s leeway: accepted at connect, in a renewal and over HTTP alike, and the
+/// connection stays open (a heartbeat is answered) until the leeway is used up, then 4003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_inside_the_leeway_is_valid_the_same_way_everywhere() {
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+        cfg.auth.leeway = Duration::from_secs(5);
+    })
+    .await;
+    let lately = mint_hs256(SECRET, &claims("gina", now() - 2)).unwrap();
+    // Connect: accepted, and open until the leeway ends.
+    let (mut c, connected) = connect(n.addr, &lately).await.unwrap();
+    assert_eq!(connected["connected"]["clientId"], "gina", "{connected}");
+    // Renewal: the same token is accepted.
+    let (mut r, _) = connect(n.addr, &token("gina")).await.unwrap();
+    r.send(&serde_json::json!({"auth": {"requestId": 7, "token": lately}}).to_string()).await;
+    assert_eq!(r.recv().await["authRenewed"]["requestId"], 7);
+    // A second later (inside the ~3 s left of the leeway) both are still open: not closed
+    // at once as if the token had expired.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for conn in [&mut c, &mut r] {
+        conn.send(r#"{"heartbeat":{"nonce":"1"}}"#).await;
+        assert!(conn.recv().await.get("heartbeat").is_some(), "still open");
+    }
+    // HTTP: accepted too.
+    let bearer = format!("Authorization: Bearer {lately}\r\n");
+    let (status, body) =
+        http_with(n.addr, "POST", "/v1/channels/chat:t/messages", &bearer, "text/plain", b"x")
+            .await;
+    assert_eq!(status, 201, "{body}");
+    // Once `exp + leeway` passed, both connections end with 4003.
+    assert_eq!(c.close_code().await, Some(tern_proto::close::UNAUTHORIZED));
+    assert_eq!(r.close_code().await, Some(tern_proto::close::UNAUTHORIZED));
+    n.stop().await;
+}
+
+/// The largest numbers a token can carry are arithmetic like any other: `exp = 2^64 − 1`
+/// connects, renews and publishes (a connection's timer saturates at 100 years) — no
+/// panic, no connection dropped without its close code.
+#[tokio::test]
+async fn the_largest_expiry_a_token_can_carry_connects_and_renews() {
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+    })
+    .await;
+    let forever = mint_hs256(SECRET, &claims("hank", u64::MAX)).unwrap();
+    let (mut c, connected) = connect(n.addr, &forever).await.unwrap();
+    assert_eq!(connected["connected"]["clientId"], "hank", "{connected}");
+    c.send(&serde_json::json!({"auth": {"requestId": 1, "token": forever}}).to_string()).await;
+    let renewed = c.recv().await;
+    assert_eq!(renewed["authRenewed"]["requestId"], 1, "{renewed}");
+    c.send(r#"{"publish":{"requestId":2,"channel":"chat:max","text":"still here"}}"#).await;
+    assert_eq!(c.recv().await["ack"]["requestId"], 2);
+    n.stop().await;
+}

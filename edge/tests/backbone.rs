@@ -480,3 +480,98 @@ async fn a_publish_ordered_after_an_unreachable_node_is_refused_in_order() {
     assert!(text.contains("ERROR_CODE_UNAVAILABLE"), "{text}");
     eu.stop().await;
 }
+
+/// Every request gets its one answer while a subscription waits for a peer that does not
+/// answer (the first subscriber of an interest-routed channel waits up to `interest_wait`
+/// for the peers to confirm): a subscribe followed at once by an unsubscribe, a subscribe
+/// sent twice, and a renewal whose token no longer allows the channel are each answered,
+/// in order, and the connection gets nothing of the channel afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_answered_while_a_subscription_waits_for_its_peers() {
+    use tern_edge::auth::{AuthMode, Claims, Operation, mint_hs256};
+    const SECRET: &str = "waiting-for-peers-secret-0123456789abcdef";
+    let dir = temp_dir("waiting");
+    certs::init_ca(&dir).unwrap();
+    let ids: Vec<NodeId> = ["eu-west", "us-east"]
+        .iter()
+        .map(|r| NodeId::parse(&format!("{r}/edge-1")).unwrap())
+        .collect();
+    for id in &ids {
+        certs::issue_node(&dir, id).unwrap();
+    }
+    let addrs = [free_udp_port(), free_udp_port()];
+    let mut b = section(&dir, 0, &ids, &addrs);
+    // us-east never starts: subscriptions wait for it for the whole test.
+    b.interest_wait = Duration::from_secs(120);
+    b.ready_wait = Duration::from_millis(10);
+    let eu = TestNode::start(move |cfg| {
+        cfg.node.region = "eu-west".into();
+        cfg.backbone = Some(b);
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+    })
+    .await;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        + 3600;
+    let token = |pattern: &str| {
+        let capability = [(pattern.to_owned(), vec![Operation::Subscribe, Operation::Publish])];
+        mint_hs256(
+            SECRET,
+            &Claims { sub: "ann".into(), exp, iat: None, capability: capability.into() },
+        )
+        .unwrap()
+    };
+    let mut c = common::RawJson::open(eu.addr).await;
+    c.send(&format!(r#"{{"connect":{{"protocol":1,"token":"{}"}}}}"#, token("chat:*"))).await;
+    assert!(c.recv().await.get("connected").is_some());
+    let mut exchange = async |frames: &[String], answers: usize| {
+        for f in frames {
+            c.send(f).await;
+        }
+        let mut got = Vec::new();
+        for _ in 0..answers {
+            let v = c.recv().await;
+            let (kind, body) = v.as_object().unwrap().iter().next().unwrap();
+            got.push(format!("{kind} {} {}", body["requestId"], body["channel"]));
+        }
+        // Nothing more: the next frame answers a heartbeat.
+        c.send(r#"{"heartbeat":{"nonce":"1"}}"#).await;
+        let v = c.recv().await;
+        assert_eq!(v["heartbeat"]["nonce"], "1", "after {got:?} came {v}");
+        got
+    };
+    let sub =
+        |id: u32, ch: &str| format!(r#"{{"subscribe":{{"requestId":{id},"channel":"{ch}"}}}}"#);
+    let unsub =
+        |id: u32, ch: &str| format!(r#"{{"unsubscribe":{{"requestId":{id},"channel":"{ch}"}}}}"#);
+
+    let got = exchange(&[sub(1, "chat:a"), unsub(2, "chat:a")], 2).await;
+    assert_eq!(got, [r#"subscribed 1 "chat:a""#, r#"unsubscribed 2 "chat:a""#]);
+    let got = exchange(&[sub(3, "chat:b"), sub(4, "chat:b"), unsub(5, "chat:b")], 3).await;
+    assert_eq!(
+        got,
+        [r#"subscribed 3 "chat:b""#, r#"subscribed 4 "chat:b""#, r#"unsubscribed 5 "chat:b""#]
+    );
+    // A renewal that no longer allows a waiting subscription: renewed, the subscription
+    // answered, then ended with FORBIDDEN.
+    let renew = format!(r#"{{"auth":{{"requestId":7,"token":"{}"}}}}"#, token("news:*"));
+    let got = exchange(&[sub(6, "chat:c"), renew], 3).await;
+    assert_eq!(
+        got,
+        [r#"authRenewed 7 null"#, r#"subscribed 6 "chat:c""#, r#"error null "chat:c""#],
+        "renewal answered, then the waiting subscribe, then its end"
+    );
+    // None of those channels reaches the connection any more.
+    let mut p = common::RawJson::open(eu.addr).await;
+    p.send(&format!(r#"{{"connect":{{"protocol":1,"token":"{}"}}}}"#, token("chat:*"))).await;
+    assert!(p.recv().await.get("connected").is_some());
+    for (i, ch) in ["chat:a", "chat:b", "chat:c"].iter().enumerate() {
+        p.send(&format!(r#"{{"publish":{{"requestId":{i},"channel":"{ch}","text":"late"}}}}"#))
+            .await;
+        assert!(p.recv().await.get("ack").is_some());
+    }
+    let got = exchange(&[], 0).await;
+    assert!(got.is_empty());
+    eu.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -21,7 +21,9 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const SECRET: &str = "bad-input-suite-secret-0123456789abcdefghij";
 const MAX_MESSAGE: usize = 1024;
-const MAX_FRAME: usize = MAX_MESSAGE / 3 * 4 + 4096;
+/// The smallest frame limit the node accepts for `MAX_MESSAGE`: the suite checks it carries
+/// every payload the message limit allows, however escaped.
+const MAX_FRAME: usize = tern_edge::config::min_frame_bytes(MAX_MESSAGE);
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
@@ -35,7 +37,14 @@ fn token_with(sub: &str, exp: u64, caps: &[(&str, &[Operation])]) -> String {
 }
 
 fn chat_token(sub: &str) -> String {
-    token_with(sub, now() + 3600, &[("chat:*", &[Operation::Subscribe, Operation::Publish])])
+    token_with(
+        sub,
+        now() + 3600,
+        &[
+            ("chat:*", &[Operation::Subscribe, Operation::Publish]),
+            ("log:*", &[Operation::Subscribe, Operation::Publish, Operation::History]),
+        ],
+    )
 }
 
 /// A JSON WebSocket connection that sent Connect with `token` and got `connected`.
@@ -50,8 +59,10 @@ async fn connected(addr: SocketAddr, token: &str) -> common::Ws {
 }
 
 async fn next_json(ws: &mut common::Ws) -> serde_json::Value {
+    // One deadline across the node's pings (they come every 200 ms here).
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("an answer in time") {
+        match tokio::time::timeout_at(deadline, ws.next()).await.expect("an answer in time") {
             Some(Ok(WsMessage::Text(t))) => return serde_json::from_str(&t).unwrap(),
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
             other => panic!("expected a frame, got {other:?}"),
@@ -213,6 +224,110 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
             "error:FORBIDDEN",
         ),
         ("second connect", r#"{"connect":{"protocol":1}}"#.into(), "error:ALREADY_CONNECTED"),
+        // Limits agree across encodings: the payload is counted, not its escaping.
+        (
+            "a max-size text of control characters as six-byte escapes",
+            publish_text(&"\\u0001".repeat(MAX_MESSAGE)),
+            "ack",
+        ),
+        (
+            "a max-size text of emoji as surrogate-pair escapes",
+            publish_text(&"\\ud83d\\ude00".repeat(MAX_MESSAGE / 4)),
+            "ack",
+        ),
+        (
+            "a max-size text of escaped quotes and backslashes",
+            publish_text(&"\\\"\\\\".repeat(MAX_MESSAGE / 2)),
+            "ack",
+        ),
+        (
+            "a max-size binary payload in base64",
+            format!(
+                r#"{{"publish":{{"requestId":1,"channel":"chat:a","binary":"{}"}}}}"#,
+                "AAAA".repeat(MAX_MESSAGE / 3) + "AA=="
+            ),
+            "ack",
+        ),
+        (
+            "one byte over, as escapes",
+            publish_text(&"\\u0001".repeat(MAX_MESSAGE + 1)),
+            "nack:MESSAGE_TOO_LARGE",
+        ),
+        // Numbers at the edge of their type are answered like any other.
+        // (Sequenced once this node holds everything the peer had of the channel: the
+        // position is the client's word, the peer's head is the bound.)
+        (
+            "publish after the largest position",
+            r#"{"publish":{"requestId":1,"channel":"chat:a","text":"x","after":{"origin":"us-east/edge-1","epoch":"18446744073709551615","seq":"18446744073709551615"}}}"#.into(),
+            "ack",
+        ),
+        (
+            "publish with a durability this node does not know",
+            r#"{"publish":{"requestId":1,"channel":"chat:a","text":"x","durability":7}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "subscribe rewinding the most messages and milliseconds",
+            r#"{"subscribe":{"requestId":1,"channel":"chat:max","rewind":{"count":4294967295,"sinceMs":"18446744073709551615"}}}"#.into(),
+            "subscribed",
+        ),
+        ("unsubscribe that", r#"{"unsubscribe":{"requestId":1,"channel":"chat:max"}}"#.into(), "unsubscribed"),
+        ("heartbeat with the largest nonce", r#"{"heartbeat":{"nonce":"18446744073709551615"}}"#.into(), "heartbeat"),
+        (
+            "history forwards from the largest offset",
+            r#"{"history":{"requestId":1,"channel":"log:a","forwards":true,"from":"18446744073709551615","limit":1000}}"#.into(),
+            "history",
+        ),
+        (
+            "history at the largest times",
+            r#"{"history":{"requestId":1,"channel":"log:a","sinceMs":"18446744073709551615","untilMs":"18446744073709551615","to":"18446744073709551615"}}"#.into(),
+            "history",
+        ),
+    ]
+}
+
+/// A publish to `chat:a` whose `text` is `json`, as written (escapes and all).
+fn publish_text(json: &str) -> String {
+    format!(r#"{{"publish":{{"requestId":1,"channel":"chat:a","text":"{json}"}}}}"#)
+}
+
+/// Requests that cannot be decoded still get their one answer, naming them: (name, frame,
+/// channel the error names).
+fn malformed_requests() -> Vec<(&'static str, WsMessage, &'static str)> {
+    // Subscribe{request_id: 41, channel: "chat:x", rewind: <a varint where a message goes>}.
+    let mut subscribe = vec![0x08, 41, 0x12, 6];
+    subscribe.extend_from_slice(b"chat:x");
+    subscribe.extend_from_slice(&[0x18, 0x01]);
+    let mut protobuf = vec![0x12, subscribe.len() as u8];
+    protobuf.extend_from_slice(&subscribe);
+    let text = |t: &str| WsMessage::Text(t.to_owned().into());
+    vec![
+        (
+            "subscribe with a numeric channel",
+            text(r#"{"subscribe":{"requestId":41,"channel":5}}"#),
+            "",
+        ),
+        (
+            "publish with text as an object",
+            text(r#"{"publish":{"requestId":41,"channel":"chat:a","text":{"a":1}}}"#),
+            "chat:a",
+        ),
+        (
+            "history with a string limit",
+            text(r#"{"history":{"requestId":41,"channel":"chat:a","limit":"many"}}"#),
+            "chat:a",
+        ),
+        (
+            "unsubscribe with an unknown field",
+            text(r#"{"unsubscribe":{"requestId":"41","channel":"chat:a","frob":1}}"#),
+            "chat:a",
+        ),
+        ("auth with a numeric token", text(r#"{"auth":{"requestId":41,"token":7}}"#), ""),
+        (
+            "a protobuf subscribe with a malformed rewind",
+            WsMessage::Binary(protobuf.into()),
+            "chat:x",
+        ),
     ]
 }
 
@@ -425,7 +540,11 @@ type HttpCase = (&'static str, &'static str, String, String, &'static str, Vec<u
 
 fn http_cases(token: &str) -> Vec<HttpCase> {
     let auth = format!("Authorization: Bearer {token}\r\n");
-    let reader = token_with("reader", now() + 3600, &[("chat:*", &[Operation::History])]);
+    let reader = token_with(
+        "reader",
+        now() + 3600,
+        &[("chat:*", &[Operation::History]), ("log:*", &[Operation::History])],
+    );
     let reader = format!("Authorization: Bearer {reader}\r\n");
     let path = "/v1/channels/chat:http/messages".to_owned();
     vec![
@@ -440,16 +559,44 @@ fn http_cases(token: &str) -> Vec<HttpCase> {
         ("history with a limit too large", "GET", format!("{path}?limit=100000"), reader.clone(), "text/plain", Vec::new(), 400),
         ("history in a direction that does not exist", "GET", format!("{path}?direction=sideways"), reader.clone(), "text/plain", Vec::new(), 400),
         ("history with a non-numeric position", "GET", format!("{path}?from=abc"), reader.clone(), "text/plain", Vec::new(), 400),
-        ("history of a namespace that keeps none", "GET", path.clone(), reader, "text/plain", Vec::new(), 404),
+        ("history of a namespace that keeps none", "GET", path.clone(), reader.clone(), "text/plain", Vec::new(), 404),
         ("an unknown path", "GET", "/v1/nothing-here".into(), String::new(), "text/plain", Vec::new(), 404),
         ("a WebSocket path without an upgrade", "GET", "/v1/ws".into(), String::new(), "text/plain", Vec::new(), 426),
         ("an upgrade with an unknown format", "GET", "/v1/ws?format=xml".into(), "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".into(), "text/plain", Vec::new(), 400),
+        // What a request declares is honoured or refused, never reinterpreted.
+        ("text declared as UTF-16", "POST", path.clone(), auth.clone(), "text/plain; charset=utf-16", b"h\0i\0".to_vec(), 415),
+        ("text declared as Latin-1", "POST", path.clone(), auth.clone(), "text/plain;charset=ISO-8859-1", b"caf\xe9".to_vec(), 415),
+        ("JSON declared as UTF-16", "POST", path.clone(), auth.clone(), "application/json; charset=utf-16le", br#"{"text":"x"}"#.to_vec(), 415),
+        ("text declared as UTF-8", "POST", path.clone(), auth.clone(), "text/plain; charset=UTF-8", "caf\u{e9}".as_bytes().to_vec(), 201),
+        ("JSON declared as quoted UTF-8", "POST", path.clone(), auth.clone(), "application/json; charset=\"utf-8\"", br#"{"text":"x"}"#.to_vec(), 201),
+        ("a gzip-encoded body", "POST", path.clone(), format!("{auth}Content-Encoding: gzip\r\n"), "text/plain", b"\x1f\x8b\x08\x00".to_vec(), 415),
+        ("an identity-encoded body", "POST", path.clone(), format!("{auth}Content-Encoding: identity\r\n"), "text/plain", b"plain".to_vec(), 201),
+        ("two content types", "POST", path.clone(), format!("{auth}Content-Type: application/octet-stream\r\n"), "text/plain", b"x".to_vec(), 415),
+        ("a content type that is not a media type", "POST", path.clone(), auth.clone(), "text", b"x".to_vec(), 415),
+        ("an XML body", "POST", path.clone(), auth.clone(), "application/xml", b"<x/>".to_vec(), 415),
+        ("binary ignores a charset", "POST", path.clone(), auth.clone(), "application/octet-stream; charset=utf-16", vec![0, 1, 2], 201),
+        // The limits agree with the WebSocket's.
+        ("a max-size text as JSON escapes", "POST", path.clone(), auth.clone(), "application/json", format!(r#"{{"text":"{}"}}"#, "\\u0001".repeat(MAX_MESSAGE)).into_bytes(), 201),
+        ("a max-size text as plain text", "POST", path.clone(), auth.clone(), "text/plain", vec![b'z'; MAX_MESSAGE], 201),
+        ("a body over max_frame_bytes", "POST", path.clone(), auth.clone(), "application/octet-stream", vec![0; MAX_FRAME + 1], 413),
+        ("a durability this node does not know", "POST", path.clone(), auth.clone(), "application/json", br#"{"text":"x","durability":"DURABILITY_QUORUM"}"#.to_vec(), 400),
+        // Numbers at the edge of their type.
+        ("history forwards from the largest offset", "GET", "/v1/channels/log:http/messages?from=18446744073709551615&direction=forwards".into(), reader.clone(), "text/plain", Vec::new(), 200),
+        ("history backwards to the largest time", "GET", "/v1/channels/log:http/messages?since=18446744073709551615&until=18446744073709551615&to=18446744073709551615".into(), reader.clone(), "text/plain", Vec::new(), 200),
+        ("history with an offset beyond u64", "GET", format!("{path}?from=18446744073709551616"), reader.clone(), "text/plain", Vec::new(), 400),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
-    let c = cluster(&["eu-west", "us-east"], |_, cfg| {
+    let data = common::temp_dir("bad-input");
+    let c = cluster(&["eu-west", "us-east"], |i, cfg| {
+        cfg.history.data_dir = data.join(i.to_string());
+        cfg.history.namespaces = vec![tern_edge::config::HistoryNamespace {
+            name: "log".into(),
+            max_messages: 1000,
+            max_age: Duration::from_secs(3600),
+        }];
         cfg.auth.mode = AuthMode::Token;
         cfg.auth.hs256_secret = Some(SECRET.into());
         cfg.auth.leeway = Duration::ZERO;
@@ -540,6 +687,105 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
     let v = next_json(&mut ws).await;
     if v["heartbeat"]["nonce"] != "7" {
         failures.push(format!("the session did not stay usable: {v}"));
+    }
+    // A resume from the largest positions, on a channel without history and one with: the
+    // subscription (and a discontinuity where nothing can be replayed), nothing else.
+    for channel in ["chat:max", "log:max"] {
+        cases += 1;
+        let resume = format!(
+            r#"{{"subscribe":{{"requestId":5,"channel":"{channel}","resume":{{"position":{{"epoch":"18446744073709551615","offset":"18446744073709551615"}},"origins":[{{"origin":"eu-west/edge-1","epoch":"18446744073709551615","seq":"18446744073709551615"}}]}}}}}}"#
+        );
+        ws.send(WsMessage::Text(resume.into())).await.unwrap();
+        let unsubscribe = format!(r#"{{"unsubscribe":{{"requestId":6,"channel":"{channel}"}}}}"#);
+        ws.send(WsMessage::Text(unsubscribe.into())).await.unwrap();
+        let mut kinds = Vec::new();
+        while kinds.last().is_none_or(|k| k != "unsubscribed") && kinds.len() < 3 {
+            kinds.push(outcome(&next_json(&mut ws).await));
+        }
+        kinds.retain(|k| k != "discontinuity");
+        if kinds != ["subscribed", "unsubscribed"] {
+            failures.push(format!("resume on {channel} from the largest positions: got {kinds:?}"));
+        }
+    }
+    // A publish in protobuf with a durability this node does not know (JSON cannot carry
+    // one): refused, not weakened to the default.
+    cases += 1;
+    let publish = tern_proto::client::Publish {
+        request_id: 9,
+        channel: "chat:a".into(),
+        data: Some(tern_proto::client::publish::Data::Text("x".into())),
+        durability: 7,
+        ..Default::default()
+    };
+    let frame = tern_proto::codec::encode_client(
+        tern_proto::client::client_frame::Kind::Publish(publish),
+        tern_proto::codec::Format::Protobuf,
+    );
+    ws.send(WsMessage::Binary(frame)).await.unwrap();
+    let v = next_json(&mut ws).await;
+    if outcome(&v) != "nack:INVALID_ARGUMENT" || v["nack"]["requestId"] != 9 {
+        failures.push(format!("an unknown durability: expected nack INVALID_ARGUMENT, got {v}"));
+    }
+    // Every request gets its one answer, naming it, even one that does not decode.
+    for (name, frame, channel) in malformed_requests() {
+        cases += 1;
+        ws.send(frame).await.unwrap();
+        let v = next_json(&mut ws).await;
+        let named = v["error"]["requestId"] == 41
+            && v["error"]["channel"].as_str().unwrap_or("") == channel
+            && v["error"]["code"] == "ERROR_CODE_BAD_FRAME";
+        if !named {
+            failures
+                .push(format!("{name}: expected BAD_FRAME for request 41 on {channel:?}, got {v}"));
+        }
+    }
+    // Switching rooms quickly: a subscribe and an unsubscribe back to back on a fresh
+    // interest-routed channel (its first subscriber makes the node ask its peer) — and a
+    // subscribe sent twice — each get their answer, in order, and nothing else follows.
+    for i in 0..10 {
+        cases += 1;
+        let ch = format!("chat:switch-{i}");
+        let frames = [
+            format!(r#"{{"subscribe":{{"requestId":1,"channel":"{ch}"}}}}"#),
+            format!(r#"{{"subscribe":{{"requestId":2,"channel":"{ch}"}}}}"#),
+            format!(r#"{{"unsubscribe":{{"requestId":3,"channel":"{ch}"}}}}"#),
+        ];
+        let frames =
+            if i % 2 == 0 { vec![&frames[0], &frames[2]] } else { frames.iter().collect() };
+        // In one write, as a client sends them when the user switches rooms.
+        for f in &frames {
+            ws.feed(WsMessage::Text((*f).clone().into())).await.unwrap();
+        }
+        ws.flush().await.unwrap();
+        let want: &[&str] = if i % 2 == 0 {
+            &["subscribed 1", "unsubscribed 3"]
+        } else {
+            &["subscribed 1", "subscribed 2", "unsubscribed 3"]
+        };
+        let mut answers = Vec::new();
+        for _ in want {
+            let Ok(Some(Ok(WsMessage::Text(t)))) = tokio::time::timeout(WAIT, ws.next()).await
+            else {
+                break;
+            };
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            let id = v.as_object().and_then(|o| o.values().next()).map(|b| b["requestId"].clone());
+            answers.push(format!("{} {}", outcome(&v), id.unwrap_or_default()));
+        }
+        // And nothing more, even once the channel has a message: the next frame answers a
+        // heartbeat.
+        let bearer = format!("Authorization: Bearer {token}\r\n");
+        let path = format!("/v1/channels/{ch}/messages");
+        let (status, _) = http_with(target, "POST", &path, &bearer, "text/plain", b"gone").await;
+        assert_eq!(status, 201);
+        ws.send(WsMessage::Text(r#"{"heartbeat":{"nonce":"8"}}"#.into())).await.unwrap();
+        let v = next_json(&mut ws).await;
+        if v["heartbeat"]["nonce"] != "8" {
+            answers.push(format!("then {v}"));
+        }
+        if answers != want {
+            failures.push(format!("{ch}: expected {want:?}, got {answers:?}"));
+        }
     }
 
     // 2. Cases that must end the connection, each with its close code.

@@ -108,7 +108,8 @@ async fn only_listed_browser_origins_may_open_a_websocket() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::error::Error as WsError;
     let n = TestNode::start(|cfg| {
-        cfg.websocket.allowed_origins = vec!["https://app.example".into()];
+        // Written as operators do; browsers send `https://app.example`.
+        cfg.websocket.allowed_origins = vec!["https://App.Example:443/".into()];
     })
     .await;
     let open = |origin: Option<&'static str>| {
@@ -118,11 +119,15 @@ async fn only_listed_browser_origins_may_open_a_websocket() {
         }
         tokio_tungstenite::connect_async(req)
     };
-    match open(Some("https://evil.example")).await {
-        Err(WsError::Http(res)) => assert_eq!(res.status(), 403),
-        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    for other in ["https://evil.example", "http://app.example", "https://app.example:8443", "null"]
+    {
+        match open(Some(other)).await {
+            Err(WsError::Http(res)) => assert_eq!(res.status(), 403, "{other}"),
+            r => panic!("{other}: expected 403, got {:?}", r.map(|_| ())),
+        }
     }
     assert!(open(Some("https://app.example")).await.is_ok(), "a listed origin");
+    assert!(open(Some("https://APP.example:443")).await.is_ok(), "the same origin, written so");
     assert!(open(None).await.is_ok(), "non-browser clients send no Origin");
     n.stop().await;
 }

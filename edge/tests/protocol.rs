@@ -140,7 +140,8 @@ async fn protobuf_by_subprotocol_and_binary_frames() {
 async fn oversize_frame_closes_with_1009() {
     let node = TestNode::start(|_| {}).await;
     let (mut c, _) = RawJson::connected(node.addr).await;
-    let huge = "y".repeat(200 * 1024);
+    // Above the default frame limit (`min_frame_bytes(max_message_bytes)`, 392 KiB).
+    let huge = "y".repeat(tern_edge::config::min_frame_bytes(64 * 1024) + 1);
     let _ = c
         .ws
         .send(WsMessage::Text(format!(r#"{{"publish":{{"channel":"a","text":"{huge}"}}}}"#).into()))

@@ -54,9 +54,97 @@ impl DecodeError {
     }
 }
 
-const CLIENT_KINDS: &[&str] = &["connect", "subscribe", "unsubscribe", "publish", "heartbeat"];
-const SERVER_KINDS: &[&str] =
-    &["connected", "subscribed", "unsubscribed", "ack", "nack", "deliver", "heartbeat", "error"];
+const CLIENT_KINDS: &[&str] =
+    &["connect", "subscribe", "unsubscribe", "publish", "heartbeat", "history", "auth"];
+const SERVER_KINDS: &[&str] = &[
+    "connected",
+    "subscribed",
+    "unsubscribed",
+    "ack",
+    "nack",
+    "deliver",
+    "heartbeat",
+    "error",
+    "history",
+    "discontinuity",
+    "authRenewed",
+];
+
+/// The client frames that are requests (they carry `requestId`, field 1 of each, and most
+/// a `channel`, field 2).
+const REQUEST_KINDS: &[&str] = &["subscribe", "unsubscribe", "publish", "history", "auth"];
+
+/// The `requestId` and `channel` of a client request that did not decode, as far as they can
+/// be read, so that the `Error` answering it names the request (every request gets its one
+/// answer, even a malformed one). `None` when the frame is not recognisably a request or its
+/// `requestId` cannot be read.
+pub fn request_of(payload: &[u8], text: bool) -> Option<(u32, String)> {
+    if text {
+        let serde_json::Value::Object(frame) = serde_json::from_slice(payload).ok()? else {
+            return None;
+        };
+        let (kind, body) = frame.iter().next().filter(|_| frame.len() == 1)?;
+        if !REQUEST_KINDS.contains(&kind.as_str()) {
+            return None;
+        }
+        let id = match body.get("requestId")? {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        let id = u32::try_from(id?).ok().filter(|&id| id != 0)?;
+        let channel = match (kind.as_str(), body.get("channel")) {
+            ("auth", _) => String::new(),
+            (_, Some(serde_json::Value::String(c))) => c.clone(),
+            _ => String::new(),
+        };
+        Some((id, channel))
+    } else {
+        // The same frame read leniently: the request as bytes, then only its first two fields.
+        let frame = RawClientFrame::decode(payload).ok()?;
+        let (body, channel) = [
+            (&frame.subscribe, true),
+            (&frame.unsubscribe, true),
+            (&frame.publish, true),
+            (&frame.history, true),
+            (&frame.auth, false),
+        ]
+        .into_iter()
+        .find_map(|(b, channel)| b.as_ref().map(|b| (b, channel)))?;
+        let head = RequestHead::decode(body.as_slice()).ok()?;
+        let id = Some(head.request_id).filter(|&id| id != 0)?;
+        let channel = if channel {
+            String::from_utf8(head.channel).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Some((id, channel))
+    }
+}
+
+/// [`ClientFrame`] with its requests left undecoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawClientFrame {
+    #[prost(bytes = "vec", optional, tag = "2")]
+    subscribe: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "3")]
+    unsubscribe: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "4")]
+    publish: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "6")]
+    history: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "8")]
+    auth: Option<Vec<u8>>,
+}
+
+/// The fields every request starts with.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RequestHead {
+    #[prost(uint32, tag = "1")]
+    request_id: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    channel: Vec<u8>,
+}
 
 fn decode_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],

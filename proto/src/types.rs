@@ -67,14 +67,7 @@ impl ChannelName {
             return Err(ChannelNameError::InvalidChar { ch, index });
         }
         if let Some((ns, rest)) = s.split_once(':') {
-            let ns_ok = !ns.is_empty()
-                && ns.len() <= MAX_NAMESPACE_LEN
-                && ns.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-                });
-            if !ns_ok {
-                return Err(ChannelNameError::InvalidNamespace(ns.to_owned()));
-            }
+            validate_namespace(ns)?;
             if rest.is_empty() {
                 return Err(ChannelNameError::EmptyName);
             }
@@ -91,6 +84,17 @@ impl ChannelName {
     pub fn namespace(&self) -> &str {
         namespace_of(&self.0)
     }
+}
+
+/// Checks a namespace as configuration names it (`chat`, the part of `chat:room` before the
+/// `:`): 1 to 32 bytes of `a-z 0-9 _ -`, the only namespaces a channel name can have.
+pub fn validate_namespace(ns: &str) -> Result<(), ChannelNameError> {
+    let ok = !ns.is_empty()
+        && ns.len() <= MAX_NAMESPACE_LEN
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(ChannelNameError::InvalidNamespace(ns.to_owned())) }
 }
 
 /// The namespace of a channel name given as a string (the part before the first `:`, or

@@ -675,7 +675,7 @@ impl Replica {
             }
             // Only the next message, within the window: anything else leaves in order as
             // acknowledgements return (see `Replica::fill`).
-            if out.sent + 1 != seq || seq > out.acked + window {
+            if out.sent + 1 != seq || seq > out.acked.saturating_add(window) {
                 continue;
             }
             out.sent = seq;
@@ -1063,12 +1063,16 @@ impl Replica {
         seq: u64,
     ) {
         let all = self.config.replicates_all(&channel);
-        let past = self.past.get(&channel).map(|p| p.epoch);
+        let past = self.past.get(&channel).map(|p| (p.epoch, p.log.last));
+        // A peer acknowledges at most what was sent it (a larger figure is a broken or
+        // hostile peer's): clamped, so no arithmetic on it overflows.
+        let last = self.logs.get(&channel).map_or(0, |l| l.last);
         let link = self.links.get_mut(from).expect("checked by caller");
         let Some(out) = out_for(link, &channel, all, past.is_some(), now) else { return };
         let mut progressed = false;
         let mut replicated = false;
         if epoch == self.epoch {
+            let seq = seq.min(last);
             // An ack in this epoch: the peer left the past one (`End` reached it).
             progressed |= out.past.take().is_some();
             if seq > out.acked {
@@ -1076,7 +1080,8 @@ impl Replica {
                 progressed = true;
                 replicated = from.region() != self.me.region();
             }
-        } else if past == Some(epoch) {
+        } else if let Some((_, past_last)) = past.filter(|(e, _)| *e == epoch) {
+            let seq = seq.min(past_last);
             if let Some(p) = out.past.as_mut().filter(|p| seq > p.acked) {
                 p.acked = seq;
                 p.end_sent = false;
@@ -1301,7 +1306,7 @@ impl Replica {
         r.start = after;
         r.started = true;
         r.asked = None;
-        r.held = r.held.split_off(&(after + 1));
+        r.held = r.held.split_off(&after.saturating_add(1));
         let late = self.interest.get(&channel).is_some_and(|i| i.ready_by.is_none());
         self.events.push_back(Event::Started {
             origin: origin.clone(),
@@ -1348,7 +1353,7 @@ impl Replica {
                 return;
             };
             let first = p.sent.max(p.acked) + 1;
-            let last = past_last.min(p.acked + window);
+            let last = past_last.min(p.acked.saturating_add(window));
             let range = (first <= last).then_some((first, last));
             if let Some((_, last)) = range {
                 p.sent = last;
@@ -1371,7 +1376,7 @@ impl Replica {
         }
         let Some(log) = self.logs.get(channel) else { return };
         let first = out.sent.max(out.acked) + 1;
-        let last = log.last.min(out.acked + window);
+        let last = log.last.min(out.acked.saturating_add(window));
         if first > last {
             return;
         }
@@ -1540,7 +1545,7 @@ impl Replica {
     fn drain(&mut self, key: &(NodeId, ChannelName)) {
         let Some(r) = self.recv.get_mut(key) else { return };
         while let Some(entry) = r.held.first_entry() {
-            if *entry.key() != r.delivered + 1 {
+            if r.delivered.checked_add(1) != Some(*entry.key()) {
                 break;
             }
             let (seq, payload) = entry.remove_entry();
@@ -1588,7 +1593,7 @@ impl Replica {
             through: Some(Seq(through)),
         });
         r.delivered = through;
-        r.held = r.held.split_off(&(through + 1));
+        r.held = r.held.split_off(&through.saturating_add(1));
         self.ack_due.insert(key.clone());
         self.drain(&key);
     }
@@ -2181,5 +2186,65 @@ mod tests {
         assert_eq!(rb.head(nonce), Some((Epoch(10), Seq(42))));
         rb.forget_head(nonce);
         assert_eq!(rb.head(nonce), None);
+    }
+
+    /// A broken or hostile peer sends the largest numbers a frame can hold in every control
+    /// frame: nothing panics (the core runs the whole backbone), nothing it does to its own
+    /// streams reaches another origin's, and this node's messages still reach it in order.
+    #[test]
+    fn the_largest_numbers_in_control_frames_cost_nothing() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let ch = ChannelName::parse("h:x").unwrap();
+        let routed = ChannelName::parse("chat:x").unwrap();
+        let ids = [a.clone(), b.clone()];
+        let now = Instant::now();
+        let mut ra = Replica::new(a.clone(), Epoch(10), &ids, durable_config());
+        ra.handle_link_up(now, &b);
+        ra.add_interest(now, &routed);
+        let max = Seq(u64::MAX);
+        let hostile = [
+            Frame::Ack { channel: ch.clone(), epoch: Epoch(10), seq: max },
+            Frame::Nack { channel: ch.clone(), epoch: Epoch(10), from: Seq(0), to: max },
+            Frame::Gone { channel: ch.clone(), epoch: Epoch(7), through: max },
+            Frame::End {
+                channel: ch.clone(),
+                epoch: Epoch(7),
+                last: Some(max),
+                next: Epoch(u64::MAX),
+            },
+            Frame::Start {
+                channel: routed.clone(),
+                epoch: Epoch(7),
+                after: max,
+                generation: u64::MAX,
+            },
+            Frame::Heartbeat { epoch: Epoch(u64::MAX), greeted: true, caught_up: true },
+            Frame::Head { channel: ch.clone(), epoch: Epoch(u64::MAX), seq: max, nonce: u64::MAX },
+            Frame::HeadRequest { channel: ch.clone(), nonce: u64::MAX },
+            Frame::Interest { channel: ch.clone(), generation: u64::MAX, withdraw: false },
+            Frame::Data {
+                origin: b.clone(),
+                epoch: Epoch(7),
+                channel: ch.clone(),
+                seq: max,
+                payload: Bytes::from("far"),
+            },
+        ];
+        for f in hostile.iter().cloned() {
+            ra.handle_frame(now, &b, f);
+        }
+        ra.handle_timeout(now + Duration::from_secs(1));
+        while ra.poll_transmit().is_some() {}
+        while ra.poll_event().is_some() {}
+        for k in 0..5 {
+            ra.publish_next(now, ch.clone(), Bytes::from(format!("m{k}")));
+        }
+        let mut rb = Replica::new(b.clone(), Epoch(20), &ids, durable_config());
+        rb.handle_link_up(now, &a);
+        ra.handle_link_down(now, &b);
+        ra.handle_link_up(now, &b);
+        let events = exchange(&mut ra, &mut rb, now);
+        assert_eq!(delivered(&events), [(10, 1), (10, 2), (10, 3), (10, 4), (10, 5)]);
     }
 }

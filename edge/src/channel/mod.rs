@@ -500,6 +500,19 @@ impl Hub {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
+    /// Subscriptions of `conn`, live or waiting for the peers, across every channel (a
+    /// connection that ended must have none; walks every channel).
+    pub fn subscriptions_of(&self, conn: ConnectionId) -> usize {
+        let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        map.values()
+            .map(|c| {
+                let state = lock(&c.state);
+                usize::from(state.members.contains_key(&conn))
+                    + state.pending.iter().filter(|p| p.conn == conn).count()
+            })
+            .sum()
+    }
+
     /// Looks a channel up by its (already validated) name, creating it if needed while the
     /// node holds fewer than `max` channels (`None` at the limit). A channel that keeps
     /// history starts from what its log holds (read before the registry is locked).
@@ -821,6 +834,10 @@ impl Hub {
 
     /// Removes a subscriber. `then` is queued to its outbox after the last message of the
     /// channel it will get, so it arrives in order (e.g. the `Unsubscribed` frame).
+    ///
+    /// A subscription still waiting for the peers (see [`Hub::subscribe`]) is answered first:
+    /// its `Subscribed` frame goes out ahead of `then`, so every `subscribe` request gets its
+    /// one answer whatever follows it.
     pub fn unsubscribe(&self, name: &ChannelName, conn: ConnectionId, then: Option<Outgoing>) {
         let Some(channel) =
             self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
@@ -829,10 +846,18 @@ impl Hub {
         };
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let mut state = lock(&channel.state);
-        let removed = state.members.remove(&conn).map(|m| m.outbox).or_else(|| {
-            let i = state.pending.iter().position(|p| p.conn == conn)?;
-            Some(state.pending.remove(i).outbox)
-        });
+        let mut removed = state.members.remove(&conn).map(|m| m.outbox);
+        let mut i = 0;
+        while i < state.pending.len() {
+            if state.pending[i].conn != conn {
+                i += 1;
+                continue;
+            }
+            let p = state.pending.remove(i);
+            let frame = server_frame::Kind::Subscribed(self.subscribed(&state, p.request_id, name));
+            p.outbox.push(Outgoing::Frame(Box::new(frame)));
+            removed = Some(p.outbox);
+        }
         if let (Some(outbox), Some(item)) = (removed, then) {
             outbox.push(item);
         }

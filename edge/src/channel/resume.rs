@@ -117,7 +117,10 @@ impl Hub {
             let cutoff_ms = now.saturating_sub(window.as_millis() as u64);
             if same_node
                 && (after >= state.shown_offset
-                    || state.recent.front().is_some_and(|m| offset_of(m) <= after + 1))
+                    || state
+                        .recent
+                        .front()
+                        .is_some_and(|m| offset_of(m) <= after.saturating_add(1)))
             {
                 let mut ok = outbox
                     .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
@@ -150,7 +153,7 @@ impl Hub {
                 id: 0,
                 channel: name.clone(),
                 request_id,
-                next: after + 1,
+                next: after.saturating_add(1),
                 head: state.shown_offset,
                 wait_ticket: store.last_ticket(),
                 vector: resume.origins.clone(),

@@ -90,8 +90,11 @@ impl RawJson {
 
     /// Next JSON frame (skipping pings); panics on close.
     pub async fn recv(&mut self) -> serde_json::Value {
+        // One deadline across the node's pings.
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            let msg =
+                tokio::time::timeout_at(deadline, self.ws.next()).await.expect("frame in time");
             match msg {
                 Some(Ok(WsMessage::Text(t))) => return serde_json::from_str(&t).unwrap(),
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
