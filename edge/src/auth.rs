@@ -180,6 +180,21 @@ pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
     }
 }
 
+/// Checks a capability pattern as [`pattern_matches`] reads it: a channel name, or the start
+/// of one followed by `*` (`*` alone: every channel). A pattern that can match no channel
+/// (a space or another character channel names never hold) is refused, rather than
+/// silently never matching.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    let prefix = pattern.strip_suffix('*').unwrap_or(pattern);
+    if prefix.is_empty() {
+        return if pattern == "*" { Ok(()) } else { Err("an empty pattern".into()) };
+    }
+    // A prefix can match when some channel starts with it: one more character makes one.
+    let name = if pattern.ends_with('*') { format!("{prefix}x") } else { prefix.to_owned() };
+    tern_proto::types::ChannelName::validate(&name)
+        .map_err(|e| format!("{pattern:?} can match no channel: {e}"))
+}
+
 /// Why a token was refused (sent to the client as the close reason).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -259,7 +274,13 @@ pub enum AuthConfigError {
     /// An `[[auth.api_keys]]` entry is invalid.
     #[error("auth.api_keys: {0}")]
     ApiKey(String),
+    /// A leeway that token checks cannot apply as given.
+    #[error("auth.leeway = {0:?}: must be whole seconds, at most 5 minutes")]
+    Leeway(Duration),
 }
+
+/// Most clock skew `auth.leeway` may forgive.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 impl Verifier {
     /// Builds the verifier; reads the public key file.
@@ -337,6 +358,10 @@ impl Verifier {
                 .capability
                 .clone()
                 .unwrap_or_else(|| [("*".to_owned(), Operation::ALL.to_vec())].into());
+            for pattern in capability.keys() {
+                check_pattern(pattern)
+                    .map_err(|e| AuthConfigError::ApiKey(format!("{}: capability {e}", k.id)))?;
+            }
             api_keys.push(ApiKey {
                 secret: k.secret.as_bytes().to_vec(),
                 claims: Claims {
@@ -346,6 +371,9 @@ impl Verifier {
                     capability,
                 },
             });
+        }
+        if c.leeway.subsec_nanos() != 0 || c.leeway > MAX_LEEWAY {
+            return Err(AuthConfigError::Leeway(c.leeway));
         }
         Ok(Self { mode: c.mode, hs256, es256, leeway: c.leeway.as_secs(), api_keys })
     }
@@ -417,7 +445,22 @@ impl Verifier {
                 _ => TokenError::Malformed(e.to_string()),
             }
         })?;
-        Ok(data.claims)
+        let claims = data.claims;
+        // The claims as a whole: a token names its client, and one with no time left (the
+        // second `exp + leeway` ends) opens nothing, on every surface.
+        if let Err(reason) = tern_proto::types::check_message_id(&claims.sub) {
+            return Err(TokenError::Malformed(format!("sub: {reason}")));
+        }
+        if claims.sub.is_empty() {
+            return Err(TokenError::Malformed("sub: empty; a token names its client".into()));
+        }
+        for pattern in claims.capability.keys() {
+            check_pattern(pattern).map_err(|e| TokenError::Malformed(format!("capability {e}")))?;
+        }
+        if claims.remaining(self.leeway()).is_zero() {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
     }
 }
 

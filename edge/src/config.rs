@@ -72,11 +72,15 @@ pub struct ResumeConfig {
     /// Messages read from the log per step of a replay. The next step waits until the
     /// previous one was written to the socket, so a replay never floods the send queue.
     pub page: usize,
+    /// Most bytes of messages one replay step (or one page of a resume's backward scan)
+    /// reads from the log, whatever `page` says: a connection's replay holds at most this
+    /// much at a time.
+    pub page_bytes: usize,
 }
 
 impl Default for ResumeConfig {
     fn default() -> Self {
-        Self { window: Duration::from_secs(120), max_scan: 200_000, page: 256 }
+        Self { window: Duration::from_secs(120), max_scan: 200_000, page: 256, page_bytes: 1 << 20 }
     }
 }
 
@@ -311,11 +315,16 @@ pub struct LimitsConfig {
     pub max_channels: usize,
     /// Largest message payload in bytes; larger publishes are refused (nack / HTTP 413).
     pub max_message_bytes: usize,
-    /// Largest WebSocket message in bytes; larger closes the connection with 1009.
+    /// Largest WebSocket message in bytes (larger closes the connection with 1009), and
+    /// largest HTTP publish body (larger: 413). At least [`min_frame_bytes`] of
+    /// `max_message_bytes`. The node's own frames stay within it too (history pages end
+    /// early to fit).
     pub max_frame_bytes: usize,
-    /// Messages queued for one connection before it is closed as a slow consumer (4001).
+    /// Live messages queued for one connection before it is closed as a slow consumer
+    /// (4001). Replays the client asked for do not count (see `crate::fanout`).
     pub send_queue_messages: usize,
-    /// Payload bytes queued for one connection before it is closed as a slow consumer.
+    /// Payload bytes of live messages queued for one connection before it is closed as a
+    /// slow consumer.
     pub send_queue_bytes: usize,
     /// Client-chosen message ids remembered per channel for de-duplication.
     pub dedupe_ids_per_channel: usize,
@@ -343,9 +352,13 @@ pub struct LimitsConfig {
     /// History reads (WebSocket and HTTP) the node runs at once; more are refused
     /// (`RATE_LIMITED` / HTTP 503 with `Retry-After`) rather than queued.
     pub history_reads: usize,
-    /// History reads one connection may have in flight; more are refused with
-    /// `RATE_LIMITED`.
+    /// History reads one connection may have in flight (read, or waiting to be written to
+    /// the socket); more are refused with `RATE_LIMITED`.
     pub history_reads_per_connection: usize,
+    /// Most bytes of stored messages one history page holds (HTTP and WebSocket; over the
+    /// WebSocket a page also fits `max_frame_bytes`): a page ends early, with the `from` of
+    /// the next, rather than grow past it. At least one message whatever its size.
+    pub history_page_bytes: usize,
     /// Longest a publish that names the publisher's previous message (`Publish.after`) on
     /// another node waits until this node caught up with that node; then it is refused with
     /// `UNAVAILABLE` (and `retry_after_ms`), and later publishes of the channel on that
@@ -467,7 +480,7 @@ impl Default for LimitsConfig {
             // A few hundred bytes each while idle: well under a GiB at the limit.
             max_channels: 1_000_000,
             max_message_bytes: 64 * 1024,
-            // Room for a max-size binary payload in JSON (base64, +33%) plus fields.
+            // Room for a max-size text payload written as JSON escapes, plus fields.
             max_frame_bytes: min_frame_bytes(64 * 1024),
             // About a second of a busy channel; a reader further behind is too slow.
             send_queue_messages: 1024,
@@ -490,6 +503,7 @@ impl Default for LimitsConfig {
             // Each read is up to 1,000 messages off the disk on a blocking thread.
             history_reads: 32,
             history_reads_per_connection: 4,
+            history_page_bytes: 1 << 20,
             // A restart of the publisher's previous node takes about a second; an SDK's
             // request timeout (10 s by default) leaves room for one retry.
             publish_order_wait: Duration::from_secs(5),
@@ -607,7 +621,9 @@ impl Config {
             ("limits.http_publish_burst", l.http_publish_burst as usize),
             ("limits.history_reads", l.history_reads),
             ("limits.history_reads_per_connection", l.history_reads_per_connection),
+            ("limits.history_page_bytes", l.history_page_bytes),
             ("resume.page", self.resume.page),
+            ("resume.page_bytes", self.resume.page_bytes),
         ];
         for (field, v) in nonzero {
             if v == 0 {
@@ -806,8 +822,9 @@ pub fn normalise_origin(s: &str) -> Result<String, String> {
     if authority.as_str().contains('@') {
         return Err(format!("{s:?} holds user info: {what}"));
     }
-    if uri.path() != "/" || uri.query().is_some() {
-        return Err(format!("{s:?} has a path or query: {what}"));
+    // `Uri` drops a fragment without a word.
+    if uri.path() != "/" || uri.query().is_some() || s.contains('#') {
+        return Err(format!("{s:?} has a path, query or fragment: {what}"));
     }
     // `Uri` takes `h:` as an empty port; an origin has a port or no colon.
     if authority.as_str().ends_with(':') {
@@ -839,8 +856,11 @@ fn normalise_region_url(s: &str) -> Result<String, String> {
     if authority.host().is_empty() || authority.as_str().contains('@') {
         return Err(format!("{s:?} needs a host and no user info: {what}"));
     }
-    if uri.query().is_some() {
-        return Err(format!("{s:?} has a query: {what}"));
+    if uri.query().is_some() || s.contains('#') {
+        return Err(format!("{s:?} has a query or fragment: {what}"));
+    }
+    if authority.as_str().ends_with(':') {
+        return Err(format!("{s:?} has an empty port: {what}"));
     }
     let host = authority.as_str().to_ascii_lowercase();
     Ok(format!("{scheme}://{host}{}", uri.path().trim_end_matches('/')))
@@ -920,6 +940,7 @@ mod tests {
         for bad in [
             "https://app.example.com/app",
             "https://app.example.com/?x=1",
+            "https://app.example.com/#top",
             "https://app.example.com:",
             "app.example.com",
             "*",
@@ -948,6 +969,8 @@ mod tests {
             "ftp://eu.example.com",
             "wss://eu example.com",
             "wss://eu.example.com/?a=1",
+            "wss://eu.example.com/#a",
+            "wss://eu.example.com:",
         ] {
             refused(&format!("[[regions]]\nname = \"eu\"\nurl = {bad:?}\n"), "regions.url");
         }

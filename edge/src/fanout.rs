@@ -7,12 +7,19 @@
 //! mutex-guarded deque, and the session is woken only when it goes from empty to
 //! non-empty: under load a publish costs each subscriber one short lock, not a wake-up.
 //!
-//! Overflow policy: an outbox holds at most `limits.send_queue_messages` items and
-//! `limits.send_queue_bytes` payload bytes. A push that would exceed either marks the
-//! outbox overflowed; the channel drops that subscriber, and the session closes the
+//! Overflow policy: an outbox holds at most `limits.send_queue_messages` live items and
+//! `limits.send_queue_bytes` payload bytes of them. A push that would exceed either marks
+//! the outbox overflowed; the channel drops that subscriber, and the session closes the
 //! connection with 4001 (slow consumer). Publishers and other subscribers never wait for a
 //! slow reader, and memory stays bounded. The client resumes and picks up the rest from the
 //! channel log (see `crate::resume`).
+//!
+//! Replays the client asked for (a rewind, a resume's replay, a history page) are queued in
+//! the same order but outside those limits ([`Outbox::push_replay`]): each is bounded where
+//! it is made, and the session writes it as fast as the client reads, taking more from the
+//! outbox only once it wrote what it took. So a client that reads always gets a replay of
+//! any size, and one that does not is cut off by the session's write stall (the idle
+//! timeout) or by its live traffic overflowing.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +38,31 @@ pub enum Outgoing {
     /// A control frame that must stay in order with deliveries (e.g. `Unsubscribed`).
     /// Boxed: queue slots stay two words wide, so pushing and popping deliveries is cheap.
     Frame(Box<server_frame::Kind>),
+    /// A frame already encoded in the connection's wire format (a session's reply that
+    /// must stay behind what is queued).
+    Encoded(bytes::Bytes),
+    /// A frame that holds a resource until it is written or dropped (a history page holds
+    /// its connection's read slot and its share of the node's read budget).
+    Held(Box<(server_frame::Kind, Held)>),
+}
+
+/// Whatever an [`Outgoing::Held`] frame keeps until it leaves: dropped with the frame.
+pub struct Held(pub Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
+}
+
+/// The bytes of `m`'s payload and the fields that grow with it.
+fn message_bytes(m: &tern_proto::client::Message) -> usize {
+    let data = match &m.data {
+        Some(tern_proto::client::message::Data::Text(t)) => t.len(),
+        Some(tern_proto::client::message::Data::Binary(b)) => b.len(),
+        None => 0,
+    };
+    data + m.name.len() + m.id.len() + m.channel.len()
 }
 
 impl Outgoing {
@@ -38,16 +70,18 @@ impl Outgoing {
     pub fn cost(&self) -> usize {
         const OVERHEAD: usize = 128;
         match self {
-            Self::Message(m) => {
-                let msg = m.message();
-                let data = match &msg.data {
-                    Some(tern_proto::client::message::Data::Text(t)) => t.len(),
-                    Some(tern_proto::client::message::Data::Binary(b)) => b.len(),
-                    None => 0,
-                };
-                OVERHEAD + data + msg.name.len() + msg.id.len() + msg.channel.len()
-            }
+            Self::Message(m) => OVERHEAD + message_bytes(m.message()),
             Self::Frame(_) => OVERHEAD,
+            Self::Encoded(b) => OVERHEAD + b.len(),
+            Self::Held(h) => {
+                OVERHEAD
+                    + match &h.0 {
+                        server_frame::Kind::History(page) => {
+                            page.messages.iter().map(|m| OVERHEAD + message_bytes(m)).sum()
+                        }
+                        _ => 0,
+                    }
+            }
         }
     }
 }
@@ -55,7 +89,10 @@ impl Outgoing {
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Outgoing>,
+    /// Bytes of the counted items (not replays).
     bytes: usize,
+    /// Items queued as replays (not counted against `max_items`).
+    replayed: usize,
 }
 
 #[derive(Debug)]
@@ -111,13 +148,28 @@ impl Outbox {
     /// Queues an item without waiting. Returns false when the outbox overflowed (now or
     /// before): the connection is being closed as a slow consumer and should be dropped.
     pub fn push(&self, item: Outgoing) -> bool {
+        self.push_as(item, true)
+    }
+
+    /// Queues an item of a replay the connection asked for (a rewind, a resume, a history
+    /// page), in order with everything else but outside the queue's limits: a replay is
+    /// bounded where it is made (at most [`crate::channel::REWIND_MAX`] messages of the
+    /// channel's in-memory tail, a history page within the frame limit), and the session
+    /// writes it as fast as the client reads. Returns false when the outbox overflowed.
+    pub fn push_replay(&self, item: Outgoing) -> bool {
+        self.push_as(item, false)
+    }
+
+    fn push_as(&self, item: Outgoing, counted: bool) -> bool {
         let shared = &*self.shared;
         if shared.overflowed.load(Ordering::Relaxed) {
             return false;
         }
-        let cost = item.cost();
+        let cost = if counted { item.cost() } else { 0 };
         let mut q = shared.lock();
-        if q.items.len() >= shared.max_items || q.bytes + cost > shared.max_bytes {
+        if counted
+            && (q.items.len() >= q.replayed + shared.max_items || q.bytes + cost > shared.max_bytes)
+        {
             drop(q);
             shared.overflowed.store(true, Ordering::Relaxed);
             shared.stop.cancel();
@@ -126,11 +178,19 @@ impl Outbox {
         let was_empty = q.items.is_empty();
         q.items.push_back(item);
         q.bytes += cost;
+        if !counted {
+            q.replayed += 1;
+        }
         drop(q);
         if was_empty {
             shared.notify.notify_one();
         }
         true
+    }
+
+    /// Whether nothing is queued (a reply written now would not overtake anything queued).
+    pub fn is_empty(&self) -> bool {
+        self.shared.lock().items.is_empty()
     }
 }
 
@@ -146,11 +206,16 @@ impl OutboxReceiver {
         }
     }
 
-    /// Moves everything queued into `into` (expected empty) in one step.
+    /// Moves everything queued to the end of `into` in one step.
     pub fn drain(&mut self, into: &mut VecDeque<Outgoing>) {
         let mut q = self.shared.lock();
-        std::mem::swap(&mut q.items, into);
+        if into.is_empty() {
+            std::mem::swap(&mut q.items, into);
+        } else {
+            into.append(&mut q.items);
+        }
         q.bytes = 0;
+        q.replayed = 0;
     }
 
     /// Whether the outbox overflowed.

@@ -81,10 +81,47 @@ const MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const SESSION_END: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A real node for [`session`], without sockets: a history namespace (`log`) in a
-/// temporary directory, no backbone; and the runtime its sessions run on.
+/// temporary directory, no backbone; and the runtime its sessions run on. The node is made
+/// anew every [`NODE_INPUTS`] inputs, so what inputs leave behind (channels, logs) neither
+/// fills the node's limits for the inputs after them nor makes a finding depend on a long
+/// history.
 struct SessionHarness {
     runtime: tokio::runtime::Runtime,
-    node: std::sync::Arc<crate::node::Node>,
+    node: std::sync::Mutex<(std::sync::Arc<crate::node::Node>, u32)>,
+}
+
+/// Inputs one fuzzing node serves before it is replaced.
+const NODE_INPUTS: u32 = 1000;
+
+fn fuzz_node(runtime: &tokio::runtime::Runtime) -> std::sync::Arc<crate::node::Node> {
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("tern-fuzz-session-{}-{generation}", std::process::id()));
+    let mut config = crate::Config::default();
+    config.history.data_dir = dir.clone();
+    config.history.namespaces = vec![crate::config::HistoryNamespace {
+        name: "log".into(),
+        max_messages: 16,
+        max_age: std::time::Duration::from_secs(3600),
+    }];
+    // No fsync per write: the inputs are not worth keeping.
+    config.history.sync = crate::config::SyncMode::Interval;
+    config.history.sync_interval = std::time::Duration::from_secs(1);
+    config.timeouts.close = std::time::Duration::from_millis(100);
+    config.limits.publish_order_wait = std::time::Duration::from_millis(100);
+    // Inputs name channels at random: the node's limit keeps its memory bounded (and its
+    // refusal is explored too).
+    config.limits.max_channels = 4096;
+    let settings = config.validate().expect("the fuzz node's settings are valid");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let node = runtime
+        .block_on(async { crate::server::open_node(settings, shutdown) })
+        .expect("the fuzz node opens");
+    // The store holds its file open: the directory goes now, not left behind by every
+    // fuzzing process.
+    let _ = std::fs::remove_dir_all(&dir);
+    node
 }
 
 fn session_harness() -> &'static SessionHarness {
@@ -92,32 +129,24 @@ fn session_harness() -> &'static SessionHarness {
     HARNESS.get_or_init(|| {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        let dir = std::env::temp_dir().join(format!("tern-fuzz-session-{}", std::process::id()));
-        let mut config = crate::Config::default();
-        config.history.data_dir = dir.clone();
-        config.history.namespaces = vec![crate::config::HistoryNamespace {
-            name: "log".into(),
-            max_messages: 16,
-            max_age: std::time::Duration::from_secs(3600),
-        }];
-        // No fsync per write: the inputs are not worth keeping.
-        config.history.sync = crate::config::SyncMode::Interval;
-        config.history.sync_interval = std::time::Duration::from_secs(1);
-        config.timeouts.close = std::time::Duration::from_millis(100);
-        config.limits.publish_order_wait = std::time::Duration::from_millis(100);
-        // A million inputs name channels at random: the node's limit keeps its memory
-        // bounded (and its refusal is explored too).
-        config.limits.max_channels = 4096;
-        let settings = config.validate().expect("the fuzz node's settings are valid");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let node = runtime
-            .block_on(async { crate::server::open_node(settings, shutdown) })
-            .expect("the fuzz node opens");
-        // The store holds its file open: the directory goes now, not left behind by every
-        // fuzzing process.
-        let _ = std::fs::remove_dir_all(&dir);
-        SessionHarness { runtime, node }
+        let node = fuzz_node(&runtime);
+        SessionHarness { runtime, node: std::sync::Mutex::new((node, 0)) }
     })
+}
+
+/// The node for the next input (a new one every [`NODE_INPUTS`]).
+fn next_node(harness: &SessionHarness) -> std::sync::Arc<crate::node::Node> {
+    let mut current = harness.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    current.1 += 1;
+    if current.1 > NODE_INPUTS {
+        let old = std::mem::replace(&mut current.0, fuzz_node(&harness.runtime));
+        current.1 = 1;
+        old.shutdown().cancel();
+        if let Some(store) = old.hub().store() {
+            store.close();
+        }
+    }
+    current.0.clone()
 }
 
 /// The frames of a [`session`] input after its first byte: each a header byte (bit 0: a
@@ -160,7 +189,7 @@ pub fn session(data: &[u8]) {
     let Some((&options, rest)) = data.split_first() else { return };
     let frames = session_frames(rest);
     let harness = session_harness();
-    let node = harness.node.clone();
+    let node = next_node(harness);
     harness.runtime.block_on(async move {
         let before = node.connection_count();
         let Some(admission) = node.admit() else { return };

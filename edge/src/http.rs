@@ -217,6 +217,8 @@ async fn http_history(
         since_ms: q.since,
         until_ms: q.until,
         limit,
+        max_bytes: node.settings().config.limits.history_page_bytes,
+        max_scan: crate::store::PAGE_SCAN_MAX,
         backwards,
     };
     let Some(permit) = node.history_read() else {
@@ -232,7 +234,7 @@ async fn http_history(
     let ch = channel.clone();
     let read = move || {
         let _permit = permit;
-        store.read(&ch, query)
+        store.page(&ch, query)
     };
     let page = match tokio::task::spawn_blocking(read).await {
         Ok(Ok(page)) => page,
@@ -251,8 +253,9 @@ async fn http_history(
             );
         }
     };
-    let next = crate::store::next_from(&page, limit, backwards);
+    let next = page.next_from;
     let messages: Vec<serde_json::Value> = page
+        .messages
         .iter()
         .filter_map(|m| {
             let msg = <client::Message as prost::Message>::decode(m.message.as_slice()).ok()?;
@@ -282,8 +285,9 @@ struct WsQuery {
 
 /// Who is calling the HTTP API, if anyone says: an API key (`Authorization: Basic` with
 /// `id:secret`, checked in every mode) or, in token mode, a client token
-/// (`Authorization: Bearer`). 401 without valid credentials where they are needed, 403 when
-/// their capabilities do not allow `op` on `channel`. Returns the caller's id (`key:ID` or
+/// (`Authorization: Bearer`). 401 without valid credentials where they are needed, then 400
+/// for a malformed channel name, then 403 when their capabilities do not allow `op` on
+/// `channel`. Returns the caller's id (`key:ID` or
 /// the token's subject), `None` for an anonymous caller in dev mode.
 fn authorize(
     node: &Node,
@@ -312,15 +316,26 @@ fn authorize(
             let Some((id, secret)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
                 return Err(unauthorized(crate::auth::TokenError::ApiKey));
             };
-            verifier.verify_api_key(id, secret).map_err(unauthorized)?
+            Some(verifier.verify_api_key(id, secret).map_err(unauthorized)?)
         }
-        _ if verifier.mode() == crate::auth::AuthMode::Dev => return Ok(None),
+        _ if verifier.mode() == crate::auth::AuthMode::Dev => None,
         // A client token.
         other => {
-            let token = other.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-            verifier.verify(token).map_err(unauthorized)?
+            // The scheme is case-insensitive (RFC 9110, 11.1).
+            let token = other
+                .filter(|v| v.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")))
+                .and_then(|v| v.get(7..))
+                .map_or("", str::trim);
+            Some(verifier.verify(token).map_err(unauthorized)?)
         }
     };
+    // One order on every surface: who is asking (401), then whether the channel is one
+    // (400), then whether they may (403).
+    if let Err(e) = tern_proto::types::ChannelName::validate(channel) {
+        let r = error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidChannel, e.to_string());
+        return Err(Box::new(r));
+    }
+    let Some(claims) = claims else { return Ok(None) };
     if !claims.allows(op, channel) {
         return Err(Box::new(error_response(
             StatusCode::FORBIDDEN,
@@ -382,7 +397,9 @@ async fn websocket(
         }
     }
     if node.shutdown().is_cancelled() {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
+        let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return res;
     }
     let token = q.token;
     let Some(admission) = node.admit() else {
@@ -582,6 +599,8 @@ async fn http_publish(
                         "delivered, but not confirmed in the history log in time".into(),
                     );
                 }
+                // As over the WebSocket: once answered, the message is out.
+                node.hub().release(*store.committed().borrow());
                 if store.failed(ticket) {
                     return error_response(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -108,38 +108,64 @@ const SCAN_PAGE: usize = 1024;
 /// here a little before messages the client already had from others.
 const NEW_ORIGIN_MARGIN_MS: u64 = 10_000;
 
+/// Most origins a resume vector lists: far more than the nodes that publish to one
+/// channel, and a bound on what a client's vector costs the node (it is kept per
+/// subscription and searched per delivery).
+pub const MAX_RESUME_ORIGINS: usize = 256;
+
+/// Checks a client's resume vector: at most [`MAX_RESUME_ORIGINS`] entries, each naming a
+/// node (`region/name`) once.
+pub fn check_vector(origins: &[OriginPosition]) -> Result<(), String> {
+    if origins.len() > MAX_RESUME_ORIGINS {
+        return Err(format!(
+            "resume lists {} origins; the limit is {MAX_RESUME_ORIGINS}",
+            origins.len()
+        ));
+    }
+    for (i, o) in origins.iter().enumerate() {
+        tern_proto::types::NodeId::parse(&o.origin)
+            .map_err(|e| format!("resume origin {:?}: {e}", o.origin))?;
+        if origins[..i].iter().any(|p| p.origin == o.origin) {
+            return Err(format!("resume lists origin {:?} twice", o.origin));
+        }
+    }
+    Ok(())
+}
+
+/// How much one replay step reads from the log (`resume.page`, `resume.page_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct PageSize {
+    /// Most messages.
+    pub messages: usize,
+    /// Most bytes of stored messages (at least one message whatever its size).
+    pub bytes: usize,
+}
+
 /// One replay step: the backward scan first (cross-node), then a forward page of `page`.
-pub fn step(store: &Store, c: &Catchup, page: usize) -> Result<Step, StoreError> {
+pub fn step(store: &Store, c: &Catchup, page: PageSize) -> Result<Step, StoreError> {
     if !c.found {
-        return scan(store, c);
+        return scan(store, c, page.bytes);
     }
     if let Some(at) = c.verify_at.filter(|_| !c.started) {
-        let q = Query {
-            from: Some(at),
-            to: Some(at),
-            since_ms: None,
-            until_ms: None,
-            limit: 1,
-            backwards: false,
-        };
+        let q = Query { from: Some(at), to: Some(at), backwards: false, ..Query::newest(1) };
         let rows = store.read(c.channel.as_str(), q)?;
         let had =
             rows.first().and_then(|r| decode(&r.message)).is_some_and(|m| covers(&c.vector, &m));
         if !had {
-            return scan(store, c);
+            return scan(store, c, page.bytes);
         }
     }
     let first = !c.started;
     let q = Query {
         from: Some(c.next),
-        to: None,
         since_ms: (first && c.cutoff_ms > 0).then_some(c.cutoff_ms),
-        until_ms: None,
-        limit: page,
+        max_bytes: page.bytes,
         backwards: false,
+        ..Query::newest(page.messages)
     };
-    let rows = store.read(c.channel.as_str(), q)?;
-    let mut out = Step { next: c.next, at_end: rows.len() < page, ..Step::default() };
+    let read = store.page(c.channel.as_str(), q)?;
+    let rows = read.messages;
+    let mut out = Step { next: c.next, at_end: read.next_from.is_none(), ..Step::default() };
     if first {
         // Whatever lies between the client's position and the first replayable entry is
         // older than the window or was trimmed.
@@ -170,7 +196,7 @@ pub fn step(store: &Store, c: &Catchup, page: usize) -> Result<Step, StoreError>
 
 /// The backward scan of a cross-node resume: finds the first offset the client misses, and
 /// the origins whose missed messages this log no longer holds.
-fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
+fn scan(store: &Store, c: &Catchup, max_bytes: usize) -> Result<Step, StoreError> {
     let mut origins: Vec<Origin<'_>> =
         c.vector.iter().map(|pos| Origin { pos, found: false, lowest_above: None }).collect();
     let mut start = c.head + 1;
@@ -186,17 +212,10 @@ fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
             complete = true;
             break;
         }
-        let q = Query {
-            from: Some(from),
-            to: None,
-            since_ms: None,
-            until_ms: None,
-            limit: SCAN_PAGE,
-            backwards: true,
-        };
-        let rows = store.read(c.channel.as_str(), q)?;
-        let page_len = rows.len();
-        for r in rows {
+        let q = Query { from: Some(from), max_bytes, ..Query::newest(SCAN_PAGE) };
+        let read = store.page(c.channel.as_str(), q)?;
+        let last_page = read.next_from.is_none();
+        for r in read.messages {
             if r.timestamp_ms < c.cutoff_ms || scanned >= c.max_scan {
                 break 'scan;
             }
@@ -222,7 +241,7 @@ fn scan(store: &Store, c: &Catchup) -> Result<Step, StoreError> {
                 all_found_at = Some(r.timestamp_ms);
             }
         }
-        if page_len < SCAN_PAGE {
+        if last_page {
             complete = true;
             break;
         }

@@ -103,15 +103,19 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // A connection that arrives while the node drains gets its one answer (503 with
+    // `Retry-After`, see `http`), then closes.
+    let draining = shutdown.is_cancelled();
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        .keep_alive(!draining)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
+        _ = shutdown.cancelled(), if !draining => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -477,9 +481,26 @@ impl Server {
                 }
             }
         });
+        // Until the connections drained (or the grace passed), the listener stays open:
+        // what arrives meanwhile is answered 503 with `Retry-After`, not refused.
+        let tracker = node.tracker().clone();
+        let grace = node.settings().config.timeouts.shutdown_grace;
+        let drained = async {
+            shutdown.cancelled().await;
+            tracker.close();
+            info!(open = node.connection_count(), ?grace, "shutting down: closing connections");
+            // Answering newcomers during the drain is not tracked: it does not prolong it.
+            tokio::time::timeout(grace, tracker.wait()).await.is_ok()
+        };
+        tokio::pin!(drained);
         loop {
             let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                done = &mut drained => {
+                    if !done {
+                        warn!(left = tracker.len(), "shutdown grace period over; dropping the rest");
+                    }
+                    break;
+                }
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -501,7 +522,7 @@ impl Server {
             // The slot travels with the socket, into the WebSocket session after an upgrade.
             let stream = Counted { stream, _slot: slot };
             let tls = tls.clone();
-            node.tracker().spawn(async move {
+            let serve = async move {
                 let Some(acceptor) = tls else {
                     return serve_http(stream, service, header_timeout, shutdown, peer).await;
                 };
@@ -513,17 +534,14 @@ impl Server {
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),
                 }
-            });
+            };
+            if node.shutdown().is_cancelled() {
+                tokio::spawn(serve);
+            } else {
+                node.tracker().spawn(serve);
+            }
         }
         drop(listener);
-        let tracker = node.tracker();
-        tracker.close();
-        let grace = node.settings().config.timeouts.shutdown_grace;
-        let open = node.connection_count();
-        info!(open, ?grace, "shutting down: closing connections");
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            warn!(left = tracker.len(), "shutdown grace period over; dropping the rest");
-        }
         if let Some(store) = node.hub().store().cloned() {
             // Everything logged so far made durable; the file released.
             let _ = tokio::task::spawn_blocking(move || store.close()).await;

@@ -57,10 +57,13 @@ struct Session {
     client_id: Option<String>,
     channels: HashSet<ChannelName>,
     outbox: Outbox,
-    /// Frames to write after handling the current input.
-    replies: Vec<WsMessage>,
-    /// Items taken from the outbox, being turned into frames.
-    pending: VecDeque<Outgoing>,
+    /// What the writer sends next, in order: items taken from the outbox, replies and
+    /// replayed messages. Written a chunk per loop turn, framed as it is written.
+    out: VecDeque<Outgoing>,
+    /// The [`Outgoing::cost`] of `out`.
+    out_bytes: usize,
+    /// A ping is due before `out`.
+    ping: bool,
     /// Reused between batches.
     batch: Vec<Arc<EncodedMessage>>,
     /// Acks waiting for their messages to reach the history log (store ticket, frame), in
@@ -131,6 +134,9 @@ const PARKED_CHECK: Duration = Duration::from_millis(10);
 struct PendingAck {
     /// Store ticket of the log write (0: none).
     ticket: u64,
+    /// When it was queued: a log write not confirmed within [`LOG_WAIT`] is answered
+    /// `INTERNAL` (checked with the heartbeat, so at most an interval later).
+    queued: Instant,
     /// `DURABILITY_REPLICATED`: the channel and own sequence another region must have, and
     /// when to give up.
     replicated: Option<(String, u64, Instant)>,
@@ -147,8 +153,59 @@ const REPLICATION_WAIT: Duration = Duration::from_secs(10);
 type StepFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, bool, Result<Step, String>)> + Send>>;
 
-/// How long a replay waits for the log to catch up with the messages it must replay.
+/// How long a replay waits for the log to catch up with the messages it must replay, and
+/// an ack for its message's log write.
 const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// A history read on a connection: it counts against the connection's limit until its page
+/// is written (or dropped with the connection), so a client that does not read its pages
+/// cannot make the node hold more of them.
+struct ReadSlot {
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Room a `history` frame leaves its messages under `max_frame_bytes`: the frame's other
+/// fields (request id, channel, `nextFrom`, the JSON around them) take less than this.
+fn history_page_budget(max_frame_bytes: usize, channel: &str) -> usize {
+    const FRAME_FIELDS: usize = 256;
+    max_frame_bytes.saturating_sub(FRAME_FIELDS + channel.len())
+}
+
+/// A `history` frame of `page`, ended early where its messages would take more than
+/// `budget` bytes in `format` (always at least one message: any message fits a frame, see
+/// `crate::config::min_frame_bytes`); `nextFrom` then names the first one left out.
+fn history_page(
+    mut page: crate::store::Page,
+    request_id: u32,
+    channel: String,
+    format: Format,
+    budget: usize,
+) -> client::HistoryPage {
+    let mut messages = Vec::with_capacity(page.messages.len());
+    let mut bytes = 0usize;
+    let mut cut = None;
+    for (i, stored) in page.messages.iter().enumerate() {
+        let Ok(m) = <client::Message as prost::Message>::decode(stored.message.as_slice()) else {
+            continue;
+        };
+        bytes = bytes.saturating_add(codec::message_entry_len(&m, format));
+        if bytes > budget && !messages.is_empty() {
+            cut = Some(i);
+            break;
+        }
+        messages.push(m);
+    }
+    if let Some(i) = cut {
+        page.truncate(i);
+    }
+    client::HistoryPage { request_id, channel, messages, next_from: page.next_from }
+}
 
 /// Runs a session to its end.
 /// `token` is the one given in the upgrade URL, if any (`Connect.token` takes precedence).
@@ -223,8 +280,9 @@ where
         client_id: None,
         channels: HashSet::new(),
         outbox,
-        replies: Vec::new(),
-        pending: VecDeque::new(),
+        out: VecDeque::new(),
+        out_bytes: 0,
+        ping: false,
         batch: Vec::new(),
         acks: VecDeque::new(),
         committed: node.hub().store().map(|s| s.committed()),
@@ -259,7 +317,8 @@ where
     let mut unread = 0u32;
 
     let end = loop {
-        if step.is_none() {
+        // A replay reads its next step once the last one is (nearly) written.
+        if step.is_none() && session.out_bytes < WRITE_CHUNK {
             step = session.start_step();
         }
         // Order matters: deliveries come before reads, so a wake-up for a delivery does not
@@ -285,13 +344,19 @@ where
                 if last_seen.elapsed() >= idle {
                     Err(End::Close(close::IDLE_TIMEOUT, format!("nothing received for {idle:?}")))
                 } else {
-                    session.replies.push(WsMessage::Ping(Bytes::new()));
+                    session.ping = true;
+                    // Acks whose log write is overdue get their answer.
+                    if !session.acks.is_empty() {
+                        session.flush_acks();
+                    }
                     Ok(())
                 }
             }
-            _ = rx.ready() => {
-                rx.drain(&mut session.pending);
-                session.on_outgoing();
+            // Taken only while the writer is nearly done: what the client has not read yet
+            // waits in the outbox, whose limits make a client that stopped reading a slow
+            // consumer.
+            _ = rx.ready(), if session.out_bytes < WRITE_CHUNK => {
+                session.take_outbox(&mut rx);
                 unread += 1;
                 if unread >= FORCED_READ_EVERY {
                     unread = 0;
@@ -357,12 +422,14 @@ where
                 }
                 r
             }
+            // Nothing else to do: write on.
+            _ = std::future::ready(()), if session.has_output() => Ok(()),
         };
         if let Err(end) = step {
             break end;
         }
-        if !session.replies.is_empty() {
-            if let Err(end) = session.flush(ws, &stop, &rx, idle).await {
+        if session.has_output() {
+            if let Err(end) = session.write(ws, &stop, &rx, idle).await {
                 break end;
             }
         }
@@ -377,6 +444,19 @@ const READ_AHEAD_FRAMES: usize = 64;
 
 /// While deliveries keep coming, the socket is still read at least this often (in deliveries).
 const FORCED_READ_EVERY: u32 = 8;
+
+/// Bytes the writer sends per loop turn (at least one frame): between chunks the session
+/// reads the client's frames and takes new deliveries, so a long replay neither starves
+/// the client's requests nor makes it look idle.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
+    match format {
+        Format::Protobuf => WsMessage::Binary(bytes),
+        // Our JSON encoder only produces UTF-8.
+        Format::Json => WsMessage::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
+    }
+}
 
 fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
@@ -398,15 +478,29 @@ impl Session {
 
     fn reply(&mut self, kind: server_frame::Kind) {
         let bytes = codec::encode_server(kind, self.format);
-        self.replies.push(self.ws_message(bytes));
+        self.queue(Outgoing::Encoded(bytes));
     }
 
-    fn ws_message(&self, bytes: Bytes) -> WsMessage {
-        match self.format {
-            Format::Protobuf => WsMessage::Binary(bytes),
-            // Our JSON encoder only produces UTF-8.
-            Format::Json => WsMessage::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
+    /// Queues `item` behind everything queued for this connection so far (in the outbox or
+    /// taken from it), so answers keep the order of the requests and deliveries before them.
+    fn queue(&mut self, item: Outgoing) {
+        if self.outbox.is_empty() {
+            self.out_bytes += item.cost();
+            self.out.push_back(item);
+        } else {
+            self.outbox.push_replay(item);
         }
+    }
+
+    /// Moves what the outbox holds to the writer.
+    fn take_outbox(&mut self, rx: &mut OutboxReceiver) {
+        let before = self.out.len();
+        rx.drain(&mut self.out);
+        self.out_bytes += self.out.range(before..).map(Outgoing::cost).sum::<usize>();
+    }
+
+    fn has_output(&self) -> bool {
+        self.ping || !self.out.is_empty()
     }
 
     fn error(&mut self, request_id: u32, code: ErrorCode, reason: String, channel: String) {
@@ -418,9 +512,10 @@ impl Session {
         }));
     }
 
-    /// Writes queued replies, giving up when the peer stops reading for `stall`, or the
-    /// session is stopped (overflow, shutdown) meanwhile.
-    async fn flush<S>(
+    /// Writes the next chunk of `out` (see [`WRITE_CHUNK`]), framing as it goes: consecutive
+    /// messages share one `Deliver` frame up to the batch limits. Gives up when the peer
+    /// reads nothing for `stall`, or the session is stopped (overflow, shutdown) meanwhile.
+    async fn write<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
         stop: &CancellationToken,
@@ -430,11 +525,52 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        // Drained in place, so the buffer is reused across turns.
-        let frames = &mut self.replies;
+        let format = self.format;
+        let max_msgs = self.cfg().websocket.max_batch_messages;
+        let max_bytes = self.cfg().websocket.max_batch_bytes;
+        let (out, out_bytes, batch, ping) =
+            (&mut self.out, &mut self.out_bytes, &mut self.batch, &mut self.ping);
         let write = async {
-            for f in frames.drain(..) {
-                ws.feed(f).await?;
+            if std::mem::take(ping) {
+                ws.feed(WsMessage::Ping(Bytes::new())).await?;
+            }
+            let mut written = 0;
+            while written < WRITE_CHUNK {
+                let Some(item) = out.pop_front() else { break };
+                *out_bytes = out_bytes.saturating_sub(item.cost());
+                let mut held = None;
+                let frame = match item {
+                    Outgoing::Message(m) => {
+                        let mut bytes = m.piece_len(format);
+                        batch.push(m);
+                        while batch.len() < max_msgs && bytes < max_bytes {
+                            let Some(Outgoing::Message(m)) = out.front() else { break };
+                            bytes += m.piece_len(format);
+                            let Some(item) = out.pop_front() else { break };
+                            *out_bytes = out_bytes.saturating_sub(item.cost());
+                            if let Outgoing::Message(m) = item {
+                                batch.push(m);
+                            }
+                        }
+                        let frame = codec::deliver_frame(batch.iter().map(|m| &**m), format);
+                        batch.clear();
+                        frame
+                    }
+                    Outgoing::Frame(kind) => codec::encode_server(*kind, format),
+                    Outgoing::Encoded(bytes) => bytes,
+                    Outgoing::Held(h) => {
+                        let (kind, keep) = *h;
+                        held = Some(keep);
+                        codec::encode_server(kind, format)
+                    }
+                };
+                written += frame.len();
+                ws.feed(ws_message(format, frame)).await?;
+                drop(held);
+            }
+            // Give back memory after a burst; an idle connection keeps none.
+            if out.is_empty() && out.capacity() > 1024 {
+                *out = VecDeque::new();
             }
             ws.flush().await
         };
@@ -449,41 +585,6 @@ impl Session {
             _ = stop.cancelled() => Err(stopped(rx)),
             _ = tokio::time::sleep(stall) => Err(slow_consumer()),
         }
-    }
-
-    /// Turns drained deliveries into frames: consecutive messages share one Deliver frame
-    /// up to the batch limits.
-    fn on_outgoing(&mut self) {
-        let max_msgs = self.cfg().websocket.max_batch_messages;
-        let max_bytes = self.cfg().websocket.max_batch_bytes;
-        let mut bytes = 0;
-        while let Some(item) = self.pending.pop_front() {
-            match item {
-                Outgoing::Message(m) => {
-                    bytes += m.piece_len(self.format);
-                    self.batch.push(m);
-                    let next_is_message =
-                        matches!(self.pending.front(), Some(Outgoing::Message(_)));
-                    if next_is_message && self.batch.len() < max_msgs && bytes < max_bytes {
-                        continue;
-                    }
-                    self.push_batch();
-                    bytes = 0;
-                }
-                Outgoing::Frame(kind) => self.reply(*kind),
-            }
-        }
-        // Give back memory after a burst; an idle connection keeps none.
-        if self.pending.capacity() > 1024 {
-            self.pending = VecDeque::new();
-        }
-    }
-
-    fn push_batch(&mut self) {
-        let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), self.format);
-        self.batch.clear();
-        let msg = self.ws_message(frame);
-        self.replies.push(msg);
     }
 
     fn on_frame(&mut self, frame: Option<Result<WsMessage, WsError>>) -> Result<(), End> {
@@ -524,8 +625,19 @@ impl Session {
             Ok(kind) => self.handle(kind),
             Err(e) => {
                 // A request that does not decode is still answered as that request.
-                let (request_id, channel) = codec::request_of(payload, text).unwrap_or_default();
-                self.error(request_id, e.code(), e.to_string(), channel);
+                let request = codec::request_of(payload, text).unwrap_or_default();
+                if request.kind == "publish" && self.client_id.is_some() {
+                    // Publishes are answered by ack or nack, in publish order.
+                    self.refuse(Nack {
+                        request_id: request.request_id,
+                        channel: request.channel,
+                        code: e.code() as i32,
+                        reason: e.to_string(),
+                        ..Nack::default()
+                    });
+                } else {
+                    self.error(request.request_id, e.code(), e.to_string(), request.channel);
+                }
                 Ok(())
             }
         }
@@ -734,6 +846,11 @@ impl Session {
             let reason = format!("the node holds its limit of {max} channels");
             return self.error(s.request_id, ErrorCode::TooManyChannels, reason, s.channel);
         }
+        if let Some(r) = &s.resume {
+            if let Err(reason) = crate::resume::check_vector(&r.origins) {
+                return self.error(s.request_id, ErrorCode::InvalidArgument, reason, s.channel);
+            }
+        }
         if self.catchups.iter().any(|c| c.channel == channel) {
             return self.error(
                 s.request_id,
@@ -778,7 +895,8 @@ impl Session {
     fn start_step(&self) -> Option<StepFuture> {
         let c = self.catchups.front()?.clone();
         let store = self.node.hub().store()?.clone();
-        let page = self.cfg().resume.page;
+        let r = &self.cfg().resume;
+        let page = crate::resume::PageSize { messages: r.page, bytes: r.page_bytes };
         let tracker = self.node.tracker().clone();
         let mut committed = self.committed.clone();
         let reads = self.node.history_reads();
@@ -843,8 +961,9 @@ impl Session {
                 if let Some(d) = step.discontinuity {
                     self.reply(server_frame::Kind::Discontinuity(d));
                 }
-                self.pending.extend(step.messages.into_iter().map(Outgoing::Message));
-                self.on_outgoing();
+                for m in step.messages {
+                    self.queue(Outgoing::Message(m));
+                }
                 (forward && step.at_end, timed_out)
             }
             Err(e) => {
@@ -987,6 +1106,7 @@ impl Session {
         } else if !self.acks.is_empty() {
             let ack = client::Ack::default();
             self.acks.push_back(PendingAck {
+                queued: Instant::now(),
                 ticket: 0,
                 replicated: None,
                 ack,
@@ -1021,6 +1141,7 @@ impl Session {
                 let wait = (replicated && a.own)
                     .then(|| (channel.clone(), a.seq.0, Instant::now() + REPLICATION_WAIT));
                 self.acks.push_back(PendingAck {
+                    queued: Instant::now(),
                     ticket: a.log_ticket.unwrap_or(0),
                     replicated: wait,
                     ack: a.into_ack(request_id, channel),
@@ -1050,6 +1171,7 @@ impl Session {
             if let Some(nack) = w.refused {
                 // A refusal queued behind earlier parked publishes: its turn now.
                 self.acks.push_back(PendingAck {
+                    queued: Instant::now(),
                     ticket: 0,
                     replicated: None,
                     ack: client::Ack::default(),
@@ -1148,6 +1270,7 @@ impl Session {
         if in_turn {
             let ack = client::Ack::default();
             self.acks.push_back(PendingAck {
+                queued: Instant::now(),
                 ticket: 0,
                 replicated: None,
                 ack,
@@ -1210,6 +1333,8 @@ impl Session {
             since_ms: (h.since_ms > 0).then_some(h.since_ms),
             until_ms: (h.until_ms > 0).then_some(h.until_ms),
             limit,
+            max_bytes: usize::MAX,
+            max_scan: crate::store::PAGE_SCAN_MAX,
             backwards,
         };
         let per_connection = self.cfg().limits.history_reads_per_connection;
@@ -1223,19 +1348,24 @@ impl Session {
         };
         let in_flight = self.history_reads.clone();
         in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = ReadSlot { in_flight };
         let outbox = self.outbox.clone();
+        let format = self.format;
+        let l = &self.cfg().limits;
+        let frame_budget = history_page_budget(l.max_frame_bytes, &h.channel);
+        let query =
+            crate::store::Query { max_bytes: frame_budget.min(l.history_page_bytes), ..query };
         self.node.tracker().spawn_blocking(move || {
-            let _permit = permit;
-            let frame = match store.read(&h.channel, query) {
-                Ok(page) => server_frame::Kind::History(client::HistoryPage {
-                    request_id: h.request_id,
-                    next_from: crate::store::next_from(&page, limit, backwards),
-                    messages: page
-                        .iter()
-                        .filter_map(|m| prost::Message::decode(m.message.as_slice()).ok())
-                        .collect(),
-                    channel: h.channel,
-                }),
+            let read = store.page(&h.channel, query);
+            drop(permit);
+            let frame = match read {
+                Ok(page) => server_frame::Kind::History(history_page(
+                    page,
+                    h.request_id,
+                    h.channel,
+                    format,
+                    frame_budget,
+                )),
                 Err(e) => server_frame::Kind::Error(client::Error {
                     request_id: h.request_id,
                     code: ErrorCode::Internal as i32,
@@ -1243,8 +1373,8 @@ impl Session {
                     channel: h.channel,
                 }),
             };
-            outbox.push(Outgoing::Frame(Box::new(frame)));
-            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let keep = crate::fanout::Held(Box::new(slot));
+            outbox.push_replay(Outgoing::Held(Box::new((frame, keep))));
         });
     }
 
@@ -1253,14 +1383,25 @@ impl Session {
     /// whose log write failed with `INTERNAL`.
     fn flush_acks(&mut self) {
         let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
+        if self.committed.is_some() && self.acks.front().is_some_and(|a| a.ticket > 0) {
+            // An ack says the message went out: release what the log holds now (the
+            // node's release task may not have run yet), so a subscriber the publisher
+            // tells after its ack finds the message already in the channel.
+            self.node.hub().release(logged);
+        }
         let now = Instant::now();
         while let Some(front) = self.acks.front() {
-            if front.ticket > logged {
+            let waiting = front.ticket > logged;
+            if waiting && now < front.queued + LOG_WAIT {
                 break;
             }
             let unlogged =
                 front.ticket > 0 && self.node.hub().store().is_some_and(|s| s.failed(front.ticket));
             let refusal = match &front.replicated {
+                _ if waiting => Some((
+                    ErrorCode::Internal,
+                    format!("delivered, but not confirmed in the history log within {LOG_WAIT:?}"),
+                )),
                 _ if unlogged => Some((
                     ErrorCode::Internal,
                     "delivered, but the history log could not be written".to_owned(),

@@ -173,18 +173,55 @@ pub struct Query {
     pub until_ms: Option<u64>,
     /// Most messages returned.
     pub limit: usize,
+    /// Most bytes of stored messages returned: the page ends before a message that would
+    /// take it past this (a page holds at least one message whatever its size).
+    pub max_bytes: usize,
+    /// Most log entries the read looks at: a time filter that skips more ends the page
+    /// there (see [`Page::next_from`]). Client reads use [`PAGE_SCAN_MAX`].
+    pub max_scan: usize,
     /// Newest first.
     pub backwards: bool,
 }
 
-/// The `from` of the page after `page` (read with `limit` in the given direction), or
-/// `None` when `page` was the last.
-pub fn next_from(page: &[Stored], limit: usize, backwards: bool) -> Option<u64> {
-    let last = page.last().filter(|_| page.len() == limit)?;
-    if backwards {
-        last.offset.checked_sub(1).filter(|o| *o > 0)
-    } else {
-        last.offset.checked_add(1)
+impl Query {
+    /// Every message from the newest (or, forwards, the oldest), at most `limit`, of any size.
+    pub fn newest(limit: usize) -> Self {
+        Self {
+            from: None,
+            to: None,
+            since_ms: None,
+            until_ms: None,
+            limit,
+            max_bytes: usize::MAX,
+            max_scan: usize::MAX,
+            backwards: true,
+        }
+    }
+}
+
+/// Most log entries one client's history page looks at: a time filter that skips more
+/// ends the page there (see [`Page::next_from`]).
+pub const PAGE_SCAN_MAX: usize = 20_000;
+
+/// A page of a channel's log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The messages, in the direction of travel.
+    pub messages: Vec<Stored>,
+    /// The `from` of the next page, when the page ended at its `limit`, its `max_bytes` or
+    /// after [`PAGE_SCAN_MAX`] entries (the page, or the next, may then be short or empty);
+    /// `None` when the log holds no more.
+    pub next_from: Option<u64>,
+}
+
+impl Page {
+    /// Ends the page before its message at `index` (fewer bytes for a smaller frame): the
+    /// next page starts there.
+    pub fn truncate(&mut self, index: usize) {
+        if let Some(cut) = self.messages.get(index) {
+            self.next_from = Some(cut.offset);
+            self.messages.truncate(index);
+        }
     }
 }
 
@@ -468,14 +505,7 @@ impl Store {
         let mut from = None;
         let mut read = 0;
         'scan: while read < max_rows && out.len() < max && expect > 0 {
-            let q = Query {
-                from,
-                to: None,
-                since_ms: None,
-                until_ms: None,
-                limit: PAGE.min(max_rows - read),
-                backwards: true,
-            };
+            let q = Query { from, limit: PAGE.min(max_rows - read), ..Query::newest(0) };
             let rows = self.read(channel, q)?;
             let page = rows.len();
             for row in rows {
@@ -528,6 +558,11 @@ impl Store {
 
     /// Reads a page of `channel`'s log.
     pub fn read(&self, channel: &str, q: Query) -> Result<Vec<Stored>, StoreError> {
+        self.page(channel, q).map(|p| p.messages)
+    }
+
+    /// A page of `channel`'s log, and where the next one starts.
+    pub fn page(&self, channel: &str, q: Query) -> Result<Page, StoreError> {
         let txn = self.db()?.begin_read().map_err(db_err)?;
         let log = txn.open_table(LOG).map_err(db_err)?;
         let (lo, hi) = if q.backwards {
@@ -535,12 +570,25 @@ impl Store {
         } else {
             (q.from.unwrap_or(0), q.to.unwrap_or(u64::MAX))
         };
-        if lo > hi {
-            return Ok(Vec::new());
+        if lo > hi || q.limit == 0 {
+            return Ok(Page::default());
         }
         let range = log.range((channel, lo)..=(channel, hi)).map_err(db_err)?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
+        // Whether the page ended at a limit: the next one starts after its last message,
+        // or at `cut_at` (the message that would have taken it past `max_bytes`).
+        let mut ended = false;
+        let mut cut_at = None;
+        let mut scanned = 0usize;
         let mut take = |offset: u64, v: &[u8]| -> bool {
+            // A time filter that skips most of a long log ends the page early (maybe
+            // empty, with the `from` of the next), rather than read all of it at once.
+            scanned += 1;
+            if scanned > q.max_scan {
+                cut_at = Some(offset);
+                return false;
+            }
             if v.len() < 8 {
                 return true;
             }
@@ -548,8 +596,15 @@ impl Store {
             if q.since_ms.is_some_and(|s| ts < s) || q.until_ms.is_some_and(|u| ts > u) {
                 return true;
             }
+            let len = v.len() - 8;
+            if !out.is_empty() && bytes.saturating_add(len) > q.max_bytes {
+                cut_at = Some(offset);
+                return false;
+            }
+            bytes = bytes.saturating_add(len);
             out.push(Stored { offset, timestamp_ms: ts, message: v[8..].to_vec() });
-            out.len() < q.limit
+            ended = out.len() >= q.limit;
+            !ended
         };
         if q.backwards {
             for item in range.rev() {
@@ -566,7 +621,18 @@ impl Store {
                 }
             }
         }
-        Ok(out)
+        let next_from = match (cut_at, out.last()) {
+            (Some(at), _) => Some(at),
+            (None, Some(last)) if ended => {
+                if q.backwards {
+                    last.offset.checked_sub(1).filter(|o| *o > 0)
+                } else {
+                    last.offset.checked_add(1)
+                }
+            }
+            _ => None,
+        };
+        Ok(Page { messages: out, next_from })
     }
 }
 

@@ -179,6 +179,16 @@ async fn the_http_api_wants_a_bearer_token_with_the_capability() {
     assert_eq!(status, 403, "subscribe-only namespace");
     let (status, _) = http_with(n.addr, "GET", path, &bearer, "text/plain", b"").await;
     assert_eq!(status, 403, "no history capability");
+    // One order on every surface: credentials (401), then the channel (400), then the
+    // capability (403) — a malformed name is INVALID_CHANNEL whatever the token allows.
+    for (method, op) in [("POST", "publish"), ("GET", "history")] {
+        let star = "/v1/channels/*/messages";
+        let (status, _) = http_with(n.addr, method, star, "", "text/plain", b"x").await;
+        assert_eq!(status, 401, "{op} without a token");
+        let (status, body) = http_with(n.addr, method, star, &bearer, "text/plain", b"x").await;
+        assert_eq!(status, 400, "{op}: {body}");
+        assert!(body.contains("ERROR_CODE_INVALID_CHANNEL"), "{op}: {body}");
+    }
     n.stop().await;
 }
 
@@ -483,4 +493,75 @@ async fn the_largest_expiry_a_token_can_carry_connects_and_renews() {
     c.send(r#"{"publish":{"requestId":2,"channel":"chat:max","text":"still here"}}"#).await;
     assert_eq!(c.recv().await["ack"]["requestId"], 2);
     n.stop().await;
+}
+
+/// A token's claims are checked as a whole, the same on every surface: a token must name
+/// its client (`sub` non-empty, at most 128 bytes, no control characters), its capability
+/// patterns must be able to match a channel, and a token with no time left (the second
+/// `exp + leeway` ends) opens nothing — at connect (4003), in a renewal (`FORBIDDEN`) and
+/// over HTTP (401).
+#[tokio::test]
+async fn a_token_is_checked_as_a_whole_on_every_surface() {
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+        cfg.auth.leeway = Duration::from_secs(5);
+    })
+    .await;
+    let mut spaced = claims("ivy", now() + 3600);
+    spaced.capability.insert("chat:* ".into(), vec![Operation::Publish]);
+    let bad = [
+        ("an empty sub", mint_hs256(SECRET, &claims("", now() + 3600)).unwrap()),
+        (
+            "a sub of 129 bytes",
+            mint_hs256(SECRET, &claims(&"s".repeat(129), now() + 3600)).unwrap(),
+        ),
+        ("a sub with a newline", mint_hs256(SECRET, &claims("iv\ny", now() + 3600)).unwrap()),
+        ("a capability no channel matches", mint_hs256(SECRET, &spaced).unwrap()),
+        // `exp + leeway` is now: the token has no time left.
+        ("no time left", mint_hs256(SECRET, &claims("ivy", now() - 5)).unwrap()),
+    ];
+    let (mut renewing, _) = connect(n.addr, &token("ivy")).await.unwrap();
+    for (i, (what, t)) in bad.iter().enumerate() {
+        assert_eq!(connect(n.addr, t).await.err(), Some(Some(4003)), "connect with {what}");
+        let id = i + 1;
+        renewing
+            .send(&serde_json::json!({"auth": {"requestId": id, "token": t}}).to_string())
+            .await;
+        let v = renewing.recv().await;
+        assert_eq!(v["error"]["code"], "ERROR_CODE_FORBIDDEN", "renewal with {what}: {v}");
+        assert_eq!(v["error"]["requestId"], id, "{v}");
+        let bearer = format!("Authorization: Bearer {t}\r\n");
+        let (status, body) =
+            http_with(n.addr, "POST", "/v1/channels/chat:w/messages", &bearer, "text/plain", b"x")
+                .await;
+        assert_eq!(status, 401, "HTTP with {what}: {body}");
+    }
+    // The authentication scheme is case-insensitive.
+    let lower = format!("Authorization: bearer {}\r\n", token("ivy"));
+    let (status, body) =
+        http_with(n.addr, "POST", "/v1/channels/chat:w/messages", &lower, "text/plain", b"x").await;
+    assert_eq!(status, 201, "{body}");
+    n.stop().await;
+}
+
+/// Auth settings that could never mean what they say are refused at start-up, naming them.
+#[tokio::test]
+async fn auth_settings_that_cannot_apply_are_refused() {
+    for pattern in ["chat:* ", "Chat room:*", "", "**"] {
+        let mut cfg = tern_edge::Config::default();
+        cfg.auth.api_keys = vec![tern_edge::auth::ApiKeyConfig {
+            id: "backend".into(),
+            secret: "a-backend-secret-that-is-long-enough-0123".into(),
+            capability: Some([(pattern.to_owned(), vec![Operation::Publish])].into()),
+        }];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("backend") && err.contains("capability"), "{pattern:?}: {err}");
+    }
+    for leeway in [Duration::from_millis(500), Duration::from_secs(301)] {
+        let mut cfg = tern_edge::Config::default();
+        cfg.auth.leeway = leeway;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.leeway"), "{leeway:?}: {err}");
+    }
 }

@@ -532,7 +532,8 @@ async fn every_request_is_answered_while_a_subscription_waits_for_its_peers() {
         for _ in 0..answers {
             let v = c.recv().await;
             let (kind, body) = v.as_object().unwrap().iter().next().unwrap();
-            got.push(format!("{kind} {} {}", body["requestId"], body["channel"]));
+            let resumed = if body["resumed"] == true { " resumed" } else { "" };
+            got.push(format!("{kind} {} {}{resumed}", body["requestId"], body["channel"]));
         }
         // Nothing more: the next frame answers a heartbeat.
         c.send(r#"{"heartbeat":{"nonce":"1"}}"#).await;
@@ -551,6 +552,18 @@ async fn every_request_is_answered_while_a_subscription_waits_for_its_peers() {
     assert_eq!(
         got,
         [r#"subscribed 3 "chat:b""#, r#"subscribed 4 "chat:b""#, r#"unsubscribed 5 "chat:b""#]
+    );
+    // A resumed subscription that waits is answered as one (after the discontinuity a
+    // channel without history reports for what the client may have missed).
+    let resume = r#"{"subscribe":{"requestId":8,"channel":"chat:r","resume":{"node":"us-east/edge-1","origins":[{"origin":"us-east/edge-1","epoch":"1","seq":"3"}]}}}"#;
+    let got = exchange(&[resume.to_owned(), unsub(9, "chat:r")], 3).await;
+    assert_eq!(
+        got,
+        [
+            r#"discontinuity null "chat:r""#,
+            r#"subscribed 8 "chat:r" resumed"#,
+            r#"unsubscribed 9 "chat:r""#
+        ]
     );
     // A renewal that no longer allows a waiting subscription: renewed, the subscription
     // answered, then ended with FORBIDDEN.

@@ -115,12 +115,12 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
         (
             "text as an object",
             r#"{"publish":{"requestId":1,"channel":"chat:a","text":{"a":1}}}"#.into(),
-            "error:BAD_FRAME",
+            "nack:BAD_FRAME",
         ),
         (
             "binary that is not base64",
             r#"{"publish":{"requestId":1,"channel":"chat:a","binary":"***"}}"#.into(),
-            "error:BAD_FRAME",
+            "nack:BAD_FRAME",
         ),
         ("unknown frame type", r#"{"frobnicate":{"requestId":1}}"#.into(), "error:UNKNOWN_FRAME"),
         ("two frame types in one", r#"{"heartbeat":{},"publish":{}}"#.into(), "error:BAD_FRAME"),
@@ -224,6 +224,23 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
             "error:FORBIDDEN",
         ),
         ("second connect", r#"{"connect":{"protocol":1}}"#.into(), "error:ALREADY_CONNECTED"),
+        // A resume vector is kept per subscription and searched per delivery: bounded,
+        // and every entry names a node once.
+        (
+            "resume listing 257 origins",
+            resume_with((0..257).map(|i| format!("r{i}/n")).collect()),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "resume naming an origin that is no node",
+            resume_with(vec!["not a node".into()]),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "resume naming an origin twice",
+            resume_with(vec!["eu/a".into(), "eu/a".into()]),
+            "error:INVALID_ARGUMENT",
+        ),
         // Limits agree across encodings: the payload is counted, not its escaping.
         (
             "a max-size text of control characters as six-byte escapes",
@@ -264,7 +281,7 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
         (
             "publish with a durability this node does not know",
             r#"{"publish":{"requestId":1,"channel":"chat:a","text":"x","durability":7}}"#.into(),
-            "error:BAD_FRAME",
+            "nack:BAD_FRAME",
         ),
         (
             "subscribe rewinding the most messages and milliseconds",
@@ -291,8 +308,20 @@ fn publish_text(json: &str) -> String {
     format!(r#"{{"publish":{{"requestId":1,"channel":"chat:a","text":"{json}"}}}}"#)
 }
 
+/// A subscribe resuming with a vector of `origins` (each at epoch 1, seq 1).
+fn resume_with(origins: Vec<String>) -> String {
+    let origins: Vec<serde_json::Value> = origins
+        .into_iter()
+        .map(|o| serde_json::json!({"origin": o, "epoch": "1", "seq": "1"}))
+        .collect();
+    serde_json::json!({"subscribe": {"requestId": 1, "channel": "chat:resumed",
+        "resume": {"node": "eu/x", "origins": origins}}})
+    .to_string()
+}
+
 /// Requests that cannot be decoded still get their one answer, naming them: (name, frame,
-/// channel the error names).
+/// channel the answer names). Publishes are answered by `nack` (in publish order), the
+/// others by `error`.
 fn malformed_requests() -> Vec<(&'static str, WsMessage, &'static str)> {
     // Subscribe{request_id: 41, channel: "chat:x", rewind: <a varint where a message goes>}.
     let mut subscribe = vec![0x08, 41, 0x12, 6];
@@ -310,6 +339,16 @@ fn malformed_requests() -> Vec<(&'static str, WsMessage, &'static str)> {
         (
             "publish with text as an object",
             text(r#"{"publish":{"requestId":41,"channel":"chat:a","text":{"a":1}}}"#),
+            "chat:a",
+        ),
+        (
+            "publish of a cut emoji (a lone surrogate escape)",
+            text(r#"{"publish":{"requestId":41,"channel":"chat:a","text":"hi \ud83d"}}"#),
+            "chat:a",
+        ),
+        (
+            "subscribe with request_id spelled as in the schema",
+            text(r#"{"subscribe":{"request_id":41,"channel":"chat:a","rewind":5}}"#),
             "chat:a",
         ),
         (
@@ -731,12 +770,14 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
         cases += 1;
         ws.send(frame).await.unwrap();
         let v = next_json(&mut ws).await;
-        let named = v["error"]["requestId"] == 41
-            && v["error"]["channel"].as_str().unwrap_or("") == channel
-            && v["error"]["code"] == "ERROR_CODE_BAD_FRAME";
+        let kind = if name.starts_with("publish") { "nack" } else { "error" };
+        let named = v[kind]["requestId"] == 41
+            && v[kind]["channel"].as_str().unwrap_or("") == channel
+            && v[kind]["code"] == "ERROR_CODE_BAD_FRAME";
         if !named {
-            failures
-                .push(format!("{name}: expected BAD_FRAME for request 41 on {channel:?}, got {v}"));
+            failures.push(format!(
+                "{name}: expected {kind} BAD_FRAME for request 41 on {channel:?}, got {v}"
+            ));
         }
     }
     // Switching rooms quickly: a subscribe and an unsubscribe back to back on a fresh

@@ -347,6 +347,77 @@ async fn history_is_delivered_once_it_is_in_the_log() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A page holds at most `limits.history_page_bytes` of messages (at least one): it ends
+/// early with `next`, and following `next` gets every message once.
+#[tokio::test]
+async fn history_pages_are_bounded_in_bytes_too() {
+    let dir = data_dir("page-bytes");
+    let d = dir.clone();
+    let n = TestNode::start(move |cfg| {
+        cfg.history.data_dir = d;
+        cfg.history.namespaces = vec![HistoryNamespace {
+            name: "log".into(),
+            max_messages: 100,
+            max_age: Duration::from_secs(3600),
+        }];
+        cfg.limits.history_page_bytes = 10_000;
+    })
+    .await;
+    for i in 1..=10 {
+        publish(&n, "log:pb", &format!("{i:02}{}", "x".repeat(3000))).await;
+    }
+    until_logged(&n, "log:pb", 3).await;
+    let (mut got, mut pages, mut path) =
+        (Vec::new(), 0, "/v1/channels/log:pb/messages?limit=10".to_owned());
+    loop {
+        let (status, page) = get(&n, &path).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        let texts = texts(&page);
+        assert!(texts.len() <= 3, "three 3 KB messages fill 10,000 bytes: {}", texts.len());
+        got.extend(texts.iter().map(|t| t[..2].parse::<u32>().unwrap()));
+        match page["next"]["from"].as_u64() {
+            Some(from) => path = format!("/v1/channels/log:pb/messages?limit=10&from={from}"),
+            None => break,
+        }
+    }
+    assert_eq!(got, (1..=10).rev().collect::<Vec<_>>());
+    assert!(pages >= 4, "{pages} pages");
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A publish whose log write is never confirmed still gets its one answer: `INTERNAL`
+/// once the node gave up waiting (10 s, checked with the heartbeat), as over HTTP (503);
+/// the publishes after it are answered after it.
+#[tokio::test]
+async fn a_log_write_never_confirmed_is_still_answered() {
+    let dir = data_dir("stuck");
+    let d = dir.clone();
+    let n = TestNode::start(move |cfg| {
+        cfg.history.data_dir = d;
+        cfg.history.namespaces = vec![HistoryNamespace {
+            name: "log".into(),
+            max_messages: 100,
+            max_age: Duration::from_secs(3600),
+        }];
+        cfg.heartbeat.interval = Duration::from_millis(500);
+    })
+    .await;
+    let store = n.node.hub().store().unwrap().clone();
+    let (mut publisher, _) = common::RawJson::connected(n.addr).await;
+    store.pause_writes(true);
+    publisher.send(r#"{"publish":{"requestId":1,"channel":"log:stuck","text":"a"}}"#).await;
+    publisher.send(r#"{"publish":{"requestId":2,"channel":"chat:free","text":"b"}}"#).await;
+    let first = publisher.recv().await;
+    assert_eq!(first["nack"]["requestId"], 1, "{first}");
+    assert_eq!(first["nack"]["code"], "ERROR_CODE_INTERNAL", "{first}");
+    assert_eq!(publisher.recv().await["ack"]["requestId"], 2);
+    store.pause_writes(false);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// History over the WebSocket protocol (JSON frames): pages, and the documented errors.
 #[tokio::test]
 async fn history_over_websocket() {

@@ -178,6 +178,37 @@ async fn shutdown_closes_clients_with_1001() {
     tokio::time::timeout(WAIT, node.task).await.unwrap().unwrap();
 }
 
+/// While a node drains (a client still inside its grace), what arrives is answered as the
+/// docs say — `/readyz` and a WebSocket upgrade get 503 with `Retry-After` — not refused
+/// by a closed port; the node stops once the drain is over.
+#[tokio::test]
+async fn a_draining_node_answers_503_with_retry_after() {
+    let node = TestNode::start(|cfg| {
+        // The client below never answers its close: the drain lasts this long.
+        cfg.timeouts.close = Duration::from_secs(3);
+        cfg.timeouts.shutdown_grace = Duration::from_secs(10);
+    })
+    .await;
+    let (lingering, _) = RawJson::connected(node.addr).await;
+    node.shutdown.cancel();
+    let n = node.node.clone();
+    let (status, body) = http(node.addr, "GET", "/readyz", "text/plain", b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    assert!(n.connection_count() > 0, "still draining");
+    match tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", node.addr)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(resp.headers()["retry-after"], "1");
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    let (status, _) = http(node.addr, "GET", "/v1/ping", "text/plain", b"").await;
+    assert_eq!(status, 503, "ping ranks a draining node last");
+    tokio::time::timeout(WAIT, node.task).await.unwrap().unwrap();
+    drop(lingering);
+}
+
 #[tokio::test]
 async fn the_connection_limit_answers_503() {
     let node = TestNode::start(|cfg| cfg.limits.max_connections = 2).await;

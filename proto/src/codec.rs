@@ -74,51 +74,64 @@ const SERVER_KINDS: &[&str] = &[
 /// a `channel`, field 2).
 const REQUEST_KINDS: &[&str] = &["subscribe", "unsubscribe", "publish", "history", "auth"];
 
-/// The `requestId` and `channel` of a client request that did not decode, as far as they can
-/// be read, so that the `Error` answering it names the request (every request gets its one
-/// answer, even a malformed one). `None` when the frame is not recognisably a request or its
-/// `requestId` cannot be read.
-pub fn request_of(payload: &[u8], text: bool) -> Option<(u32, String)> {
+/// What can be read of a client request that did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestOf {
+    /// The request's kind as the JSON key names it (`publish`, `subscribe`, …).
+    pub kind: &'static str,
+    /// Its `requestId` (never 0).
+    pub request_id: u32,
+    /// Empty when unreadable, and for `auth`.
+    pub channel: String,
+}
+
+/// The kind, `requestId` and `channel` of a client request that did not decode, as far as
+/// they can be read, so that the answer names the request (every request gets its one
+/// answer, even a malformed one). `None` when the frame is not recognisably a request or
+/// its `requestId` cannot be read.
+///
+/// JSON is read without decoding the request's other values (a lone surrogate escape in a
+/// text, say, does not hide its `requestId`); both `requestId` and `request_id` are read.
+pub fn request_of(payload: &[u8], text: bool) -> Option<RequestOf> {
+    use serde_json::value::RawValue;
+    type Fields<'a> = std::collections::BTreeMap<&'a str, &'a RawValue>;
     if text {
-        let serde_json::Value::Object(frame) = serde_json::from_slice(payload).ok()? else {
-            return None;
-        };
+        let frame: Fields<'_> = serde_json::from_slice(payload).ok()?;
         let (kind, body) = frame.iter().next().filter(|_| frame.len() == 1)?;
-        if !REQUEST_KINDS.contains(&kind.as_str()) {
-            return None;
-        }
-        let id = match body.get("requestId")? {
+        let kind = *REQUEST_KINDS.iter().find(|k| *k == kind)?;
+        let body: Fields<'_> = serde_json::from_str(body.get()).ok()?;
+        let raw = body.get("requestId").or_else(|| body.get("request_id"))?;
+        let id = match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
             serde_json::Value::Number(n) => n.as_u64(),
             serde_json::Value::String(s) => s.parse().ok(),
             _ => None,
         };
-        let id = u32::try_from(id?).ok().filter(|&id| id != 0)?;
-        let channel = match (kind.as_str(), body.get("channel")) {
-            ("auth", _) => String::new(),
-            (_, Some(serde_json::Value::String(c))) => c.clone(),
-            _ => String::new(),
+        let request_id = u32::try_from(id?).ok().filter(|&id| id != 0)?;
+        let channel = match (kind, body.get("channel")) {
+            ("auth", _) | (_, None) => String::new(),
+            (_, Some(c)) => serde_json::from_str::<String>(c.get()).unwrap_or_default(),
         };
-        Some((id, channel))
+        Some(RequestOf { kind, request_id, channel })
     } else {
         // The same frame read leniently: the request as bytes, then only its first two fields.
         let frame = RawClientFrame::decode(payload).ok()?;
-        let (body, channel) = [
-            (&frame.subscribe, true),
-            (&frame.unsubscribe, true),
-            (&frame.publish, true),
-            (&frame.history, true),
-            (&frame.auth, false),
+        let (body, kind) = [
+            (&frame.subscribe, "subscribe"),
+            (&frame.unsubscribe, "unsubscribe"),
+            (&frame.publish, "publish"),
+            (&frame.history, "history"),
+            (&frame.auth, "auth"),
         ]
         .into_iter()
-        .find_map(|(b, channel)| b.as_ref().map(|b| (b, channel)))?;
+        .find_map(|(b, kind)| b.as_ref().map(|b| (b, kind)))?;
         let head = RequestHead::decode(body.as_slice()).ok()?;
-        let id = Some(head.request_id).filter(|&id| id != 0)?;
-        let channel = if channel {
-            String::from_utf8(head.channel).unwrap_or_default()
-        } else {
+        let request_id = Some(head.request_id).filter(|&id| id != 0)?;
+        let channel = if kind == "auth" {
             String::new()
+        } else {
+            String::from_utf8(head.channel).unwrap_or_default()
         };
-        Some((id, channel))
+        Some(RequestOf { kind, request_id, channel })
     }
 }
 
@@ -197,6 +210,33 @@ fn encode<T: prost::Message + serde::Serialize>(frame: &T, format: Format) -> By
         Format::Protobuf => frame.encode_to_vec().into(),
         // Serialising generated types into a Vec cannot fail.
         Format::Json => serde_json::to_vec(frame).map(Bytes::from).unwrap_or_default(),
+    }
+}
+
+/// The bytes `message` takes as one entry of a frame's message list in `format` (as in
+/// `Deliver.messages` or `HistoryPage.messages`), separator included.
+pub fn message_entry_len(message: &Message, format: Format) -> usize {
+    match format {
+        Format::Protobuf => {
+            let len = message.encoded_len();
+            1 + prost::encoding::encoded_len_varint(len as u64) + len
+        }
+        Format::Json => {
+            /// Counts what serialising writes, keeping none of it.
+            struct Count(usize);
+            impl std::io::Write for Count {
+                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                    self.0 += buf.len();
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let mut count = Count(0);
+            let _ = serde_json::to_writer(&mut count, message);
+            count.0 + 1
+        }
     }
 }
 
@@ -300,6 +340,55 @@ where
 mod tests {
     use super::*;
     use crate::client::*;
+
+    #[test]
+    fn a_malformed_request_still_names_itself() {
+        let of = |p: &[u8], text| request_of(p, text);
+        // A lone surrogate (a cut emoji) makes the frame undecodable, not its id unreadable.
+        let lone = br#"{"publish":{"requestId":7,"channel":"chat:a","text":"\ud83d"}}"#;
+        assert!(decode_client(lone, true).is_err());
+        let want = RequestOf { kind: "publish", request_id: 7, channel: "chat:a".into() };
+        assert_eq!(of(lone, true), Some(want));
+        let snake = br#"{"subscribe":{"request_id":"8","channel":5}}"#;
+        let want = RequestOf { kind: "subscribe", request_id: 8, channel: String::new() };
+        assert_eq!(of(snake, true), Some(want));
+        assert_eq!(of(br#"{"heartbeat":{"requestId":3}}"#, true), None, "not a request");
+        assert_eq!(of(br#"{"history":{"requestId":0}}"#, true), None, "0 names no request");
+        assert_eq!(of(br#"{"history":{"requestId":4294967296}}"#, true), None);
+        assert_eq!(of(b"{nope", true), None);
+        // Protobuf: a publish whose text is not valid UTF-8.
+        let mut body = RequestHead { request_id: 9, channel: b"log:x".to_vec() }.encode_to_vec();
+        body.extend([(5 << 3) | 2, 2, 0xff, 0xfe]);
+        let frame = RawClientFrame { publish: Some(body), ..RawClientFrame::default() };
+        let bytes = frame.encode_to_vec();
+        assert!(decode_client(&bytes, false).is_err());
+        let want = RequestOf { kind: "publish", request_id: 9, channel: "log:x".into() };
+        assert_eq!(of(&bytes, false), Some(want));
+    }
+
+    #[test]
+    fn a_message_entry_is_what_it_adds_to_a_page() {
+        let page = |messages: Vec<Message>, format| {
+            let page =
+                HistoryPage { request_id: 7, channel: "log:a".into(), messages, next_from: None };
+            encode_server(server_frame::Kind::History(page), format).len()
+        };
+        let m = Message {
+            channel: "log:a".into(),
+            id: "x-1".into(),
+            data: Some(message::Data::Text("\u{1F600}\"\n".repeat(300))),
+            origin_seq: 12_345,
+            ..Message::default()
+        };
+        for format in [Format::Json, Format::Protobuf] {
+            let one = page(vec![m.clone()], format);
+            let two = page(vec![m.clone(), m.clone()], format);
+            assert_eq!(two - one, message_entry_len(&m, format), "{format:?}");
+            // The first one also brings the list's key (JSON omits an empty list).
+            let first = one - page(Vec::new(), format);
+            assert!(first <= message_entry_len(&m, format) + 16, "{format:?}: {first}");
+        }
+    }
 
     #[test]
     fn unknown_and_malformed_json() {

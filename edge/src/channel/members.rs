@@ -107,7 +107,7 @@ mod tests {
             .iter()
             .map(|o| match o {
                 Outgoing::Message(m) => (m.message().origin.clone(), m.message().origin_seq),
-                Outgoing::Frame(_) => unreachable!(),
+                other => panic!("only messages were queued, got {other:?}"),
             })
             .collect();
         assert_eq!(seqs, [("b".into(), 10), ("a".into(), 6), ("a".into(), 7)]);

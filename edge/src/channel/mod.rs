@@ -560,12 +560,8 @@ impl Hub {
         let since =
             crate::store::now_ms().saturating_sub(self.limits.dedupe_window.as_millis() as u64);
         let window = crate::store::Query {
-            from: None,
-            to: None,
             since_ms: Some(since),
-            until_ms: None,
-            limit: self.limits.dedupe_ids.max(1),
-            backwards: true,
+            ..crate::store::Query::newest(self.limits.dedupe_ids.max(1))
         };
         match store.read(name, window) {
             Ok(rows) => {
@@ -582,14 +578,7 @@ impl Hub {
 
     /// The channel's newest logged messages, oldest first.
     fn read_tail(&self, store: &crate::store::Store, name: &str) -> Vec<Message> {
-        let newest = crate::store::Query {
-            from: None,
-            to: None,
-            since_ms: None,
-            until_ms: None,
-            limit: REWIND_MAX,
-            backwards: true,
-        };
+        let newest = crate::store::Query::newest(REWIND_MAX);
         let rows = store.read(name, newest).unwrap_or_else(|e| {
             tracing::error!(channel = name, error = %e, "cannot read the history log");
             Vec::new()
@@ -737,17 +726,18 @@ impl Hub {
                         }),
                     }
                 }
-                let mut ok = outbox
-                    .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
+                let mut ok = outbox.push_replay(Outgoing::Frame(Box::new(
+                    server_frame::Kind::Subscribed(subscribed),
+                )));
                 for m in rewound(&state.recent, r) {
-                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
+                    ok = ok && outbox.push_replay(Outgoing::Message(m.clone()));
                 }
                 if ok {
                     state.members.insert(conn, Member::new(outbox.clone()));
                 }
                 return None;
             }
-            self.join(state, name, conn, &outbox, request_id)
+            self.join(state, name, conn, &outbox, request_id, None)
         })
     }
 
@@ -759,9 +749,11 @@ impl Hub {
         conn: ConnectionId,
         outbox: &Outbox,
         request_id: u32,
+        resume: Option<&[OriginPosition]>,
     ) -> Option<Subscribed> {
         if !self.want(state, name) {
-            state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id });
+            let resume = resume.map(<[OriginPosition]>::to_vec);
+            state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id, resume });
             return None;
         }
         state.members.insert(conn, Member::new(outbox.clone()));
@@ -824,11 +816,29 @@ impl Hub {
         };
         let mut state = lock(&channel.state);
         for p in std::mem::take(&mut state.pending) {
-            let subscribed = self.subscribed(&state, p.request_id, name);
-            let frame = server_frame::Kind::Subscribed(subscribed);
+            let frame = server_frame::Kind::Subscribed(self.pending_subscribed(&state, &p, name));
             if p.outbox.push(Outgoing::Frame(Box::new(frame))) {
-                state.members.insert(p.conn, Member::new(p.outbox));
+                match &p.resume {
+                    Some(vector) => self.join_resumed(&mut state, p.conn, &p.outbox, vector),
+                    None => {
+                        state.members.insert(p.conn, Member::new(p.outbox));
+                    }
+                }
             }
+        }
+    }
+
+    /// The `Subscribed` frame answering a subscription that waited for the peers.
+    fn pending_subscribed(
+        &self,
+        state: &ChannelState,
+        p: &PendingSub,
+        name: &ChannelName,
+    ) -> Subscribed {
+        let subscribed = self.subscribed(state, p.request_id, name);
+        match p.resume {
+            Some(_) => Subscribed { resumed: true, origins: Vec::new(), ..subscribed },
+            None => subscribed,
         }
     }
 
@@ -854,7 +864,7 @@ impl Hub {
                 continue;
             }
             let p = state.pending.remove(i);
-            let frame = server_frame::Kind::Subscribed(self.subscribed(&state, p.request_id, name));
+            let frame = server_frame::Kind::Subscribed(self.pending_subscribed(&state, &p, name));
             p.outbox.push(Outgoing::Frame(Box::new(frame)));
             removed = Some(p.outbox);
         }

@@ -39,7 +39,8 @@ impl Hub {
     }
 
     /// Delivers every message whose log write is done (the store's committed ticket reached
-    /// `committed`), channel by channel, in log order. Run whenever the store commits.
+    /// `committed`), channel by channel, in log order. Run whenever the store commits, and
+    /// by a session before it acks a logged publish; calls may overlap.
     pub fn release(&self, committed: u64) {
         let ready: Vec<Arc<Channel>> = {
             let mut queue = lock(&self.releases);
@@ -59,15 +60,25 @@ impl Hub {
         };
         for ch in ready {
             let mut state = lock(&ch.state);
-            let mut released = 0;
-            while state.unreleased.front().is_some_and(|u| u.ticket <= committed) {
-                let Some(u) = state.unreleased.pop_front() else { break };
-                self.show(&mut state, &u.message, u.own);
-                released += 1;
-            }
-            self.unreleased.fetch_sub(released, Ordering::Relaxed);
-            if let Some(next) = state.unreleased.front() {
-                lock(&self.releases).push_back((next.ticket, ch.clone()));
+            loop {
+                // Sessions release too (before an ack): another call may have seen a newer
+                // commit meanwhile.
+                let upto = self.committed_seen.load(Ordering::Acquire).max(committed);
+                let mut released = 0;
+                while state.unreleased.front().is_some_and(|u| u.ticket <= upto) {
+                    let Some(u) = state.unreleased.pop_front() else { break };
+                    self.show(&mut state, &u.message, u.own);
+                    released += 1;
+                }
+                self.unreleased.fetch_sub(released, Ordering::Relaxed);
+                let Some(next) = state.unreleased.front() else { break };
+                let mut queue = lock(&self.releases);
+                // Under the queue's lock, as `committed_seen` moves: a later call sees this
+                // entry, or this sees its commit.
+                if next.ticket > self.committed_seen.load(Ordering::Acquire) {
+                    queue.push_back((next.ticket, ch.clone()));
+                    break;
+                }
             }
         }
     }

@@ -29,7 +29,7 @@ pub enum Resumed {
 impl Hub {
     /// Makes a resumed subscription live, with the floor its vector needs (see
     /// [`Member::resumed`]).
-    fn join_resumed(
+    pub(super) fn join_resumed(
         &self,
         state: &mut ChannelState,
         conn: ConnectionId,
@@ -96,7 +96,8 @@ impl Hub {
                     };
                     outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
                 }
-                let joined = self.join(state, name, conn, &outbox, request_id);
+                let joined =
+                    self.join(state, name, conn, &outbox, request_id, Some(&resume.origins));
                 if joined.is_some() {
                     // Live at once: the client may be ahead of this node for some origin.
                     self.join_resumed(state, conn, &outbox, &resume.origins);
@@ -122,8 +123,9 @@ impl Hub {
                         .front()
                         .is_some_and(|m| offset_of(m) <= after.saturating_add(1)))
             {
-                let mut ok = outbox
-                    .push(Outgoing::Frame(Box::new(server_frame::Kind::Subscribed(subscribed))));
+                let mut ok = outbox.push_replay(Outgoing::Frame(Box::new(
+                    server_frame::Kind::Subscribed(subscribed),
+                )));
                 let missed = state.recent.iter().filter(|m| {
                     offset_of(m) > after && !crate::resume::covers(&resume.origins, m.message())
                 });
@@ -138,11 +140,12 @@ impl Hub {
                         origins: Vec::new(),
                     };
                     ok = ok
-                        && outbox
-                            .push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
+                        && outbox.push_replay(Outgoing::Frame(Box::new(
+                            server_frame::Kind::Discontinuity(d),
+                        )));
                 }
                 for m in missed.skip(stale) {
-                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
+                    ok = ok && outbox.push_replay(Outgoing::Message(m.clone()));
                 }
                 if ok {
                     self.join_resumed(state, conn, &outbox, &resume.origins);
@@ -190,7 +193,7 @@ impl Hub {
             let mut ok = true;
             for m in state.recent.iter().filter(|m| offset_of(m) >= next) {
                 if !crate::resume::covers(vector, m.message()) {
-                    ok = ok && outbox.push(Outgoing::Message(m.clone()));
+                    ok = ok && outbox.push_replay(Outgoing::Message(m.clone()));
                 }
             }
             self.want(state, name);

@@ -91,6 +91,8 @@ pub(super) struct PendingSub {
     pub(super) conn: ConnectionId,
     pub(super) outbox: Outbox,
     pub(super) request_id: u32,
+    /// A resumed subscription's vector (without history: it only needs the floor).
+    pub(super) resume: Option<Vec<tern_proto::client::OriginPosition>>,
 }
 
 /// The log offset a message was delivered at on this node.

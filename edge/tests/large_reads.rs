@@ -1,0 +1,357 @@
+//! Reads and replays of big messages over real sockets: a history page, a rewind and a
+//! resume of messages near the size limit arrive whole for a client that reads at a normal
+//! pace, in frames within the limit the node announced, in both encodings; a client that
+//! stops reading is still cut off.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestNode, WAIT, eventually};
+use futures_util::{SinkExt, StreamExt};
+use tern_edge::config::HistoryNamespace;
+use tern_proto::client::{
+    self, HistoryRequest, Publish, Rewind, Subscribe, client_frame, message, server_frame,
+};
+use tern_proto::codec::{self, Format};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Near the default `limits.max_message_bytes` (64 KiB).
+const BIG: usize = 60_000;
+
+fn data_dir(tag: &str) -> std::path::PathBuf {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::env::temp_dir().join(format!("tern-large-{tag}-{}-{nanos}", std::process::id()))
+}
+
+async fn node(dir: &std::path::Path, edit: impl FnOnce(&mut tern_edge::Config)) -> TestNode {
+    let dir = dir.to_path_buf();
+    TestNode::start(move |cfg| {
+        cfg.history.data_dir = dir;
+        cfg.history.namespaces = vec![HistoryNamespace {
+            name: "log".into(),
+            max_messages: 5000,
+            max_age: Duration::from_secs(3600),
+        }];
+        edit(cfg);
+    })
+    .await
+}
+
+/// `i` as a text of `len` bytes that starts with its number.
+fn big_text(i: usize, len: usize) -> String {
+    let mut t = format!("{i:05}:");
+    t.extend(std::iter::repeat_n('x', len - t.len()));
+    t
+}
+
+fn number_of(m: &client::Message) -> usize {
+    match &m.data {
+        Some(message::Data::Text(t)) => t[..5].parse().unwrap(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// A client that speaks the wire format of its choice and refuses any frame over the
+/// `maxFrameBytes` its `connected` frame announced.
+struct Client {
+    ws: common::Ws,
+    format: Format,
+    max_frame: usize,
+    /// The node's id, from `connected`.
+    node: String,
+}
+
+impl Client {
+    async fn connect(n: &TestNode, format: Format) -> Self {
+        let name = if format == Format::Json { "json" } else { "protobuf" };
+        let url = format!("ws://{}/v1/ws?format={name}", n.addr);
+        let max_frame = n.node.settings().config.limits.max_frame_bytes;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_frame))
+            .max_frame_size(Some(max_frame));
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false).await.unwrap();
+        let mut c = Self { ws, format, max_frame, node: String::new() };
+        c.send(client_frame::Kind::Connect(client::Connect {
+            protocol: 1,
+            client_id: "big".into(),
+            ..Default::default()
+        }))
+        .await;
+        match c.recv().await {
+            server_frame::Kind::Connected(k) => {
+                let announced = k.limits.unwrap().max_frame_bytes as usize;
+                assert_eq!(announced, max_frame, "the node announces its frame limit");
+                c.node = k.node;
+            }
+            other => panic!("expected connected, got {other:?}"),
+        }
+        c
+    }
+
+    async fn send(&mut self, kind: client_frame::Kind) {
+        let bytes = codec::encode_client(kind, self.format);
+        let msg = match self.format {
+            Format::Json => WsMessage::Text(String::from_utf8(bytes.to_vec()).unwrap().into()),
+            Format::Protobuf => WsMessage::Binary(bytes),
+        };
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// The next frame; every frame must be within the announced limit (the WebSocket
+    /// library refuses a bigger one, which fails here).
+    async fn recv(&mut self) -> server_frame::Kind {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("in time");
+            let (payload, text) = match next {
+                Some(Ok(WsMessage::Text(t))) => (t.as_bytes().to_vec(), true),
+                Some(Ok(WsMessage::Binary(b))) => (b.to_vec(), false),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            };
+            assert!(payload.len() <= self.max_frame, "a frame of {} bytes", payload.len());
+            return codec::decode_server(&payload, text).unwrap();
+        }
+    }
+
+    /// Publishes `texts` pipelined and waits for every ack.
+    async fn publish_all(&mut self, channel: &str, texts: impl Iterator<Item = String>) {
+        let mut sent = 0;
+        for (i, text) in texts.enumerate() {
+            self.send(client_frame::Kind::Publish(Publish {
+                request_id: i as u32 + 1,
+                channel: channel.into(),
+                data: Some(client::publish::Data::Text(text)),
+                ..Default::default()
+            }))
+            .await;
+            sent += 1;
+        }
+        let mut acked = 0;
+        while acked < sent {
+            match self.recv().await {
+                server_frame::Kind::Ack(_) => acked += 1,
+                other => panic!("expected an ack, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads deliveries until `n` messages arrived; returns them.
+    async fn messages(&mut self, n: usize) -> Vec<client::Message> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match self.recv().await {
+                server_frame::Kind::Deliver(d) => got.extend(d.messages),
+                server_frame::Kind::Discontinuity(d) => panic!("unexpected discontinuity {d:?}"),
+                other => panic!("expected deliveries, got {other:?}"),
+            }
+        }
+        got
+    }
+
+    /// Reads a whole history, following `nextFrom`; returns the message numbers and the
+    /// number of pages.
+    async fn history(&mut self, channel: &str, forwards: bool) -> (Vec<usize>, usize) {
+        let (mut got, mut pages, mut from) = (Vec::new(), 0, None);
+        loop {
+            pages += 1;
+            self.send(client_frame::Kind::History(HistoryRequest {
+                request_id: pages,
+                channel: channel.into(),
+                limit: 1000,
+                forwards,
+                from,
+                ..Default::default()
+            }))
+            .await;
+            let page = match self.recv().await {
+                server_frame::Kind::History(p) => p,
+                other => panic!("expected a history page, got {other:?}"),
+            };
+            assert_eq!(page.request_id, pages);
+            assert!(!page.messages.is_empty() || page.next_from.is_none(), "an empty page ends");
+            got.extend(page.messages.iter().map(number_of));
+            match page.next_from {
+                Some(next) => from = Some(next),
+                None => return (got, pages as usize),
+            }
+        }
+    }
+}
+
+/// The history page from the field report (161 messages of 2,000 B in one request), and
+/// 1,000 messages of 60 KB paged both ways, in both encodings.
+#[tokio::test]
+async fn history_pages_of_big_messages_arrive_whole() {
+    let dir = data_dir("history");
+    let n = node(&dir, |_| {}).await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:b2", (1..=161).map(|i| big_text(i, 2000))).await;
+    publisher.publish_all("log:big", (1..=1000).map(|i| big_text(i, BIG))).await;
+    for format in [Format::Json, Format::Protobuf] {
+        let mut c = Client::connect(&n, format).await;
+        let (got, _) = c.history("log:b2", false).await;
+        assert_eq!(got, (1..=161).rev().collect::<Vec<_>>(), "{format:?}");
+        let (got, pages) = c.history("log:big", false).await;
+        assert_eq!(got, (1..=1000).rev().collect::<Vec<_>>(), "{format:?}: newest first, once");
+        assert!(pages > 1, "{format:?}: paged");
+        let (got, _) = c.history("log:big", true).await;
+        assert_eq!(got, (1..=1000).collect::<Vec<_>>(), "{format:?}: oldest first, once");
+        // The connection is still fine.
+        c.send(client_frame::Kind::Heartbeat(client::Heartbeat { nonce: 9 })).await;
+        assert!(matches!(c.recv().await, server_frame::Kind::Heartbeat(h) if h.nonce == 9));
+    }
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rewind of 100 messages of 60 KB, and a resume that missed 1,000 of them, complete for
+/// a client that reads at once, then the live stream follows.
+#[tokio::test]
+async fn a_rewind_and_a_resume_of_big_messages_complete() {
+    let dir = data_dir("replay");
+    let n = node(&dir, |_| {}).await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    for format in [Format::Json, Format::Protobuf] {
+        let channel = format!("log:rewind-{format:?}");
+        publisher.publish_all(&channel, (1..=100).map(|i| big_text(i, BIG))).await;
+        let mut c = Client::connect(&n, format).await;
+        c.send(client_frame::Kind::Subscribe(Subscribe {
+            request_id: 1,
+            channel: channel.clone(),
+            rewind: Some(Rewind { count: 100, since_ms: 0 }),
+            ..Default::default()
+        }))
+        .await;
+        assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(_)));
+        let got: Vec<usize> = c.messages(100).await.iter().map(number_of).collect();
+        assert_eq!(got, (1..=100).collect::<Vec<_>>(), "{format:?}: the rewind, whole");
+        publisher.publish_all(&channel, std::iter::once(big_text(101, 10))).await;
+        assert_eq!(number_of(&c.messages(1).await[0]), 101, "{format:?}: then live");
+    }
+
+    // A subscriber that leaves, misses 1,000 messages of 60 KB, and resumes.
+    for format in [Format::Json, Format::Protobuf] {
+        let channel = format!("log:resume-{format:?}");
+        let mut c = Client::connect(&n, format).await;
+        c.send(client_frame::Kind::Subscribe(Subscribe {
+            request_id: 1,
+            channel: channel.clone(),
+            ..Default::default()
+        }))
+        .await;
+        let server_frame::Kind::Subscribed(s) = c.recv().await else { panic!("subscribed") };
+        drop(c);
+        publisher.publish_all(&channel, (1..=1000).map(|i| big_text(i, BIG))).await;
+        let mut c = Client::connect(&n, format).await;
+        c.send(client_frame::Kind::Subscribe(Subscribe {
+            request_id: 2,
+            channel: channel.clone(),
+            resume: Some(client::Resume {
+                node: c.node.clone(),
+                position: s.position,
+                origins: s.origins,
+            }),
+            ..Default::default()
+        }))
+        .await;
+        assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(s) if s.resumed));
+        let got: Vec<usize> = c.messages(1000).await.iter().map(number_of).collect();
+        assert_eq!(got, (1..=1000).collect::<Vec<_>>(), "{format:?}: every missed one, once");
+        publisher.publish_all(&channel, std::iter::once(big_text(1001, 10))).await;
+        assert_eq!(number_of(&c.messages(1).await[0]), 1001, "{format:?}: then live");
+    }
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that asks for a large replay and then reads nothing is cut off once the node
+/// could write nothing to it for the idle timeout; the node does not hold it.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_replay_is_cut_off() {
+    let dir = data_dir("stall");
+    let n = node(&dir, |cfg| {
+        cfg.heartbeat.interval = Duration::from_millis(500);
+        cfg.heartbeat.idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    let mut c = Client::connect(&n, Format::Json).await;
+    c.send(client_frame::Kind::Subscribe(Subscribe {
+        request_id: 1,
+        channel: "log:stall".into(),
+        ..Default::default()
+    }))
+    .await;
+    let server_frame::Kind::Subscribed(s) = c.recv().await else { panic!("subscribed") };
+    drop(c);
+    // More than any socket buffer holds.
+    publisher.publish_all("log:stall", (1..=1000).map(|i| big_text(i, BIG))).await;
+    let before = n.node.connection_count();
+    let mut c = Client::connect(&n, Format::Json).await;
+    c.send(client_frame::Kind::Subscribe(Subscribe {
+        request_id: 2,
+        channel: "log:stall".into(),
+        resume: Some(client::Resume {
+            node: c.node.clone(),
+            position: s.position,
+            origins: s.origins,
+        }),
+        ..Default::default()
+    }))
+    .await;
+    assert!(n.node.connection_count() > before, "connected");
+    // Reads nothing: the node gives up on it.
+    assert!(eventually(|| n.node.connection_count() == before).await, "the node let it go");
+    // What it reads now ends before the replay does.
+    let mut messages = 0;
+    let mut code = None;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, c.ws.next()).await {
+        match frame {
+            WsMessage::Text(t) => {
+                if let Ok(server_frame::Kind::Deliver(d)) = codec::decode_server(t.as_bytes(), true)
+                {
+                    messages += d.messages.len();
+                }
+            }
+            WsMessage::Close(f) => code = f.map(|f| u16::from(f.code)),
+            _ => {}
+        }
+    }
+    assert!(messages < 1000, "cut off before the end ({messages} delivered)");
+    assert!(code.is_none() || code == Some(4001), "closed as a slow consumer: {code:?}");
+    // The node goes on serving (a new connection: the publisher sat idle past the timeout).
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:stall", std::iter::once(big_text(1001, 10))).await;
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A subscriber that reads at once keeps up with a publisher pipelining big messages on a
+/// history channel (released to subscribers a commit group at a time).
+#[tokio::test]
+async fn a_subscriber_keeps_up_with_a_burst_of_big_messages() {
+    let dir = data_dir("burst");
+    let n = node(&dir, |_| {}).await;
+    let mut c = Client::connect(&n, Format::Json).await;
+    c.send(client_frame::Kind::Subscribe(Subscribe {
+        request_id: 1,
+        channel: "log:burst".into(),
+        ..Default::default()
+    }))
+    .await;
+    assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(_)));
+    let reader = tokio::spawn(async move {
+        let got: Vec<usize> = c.messages(300).await.iter().map(number_of).collect();
+        got
+    });
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:burst", (1..=300).map(|i| big_text(i, BIG))).await;
+    assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<_>>());
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
