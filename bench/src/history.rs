@@ -90,15 +90,15 @@ fn history_section(dir: &std::path::Path, sync: &str) -> String {
 }
 
 /// A raw protobuf WebSocket client (the benchmark needs positions the SDK keeps inside).
-struct Raw {
-    ws: tokio_tungstenite::WebSocketStream<
+pub(crate) struct Raw {
+    pub(crate) ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
-    node: String,
+    pub(crate) node: String,
 }
 
 impl Raw {
-    async fn open(url: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn open(url: &str) -> anyhow::Result<Self> {
         let (ws, _) = tokio_tungstenite::connect_async(format!("{url}/v1/ws?format=proto")).await?;
         let mut raw = Self { ws, node: String::new() };
         raw.send(client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() }))
@@ -109,12 +109,12 @@ impl Raw {
         Ok(raw)
     }
 
-    async fn send(&mut self, kind: client_frame::Kind) -> anyhow::Result<()> {
+    pub(crate) async fn send(&mut self, kind: client_frame::Kind) -> anyhow::Result<()> {
         self.ws.send(WsMessage::Binary(codec::encode_client(kind, Format::Protobuf))).await?;
         Ok(())
     }
 
-    async fn recv(&mut self) -> anyhow::Result<server_frame::Kind> {
+    pub(crate) async fn recv(&mut self) -> anyhow::Result<server_frame::Kind> {
         loop {
             let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await?;
             match next {
@@ -126,7 +126,11 @@ impl Raw {
     }
 
     /// Subscribes (resuming from `resume` when given); returns once subscribed.
-    async fn subscribe(&mut self, channel: &str, resume: Option<Resume>) -> anyhow::Result<()> {
+    pub(crate) async fn subscribe(
+        &mut self,
+        channel: &str,
+        resume: Option<Resume>,
+    ) -> anyhow::Result<()> {
         let frame = Subscribe { request_id: 1, channel: channel.into(), rewind: None, resume };
         self.send(client_frame::Kind::Subscribe(frame)).await?;
         loop {

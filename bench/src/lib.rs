@@ -13,6 +13,7 @@ pub mod history;
 pub mod hop;
 pub mod idle;
 pub mod process;
+pub mod reads;
 pub mod target;
 
 use std::time::Duration;
@@ -95,6 +96,13 @@ enum BenchKind {
     /// The durable log: publish ack latency and throughput on history channels, per sync
     /// policy, beside a channel without history.
     History,
+    /// A read storm: history pages of big messages read by 64 readers at once; the node's
+    /// memory and a bystander's latency.
+    Reads {
+        /// Lines appended to the node's config (e.g. `[limits]` settings to compare).
+        #[arg(long, default_value = "")]
+        config: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -169,6 +177,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if matches!(kind, BenchKind::History) {
         return history::run(c.hop_rate.min(1_000), c.duration, 32).await;
+    }
+    if let BenchKind::Reads { config } = &kind {
+        return reads::run(config).await;
     }
     let mut spawned = None;
     let (tern_url, tern_pid) = match &c.url {
