@@ -302,7 +302,7 @@ fn print(r: &ReadStorm) {
         r.storm.as_secs_f64()
     );
     println!(
-        "node RSS: start {}, peak {}, 10 s after {} ({:+.0} % of start; goal within 20 %)",
+        "node RSS: start {}, peak {}, 10 s after {} ({:+.0} % of start; goal: at most +20 %)",
         mib(r.rss_start),
         mib(r.rss_peak),
         mib(r.rss_settled),

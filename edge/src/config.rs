@@ -359,6 +359,12 @@ pub struct LimitsConfig {
     /// WebSocket a page also fits `max_frame_bytes`): a page ends early, with the `from` of
     /// the next, rather than grow past it. At least one message whatever its size.
     pub history_page_bytes: usize,
+    /// Memory the node's history reads and replays may hold at once, counted as twice a
+    /// read's page limit over the WebSocket (the messages and their frame, held until the
+    /// frame is written), three times over HTTP (and the JSON document), twice a replay
+    /// step's `resume.page_bytes`. Beyond it reads are refused like beyond
+    /// `history_reads`; replays wait.
+    pub history_read_bytes: usize,
     /// Longest a publish that names the publisher's previous message (`Publish.after`) on
     /// another node waits until this node caught up with that node; then it is refused with
     /// `UNAVAILABLE` (and `retry_after_ms`), and later publishes of the channel on that
@@ -504,6 +510,7 @@ impl Default for LimitsConfig {
             history_reads: 32,
             history_reads_per_connection: 4,
             history_page_bytes: 1 << 20,
+            history_read_bytes: 64 << 20,
             // A restart of the publisher's previous node takes about a second; an SDK's
             // request timeout (10 s by default) leaves room for one retry.
             publish_order_wait: Duration::from_secs(5),
@@ -622,6 +629,7 @@ impl Config {
             ("limits.history_reads", l.history_reads),
             ("limits.history_reads_per_connection", l.history_reads_per_connection),
             ("limits.history_page_bytes", l.history_page_bytes),
+            ("limits.history_read_bytes", l.history_read_bytes),
             ("resume.page", self.resume.page),
             ("resume.page_bytes", self.resume.page_bytes),
         ];
@@ -632,6 +640,16 @@ impl Config {
                     reason: "must be greater than 0".into(),
                 });
             }
+        }
+        let one_read = (3 * l.history_page_bytes).max(2 * self.resume.page_bytes);
+        if l.history_read_bytes < one_read {
+            return Err(ConfigError::Invalid {
+                field: "limits.history_read_bytes",
+                reason: format!(
+                    "must hold one read: at least {one_read} (3 × history_page_bytes, \
+                     2 × resume.page_bytes)"
+                ),
+            });
         }
         if l.max_message_bytes > MAX_MESSAGE_BYTES {
             return Err(ConfigError::Invalid {

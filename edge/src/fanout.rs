@@ -22,7 +22,7 @@
 //! timeout) or by its live traffic overflowing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tern_proto::client::server_frame;
@@ -42,7 +42,7 @@ pub enum Outgoing {
     /// must stay behind what is queued).
     Encoded(bytes::Bytes),
     /// A frame that holds a resource until it is written or dropped (a history page holds
-    /// its connection's read slot and its share of the node's read budget).
+    /// its connection's read slot).
     Held(Box<(server_frame::Kind, Held)>),
 }
 
@@ -103,6 +103,8 @@ struct Shared {
     max_items: usize,
     max_bytes: usize,
     overflowed: AtomicBool,
+    /// The cost of the replay items queued: read without the lock on every session turn.
+    replay_bytes: AtomicUsize,
     /// The session's stop token, cancelled on overflow.
     stop: CancellationToken,
 }
@@ -139,6 +141,7 @@ pub fn outbox(
         max_items,
         max_bytes,
         overflowed: AtomicBool::new(false),
+        replay_bytes: AtomicUsize::new(0),
         stop,
     });
     (Outbox { shared: shared.clone() }, OutboxReceiver { shared })
@@ -165,7 +168,7 @@ impl Outbox {
         if shared.overflowed.load(Ordering::Relaxed) {
             return false;
         }
-        let cost = if counted { item.cost() } else { 0 };
+        let cost = item.cost();
         let mut q = shared.lock();
         if counted
             && (q.items.len() >= q.replayed + shared.max_items || q.bytes + cost > shared.max_bytes)
@@ -177,9 +180,11 @@ impl Outbox {
         }
         let was_empty = q.items.is_empty();
         q.items.push_back(item);
-        q.bytes += cost;
-        if !counted {
+        if counted {
+            q.bytes += cost;
+        } else {
             q.replayed += 1;
+            shared.replay_bytes.fetch_add(cost, Ordering::Relaxed);
         }
         drop(q);
         if was_empty {
@@ -191,6 +196,11 @@ impl Outbox {
     /// Whether nothing is queued (a reply written now would not overtake anything queued).
     pub fn is_empty(&self) -> bool {
         self.shared.lock().items.is_empty()
+    }
+
+    /// The cost of the replay items queued (see [`Outbox::push_replay`]).
+    pub fn replay_bytes(&self) -> usize {
+        self.shared.replay_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -216,6 +226,7 @@ impl OutboxReceiver {
         }
         q.bytes = 0;
         q.replayed = 0;
+        self.shared.replay_bytes.store(0, Ordering::Relaxed);
     }
 
     /// Whether the outbox overflowed.

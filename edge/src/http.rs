@@ -221,7 +221,9 @@ async fn http_history(
         max_scan: crate::store::PAGE_SCAN_MAX,
         backwards,
     };
-    let Some(permit) = node.history_read() else {
+    // The page, its JSON values and the document.
+    let Some(permit) = node.history_read(3 * node.settings().config.limits.history_page_bytes)
+    else {
         let mut r = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RateLimited,
@@ -600,7 +602,7 @@ async fn http_publish(
                     );
                 }
                 // As over the WebSocket: once answered, the message is out.
-                node.hub().release(*store.committed().borrow());
+                node.hub().release_channel(&channel_name, *store.committed().borrow());
                 if store.failed(ticket) {
                     return error_response(
                         StatusCode::SERVICE_UNAVAILABLE,

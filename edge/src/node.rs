@@ -24,12 +24,24 @@ pub struct Node {
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// Permits for history reads running at once (`limits.history_reads`).
     history_reads: Arc<tokio::sync::Semaphore>,
+    /// The memory history reads and replays may hold, in KiB (`limits.history_read_bytes`).
+    read_bytes: Arc<tokio::sync::Semaphore>,
     /// HTTP API publish buckets per caller (`limits.http_publish_rate`).
     http_publishes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
     /// When the node started (readiness waits at most `backbone.ready_wait` from here).
     started: std::time::Instant,
     /// Set once the node was ready: it stays ready until it shuts down.
     ready: std::sync::atomic::AtomicBool,
+}
+
+/// What a history read holds: a slot among `limits.history_reads` (while it reads the
+/// disk) and its share of `limits.history_read_bytes` (until its page is written).
+#[derive(Debug)]
+pub struct ReadPermit {
+    /// The read slot.
+    pub count: tokio::sync::OwnedSemaphorePermit,
+    /// The memory budget.
+    pub bytes: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Whether the node serves clients with everything its peers had for it (`/readyz`).
@@ -57,6 +69,7 @@ impl Node {
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let limits = &settings.config.limits;
         let history_reads = limits.history_reads;
+        let read_kib = (limits.history_read_bytes / 1024).clamp(1, u32::MAX as usize);
         let hub_limits = HubLimits {
             dedupe_ids: limits.dedupe_ids_per_channel,
             dedupe_window: limits.dedupe_window,
@@ -92,6 +105,7 @@ impl Node {
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
             http_publishes: std::sync::Mutex::new(std::collections::HashMap::new()),
             history_reads: Arc::new(tokio::sync::Semaphore::new(history_reads)),
+            read_bytes: Arc::new(tokio::sync::Semaphore::new(read_kib)),
             started: std::time::Instant::now(),
             ready: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -164,14 +178,25 @@ impl Node {
 }
 
 impl Node {
-    /// The permits behind [`Node::history_read`], for callers that wait for one.
-    pub fn history_reads(&self) -> Arc<tokio::sync::Semaphore> {
-        self.history_reads.clone()
+    /// Permits to run one history read that may hold `bytes` in memory, or `None` when
+    /// `limits.history_reads` run already or `limits.history_read_bytes` are held.
+    pub fn history_read(&self, bytes: usize) -> Option<ReadPermit> {
+        let count = self.history_reads.clone().try_acquire_owned().ok()?;
+        let bytes = self.read_bytes.clone().try_acquire_many_owned(self.kib(bytes)).ok()?;
+        Some(ReadPermit { count, bytes })
     }
 
-    /// A permit to run one history read, or `None` when `limits.history_reads` run already.
-    pub fn history_read(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.history_reads.clone().try_acquire_owned().ok()
+    /// [`Node::history_read`], waiting for the permits (replays are never refused for load).
+    pub async fn history_read_wait(&self, bytes: usize) -> Option<ReadPermit> {
+        let count = self.history_reads.clone().acquire_owned().await.ok()?;
+        let bytes = self.read_bytes.clone().acquire_many_owned(self.kib(bytes)).await.ok()?;
+        Some(ReadPermit { count, bytes })
+    }
+
+    /// `bytes` in the read budget's units (KiB), at most the whole budget.
+    fn kib(&self, bytes: usize) -> u32 {
+        let whole = self.settings.config.limits.history_read_bytes / 1024;
+        u32::try_from(bytes.div_ceil(1024).clamp(1, whole.max(1))).unwrap_or(u32::MAX)
     }
 
     /// Takes an HTTP publish token for `caller` (an API key, a token's subject, or one

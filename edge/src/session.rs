@@ -157,11 +157,12 @@ type StepFuture =
 /// an ack for its message's log write.
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
-/// A history read on a connection: it counts against the connection's limit until its page
-/// is written (or dropped with the connection), so a client that does not read its pages
-/// cannot make the node hold more of them.
+/// A history read on a connection: it counts against the connection's limit, and holds its
+/// share of the node's read memory, until its page is written (or dropped with the
+/// connection), so a client that does not read its pages cannot make the node hold more.
 struct ReadSlot {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for ReadSlot {
@@ -358,7 +359,7 @@ where
             _ = rx.ready(), if session.out_bytes < WRITE_CHUNK => {
                 session.take_outbox(&mut rx);
                 unread += 1;
-                if unread >= FORCED_READ_EVERY {
+                if unread >= FORCED_READ_EVERY && session.backlog() < READ_GATE {
                     unread = 0;
                     match ws.next().now_or_never() {
                         Some(frame) => {
@@ -407,7 +408,9 @@ where
                 session.on_step(id, timed_out, result);
                 Ok(())
             }
-            frame = ws.next() => {
+            // Not while a backlog waits to be written: a client asking for replay after
+            // replay (each within its bounds) without reading them is held back by TCP.
+            frame = ws.next(), if session.backlog() < READ_GATE => {
                 unread = 0;
                 last_seen = Instant::now();
                 // Handle the frames that already arrived too, so their replies (e.g. a
@@ -415,6 +418,9 @@ where
                 let mut r = session.on_frame(frame);
                 for _ in 0..READ_AHEAD_FRAMES {
                     let Ok(()) = r else { break };
+                    if session.backlog() >= READ_GATE {
+                        break;
+                    }
                     match ws.next().now_or_never() {
                         Some(frame) => r = session.on_frame(frame),
                         None => break,
@@ -429,8 +435,13 @@ where
             break end;
         }
         if session.has_output() {
-            if let Err(end) = session.write(ws, &stop, &rx, idle).await {
-                break end;
+            let gated = session.backlog() >= READ_GATE;
+            match session.write(ws, &stop, &rx, idle).await {
+                Err(end) => break end,
+                // While its frames are not read, a client that reads what it is sent is
+                // alive (its pongs wait in the socket).
+                Ok(()) if gated => last_seen = Instant::now(),
+                Ok(()) => {}
             }
         }
     };
@@ -444,6 +455,10 @@ const READ_AHEAD_FRAMES: usize = 64;
 
 /// While deliveries keep coming, the socket is still read at least this often (in deliveries).
 const FORCED_READ_EVERY: u32 = 8;
+
+/// A connection's client frames are not read while this much waits to be written to it
+/// (its replies and replays queued, see [`Session::backlog`]).
+const READ_GATE: usize = 1 << 20;
 
 /// Bytes the writer sends per loop turn (at least one frame): between chunks the session
 /// reads the client's frames and takes new deliveries, so a long replay neither starves
@@ -497,6 +512,12 @@ impl Session {
         let before = self.out.len();
         rx.drain(&mut self.out);
         self.out_bytes += self.out.range(before..).map(Outgoing::cost).sum::<usize>();
+    }
+
+    /// What waits to be written: taken from the outbox, and replays still in it. Live
+    /// messages in the outbox are bounded by its limits instead.
+    fn backlog(&self) -> usize {
+        self.out_bytes + self.outbox.replay_bytes()
     }
 
     fn has_output(&self) -> bool {
@@ -873,7 +894,7 @@ impl Session {
                     window,
                     max_scan,
                 ) {
-                    crate::channel::Resumed::Done(subscribed) => subscribed,
+                    crate::channel::Resumed::Done => None,
                     crate::channel::Resumed::Catchup(mut catchup, subscribed) => {
                         catchup.id = self.next_catchup;
                         self.next_catchup += 1;
@@ -882,10 +903,13 @@ impl Session {
                     }
                 }
             }
-            None => hub.subscribe(&channel, self.id, self.outbox.clone(), s.request_id, s.rewind),
+            None => {
+                hub.subscribe(&channel, self.id, self.outbox.clone(), s.request_id, s.rewind);
+                None
+            }
         };
         self.channels.insert(channel);
-        // `None`: the hub queued `Subscribed` (peers confirming the channel, or a rewind).
+        // `None`: the hub queued `Subscribed` itself, under the channel's lock.
         if let Some(subscribed) = subscribed {
             self.reply(server_frame::Kind::Subscribed(subscribed));
         }
@@ -899,7 +923,7 @@ impl Session {
         let page = crate::resume::PageSize { messages: r.page, bytes: r.page_bytes };
         let tracker = self.node.tracker().clone();
         let mut committed = self.committed.clone();
-        let reads = self.node.history_reads();
+        let node = self.node.clone();
         Some(Box::pin(async move {
             let id = c.id;
             let wait = async {
@@ -913,8 +937,8 @@ impl Session {
             };
             let timed_out = tokio::time::timeout(LOG_WAIT, wait).await.is_err();
             // Replay steps share the node's history-read permits with history requests, but
-            // wait for one instead of failing: a resume is never refused for load.
-            let permit = reads.acquire_owned().await.ok();
+            // wait for them instead of failing: a resume is never refused for load.
+            let permit = node.history_read_wait(2 * page.bytes).await;
             let result = tracker
                 .spawn_blocking(move || {
                     let _permit = permit;
@@ -1342,19 +1366,21 @@ impl Session {
             let reason = format!("{per_connection} history reads in flight on this connection");
             return self.error(h.request_id, ErrorCode::RateLimited, reason, h.channel);
         }
-        let Some(permit) = self.node.history_read() else {
+        let l = &self.cfg().limits;
+        let frame_budget = history_page_budget(l.max_frame_bytes, &h.channel);
+        let page_bytes = frame_budget.min(l.history_page_bytes);
+        // The page's messages and its frame.
+        let Some(permit) = self.node.history_read(2 * page_bytes) else {
             let reason = "the node is serving its limit of history reads; retry shortly".into();
             return self.error(h.request_id, ErrorCode::RateLimited, reason, h.channel);
         };
         let in_flight = self.history_reads.clone();
         in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let slot = ReadSlot { in_flight };
+        let crate::node::ReadPermit { count: permit, bytes } = permit;
+        let slot = ReadSlot { in_flight, _bytes: bytes };
         let outbox = self.outbox.clone();
         let format = self.format;
-        let l = &self.cfg().limits;
-        let frame_budget = history_page_budget(l.max_frame_bytes, &h.channel);
-        let query =
-            crate::store::Query { max_bytes: frame_budget.min(l.history_page_bytes), ..query };
+        let query = crate::store::Query { max_bytes: page_bytes, ..query };
         self.node.tracker().spawn_blocking(move || {
             let read = store.page(&h.channel, query);
             drop(permit);
@@ -1383,12 +1409,6 @@ impl Session {
     /// whose log write failed with `INTERNAL`.
     fn flush_acks(&mut self) {
         let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
-        if self.committed.is_some() && self.acks.front().is_some_and(|a| a.ticket > 0) {
-            // An ack says the message went out: release what the log holds now (the
-            // node's release task may not have run yet), so a subscriber the publisher
-            // tells after its ack finds the message already in the channel.
-            self.node.hub().release(logged);
-        }
         let now = Instant::now();
         while let Some(front) = self.acks.front() {
             let waiting = front.ticket > logged;
@@ -1421,6 +1441,11 @@ impl Session {
             if let Some(nack) = done.refused {
                 self.reply(server_frame::Kind::Nack(nack));
                 continue;
+            }
+            if done.ticket > 0 {
+                // An ack says the message went out: a subscriber the publisher tells after
+                // its ack finds it in the channel (the release task may not have run yet).
+                self.node.hub().release_channel(&done.ack.channel, logged);
             }
             let frame = match refusal {
                 None => server_frame::Kind::Ack(done.ack),

@@ -647,6 +647,7 @@ fn writer(
     hooks: Hooks,
 ) {
     const GROUP: usize = 4096;
+    const GROUP_BYTES: usize = 1 << 20;
     let mut last_sync = Instant::now();
     let mut last_trim = Instant::now();
     let mut pending_sync = false;
@@ -663,9 +664,17 @@ fn writer(
         match rx.recv_timeout(wait) {
             Ok(first) => {
                 take(first, &mut group);
-                while group.len() < GROUP {
+                // A group is released to subscribers at once when it commits: its bytes
+                // are bounded too, so a burst of big messages reaches a subscriber's send
+                // queue a group at a time (see `limits.send_queue_bytes`).
+                let mut bytes: usize = group.iter().map(|e| e.message.len()).sum();
+                while group.len() < GROUP && bytes < GROUP_BYTES {
                     match rx.try_recv() {
-                        Ok(m) => take(m, &mut group),
+                        Ok(m) => {
+                            let before = group.len();
+                            take(m, &mut group);
+                            bytes += group[before..].iter().map(|e| e.message.len()).sum::<usize>();
+                        }
                         Err(_) => break,
                     }
                 }

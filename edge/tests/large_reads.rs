@@ -291,6 +291,10 @@ async fn a_client_that_stops_reading_a_replay_is_cut_off() {
     drop(c);
     // More than any socket buffer holds.
     publisher.publish_all("log:stall", (1..=1000).map(|i| big_text(i, BIG))).await;
+    // Only the staller stays (an idle publisher would be closed meanwhile and blur the
+    // count).
+    drop(publisher);
+    assert!(eventually(|| n.node.connection_count() == 0).await);
     let before = n.node.connection_count();
     let mut c = Client::connect(&n, Format::Json).await;
     c.send(client_frame::Kind::Subscribe(Subscribe {
@@ -352,6 +356,136 @@ async fn a_subscriber_keeps_up_with_a_burst_of_big_messages() {
     let mut publisher = Client::connect(&n, Format::Protobuf).await;
     publisher.publish_all("log:burst", (1..=300).map(|i| big_text(i, BIG))).await;
     assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<_>>());
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that asks for replay after replay (each within its bounds) does not make the
+/// node queue them all at once: its requests are read only as fast as it reads what they
+/// queued. Here 20 rewinds of 6 MB and then a publish are sent at once; the publish is served
+/// only once the client has read most of the rewinds (read at once, it would be served
+/// before the first of them went out, with 120 MB queued behind).
+#[tokio::test]
+async fn requests_are_read_as_fast_as_their_replays_are() {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    const REWINDS: usize = 20;
+    let dir = data_dir("gate");
+    let n = node(&dir, |_| {}).await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:gate", (1..=100).map(|i| big_text(i, BIG))).await;
+    let mut witness = Client::connect(&n, Format::Protobuf).await;
+    witness
+        .send(client_frame::Kind::Subscribe(Subscribe {
+            request_id: 1,
+            channel: "chat:gate".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert!(matches!(witness.recv().await, server_frame::Kind::Subscribed(_)));
+    let mut c = Client::connect(&n, Format::Protobuf).await;
+    for i in 0..REWINDS {
+        c.send(client_frame::Kind::Subscribe(Subscribe {
+            request_id: i as u32 + 1,
+            channel: "log:gate".into(),
+            rewind: Some(Rewind { count: 100, since_ms: 0 }),
+            ..Default::default()
+        }))
+        .await;
+    }
+    c.send(client_frame::Kind::Publish(Publish {
+        request_id: 100,
+        channel: "chat:gate".into(),
+        data: Some(client::publish::Data::Text("served".into())),
+        ..Default::default()
+    }))
+    .await;
+    // The client reads everything as fast as it can, counting the rewound messages.
+    let read = std::sync::Arc::new(AtomicUsize::new(0));
+    let counting = read.clone();
+    let reader = tokio::spawn(async move {
+        while counting.load(Relaxed) < REWINDS * 100 {
+            if let server_frame::Kind::Deliver(d) = c.recv().await {
+                counting.fetch_add(d.messages.len(), Relaxed);
+            }
+        }
+        c
+    });
+    let served = witness.messages(1).await;
+    let read_by_then = read.load(Relaxed);
+    assert_eq!(number_of_text(&served[0]), "served");
+    assert!(
+        read_by_then >= REWINDS * 100 / 2,
+        "the publish was served when the client had read {read_by_then} of {} rewound messages",
+        REWINDS * 100
+    );
+    let _c = reader.await.unwrap();
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn number_of_text(m: &client::Message) -> &str {
+    match &m.data {
+        Some(message::Data::Text(t)) => t,
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// History reads hold their share of `limits.history_read_bytes` until their page is
+/// written: beyond it a read is refused (`RATE_LIMITED`), and once the page went out the
+/// next read is served.
+#[tokio::test]
+async fn history_reads_share_a_memory_budget() {
+    let dir = data_dir("budget");
+    let n = node(&dir, |cfg| {
+        // One WebSocket read holds 2 × 128 KiB: a budget of 384 KiB fits one at a time.
+        cfg.limits.history_page_bytes = 128 * 1024;
+        cfg.resume.page_bytes = 128 * 1024;
+        cfg.limits.history_read_bytes = 384 * 1024;
+    })
+    .await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:budget", (1..=10).map(|i| big_text(i, BIG))).await;
+    let mut c = Client::connect(&n, Format::Protobuf).await;
+    let history = |id: u32| {
+        codec::encode_client(
+            client_frame::Kind::History(HistoryRequest {
+                request_id: id,
+                channel: "log:budget".into(),
+                limit: 10,
+                ..Default::default()
+            }),
+            Format::Protobuf,
+        )
+    };
+    // Both in one write: the second arrives while the first holds the budget.
+    c.ws.feed(WsMessage::Binary(history(1))).await.unwrap();
+    c.ws.feed(WsMessage::Binary(history(2))).await.unwrap();
+    c.ws.flush().await.unwrap();
+    let (mut page, mut refused) = (None, None);
+    while page.is_none() || refused.is_none() {
+        match c.recv().await {
+            server_frame::Kind::History(p) => page = Some(p),
+            server_frame::Kind::Error(e) => refused = Some(e),
+            other => panic!("expected a page and a refusal, got {other:?}"),
+        }
+    }
+    let (page, refused) = (page.unwrap(), refused.unwrap());
+    assert_eq!(page.request_id, 1);
+    assert_eq!(page.messages.len(), 2, "128 KiB pages hold two 60 KB messages");
+    assert_eq!(refused.request_id, 2);
+    assert_eq!(refused.code, client::ErrorCode::RateLimited as i32, "{refused:?}");
+    // The page went out: the budget is back.
+    c.send(client_frame::Kind::History(HistoryRequest {
+        request_id: 3,
+        channel: "log:budget".into(),
+        limit: 10,
+        ..Default::default()
+    }))
+    .await;
+    match c.recv().await {
+        server_frame::Kind::History(p) => assert_eq!(p.request_id, 3),
+        other => panic!("expected page 3, got {other:?}"),
+    }
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

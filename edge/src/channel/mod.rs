@@ -513,6 +513,11 @@ impl Hub {
             .sum()
     }
 
+    /// The channel `name`, if the node holds it.
+    fn existing(&self, name: &str) -> Option<Arc<Channel>> {
+        self.channels.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
     /// Looks a channel up by its (already validated) name, creating it if needed while the
     /// node holds fewer than `max` channels (`None` at the limit). A channel that keeps
     /// history starts from what its log holds (read before the registry is locked).
@@ -684,18 +689,17 @@ impl Hub {
         self.backbone.get().is_none_or(|b| b.add_interest(name))
     }
 
-    /// Adds a subscriber. Returns the `Subscribed` frame to send when its live stream starts
-    /// at once.
+    /// Adds a subscriber. Its `Subscribed` frame is queued to `outbox` under the channel's
+    /// lock when the subscription takes effect, so every delivery of the channel follows it.
     ///
     /// With a backbone, the first local subscriber of a channel makes the node ask its peers
     /// for it; the subscription then takes effect once they confirmed (or after the
-    /// backbone's `interest_wait`), so that from its `Subscribed` reply on, everything
-    /// published anywhere reaches it. Until then this returns `None`, and the `Subscribed`
-    /// frame for `request_id` is queued to `outbox` when it takes effect.
+    /// backbone's `interest_wait`), so that from its `Subscribed` frame on, everything
+    /// published anywhere reaches it.
     ///
-    /// With `rewind` on a channel that keeps history, the `Subscribed` frame and the recent
-    /// messages it asks for are queued to `outbox` at once, ahead of the live stream (so
-    /// this returns `None` too): the seam has no gap and no duplicate.
+    /// With `rewind` on a channel that keeps history, the recent messages it asks for follow
+    /// the `Subscribed` frame, ahead of the live stream: the seam has no gap and no
+    /// duplicate.
     pub fn subscribe(
         &self,
         name: &ChannelName,
@@ -703,7 +707,7 @@ impl Hub {
         outbox: Outbox,
         request_id: u32,
         rewind: Option<tern_proto::client::Rewind>,
-    ) -> Option<Subscribed> {
+    ) {
         self.with_state(name.as_str(), |state| {
             if let Some(r) = rewind.filter(|_| !state.recent.is_empty()) {
                 // History channels go everywhere: the backbone is ready at once.
@@ -735,9 +739,9 @@ impl Hub {
                 if ok {
                     state.members.insert(conn, Member::new(outbox.clone()));
                 }
-                return None;
+                return;
             }
-            self.join(state, name, conn, &outbox, request_id, None)
+            self.join(state, name, conn, &outbox, request_id, None);
         })
     }
 
@@ -750,14 +754,23 @@ impl Hub {
         outbox: &Outbox,
         request_id: u32,
         resume: Option<&[OriginPosition]>,
-    ) -> Option<Subscribed> {
+    ) {
+        let resume = resume.map(<[OriginPosition]>::to_vec);
+        let p = PendingSub { conn, outbox: outbox.clone(), request_id, resume };
         if !self.want(state, name) {
-            let resume = resume.map(<[OriginPosition]>::to_vec);
-            state.pending.push(PendingSub { conn, outbox: outbox.clone(), request_id, resume });
-            return None;
+            state.pending.push(p);
+            return;
         }
-        state.members.insert(conn, Member::new(outbox.clone()));
-        Some(self.subscribed(state, request_id, name))
+        // Queued under the lock, so no delivery of the channel goes ahead of it.
+        let frame = server_frame::Kind::Subscribed(self.pending_subscribed(state, &p, name));
+        if outbox.push_replay(Outgoing::Frame(Box::new(frame))) {
+            match &p.resume {
+                Some(vector) => self.join_resumed(state, conn, outbox, vector),
+                None => {
+                    state.members.insert(conn, Member::new(outbox.clone()));
+                }
+            }
+        }
     }
 
     /// Tells the channel's subscribers that messages of `origin` were lost between regions

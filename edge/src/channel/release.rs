@@ -39,8 +39,8 @@ impl Hub {
     }
 
     /// Delivers every message whose log write is done (the store's committed ticket reached
-    /// `committed`), channel by channel, in log order. Run whenever the store commits, and
-    /// by a session before it acks a logged publish; calls may overlap.
+    /// `committed`), channel by channel, in log order. Run whenever the store commits (a
+    /// session may release one channel meanwhile, see [`Hub::release_channel`]).
     pub fn release(&self, committed: u64) {
         let ready: Vec<Arc<Channel>> = {
             let mut queue = lock(&self.releases);
@@ -48,9 +48,13 @@ impl Hub {
             // `queue_release`), so no message waits for a later commit.
             self.committed_seen.fetch_max(committed, Ordering::AcqRel);
             let mut ready = Vec::new();
+            // A channel a session released meanwhile may be queued twice: once is enough.
+            let mut seen = std::collections::HashSet::new();
             queue.retain(|(ticket, ch)| {
                 if *ticket <= committed {
-                    ready.push(ch.clone());
+                    if seen.insert(Arc::as_ptr(ch)) {
+                        ready.push(ch.clone());
+                    }
                     false
                 } else {
                     true
@@ -81,6 +85,22 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Delivers `name`'s messages whose log write is done (up to `committed`) now, under the
+    /// channel's lock: called before a publish on it is acknowledged, so a message is out
+    /// once its ack is (the release task may not have run yet). Whoever pops a message shows
+    /// it; a queue entry left for the channel finds nothing more and is dropped.
+    pub fn release_channel(&self, name: &str, committed: u64) {
+        let Some(ch) = self.existing(name) else { return };
+        let mut state = lock(&ch.state);
+        let mut released = 0;
+        while state.unreleased.front().is_some_and(|u| u.ticket <= committed) {
+            let Some(u) = state.unreleased.pop_front() else { break };
+            self.show(&mut state, &u.message, u.own);
+            released += 1;
+        }
+        self.unreleased.fetch_sub(released, Ordering::Relaxed);
     }
 
     /// Messages sequenced and waiting for their log write (a graceful shutdown waits for

@@ -18,9 +18,9 @@ use crate::fanout::{Outbox, Outgoing};
 /// What [`Hub::resume`] did.
 #[derive(Debug)]
 pub enum Resumed {
-    /// The subscription is set up (any replay, discontinuity and `Subscribed` are queued, or
-    /// the frame is returned for the session to send, as with [`Hub::subscribe`]).
-    Done(Option<Subscribed>),
+    /// The subscription is set up: its `Subscribed` frame, any discontinuity and replay are
+    /// queued (or will be, once the peers confirmed the channel, as with [`Hub::subscribe`]).
+    Done,
     /// The session must replay from the log first (see [`crate::resume`]); the subscription
     /// is not live until [`Hub::finish_catchup`] says so.
     Catchup(Box<crate::resume::Catchup>, Subscribed),
@@ -94,19 +94,14 @@ impl Hub {
                             .into(),
                         origins: Vec::new(),
                     };
-                    outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Discontinuity(d))));
+                    outbox.push_replay(Outgoing::Frame(Box::new(
+                        server_frame::Kind::Discontinuity(d),
+                    )));
                 }
-                let joined =
-                    self.join(state, name, conn, &outbox, request_id, Some(&resume.origins));
-                if joined.is_some() {
-                    // Live at once: the client may be ahead of this node for some origin.
-                    self.join_resumed(state, conn, &outbox, &resume.origins);
-                }
-                return Resumed::Done(joined.map(|s| Subscribed {
-                    resumed: true,
-                    origins: Vec::new(),
-                    ..s
-                }));
+                // Live at once, or once the peers confirmed; with the floor of the client's
+                // vector (it may be ahead of this node for some origin).
+                self.join(state, name, conn, &outbox, request_id, Some(&resume.origins));
+                return Resumed::Done;
             };
             self.want(state, name);
             let mut subscribed = self.subscribed(state, request_id, name);
@@ -150,7 +145,7 @@ impl Hub {
                 if ok {
                     self.join_resumed(state, conn, &outbox, &resume.origins);
                 }
-                return Resumed::Done(None);
+                return Resumed::Done;
             }
             let catchup = crate::resume::Catchup {
                 id: 0,
