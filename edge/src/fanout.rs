@@ -216,17 +216,19 @@ impl OutboxReceiver {
         }
     }
 
-    /// Moves everything queued to the end of `into` in one step.
-    pub fn drain(&mut self, into: &mut VecDeque<Outgoing>) {
+    /// Moves everything queued to the end of `into` in one step; returns its
+    /// [`Outgoing::cost`].
+    pub fn drain(&mut self, into: &mut VecDeque<Outgoing>) -> usize {
         let mut q = self.shared.lock();
         if into.is_empty() {
             std::mem::swap(&mut q.items, into);
         } else {
             into.append(&mut q.items);
         }
-        q.bytes = 0;
         q.replayed = 0;
-        self.shared.replay_bytes.store(0, Ordering::Relaxed);
+        // Replays' cost moves under the lock, as it grows.
+        let replays = self.shared.replay_bytes.swap(0, Ordering::Relaxed);
+        std::mem::take(&mut q.bytes) + replays
     }
 
     /// Whether the outbox overflowed.

@@ -509,9 +509,7 @@ impl Session {
 
     /// Moves what the outbox holds to the writer.
     fn take_outbox(&mut self, rx: &mut OutboxReceiver) {
-        let before = self.out.len();
-        rx.drain(&mut self.out);
-        self.out_bytes += self.out.range(before..).map(Outgoing::cost).sum::<usize>();
+        self.out_bytes += rx.drain(&mut self.out);
     }
 
     /// What waits to be written: taken from the outbox, and replays still in it. Live

@@ -17,6 +17,15 @@ fn data_dir(tag: &str) -> PathBuf {
 }
 
 async fn node(dir: &std::path::Path, max_messages: u64) -> TestNode {
+    node_with(dir, max_messages, |_| {}).await
+}
+
+/// [`node`], with `edit` applied to its settings.
+async fn node_with(
+    dir: &std::path::Path,
+    max_messages: u64,
+    edit: impl FnOnce(&mut tern_edge::Config),
+) -> TestNode {
     let dir = dir.to_path_buf();
     TestNode::start(move |cfg| {
         cfg.history.data_dir = dir;
@@ -25,6 +34,7 @@ async fn node(dir: &std::path::Path, max_messages: u64) -> TestNode {
             max_messages,
             max_age: Duration::from_secs(3600),
         }];
+        edit(cfg);
     })
     .await
 }
@@ -352,17 +362,7 @@ async fn history_is_delivered_once_it_is_in_the_log() {
 #[tokio::test]
 async fn history_pages_are_bounded_in_bytes_too() {
     let dir = data_dir("page-bytes");
-    let d = dir.clone();
-    let n = TestNode::start(move |cfg| {
-        cfg.history.data_dir = d;
-        cfg.history.namespaces = vec![HistoryNamespace {
-            name: "log".into(),
-            max_messages: 100,
-            max_age: Duration::from_secs(3600),
-        }];
-        cfg.limits.history_page_bytes = 10_000;
-    })
-    .await;
+    let n = node_with(&dir, 100, |cfg| cfg.limits.history_page_bytes = 10_000).await;
     for i in 1..=10 {
         publish(&n, "log:pb", &format!("{i:02}{}", "x".repeat(3000))).await;
     }
@@ -393,17 +393,7 @@ async fn history_pages_are_bounded_in_bytes_too() {
 #[tokio::test]
 async fn a_log_write_never_confirmed_is_still_answered() {
     let dir = data_dir("stuck");
-    let d = dir.clone();
-    let n = TestNode::start(move |cfg| {
-        cfg.history.data_dir = d;
-        cfg.history.namespaces = vec![HistoryNamespace {
-            name: "log".into(),
-            max_messages: 100,
-            max_age: Duration::from_secs(3600),
-        }];
-        cfg.heartbeat.interval = Duration::from_millis(500);
-    })
-    .await;
+    let n = node_with(&dir, 100, |cfg| cfg.heartbeat.interval = Duration::from_millis(500)).await;
     let store = n.node.hub().store().unwrap().clone();
     let (mut publisher, _) = common::RawJson::connected(n.addr).await;
     store.pause_writes(true);

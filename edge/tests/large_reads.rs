@@ -118,6 +118,43 @@ impl Client {
         }
     }
 
+    /// Subscribes to `channel`; returns the `subscribed` frame.
+    async fn subscribe(&mut self, request_id: u32, channel: &str) -> client::Subscribed {
+        let frame = Subscribe { request_id, channel: channel.into(), ..Default::default() };
+        self.send(client_frame::Kind::Subscribe(frame)).await;
+        match self.recv().await {
+            server_frame::Kind::Subscribed(s) => s,
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+    }
+
+    /// Sends a `subscribe` resuming where `from` (an earlier `subscribed` on this node) left.
+    async fn send_resume(&mut self, request_id: u32, channel: &str, from: client::Subscribed) {
+        let resume = client::Resume {
+            node: self.node.clone(),
+            position: from.position,
+            origins: from.origins,
+        };
+        let frame = Subscribe {
+            request_id,
+            channel: channel.into(),
+            resume: Some(resume),
+            ..Default::default()
+        };
+        self.send(client_frame::Kind::Subscribe(frame)).await;
+    }
+
+    /// Sends a `subscribe` rewinding the channel's last 100 messages.
+    async fn send_rewind(&mut self, request_id: u32, channel: &str) {
+        let frame = Subscribe {
+            request_id,
+            channel: channel.into(),
+            rewind: Some(Rewind { count: 100, since_ms: 0 }),
+            ..Default::default()
+        };
+        self.send(client_frame::Kind::Subscribe(frame)).await;
+    }
+
     /// Publishes `texts` pipelined and waits for every ack.
     async fn publish_all(&mut self, channel: &str, texts: impl Iterator<Item = String>) {
         let mut sent = 0;
@@ -220,13 +257,7 @@ async fn a_rewind_and_a_resume_of_big_messages_complete() {
         let channel = format!("log:rewind-{format:?}");
         publisher.publish_all(&channel, (1..=100).map(|i| big_text(i, BIG))).await;
         let mut c = Client::connect(&n, format).await;
-        c.send(client_frame::Kind::Subscribe(Subscribe {
-            request_id: 1,
-            channel: channel.clone(),
-            rewind: Some(Rewind { count: 100, since_ms: 0 }),
-            ..Default::default()
-        }))
-        .await;
+        c.send_rewind(1, &channel).await;
         assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(_)));
         let got: Vec<usize> = c.messages(100).await.iter().map(number_of).collect();
         assert_eq!(got, (1..=100).collect::<Vec<_>>(), "{format:?}: the rewind, whole");
@@ -238,27 +269,11 @@ async fn a_rewind_and_a_resume_of_big_messages_complete() {
     for format in [Format::Json, Format::Protobuf] {
         let channel = format!("log:resume-{format:?}");
         let mut c = Client::connect(&n, format).await;
-        c.send(client_frame::Kind::Subscribe(Subscribe {
-            request_id: 1,
-            channel: channel.clone(),
-            ..Default::default()
-        }))
-        .await;
-        let server_frame::Kind::Subscribed(s) = c.recv().await else { panic!("subscribed") };
+        let s = c.subscribe(1, &channel).await;
         drop(c);
         publisher.publish_all(&channel, (1..=1000).map(|i| big_text(i, BIG))).await;
         let mut c = Client::connect(&n, format).await;
-        c.send(client_frame::Kind::Subscribe(Subscribe {
-            request_id: 2,
-            channel: channel.clone(),
-            resume: Some(client::Resume {
-                node: c.node.clone(),
-                position: s.position,
-                origins: s.origins,
-            }),
-            ..Default::default()
-        }))
-        .await;
+        c.send_resume(2, &channel, s).await;
         assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(s) if s.resumed));
         let got: Vec<usize> = c.messages(1000).await.iter().map(number_of).collect();
         assert_eq!(got, (1..=1000).collect::<Vec<_>>(), "{format:?}: every missed one, once");
@@ -281,13 +296,7 @@ async fn a_client_that_stops_reading_a_replay_is_cut_off() {
     .await;
     let mut publisher = Client::connect(&n, Format::Protobuf).await;
     let mut c = Client::connect(&n, Format::Json).await;
-    c.send(client_frame::Kind::Subscribe(Subscribe {
-        request_id: 1,
-        channel: "log:stall".into(),
-        ..Default::default()
-    }))
-    .await;
-    let server_frame::Kind::Subscribed(s) = c.recv().await else { panic!("subscribed") };
+    let s = c.subscribe(1, "log:stall").await;
     drop(c);
     // More than any socket buffer holds.
     publisher.publish_all("log:stall", (1..=1000).map(|i| big_text(i, BIG))).await;
@@ -297,17 +306,7 @@ async fn a_client_that_stops_reading_a_replay_is_cut_off() {
     assert!(eventually(|| n.node.connection_count() == 0).await);
     let before = n.node.connection_count();
     let mut c = Client::connect(&n, Format::Json).await;
-    c.send(client_frame::Kind::Subscribe(Subscribe {
-        request_id: 2,
-        channel: "log:stall".into(),
-        resume: Some(client::Resume {
-            node: c.node.clone(),
-            position: s.position,
-            origins: s.origins,
-        }),
-        ..Default::default()
-    }))
-    .await;
+    c.send_resume(2, "log:stall", s).await;
     assert!(n.node.connection_count() > before, "connected");
     // Reads nothing: the node gives up on it.
     assert!(eventually(|| n.node.connection_count() == before).await, "the node let it go");
@@ -342,13 +341,7 @@ async fn a_subscriber_keeps_up_with_a_burst_of_big_messages() {
     let dir = data_dir("burst");
     let n = node(&dir, |_| {}).await;
     let mut c = Client::connect(&n, Format::Json).await;
-    c.send(client_frame::Kind::Subscribe(Subscribe {
-        request_id: 1,
-        channel: "log:burst".into(),
-        ..Default::default()
-    }))
-    .await;
-    assert!(matches!(c.recv().await, server_frame::Kind::Subscribed(_)));
+    c.subscribe(1, "log:burst").await;
     let reader = tokio::spawn(async move {
         let got: Vec<usize> = c.messages(300).await.iter().map(number_of).collect();
         got
@@ -374,23 +367,10 @@ async fn requests_are_read_as_fast_as_their_replays_are() {
     let mut publisher = Client::connect(&n, Format::Protobuf).await;
     publisher.publish_all("log:gate", (1..=100).map(|i| big_text(i, BIG))).await;
     let mut witness = Client::connect(&n, Format::Protobuf).await;
-    witness
-        .send(client_frame::Kind::Subscribe(Subscribe {
-            request_id: 1,
-            channel: "chat:gate".into(),
-            ..Default::default()
-        }))
-        .await;
-    assert!(matches!(witness.recv().await, server_frame::Kind::Subscribed(_)));
+    witness.subscribe(1, "chat:gate").await;
     let mut c = Client::connect(&n, Format::Protobuf).await;
     for i in 0..REWINDS {
-        c.send(client_frame::Kind::Subscribe(Subscribe {
-            request_id: i as u32 + 1,
-            channel: "log:gate".into(),
-            rewind: Some(Rewind { count: 100, since_ms: 0 }),
-            ..Default::default()
-        }))
-        .await;
+        c.send_rewind(i as u32 + 1, "log:gate").await;
     }
     c.send(client_frame::Kind::Publish(Publish {
         request_id: 100,

@@ -64,25 +64,9 @@ impl Hub {
         };
         for ch in ready {
             let mut state = lock(&ch.state);
-            loop {
-                // Sessions release too (before an ack): another call may have seen a newer
-                // commit meanwhile.
-                let upto = self.committed_seen.load(Ordering::Acquire).max(committed);
-                let mut released = 0;
-                while state.unreleased.front().is_some_and(|u| u.ticket <= upto) {
-                    let Some(u) = state.unreleased.pop_front() else { break };
-                    self.show(&mut state, &u.message, u.own);
-                    released += 1;
-                }
-                self.unreleased.fetch_sub(released, Ordering::Relaxed);
-                let Some(next) = state.unreleased.front() else { break };
-                let mut queue = lock(&self.releases);
-                // Under the queue's lock, as `committed_seen` moves: a later call sees this
-                // entry, or this sees its commit.
-                if next.ticket > self.committed_seen.load(Ordering::Acquire) {
-                    queue.push_back((next.ticket, ch.clone()));
-                    break;
-                }
+            self.show_logged(&mut state, committed);
+            if let Some(next) = state.unreleased.front() {
+                lock(&self.releases).push_back((next.ticket, ch.clone()));
             }
         }
     }
@@ -93,11 +77,15 @@ impl Hub {
     /// it; a queue entry left for the channel finds nothing more and is dropped.
     pub fn release_channel(&self, name: &str, committed: u64) {
         let Some(ch) = self.existing(name) else { return };
-        let mut state = lock(&ch.state);
+        self.show_logged(&mut lock(&ch.state), committed);
+    }
+
+    /// Shows the channel's messages written up to `committed`, in log order.
+    fn show_logged(&self, state: &mut ChannelState, committed: u64) {
         let mut released = 0;
         while state.unreleased.front().is_some_and(|u| u.ticket <= committed) {
             let Some(u) = state.unreleased.pop_front() else { break };
-            self.show(&mut state, &u.message, u.own);
+            self.show(state, &u.message, u.own);
             released += 1;
         }
         self.unreleased.fetch_sub(released, Ordering::Relaxed);
