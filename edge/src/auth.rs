@@ -351,7 +351,7 @@ impl Verifier {
                     k.id
                 )));
             }
-            if api_keys.iter().any(|a| a.claims.sub == format!("key:{}", k.id)) {
+            if api_keys.iter().any(|a| a.claims.sub == format!("{API_KEY_PREFIX}{}", k.id)) {
                 return Err(AuthConfigError::ApiKey(format!("{}: listed twice", k.id)));
             }
             let capability = k
@@ -365,7 +365,7 @@ impl Verifier {
             api_keys.push(ApiKey {
                 secret: k.secret.as_bytes().to_vec(),
                 claims: Claims {
-                    sub: format!("key:{}", k.id),
+                    sub: format!("{API_KEY_PREFIX}{}", k.id),
                     exp: u64::MAX / 2,
                     iat: None,
                     capability,
@@ -387,7 +387,7 @@ impl Verifier {
     /// secret in constant time; returns the key's claims (subject `key:ID`).
     pub fn verify_api_key(&self, id: &str, secret: &str) -> Result<Claims, TokenError> {
         use subtle::ConstantTimeEq;
-        let want = format!("key:{id}");
+        let want = format!("{API_KEY_PREFIX}{id}");
         let key = self.api_keys.iter().find(|k| k.claims.sub == want).ok_or(TokenError::ApiKey)?;
         if bool::from(key.secret.as_slice().ct_eq(secret.as_bytes())) {
             Ok(key.claims.clone())
@@ -454,6 +454,12 @@ impl Verifier {
         if claims.sub.is_empty() {
             return Err(TokenError::Malformed("sub: empty; a token names its client".into()));
         }
+        if claims.sub.starts_with(API_KEY_PREFIX) {
+            // An API key's messages carry `key:ID` as their client id: no token may.
+            return Err(TokenError::Malformed(format!(
+                "sub: {API_KEY_PREFIX:?} starts the client id of an API key"
+            )));
+        }
         for pattern in claims.capability.keys() {
             check_pattern(pattern).map_err(|e| TokenError::Malformed(format!("capability {e}")))?;
         }
@@ -463,6 +469,9 @@ impl Verifier {
         Ok(claims)
     }
 }
+
+/// How the client id of an API key starts (`key:ID`); a token's `sub` may not.
+pub const API_KEY_PREFIX: &str = "key:";
 
 /// Mints a development token (HS256): `tern token`.
 pub fn mint_hs256(secret: &str, claims: &Claims) -> Result<String, String> {

@@ -435,6 +435,11 @@ pub struct TimeoutsConfig {
     /// Time allowed for an HTTP request's headers to arrive.
     #[serde(with = "humantime_serde")]
     pub http_header: Duration,
+    /// Time an HTTP answer may wait for the client to read more of it before the connection
+    /// is dropped (a client that stops reading would hold the answer's memory, and its share
+    /// of `limits.history_read_bytes`, for ever). WebSocket sessions have their own cut-offs.
+    #[serde(with = "humantime_serde")]
+    pub http_write: Duration,
     /// Time allowed for a close frame to be flushed to a client before the socket drops.
     #[serde(with = "humantime_serde")]
     pub close: Duration,
@@ -531,6 +536,7 @@ impl Default for TimeoutsConfig {
         Self {
             connect: Duration::from_secs(10),
             http_header: Duration::from_secs(10),
+            http_write: Duration::from_secs(10),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -712,6 +718,12 @@ impl Config {
                     ns.name
                 )));
             }
+        }
+        if self.timeouts.http_write.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "timeouts.http_write",
+                reason: "must be above 0".into(),
+            });
         }
         let hb = &self.heartbeat;
         if hb.interval.is_zero() || hb.idle_timeout <= hb.interval {

@@ -32,7 +32,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/ping", get(ping))
         .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
-        .route("/v1/channels/{channel}/messages", post(http_publish).get(http_history))
+        // `{channel}/messages`, where the channel may hold `/` (encoded or not).
+        .route("/v1/channels/{*path}", post(http_publish).get(http_history))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }
@@ -177,22 +178,28 @@ struct HistoryQuery {
 /// at most 1000). The answer's `next` holds the `from` of the following page, or null.
 async fn http_history(
     State(node): State<Arc<Node>>,
-    Path(channel): Path<String>,
+    Path(path): Path<String>,
     headers: HeaderMap,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&node, &headers, crate::auth::Operation::History, &channel) {
+    let Some(channel) = channel_of(path) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let caller = match authenticate(&node, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    // As a frame that does not decode over the WebSocket.
+    let Ok(Query(q)) = query else {
+        let reason = "bad query: limit, from, to, since, until are unsigned 64-bit integers";
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, reason.into());
+    };
+    if let Err(r) = valid_channel(&channel) {
         return *r;
     }
     let bad = |reason: String| {
         error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason)
     };
-    let Ok(Query(q)) = query else {
-        return bad("bad query: limit, from, to, since, until are integers".into());
-    };
-    if let Err(e) = tern_proto::types::ChannelName::validate(&channel) {
-        return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidChannel, e.to_string());
-    }
     let backwards = match q.direction.as_deref() {
         None | Some("backwards") => true,
         Some("forwards") => false,
@@ -201,6 +208,9 @@ async fn http_history(
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return bad(format!("limit must be between 1 and {MAX_HISTORY_PAGE}"));
+    }
+    if let Err(r) = caller.allow(crate::auth::Operation::History, &channel) {
+        return *r;
     }
     let Some(store) = node.hub().store().filter(|s| s.keeps(&channel)) else {
         return error_response(
@@ -234,13 +244,12 @@ async fn http_history(
     };
     let store = store.clone();
     let ch = channel.clone();
-    let read = move || {
-        let _permit = permit;
-        store.page(&ch, query)
-    };
-    let page = match tokio::task::spawn_blocking(read).await {
-        Ok(Ok(page)) => page,
-        Ok(Err(e)) => {
+    // The permit stays with the page, then with the document until the connection has taken
+    // it (`held_body`).
+    let read = move || (store.page(&ch, query), permit);
+    let (page, permit) = match tokio::task::spawn_blocking(read).await {
+        Ok((Ok(page), permit)) => (page, permit),
+        Ok((Err(e), _)) => {
             return error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::Internal,
@@ -270,7 +279,31 @@ async fn http_history(
         "messages": messages,
         "next": next.map(|from| serde_json::json!({"from": from})),
     });
-    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    let body = Bytes::from(body.to_string());
+    let length = body.len();
+    (
+        [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_LENGTH, &length.to_string())],
+        held_body(body, permit),
+    )
+        .into_response()
+}
+
+/// `body` handed to the connection in pieces of 64 KiB, holding `permit` until the last
+/// piece is taken: the memory of a history answer stays counted in
+/// `limits.history_read_bytes` until the client has read nearly all of it (the connection
+/// buffers a piece or two; a client that stops reading is let go after
+/// `timeouts.http_write`).
+fn held_body(body: Bytes, permit: crate::node::ReadPermit) -> Body {
+    const PIECE: usize = 64 * 1024;
+    // The stream ends (and drops its permit) when nothing is left.
+    let pieces = futures_util::stream::unfold((body, permit), |(mut rest, permit)| async {
+        if rest.is_empty() {
+            return None;
+        }
+        let piece = rest.split_to(rest.len().min(PIECE));
+        Some((Ok::<_, std::convert::Infallible>(piece), (rest, permit)))
+    });
+    Body::from_stream(pieces)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response {
@@ -285,22 +318,42 @@ struct WsQuery {
     token: Option<String>,
 }
 
-/// Who is calling the HTTP API, if anyone says: an API key (`Authorization: Basic` with
-/// `id:secret`, checked in every mode) or, in token mode, a client token
-/// (`Authorization: Bearer`). 401 without valid credentials where they are needed, then 400
-/// for a malformed channel name, then 403 when their capabilities do not allow `op` on
-/// `channel`. Returns the caller's id (`key:ID` or
-/// the token's subject), `None` for an anonymous caller in dev mode.
-fn authorize(
-    node: &Node,
-    headers: &HeaderMap,
-    op: crate::auth::Operation,
-    channel: &str,
-) -> Result<Option<String>, Box<Response>> {
+/// Who is calling the HTTP API: an API key's or a token's claims, or nobody (dev mode
+/// without an API key).
+struct Caller(Option<crate::auth::Claims>);
+
+impl Caller {
+    /// The caller's id: `key:ID` for an API key, a token's subject.
+    fn id(&self) -> Option<&str> {
+        self.0.as_ref().map(|c| c.sub.as_str())
+    }
+
+    /// 403 unless the caller may do `op` on `channel` (anyone may, in dev mode).
+    fn allow(&self, op: crate::auth::Operation, channel: &str) -> Result<(), Box<Response>> {
+        match &self.0 {
+            Some(claims) if !claims.allows(op, channel) => Err(Box::new(error_response(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!("{} may not {op:?} on {channel}", claims.sub),
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Who is calling, from `Authorization`: an API key (HTTP Basic with `id:secret`, checked
+/// in every mode) or, in token mode, a client token (`Bearer`, checked as on every other
+/// surface). 401 `ERROR_CODE_UNAUTHORIZED` without valid credentials where they are needed.
+///
+/// Every HTTP request is checked in the one order of the protocol: who is asking (401),
+/// then the request itself (400, 413, 415), then what the caller may do (403), then what
+/// the node supports and its limits (404, 429, 503), then the operation.
+fn authenticate(node: &Node, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
     let verifier = &node.settings().auth;
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let unauthorized = |e: crate::auth::TokenError| {
-        let mut r = error_response(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, e.to_string());
+        let mut r =
+            error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, e.to_string());
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Basic realm=\"tern\", Bearer"),
@@ -320,6 +373,7 @@ fn authorize(
             };
             Some(verifier.verify_api_key(id, secret).map_err(unauthorized)?)
         }
+        // Dev mode takes no tokens, here as over the WebSocket.
         _ if verifier.mode() == crate::auth::AuthMode::Dev => None,
         // A client token.
         other => {
@@ -331,21 +385,19 @@ fn authorize(
             Some(verifier.verify(token).map_err(unauthorized)?)
         }
     };
-    // One order on every surface: who is asking (401), then whether the channel is one
-    // (400), then whether they may (403).
-    if let Err(e) = tern_proto::types::ChannelName::validate(channel) {
-        let r = error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidChannel, e.to_string());
-        return Err(Box::new(r));
-    }
-    let Some(claims) = claims else { return Ok(None) };
-    if !claims.allows(op, channel) {
-        return Err(Box::new(error_response(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            format!("{} may not {op:?} on {channel}", claims.sub),
-        )));
-    }
-    Ok(Some(claims.sub))
+    Ok(Caller(claims))
+}
+
+/// The channel of a `/v1/channels/{channel}/messages` path (after `/v1/channels/`).
+fn channel_of(path: String) -> Option<String> {
+    path.strip_suffix("/messages").map(str::to_owned)
+}
+
+/// 400 `ERROR_CODE_INVALID_CHANNEL` for a name that is not a channel.
+fn valid_channel(channel: &str) -> Result<(), Box<Response>> {
+    tern_proto::types::ChannelName::validate(channel).map_err(|e| {
+        Box::new(error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidChannel, e.to_string()))
+    })
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -461,24 +513,19 @@ pub fn websocket_config(cfg: &crate::Config) -> WebSocketConfig {
 /// frame's JSON form.
 async fn http_publish(
     State(node): State<Arc<Node>>,
-    Path(channel): Path<String>,
+    Path(path): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let publisher = match authorize(&node, &headers, crate::auth::Operation::Publish, &channel) {
-        Ok(who) => who,
+    let Some(channel) = channel_of(path) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let caller = match authenticate(&node, &headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
-    if let Err(wait) = node.take_http_publish(publisher.as_deref().unwrap_or("")) {
-        let rate = node.settings().config.limits.http_publish_rate;
-        let mut r = error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            format!("more than {rate} publishes/s from this caller; retry after {wait:?}"),
-        );
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        return r;
+    if let Err(r) = valid_channel(&channel) {
+        return *r;
     }
     let body = match body {
         Ok(body) => body,
@@ -498,8 +545,7 @@ async fn http_publish(
             return error_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadFrame, reason);
         }
     };
-    let mut replicated = false;
-    let mut req = match content_type {
+    let p = match content_type {
         BodyType::Json => match serde_json::from_slice::<client::Publish>(&body) {
             Ok(p) if !p.channel.is_empty() && p.channel != channel => {
                 return error_response(
@@ -508,25 +554,17 @@ async fn http_publish(
                     "the body's channel differs from the URL's".into(),
                 );
             }
-            Ok(p) if client::Durability::try_from(p.durability).is_err() => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::InvalidArgument,
-                    format!("durability {} is not one this node knows", p.durability),
-                );
-            }
-            Ok(p) => {
-                replicated = p.durability == client::Durability::Replicated as i32;
-                PublishRequest { channel, id: p.id, name: p.name, data: p.data, after: p.after }
-            }
+            Ok(p) => client::Publish { channel: channel.clone(), ..p },
             Err(e) => {
                 return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
             }
         },
         BodyType::Text => match String::from_utf8(body.to_vec()) {
-            Ok(t) => {
-                PublishRequest { channel, data: Some(publish::Data::Text(t)), ..Default::default() }
-            }
+            Ok(t) => client::Publish {
+                channel: channel.clone(),
+                data: Some(publish::Data::Text(t)),
+                ..Default::default()
+            },
             Err(_) => {
                 return error_response(
                     StatusCode::BAD_REQUEST,
@@ -535,23 +573,35 @@ async fn http_publish(
                 );
             }
         },
-        BodyType::Binary => PublishRequest {
-            channel,
+        BodyType::Binary => client::Publish {
+            channel: channel.clone(),
             data: Some(publish::Data::Binary(body)),
             ..Default::default()
         },
     };
-    let channel_name = req.channel.clone();
-    if replicated && !node.hub().replicates() {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::Unsupported,
-            "this node has no backbone: no other region can hold the message".into(),
+    // The one order of checks, as over the WebSocket (`pubmod::check`).
+    if let Err(e) = pubmod::check(&node, &p) {
+        return error_response(e.http_status(), e.code(), e.to_string());
+    }
+    if let Err(r) = caller.allow(crate::auth::Operation::Publish, &channel) {
+        return *r;
+    }
+    if let Err(e) = pubmod::supported(&node, p.durability) {
+        return error_response(e.http_status(), e.code(), e.to_string());
+    }
+    if let Err((wait, rate)) = node.take_http_publish(caller.id().unwrap_or(""), &channel) {
+        let mut r = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!("more than {rate} publishes/s from this caller; retry after {wait:?}"),
         );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return r;
     }
-    if let Err(reason) = pubmod::check_after(req.after.as_ref()) {
-        return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason);
-    }
+    let replicated = p.durability == client::Durability::Replicated as i32;
+    let mut req = PublishRequest { channel, id: p.id, name: p.name, data: p.data, after: p.after };
+    let channel_name = req.channel.clone();
     if let Some(after) = req.after.take() {
         // A publisher that moved here: its earlier messages come first.
         let wait = node.settings().config.limits.publish_order_wait;
@@ -588,7 +638,7 @@ async fn http_publish(
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
-    match pubmod::publish(&node, req, publisher.as_deref().unwrap_or("http")) {
+    match pubmod::publish(&node, req, caller.id().unwrap_or("http")) {
         Ok(a) => {
             // Answer once the message is in the history log, if it goes there.
             if let (Some(ticket), Some(store)) = (a.log_ticket, node.hub().store()) {

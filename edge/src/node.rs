@@ -26,8 +26,11 @@ pub struct Node {
     history_reads: Arc<tokio::sync::Semaphore>,
     /// The memory history reads and replays may hold, in KiB (`limits.history_read_bytes`).
     read_bytes: Arc<tokio::sync::Semaphore>,
-    /// HTTP API publish buckets per caller (`limits.http_publish_rate`).
-    http_publishes: std::sync::Mutex<std::collections::HashMap<String, TokenBucket>>,
+    /// HTTP API publish buckets per caller (`limits.http_publish_rate`), and per caller and
+    /// namespace for namespaces with a rate of their own.
+    #[allow(clippy::type_complexity)]
+    http_publishes:
+        std::sync::Mutex<std::collections::HashMap<(String, Option<usize>), TokenBucket>>,
     /// When the node started (readiness waits at most `backbone.ready_wait` from here).
     started: std::time::Instant,
     /// Set once the node was ready: it stays ready until it shuts down.
@@ -200,22 +203,35 @@ impl Node {
     }
 
     /// Takes an HTTP publish token for `caller` (an API key, a token's subject, or one
-    /// bucket shared by anonymous callers in dev mode), or says how long to wait.
-    pub fn take_http_publish(&self, caller: &str) -> Result<(), std::time::Duration> {
+    /// bucket shared by anonymous callers in dev mode) on `channel`: one from the caller's
+    /// bucket (`limits.http_publish_rate`) and, when the channel's namespace has a rate of
+    /// its own, one from the caller's bucket for that namespace, as a WebSocket connection
+    /// takes one. Otherwise says how long to wait, and the rate that refused.
+    pub fn take_http_publish(
+        &self,
+        caller: &str,
+        channel: &str,
+    ) -> Result<(), (std::time::Duration, u32)> {
         let limits = &self.settings.config.limits;
         let now = std::time::Instant::now();
         let mut buckets =
             self.http_publishes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !buckets.contains_key(caller) && buckets.len() >= HTTP_CALLERS {
-            // Idle callers (full buckets) are forgotten: they would start full anyway.
-            buckets.retain(|_, b| !b.is_full(now));
+        let mut take = |key: (String, Option<usize>), rate: u32, burst: u32| {
+            if !buckets.contains_key(&key) && buckets.len() >= HTTP_CALLERS {
+                // Idle callers (full buckets) are forgotten: they would start full anyway.
+                buckets.retain(|_, b| !b.is_full(now));
+            }
+            let bucket = buckets.entry(key).or_insert_with(|| TokenBucket::new(rate, burst));
+            bucket.take(now).map_err(|wait| (wait, rate))
+        };
+        let namespace = limits.namespace_index(channel).and_then(|i| {
+            let ns = &limits.namespaces[i];
+            Some((i, ns.publish_rate?, ns.publish_burst.or(ns.publish_rate)?))
+        });
+        if let Some((i, rate, burst)) = namespace {
+            take((caller.to_owned(), Some(i)), rate, burst)?;
         }
-        buckets
-            .entry(caller.to_owned())
-            .or_insert_with(|| {
-                TokenBucket::new(limits.http_publish_rate, limits.http_publish_burst)
-            })
-            .take(now)
+        take((caller.to_owned(), None), limits.http_publish_rate, limits.http_publish_burst)
     }
 
     /// Counts a TCP connection from `ip`, or `None` at `limits.max_connections_per_ip`.

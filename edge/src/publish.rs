@@ -1,7 +1,7 @@
 //! Publishing, shared by the WebSocket session and the HTTP API: parse → apply, with the
 //! errors mapped to the wire in one place.
 
-use tern_proto::client::{ErrorCode, OriginPosition, message, publish};
+use tern_proto::client::{self, ErrorCode, OriginPosition, message, publish};
 use tern_proto::types::{ChannelName, ChannelNameError, check_event_name, check_message_id};
 
 use crate::channel::{Accepted, NewMessage};
@@ -34,6 +34,9 @@ pub enum PublishError {
     /// The node holds `limits.max_channels` channels; this would be a new one.
     #[error("the node holds its limit of {0} channels; publish to an existing channel")]
     TooManyChannels(usize),
+    /// This node cannot do what the publish asks (a replicated publish without a backbone).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The payload is over the limit.
     #[error("payload is {len} bytes; the limit is {max}")]
     TooLarge {
@@ -52,6 +55,7 @@ impl PublishError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::TooManyChannels(_) => ErrorCode::TooManyChannels,
+            Self::Unsupported(_) => ErrorCode::Unsupported,
         }
     }
 
@@ -63,6 +67,43 @@ impl PublishError {
             _ => http::StatusCode::BAD_REQUEST,
         }
     }
+}
+
+/// Checks a publish as sent, whatever the surface, before anything else is asked of it:
+/// the channel name (`INVALID_CHANNEL`), then the message id, event name, `after`, and
+/// durability (`INVALID_ARGUMENT`), then the payload's size (`MESSAGE_TOO_LARGE`). Only
+/// then come the token's capabilities, what this node supports ([`supported`]), the rate
+/// limits and the publish itself.
+pub fn check(node: &Node, p: &client::Publish) -> Result<(), PublishError> {
+    ChannelName::validate(&p.channel)?;
+    check_message_id(&p.id).map_err(PublishError::InvalidArgument)?;
+    check_event_name(&p.name).map_err(PublishError::InvalidArgument)?;
+    check_after(p.after.as_ref()).map_err(PublishError::InvalidArgument)?;
+    if client::Durability::try_from(p.durability).is_err() {
+        // A durability this node does not know is refused, not weakened to the default.
+        let reason = format!("durability {} is not one this node knows", p.durability);
+        return Err(PublishError::InvalidArgument(reason));
+    }
+    let max = node.settings().config.limits.max_message_bytes_for(&p.channel);
+    let len = match &p.data {
+        Some(publish::Data::Text(t)) => t.len(),
+        Some(publish::Data::Binary(b)) => b.len(),
+        None => 0,
+    };
+    if len > max {
+        return Err(PublishError::TooLarge { len, max });
+    }
+    Ok(())
+}
+
+/// Whether this node can publish with `durability` (after [`check`] and the capabilities).
+pub fn supported(node: &Node, durability: i32) -> Result<(), PublishError> {
+    if durability == client::Durability::Replicated as i32 && !node.hub().replicates() {
+        return Err(PublishError::Unsupported(
+            "this node has no backbone: no other region can hold the message",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a `Publish.after`: an origin that is a node id (or empty: none).

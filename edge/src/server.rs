@@ -97,7 +97,7 @@ async fn drain_backbone(node: Arc<Node>, stop: CancellationToken) {
 async fn serve_http<I>(
     io: I,
     service: TowerToHyperService<axum::Router>,
-    header_timeout: Duration,
+    timeouts: &crate::config::TimeoutsConfig,
     shutdown: CancellationToken,
     peer: SocketAddr,
 ) where
@@ -106,9 +106,11 @@ async fn serve_http<I>(
     // A connection that arrives while the node drains gets its one answer (503 with
     // `Retry-After`, see `http`), then closes.
     let draining = shutdown.is_cancelled();
+    let io = WriteDeadline::new(io, timeouts.http_write);
+    let deadline_on = io.on.clone();
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(timeouts.http_header)
         .keep_alive(!draining)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -120,8 +122,102 @@ async fn serve_http<I>(
             conn.await
         }
     };
+    // After an upgrade the socket belongs to a WebSocket session, with its own cut-offs.
+    deadline_on.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = result {
         debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}
+
+/// A client socket whose writes fail (`TimedOut`) once one has waited `limit` for the
+/// client to take more (`timeouts.http_write`): an HTTP client that stops reading its
+/// answer is let go, and the answer's memory with it. Switched off (`on`) when the socket
+/// passes to a WebSocket session.
+struct WriteDeadline<I> {
+    io: I,
+    limit: Duration,
+    on: Arc<std::sync::atomic::AtomicBool>,
+    /// Armed while a write waits for the client.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        let on = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Self { io, limit, on, timer: None }
+    }
+
+    /// Passes on what the socket said, arming the timer while it waits and failing the
+    /// write once the timer has run out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if polled.is_ready() || !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            self.timer = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading (timeouts.http_write)",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -522,15 +618,14 @@ impl Server {
             // The slot travels with the socket, into the WebSocket session after an upgrade.
             let stream = Counted { stream, _slot: slot };
             let tls = tls.clone();
+            let timeouts = node.settings().config.timeouts.clone();
             let serve = async move {
                 let Some(acceptor) = tls else {
-                    return serve_http(stream, service, header_timeout, shutdown, peer).await;
+                    return serve_http(stream, service, &timeouts, shutdown, peer).await;
                 };
                 // The TLS handshake gets the same time as the request headers.
                 match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        serve_http(stream, service, header_timeout, shutdown, peer).await
-                    }
+                    Ok(Ok(stream)) => serve_http(stream, service, &timeouts, shutdown, peer).await,
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),
                 }

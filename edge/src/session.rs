@@ -642,6 +642,11 @@ impl Session {
         };
         match codec::decode_client(payload, text) {
             Ok(kind) => self.handle(kind),
+            // Before `connect`, anything but a `connect` ends the connection (4002), a
+            // frame that does not decode too.
+            Err(e) if self.client_id.is_none() => {
+                Err(End::Close(close::PROTOCOL_VIOLATION, format!("send Connect first ({e})")))
+            }
             Err(e) => {
                 // A request that does not decode is still answered as that request.
                 let request = codec::request_of(payload, text).unwrap_or_default();
@@ -688,6 +693,21 @@ impl Session {
     }
 
     fn connect(&mut self, c: client::Connect) -> Result<(), End> {
+        // Who is asking first (4003), then what they ask.
+        let verifier = &self.node.settings().auth;
+        let claims = if verifier.mode() == crate::auth::AuthMode::Token {
+            let token = if c.token.is_empty() {
+                self.url_token.clone().unwrap_or_default()
+            } else {
+                c.token.clone()
+            };
+            let claims = verifier
+                .verify(&token)
+                .map_err(|e| End::Close(close::UNAUTHORIZED, e.to_string()))?;
+            Some(claims)
+        } else {
+            None
+        };
         if c.protocol > tern_proto::PROTOCOL_VERSION {
             self.error(
                 0,
@@ -697,16 +717,8 @@ impl Session {
             );
             return Ok(());
         }
-        let verifier = &self.node.settings().auth;
-        let client_id = if verifier.mode() == crate::auth::AuthMode::Token {
-            let token = if c.token.is_empty() {
-                self.url_token.take().unwrap_or_default()
-            } else {
-                c.token
-            };
-            let claims = verifier
-                .verify(&token)
-                .map_err(|e| End::Close(close::UNAUTHORIZED, e.to_string()))?;
+        let client_id = if let Some(claims) = claims {
+            self.url_token = None;
             self.expires = Some(Instant::now() + claims.remaining(verifier.leeway()));
             let sub = claims.sub.clone();
             self.claims = Some(claims);
@@ -782,7 +794,7 @@ impl Session {
             Err(e) => {
                 return self.error(
                     a.request_id,
-                    ErrorCode::Forbidden,
+                    ErrorCode::Unauthorized,
                     e.to_string(),
                     String::new(),
                 );
@@ -847,6 +859,11 @@ impl Session {
                 );
             }
         };
+        if let Some(r) = &s.resume {
+            if let Err(reason) = crate::resume::check_vector(&r.origins) {
+                return self.error(s.request_id, ErrorCode::InvalidArgument, reason, s.channel);
+            }
+        }
         if !self.allowed(Operation::Subscribe, &s.channel) {
             let reason = Self::forbidden(Operation::Subscribe, &s.channel);
             return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
@@ -864,11 +881,6 @@ impl Session {
             let max = self.cfg().limits.max_channels;
             let reason = format!("the node holds its limit of {max} channels");
             return self.error(s.request_id, ErrorCode::TooManyChannels, reason, s.channel);
-        }
-        if let Some(r) = &s.resume {
-            if let Err(reason) = crate::resume::check_vector(&r.origins) {
-                return self.error(s.request_id, ErrorCode::InvalidArgument, reason, s.channel);
-            }
         }
         if self.catchups.iter().any(|c| c.channel == channel) {
             return self.error(
@@ -1051,31 +1063,23 @@ impl Session {
             reason,
             retry_after_ms,
         };
-        if let Err(e) = ChannelName::validate(&channel) {
-            return self.refuse(nack(ErrorCode::InvalidChannel, e.to_string(), 0));
+        // The one order of checks (see `publish::check`): the request, then the token's
+        // capabilities, then what this node supports, then the rate.
+        if let Err(e) = publish::check(&self.node, &p) {
+            return self.refuse(nack(e.code(), e.to_string(), 0));
         }
         if !self.allowed(crate::auth::Operation::Publish, &channel) {
             let reason = Self::forbidden(crate::auth::Operation::Publish, &channel);
             return self.refuse(nack(ErrorCode::Forbidden, reason, 0));
+        }
+        if let Err(e) = publish::supported(&self.node, p.durability) {
+            return self.refuse(nack(e.code(), e.to_string(), 0));
         }
         if let Err(wait) = self.take_publish(&channel) {
             let rate = self.publish_rate(&channel);
             let reason = format!("more than {rate} publishes/s; retry after {wait:?}");
             let retry = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
             return self.refuse(nack(ErrorCode::RateLimited, reason, retry));
-        }
-        if client::Durability::try_from(p.durability).is_err() {
-            // A durability this node does not know is refused, not weakened to the default.
-            let reason = format!("durability {} is not one this node knows", p.durability);
-            return self.refuse(nack(ErrorCode::InvalidArgument, reason, 0));
-        }
-        let replicated = p.durability == client::Durability::Replicated as i32;
-        if replicated && !self.node.hub().replicates() {
-            let reason = "this node has no backbone: no other region can hold the message".into();
-            return self.refuse(nack(ErrorCode::Unsupported, reason, 0));
-        }
-        if let Err(reason) = publish::check_after(p.after.as_ref()) {
-            return self.refuse(nack(ErrorCode::InvalidArgument, reason, 0));
         }
         // An earlier publish of this channel was refused for its order: later ones wait for
         // its retry (or `publish_order_wait`), or they would overtake it.
@@ -1335,14 +1339,14 @@ impl Session {
         if let Err(e) = ChannelName::validate(&h.channel) {
             return self.error(h.request_id, ErrorCode::InvalidChannel, e.to_string(), h.channel);
         }
-        if !self.allowed(crate::auth::Operation::History, &h.channel) {
-            let reason = Self::forbidden(crate::auth::Operation::History, &h.channel);
-            return self.error(h.request_id, ErrorCode::Forbidden, reason, h.channel);
-        }
         let limit = if h.limit == 0 { 100 } else { h.limit as usize };
         if limit > crate::http::MAX_HISTORY_PAGE {
             let reason = format!("limit must be at most {}", crate::http::MAX_HISTORY_PAGE);
             return self.error(h.request_id, ErrorCode::InvalidArgument, reason, h.channel);
+        }
+        if !self.allowed(crate::auth::Operation::History, &h.channel) {
+            let reason = Self::forbidden(crate::auth::Operation::History, &h.channel);
+            return self.error(h.request_id, ErrorCode::Forbidden, reason, h.channel);
         }
         let Some(store) = self.node.hub().store().filter(|s| s.keeps(&h.channel)).cloned() else {
             let reason = "history is not kept for this channel's namespace".to_owned();

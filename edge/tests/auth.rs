@@ -213,7 +213,7 @@ async fn a_token_renewed_in_band_keeps_the_connection() {
     c.send(&format!(r#"{{"auth":{{"requestId":1,"token":"{other}"}}}}"#)).await;
     assert_eq!(c.recv().await["error"]["code"], "ERROR_CODE_INVALID_ARGUMENT");
     c.send(r#"{"auth":{"requestId":2,"token":"garbage"}}"#).await;
-    assert_eq!(c.recv().await["error"]["code"], "ERROR_CODE_FORBIDDEN");
+    assert_eq!(c.recv().await["error"]["code"], "ERROR_CODE_UNAUTHORIZED");
     let fresh = token("fred");
     c.send(&format!(r#"{{"auth":{{"requestId":3,"token":"{fresh}"}}}}"#)).await;
     let renewed = c.recv().await;
@@ -496,9 +496,9 @@ async fn the_largest_expiry_a_token_can_carry_connects_and_renews() {
 }
 
 /// A token's claims are checked as a whole, the same on every surface: a token must name
-/// its client (`sub` non-empty, at most 128 bytes, no control characters), its capability
+/// its client (`sub` non-empty, at most 128 bytes, no control characters, not `key:…`), its capability
 /// patterns must be able to match a channel, and a token with no time left (the second
-/// `exp + leeway` ends) opens nothing — at connect (4003), in a renewal (`FORBIDDEN`) and
+/// `exp + leeway` ends) opens nothing — at connect (4003), in a renewal (`UNAUTHORIZED`) and
 /// over HTTP (401).
 #[tokio::test]
 async fn a_token_is_checked_as_a_whole_on_every_surface() {
@@ -518,6 +518,8 @@ async fn a_token_is_checked_as_a_whole_on_every_surface() {
         ),
         ("a sub with a newline", mint_hs256(SECRET, &claims("iv\ny", now() + 3600)).unwrap()),
         ("a capability no channel matches", mint_hs256(SECRET, &spaced).unwrap()),
+        // API keys publish as `key:ID`: a token may not pass for one.
+        ("a sub of an API key", mint_hs256(SECRET, &claims("key:backend", now() + 3600)).unwrap()),
         // `exp + leeway` is now: the token has no time left.
         ("no time left", mint_hs256(SECRET, &claims("ivy", now() - 5)).unwrap()),
     ];
@@ -529,13 +531,15 @@ async fn a_token_is_checked_as_a_whole_on_every_surface() {
             .send(&serde_json::json!({"auth": {"requestId": id, "token": t}}).to_string())
             .await;
         let v = renewing.recv().await;
-        assert_eq!(v["error"]["code"], "ERROR_CODE_FORBIDDEN", "renewal with {what}: {v}");
+        assert_eq!(v["error"]["code"], "ERROR_CODE_UNAUTHORIZED", "renewal with {what}: {v}");
         assert_eq!(v["error"]["requestId"], id, "{v}");
         let bearer = format!("Authorization: Bearer {t}\r\n");
         let (status, body) =
             http_with(n.addr, "POST", "/v1/channels/chat:w/messages", &bearer, "text/plain", b"x")
                 .await;
         assert_eq!(status, 401, "HTTP with {what}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], "ERROR_CODE_UNAUTHORIZED", "HTTP with {what}: {body}");
     }
     // The authentication scheme is case-insensitive.
     let lower = format!("Authorization: bearer {}\r\n", token("ivy"));

@@ -43,6 +43,7 @@ fn chat_token(sub: &str) -> String {
         &[
             ("chat:*", &[Operation::Subscribe, Operation::Publish]),
             ("log:*", &[Operation::Subscribe, Operation::Publish, Operation::History]),
+            ("nolog:*", &[Operation::History]),
         ],
     )
 }
@@ -203,7 +204,7 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
                 )
                 .unwrap()
             ),
-            "error:FORBIDDEN",
+            "error:UNAUTHORIZED",
         ),
         (
             "renewal naming another client (escalation)",
@@ -216,14 +217,60 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
         (
             "renewal with alg none",
             format!(r#"{{"auth":{{"requestId":1,"token":"{}"}}}}"#, alg_none("mallory")),
-            "error:FORBIDDEN",
+            "error:UNAUTHORIZED",
         ),
         (
             "renewal with garbage",
             r#"{"auth":{"requestId":1,"token":"a.b.c"}}"#.into(),
-            "error:FORBIDDEN",
+            "error:UNAUTHORIZED",
         ),
         ("second connect", r#"{"connect":{"protocol":1}}"#.into(), "error:ALREADY_CONNECTED"),
+        // `*` is a capability pattern, not a channel: INVALID_CHANNEL on every surface,
+        // whatever the token allows.
+        ("subscribe to `*`", r#"{"subscribe":{"requestId":1,"channel":"*"}}"#.into(), "error:INVALID_CHANNEL"),
+        ("publish to `*`", r#"{"publish":{"requestId":1,"channel":"*","text":"x"}}"#.into(), "nack:INVALID_CHANNEL"),
+        ("history of `*`", r#"{"history":{"requestId":1,"channel":"*"}}"#.into(), "error:INVALID_CHANNEL"),
+        // One order of checks on every surface: the request itself, then the capability,
+        // then what the node supports and its limits. A request with two faults gets the
+        // answer of the one checked first (`admin:` is outside the token).
+        (
+            "a forbidden publish with a message id of 200 bytes",
+            format!(
+                r#"{{"publish":{{"requestId":1,"channel":"admin:x","id":"{}","text":"x"}}}}"#,
+                "i".repeat(200)
+            ),
+            "nack:INVALID_ARGUMENT",
+        ),
+        (
+            "a forbidden publish over max_message_bytes",
+            format!(r#"{{"publish":{{"requestId":1,"channel":"admin:x","text":"{big}"}}}}"#),
+            "nack:MESSAGE_TOO_LARGE",
+        ),
+        (
+            "a forbidden publish after an origin that is no node",
+            r#"{"publish":{"requestId":1,"channel":"admin:x","text":"x","after":{"origin":"nowhere","seq":"1"}}}"#.into(),
+            "nack:INVALID_ARGUMENT",
+        ),
+        (
+            "a forbidden history of 5,000 messages",
+            r#"{"history":{"requestId":1,"channel":"admin:x","limit":5000}}"#.into(),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "a forbidden resume listing 257 origins",
+            resume_on("admin:x", (0..257).map(|i| format!("r{i}/n")).collect()),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "history the token does not allow, of a namespace that keeps none",
+            r#"{"history":{"requestId":1,"channel":"chat:none"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "history the token allows, of a namespace that keeps none",
+            r#"{"history":{"requestId":1,"channel":"nolog:a"}}"#.into(),
+            "error:UNSUPPORTED",
+        ),
         // A resume vector is kept per subscription and searched per delivery: bounded,
         // and every entry names a node once.
         (
@@ -310,11 +357,16 @@ fn publish_text(json: &str) -> String {
 
 /// A subscribe resuming with a vector of `origins` (each at epoch 1, seq 1).
 fn resume_with(origins: Vec<String>) -> String {
+    resume_on("chat:resumed", origins)
+}
+
+/// A `subscribe` of `channel` resuming from a vector of `origins`.
+fn resume_on(channel: &str, origins: Vec<String>) -> String {
     let origins: Vec<serde_json::Value> = origins
         .into_iter()
         .map(|o| serde_json::json!({"origin": o, "epoch": "1", "seq": "1"}))
         .collect();
-    serde_json::json!({"subscribe": {"requestId": 1, "channel": "chat:resumed",
+    serde_json::json!({"subscribe": {"requestId": 1, "channel": channel,
         "resume": {"node": "eu/x", "origins": origins}}})
     .to_string()
 }
@@ -476,6 +528,25 @@ fn close_cases(token: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
         .collect();
     vec![
         ("a frame before connect", raw_frame(true, 0x1, br#"{"heartbeat":{}}"#, true), 4002),
+        ("a frame that does not decode before connect", raw_frame(true, 0x1, b"hello", true), 4002),
+        ("an unknown frame before connect", raw_frame(true, 0x1, br#"{"frob":{}}"#, true), 4002),
+        (
+            "a connect that does not decode",
+            raw_frame(true, 0x1, br#"{"connect":{"protocol":"one"}}"#, true),
+            4002,
+        ),
+        // Who is asking is checked before what they ask.
+        (
+            "connect with a newer protocol and a forged token",
+            raw_frame(true, 0x1, br#"{"connect":{"protocol":2,"token":"a.b.c"}}"#, true),
+            4003,
+        ),
+        ("connect with an empty sub", raw_connect(&token_with("", now() + 3600, &[])), 4003),
+        (
+            "connect with an API key's client id as sub",
+            raw_connect(&token_with("key:backend", now() + 3600, &[])),
+            4003,
+        ),
         (
             "invalid UTF-8 in a text frame",
             with_connect(raw_frame(true, 0x1, b"\xff\xfe", true)),
@@ -626,6 +697,234 @@ fn http_cases(token: &str) -> Vec<HttpCase> {
     ]
 }
 
+/// The suite's API key: it may publish to `chat:*`.
+const API_KEY: (&str, &str) = ("backend", "bad-input-suite-api-key-0123456789abcdef");
+
+/// HTTP requests whose answer names the code the WebSocket gives the same fault:
+/// (the request, the code in the JSON body; empty for a success).
+fn http_answers(token: &str) -> Vec<(HttpCase, &'static str)> {
+    use base64::Engine;
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+    let auth = bearer(token);
+    let key =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", API_KEY.0, API_KEY.1));
+    let key = format!("Authorization: Basic {key}\r\n");
+    let json = "application/json";
+    let post = |name, path: &str, headers: &str, ct, body: &[u8], status| {
+        (name, "POST", path.to_owned(), headers.to_owned(), ct, body.to_vec(), status)
+    };
+    let get = |name, path: &str, headers: &str, status| {
+        (name, "GET", path.to_owned(), headers.to_owned(), "text/plain", Vec::new(), status)
+    };
+    let big = vec![b'z'; MAX_MESSAGE + 1];
+    let long_id = format!(r#"{{"id":"{}","text":"x"}}"#, "i".repeat(200));
+    vec![
+        // `*` is no channel, whatever the caller may do.
+        (
+            post(
+                "publish to `*` with a token for chat:*",
+                "/v1/channels/*/messages",
+                &auth,
+                json,
+                br#"{"text":"x"}"#,
+                400,
+            ),
+            "ERROR_CODE_INVALID_CHANNEL",
+        ),
+        (
+            post(
+                "publish to `*` with an API key for chat:*",
+                "/v1/channels/*/messages",
+                &key,
+                json,
+                br#"{"text":"x"}"#,
+                400,
+            ),
+            "ERROR_CODE_INVALID_CHANNEL",
+        ),
+        (
+            get("history of `*`", "/v1/channels/*/messages", &auth, 400),
+            "ERROR_CODE_INVALID_CHANNEL",
+        ),
+        // The request, then the capability.
+        (
+            post(
+                "a token's publish outside its capabilities",
+                "/v1/channels/admin:x/messages",
+                &auth,
+                json,
+                br#"{"text":"x"}"#,
+                403,
+            ),
+            "ERROR_CODE_FORBIDDEN",
+        ),
+        (
+            post(
+                "an API key's publish outside its capabilities",
+                "/v1/channels/admin:x/messages",
+                &key,
+                json,
+                br#"{"text":"x"}"#,
+                403,
+            ),
+            "ERROR_CODE_FORBIDDEN",
+        ),
+        (
+            post(
+                "a forbidden publish of malformed JSON",
+                "/v1/channels/admin:x/messages",
+                &auth,
+                json,
+                b"{\"text\":",
+                400,
+            ),
+            "ERROR_CODE_BAD_FRAME",
+        ),
+        (
+            post(
+                "a forbidden publish with a message id of 200 bytes",
+                "/v1/channels/admin:x/messages",
+                &auth,
+                json,
+                long_id.as_bytes(),
+                400,
+            ),
+            "ERROR_CODE_INVALID_ARGUMENT",
+        ),
+        (
+            post(
+                "a forbidden publish over max_message_bytes",
+                "/v1/channels/admin:x/messages",
+                &auth,
+                "text/plain",
+                &big,
+                413,
+            ),
+            "ERROR_CODE_MESSAGE_TOO_LARGE",
+        ),
+        (
+            post(
+                "a forbidden publish after an origin that is no node",
+                "/v1/channels/admin:x/messages",
+                &auth,
+                json,
+                br#"{"text":"x","after":{"origin":"nowhere","seq":"1"}}"#,
+                400,
+            ),
+            "ERROR_CODE_INVALID_ARGUMENT",
+        ),
+        (
+            get(
+                "a forbidden history of 5,000 messages",
+                "/v1/channels/admin:x/messages?limit=5000",
+                &auth,
+                400,
+            ),
+            "ERROR_CODE_INVALID_ARGUMENT",
+        ),
+        (
+            get(
+                "a history limit that is no number",
+                "/v1/channels/log:a/messages?limit=many",
+                &auth,
+                400,
+            ),
+            "ERROR_CODE_BAD_FRAME",
+        ),
+        (
+            get(
+                "history the token does not allow, of a namespace that keeps none",
+                "/v1/channels/chat:none/messages",
+                &auth,
+                403,
+            ),
+            "ERROR_CODE_FORBIDDEN",
+        ),
+        (
+            get(
+                "history the token allows, of a namespace that keeps none",
+                "/v1/channels/nolog:a/messages",
+                &auth,
+                404,
+            ),
+            "ERROR_CODE_UNSUPPORTED",
+        ),
+        // Credentials that do not verify: 401, and the code says so.
+        (
+            post(
+                "publish with a forged token",
+                "/v1/channels/chat:a/messages",
+                "Authorization: Bearer a.b.c\r\n",
+                json,
+                br#"{"text":"x"}"#,
+                401,
+            ),
+            "ERROR_CODE_UNAUTHORIZED",
+        ),
+        (
+            post(
+                "publish with a token whose sub is empty",
+                "/v1/channels/chat:a/messages",
+                &bearer(&token_with("", now() + 3600, &[("chat:*", &[Operation::Publish])])),
+                json,
+                br#"{"text":"x"}"#,
+                401,
+            ),
+            "ERROR_CODE_UNAUTHORIZED",
+        ),
+        (
+            post(
+                "publish with a token passing for an API key",
+                "/v1/channels/chat:a/messages",
+                &bearer(&token_with(
+                    "key:backend",
+                    now() + 3600,
+                    &[("chat:*", &[Operation::Publish])],
+                )),
+                json,
+                br#"{"text":"x"}"#,
+                401,
+            ),
+            "ERROR_CODE_UNAUTHORIZED",
+        ),
+        (
+            post(
+                "publish with a wrong API key secret",
+                "/v1/channels/chat:a/messages",
+                "Authorization: Basic YmFja2VuZDp3cm9uZw==\r\n",
+                json,
+                br#"{"text":"x"}"#,
+                401,
+            ),
+            "ERROR_CODE_UNAUTHORIZED",
+        ),
+        // A channel name may hold `/`, encoded in the path or not.
+        (
+            post(
+                "publish to a channel with a slash",
+                "/v1/channels/chat:match/2026/messages",
+                &auth,
+                "text/plain",
+                b"x",
+                201,
+            ),
+            "",
+        ),
+        (
+            post(
+                "publish to a channel with an encoded slash",
+                "/v1/channels/chat:match%2F2026/messages",
+                &auth,
+                "text/plain",
+                b"y",
+                201,
+            ),
+            "",
+        ),
+        (get("a channel path without /messages", "/v1/channels/chat:a", &auth, 404), ""),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
     let data = common::temp_dir("bad-input");
@@ -639,6 +938,11 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
         cfg.auth.mode = AuthMode::Token;
         cfg.auth.hs256_secret = Some(SECRET.into());
         cfg.auth.leeway = Duration::ZERO;
+        cfg.auth.api_keys = vec![tern_edge::auth::ApiKeyConfig {
+            id: API_KEY.0.into(),
+            secret: API_KEY.1.into(),
+            capability: Some([("chat:*".to_owned(), vec![Operation::Publish])].into()),
+        }];
         cfg.limits.max_message_bytes = MAX_MESSAGE;
         cfg.limits.max_frame_bytes = MAX_FRAME;
         cfg.limits.publish_rate = 200;
@@ -866,6 +1170,19 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
         }
     }
 
+    for ((name, method, path, headers, ct, body, expected), code) in http_answers(&token) {
+        cases += 1;
+        let (status, text) = http_with(target, method, &path, &headers, ct, &body).await;
+        let got = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        if status != expected || got != code {
+            failures
+                .push(format!("HTTP {name}: expected {expected} {code}, got {status} ({text})"));
+        }
+    }
+
     // 5. Raw TCP: a handshake that never completes, and bytes that are not HTTP.
     cases += 1;
     let mut slow = TcpStream::connect(target).await.unwrap();
@@ -956,4 +1273,259 @@ async fn bad_input_gets_its_answer_and_well_behaved_clients_lose_nothing() {
     for n in c.nodes {
         n.stop().await;
     }
+}
+
+/// Messages in the storm's history, and their size (near the default
+/// `limits.max_message_bytes`, 64 KiB).
+const STORM_MESSAGES: usize = 100;
+const STORM_BYTES: usize = 60_000;
+
+/// Message `i` of the storm: its number, then padding to `STORM_BYTES`.
+fn storm_text(i: usize) -> String {
+    let mut t = format!("{i:05}:");
+    t.extend(std::iter::repeat_n('x', STORM_BYTES - t.len()));
+    t
+}
+
+/// `v` as JSON, cut to 300 bytes (storm frames hold megabytes).
+fn short(v: &serde_json::Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 300 {
+        let cut = (0..=300).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// The number a storm message starts with.
+fn storm_number(m: &serde_json::Value) -> usize {
+    let text = m["text"].as_str().unwrap_or_else(|| panic!("a text message: {m}"));
+    text[..5].parse().unwrap()
+}
+
+/// An HTTP reader of the storm: pages forwards through the whole history; a 503 must carry
+/// `Retry-After` and `ERROR_CODE_RATE_LIMITED`, and is retried. Returns the message numbers
+/// read and the refusals met.
+async fn storm_http_reader(addr: SocketAddr) -> Result<(Vec<usize>, usize), String> {
+    let (mut got, mut refusals, mut from) = (Vec::new(), 0, None::<u64>);
+    loop {
+        let path = match from {
+            Some(f) => {
+                format!("/v1/channels/log:storm/messages?direction=forwards&limit=1000&from={f}")
+            }
+            None => "/v1/channels/log:storm/messages?direction=forwards&limit=1000".into(),
+        };
+        let (status, headers, body) =
+            common::http_full(addr, "GET", &path, "", "text/plain", b"").await;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{status} {e}: {body:.200}"))?;
+        match status {
+            200 => {
+                let messages =
+                    v["messages"].as_array().ok_or(format!("no messages: {}", short(&v)))?;
+                got.extend(messages.iter().map(storm_number));
+                match v["next"]["from"].as_u64() {
+                    Some(f) => from = Some(f),
+                    None if v["next"].is_null() => return Ok((got, refusals)),
+                    None => return Err(format!("a `next` that is not a position: {}", v["next"])),
+                }
+            }
+            503 => {
+                let retry = headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v);
+                if retry.is_none_or(|r| r.parse::<u64>().is_err())
+                    || v["code"] != "ERROR_CODE_RATE_LIMITED"
+                {
+                    return Err(format!("a 503 not as documented: {headers:?} {v}"));
+                }
+                refusals += 1;
+                // A test need not wait the whole second Retry-After asks for.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return Err(format!("HTTP {other}: {v}")),
+        }
+    }
+}
+
+/// A WebSocket of the storm with four readers (the per-connection limit) paging forwards
+/// through the whole history at once. A refusal must be `error` RATE_LIMITED naming the
+/// request, and is retried. Returns each reader's message numbers and the refusals met.
+async fn storm_ws_readers(addr: SocketAddr) -> Result<(Vec<Vec<usize>>, usize), String> {
+    let (mut c, _) = common::RawJson::connected(addr).await;
+    let request = |id: u32, from: Option<&str>| {
+        let mut h = serde_json::json!({"requestId": id, "channel": "log:storm", "forwards": true, "limit": 1000});
+        if let Some(f) = from {
+            h["from"] = f.into();
+        }
+        serde_json::json!({ "history": h }).to_string()
+    };
+    const READERS: usize = 4;
+    let mut got = vec![Vec::new(); READERS];
+    // The request each reader waits for (ids from 1: `page * READERS + reader + 1`), with
+    // its `from`; `None` once the reader is done.
+    let mut waiting: Vec<Option<(u32, Option<String>)>> =
+        (1..=READERS).map(|r| Some((r as u32, None))).collect();
+    for (id, _) in waiting.iter().flatten() {
+        c.send(&request(*id, None)).await;
+    }
+    let mut refusals = 0;
+    while waiting.iter().any(Option::is_some) {
+        let v = c.recv().await;
+        let (kind, body) = v.as_object().and_then(|o| o.iter().next()).ok_or(format!("{v}"))?;
+        let id = body["requestId"].as_u64().ok_or(format!("an answer naming no request: {v}"))?;
+        let reader = (id as usize + READERS - 1) % READERS;
+        let Some((want, from)) = waiting[reader].clone() else {
+            return Err(format!("an answer for a finished reader: {}", short(&v)));
+        };
+        if u64::from(want) != id {
+            return Err(format!("expected request {want}, got {}", short(&v)));
+        }
+        match kind.as_str() {
+            "history" => {
+                let messages = body["messages"].as_array().cloned().unwrap_or_default();
+                got[reader].extend(messages.iter().map(storm_number));
+                waiting[reader] = match body["nextFrom"].as_str() {
+                    Some(next) => {
+                        let id = want + READERS as u32;
+                        c.send(&request(id, Some(next))).await;
+                        Some((id, Some(next.to_owned())))
+                    }
+                    None => None,
+                };
+            }
+            "error" if body["code"] == "ERROR_CODE_RATE_LIMITED" => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                c.send(&request(want, from.as_deref())).await;
+            }
+            _ => return Err(format!("unexpected answer: {}", short(&v))),
+        }
+    }
+    Ok((got, refusals))
+}
+
+/// The read storm of the field report, on a shorter history (about 400 MB read): 100
+/// messages of 60 KB; 32 HTTP readers and 8 WebSockets × 4 readers page through all of it
+/// at once, while one more WebSocket asks for the whole history four times and a
+/// rewind of it, and reads nothing. Every reader gets every message once, in order — after
+/// the documented refusals (WebSocket `RATE_LIMITED`, HTTP 503 with `Retry-After`), which
+/// it retries — the node lets the one that does not read go, and a bystander on the same
+/// node, a plain protocol-level client, gets its live stream whole and in order throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_storm_is_served_whole_and_a_bystander_loses_nothing() {
+    let data = common::temp_dir("storm");
+    let dir = data.clone();
+    let n = common::TestNode::start(move |cfg| {
+        cfg.history.data_dir = dir;
+        cfg.history.namespaces = vec![tern_edge::config::HistoryNamespace {
+            name: "log".into(),
+            max_messages: 1000,
+            max_age: Duration::from_secs(3600),
+        }];
+        cfg.heartbeat.interval = Duration::from_secs(1);
+        cfg.heartbeat.idle_timeout = Duration::from_secs(5);
+        // A quarter of the default read memory, so that the storm meets the budget.
+        cfg.limits.history_read_bytes = 16 << 20;
+    })
+    .await;
+    let addr = n.addr;
+    for i in 0..STORM_MESSAGES {
+        let path = "/v1/channels/log:storm/messages";
+        let (status, body) =
+            http_with(addr, "POST", path, "", "text/plain", storm_text(i).as_bytes()).await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    // The bystander, and its publisher, both on the node under the storm.
+    let (mut bystander, _) = common::RawJson::connected(addr).await;
+    bystander.send(r#"{"subscribe":{"requestId":1,"channel":"chat:calm"}}"#).await;
+    assert!(bystander.recv().await.get("subscribed").is_some());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let publisher = tokio::spawn(async move {
+        let (mut p, _) = common::RawJson::connected(addr).await;
+        let mut sent = 0u32;
+        loop {
+            let text = if stopped.is_cancelled() { "last".to_owned() } else { sent.to_string() };
+            p.send(&format!(
+                r#"{{"publish":{{"requestId":{sent},"channel":"chat:calm","text":"{text}"}}}}"#
+            ))
+            .await;
+            let v = p.recv().await;
+            assert!(v.get("ack").is_some(), "{v}");
+            if text == "last" {
+                return sent;
+            }
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let watcher = tokio::spawn(async move {
+        let mut texts = Vec::new();
+        loop {
+            let v = bystander.recv().await;
+            let messages = v["deliver"]["messages"].as_array().cloned();
+            for m in messages.unwrap_or_else(|| panic!("the bystander got {}", short(&v))) {
+                texts.push(m["text"].as_str().unwrap_or("?").to_owned());
+            }
+            if texts.last().is_some_and(|t| t == "last") {
+                return texts;
+            }
+        }
+    });
+
+    // The one that asks and does not read.
+    let (mut staller, _) = common::RawJson::connected(addr).await;
+    for id in 1..=4 {
+        staller
+            .send(&format!(
+                r#"{{"history":{{"requestId":{id},"channel":"log:storm","limit":1000}}}}"#
+            ))
+            .await;
+    }
+    staller
+        .send(r#"{"subscribe":{"requestId":5,"channel":"log:storm","rewind":{"count":100}}}"#)
+        .await;
+
+    let http: Vec<_> = (0..32).map(|_| tokio::spawn(storm_http_reader(addr))).collect();
+    let ws: Vec<_> = (0..8).map(|_| tokio::spawn(storm_ws_readers(addr))).collect();
+    let all: Vec<usize> = (0..STORM_MESSAGES).collect();
+    let mut refusals = 0;
+    for (i, h) in http.into_iter().enumerate() {
+        let (got, refused) = h.await.unwrap().unwrap_or_else(|e| panic!("HTTP reader {i}: {e}"));
+        assert!(got == all, "HTTP reader {i} read {} messages, not each once in order", got.len());
+        refusals += refused;
+    }
+    for (i, h) in ws.into_iter().enumerate() {
+        let (readers, refused) = h.await.unwrap().unwrap_or_else(|e| panic!("WebSocket {i}: {e}"));
+        for (r, got) in readers.iter().enumerate() {
+            assert!(
+                got == &all,
+                "WebSocket {i} reader {r} read {} messages, not each once in order",
+                got.len()
+            );
+        }
+        refusals += refused;
+    }
+
+    stop.cancel();
+    let sent = publisher.await.unwrap();
+    let texts = watcher.await.unwrap();
+    let mut expected: Vec<String> = (0..sent).map(|k| k.to_string()).collect();
+    expected.push("last".into());
+    assert_eq!(texts, expected, "the bystander got every message once, in order");
+
+    // Only the staller is left, holding its socket without reading: the node lets it go.
+    assert!(
+        common::eventually(|| n.node.connection_count() == 0).await,
+        "a client that reads nothing is not kept ({} open)",
+        n.node.connection_count()
+    );
+    drop(staller);
+    println!(
+        "read storm: 64 readers × {STORM_MESSAGES} messages of {STORM_BYTES} B read whole ({refusals} refusals retried); the bystander got {} messages whole",
+        sent + 1
+    );
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
 }

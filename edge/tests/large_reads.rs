@@ -469,3 +469,75 @@ async fn history_reads_share_a_memory_budget() {
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTP history answer holds its share of `limits.history_read_bytes` until the client
+/// has taken it; a client that stops reading is let go after `timeouts.http_write`, and
+/// the share comes back.
+#[tokio::test]
+async fn an_http_reader_that_stops_reading_gives_its_budget_back() {
+    let dir = data_dir("http-stall");
+    let n = node(&dir, |cfg| {
+        // Pages of 16 MiB, more than the socket buffers between the node and a client
+        // hold (Linux: at most 4 MiB sending), and one HTTP read (3 × 16 MiB) at a time.
+        cfg.limits.history_page_bytes = 16 << 20;
+        cfg.limits.history_read_bytes = 48 << 20;
+        cfg.timeouts.http_write = Duration::from_secs(3);
+    })
+    .await;
+    let mut publisher = Client::connect(&n, Format::Protobuf).await;
+    publisher.publish_all("log:held", (1..=300).map(|i| big_text(i, BIG))).await;
+    let path = "/v1/channels/log:held/messages?limit=1000";
+
+    // Asks for a page through a small receive window, and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut staller = socket.connect(n.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut staller, request.as_bytes()).await.unwrap();
+
+    // While its answer waits, other reads are refused; once the node let it go, they are
+    // served.
+    let read = || async {
+        let (status, headers, body) = common::http_full(n.addr, "GET", path, "", "", b"").await;
+        if status == 503 {
+            assert!(headers.iter().any(|(k, v)| k == "retry-after" && v == "1"), "{headers:?}");
+        }
+        (status, body.len())
+    };
+    assert!(eventually_async(|| async { read().await.0 == 503 }).await, "the staller reads");
+    // Well after its page was read and its answer written as far as it goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(read().await.0, 503, "the answer nobody reads holds its share of the budget");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let served = loop {
+        let (status, len) = read().await;
+        if status == 200 {
+            break len;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "served again once the staller is let go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(served > 16_000_000, "a whole page: {served} bytes");
+
+    // The staller's connection was closed before its answer was complete.
+    let mut got = Vec::new();
+    let _ =
+        tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut staller, &mut got))
+            .await
+            .expect("the node closed the connection");
+    assert!(got.len() < served, "cut off: {} bytes", got.len());
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `f` every 50 ms until it is true or `WAIT` passes.
+async fn eventually_async<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

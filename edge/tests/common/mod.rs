@@ -166,6 +166,19 @@ pub async fn http_with(
     content_type: &str,
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, extra_headers, content_type, body).await;
+    (status, body)
+}
+
+/// [`http_with`], also returning the response's header lines (lower-cased names).
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
     let head = format!(
@@ -178,8 +191,14 @@ pub async fn http_with(
     tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
 }
 
 pub fn free_udp_port() -> SocketAddr {
