@@ -437,7 +437,8 @@ pub struct TimeoutsConfig {
     pub http_header: Duration,
     /// Time an HTTP answer may wait for the client to read more of it before the connection
     /// is dropped (a client that stops reading would hold the answer's memory, and its share
-    /// of `limits.history_read_bytes`, for ever). WebSocket sessions have their own cut-offs.
+    /// of `limits.history_read_bytes`, for ever); a history answer must also be taken within
+    /// this plus its length at 16 KiB/s. WebSocket sessions have their own cut-offs.
     #[serde(with = "humantime_serde")]
     pub http_write: Duration,
     /// Time allowed for a close frame to be flushed to a client before the socket drops.

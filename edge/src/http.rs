@@ -205,9 +205,10 @@ async fn http_history(
         Some("forwards") => false,
         Some(other) => return bad(format!("direction {other:?}: use forwards or backwards")),
     };
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_HISTORY_PAGE {
-        return bad(format!("limit must be between 1 and {MAX_HISTORY_PAGE}"));
+    // 0 is the default, as over the WebSocket (where an absent field reads as 0).
+    let limit = q.limit.filter(|l| *l > 0).unwrap_or(100);
+    if limit > MAX_HISTORY_PAGE {
+        return bad(format!("limit must be at most {MAX_HISTORY_PAGE}"));
     }
     if let Err(r) = caller.allow(crate::auth::Operation::History, &channel) {
         return *r;
@@ -244,9 +245,15 @@ async fn http_history(
     };
     let store = store.clone();
     let ch = channel.clone();
-    // The permit stays with the page, then with the document until the connection has taken
-    // it (`held_body`).
-    let read = move || (store.page(&ch, query), permit);
+    // The read slot is back once the page is read (as over the WebSocket); the memory share
+    // stays with the page, then with the document until the connection has written it
+    // (`held_body`).
+    let crate::node::ReadPermit { count, bytes } = permit;
+    let read = move || {
+        let page = store.page(&ch, query);
+        drop(count);
+        (page, bytes)
+    };
     let (page, permit) = match tokio::task::spawn_blocking(read).await {
         Ok((Ok(page), permit)) => (page, permit),
         Ok((Err(e), _)) => {
@@ -279,29 +286,63 @@ async fn http_history(
         "messages": messages,
         "next": next.map(|from| serde_json::json!({"from": from})),
     });
-    let body = Bytes::from(body.to_string());
-    let length = body.len();
+    let body = body.to_string();
+    let length = body.len().to_string();
+    let timeouts = &node.settings().config.timeouts;
     (
-        [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_LENGTH, &length.to_string())],
-        held_body(body, permit),
+        [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_LENGTH, length.as_str())],
+        held_body(body.into_bytes(), permit, timeouts.http_write),
     )
         .into_response()
 }
 
-/// `body` handed to the connection in pieces of 64 KiB, holding `permit` until the last
-/// piece is taken: the memory of a history answer stays counted in
-/// `limits.history_read_bytes` until the client has read nearly all of it (the connection
-/// buffers a piece or two; a client that stops reading is let go after
-/// `timeouts.http_write`).
-fn held_body(body: Bytes, permit: crate::node::ReadPermit) -> Body {
+/// A history answer's bytes, and the share of `limits.history_read_bytes` they hold: the
+/// share goes back when the last piece of them is dropped — written to the client, or
+/// dropped with its connection.
+struct HeldBytes {
+    bytes: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Slowest average pace an HTTP answer may be read at (after a first `timeouts.http_write`):
+/// 16 KiB/s, a poor mobile link's. A client slower than that would hold its answer's memory
+/// for too long; it is let go like one that stops reading.
+const MIN_READ_RATE: u64 = 16 * 1024;
+
+/// `body` handed to the connection in pieces of 64 KiB, its memory counted in the read
+/// budget (`permit`) until the last piece is gone. The answer must be taken within
+/// `stall + len / MIN_READ_RATE`; otherwise the connection ends (as it does, through
+/// `WriteDeadline`, when no piece moves for `stall`).
+fn held_body(
+    body: Vec<u8>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    stall: std::time::Duration,
+) -> Body {
     const PIECE: usize = 64 * 1024;
-    // The stream ends (and drops its permit) when nothing is left.
-    let pieces = futures_util::stream::unfold((body, permit), |(mut rest, permit)| async {
+    let len = body.len() as u64;
+    let deadline = tokio::time::Instant::now()
+        + stall
+        + std::time::Duration::from_secs(len.div_ceil(MIN_READ_RATE));
+    let rest = Bytes::from_owner(HeldBytes { bytes: body, _permit: permit });
+    let pieces = futures_util::stream::unfold(rest, move |mut rest| async move {
         if rest.is_empty() {
             return None;
         }
+        if tokio::time::Instant::now() > deadline {
+            let late = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client reads its answer too slowly",
+            );
+            return Some((Err(late), Bytes::new()));
+        }
         let piece = rest.split_to(rest.len().min(PIECE));
-        Some((Ok::<_, std::convert::Infallible>(piece), (rest, permit)))
+        Some((Ok(piece), rest))
     });
     Body::from_stream(pieces)
 }
@@ -524,9 +565,7 @@ async fn http_publish(
         Ok(c) => c,
         Err(r) => return *r,
     };
-    if let Err(r) = valid_channel(&channel) {
-        return *r;
-    }
+    // The body decodes first, then `pubmod::check` takes the channel and the fields.
     let body = match body {
         Ok(body) => body,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -545,16 +584,13 @@ async fn http_publish(
             return error_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadFrame, reason);
         }
     };
+    let mut body_channel = String::new();
     let p = match content_type {
         BodyType::Json => match serde_json::from_slice::<client::Publish>(&body) {
-            Ok(p) if !p.channel.is_empty() && p.channel != channel => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::InvalidArgument,
-                    "the body's channel differs from the URL's".into(),
-                );
+            Ok(p) => {
+                body_channel = p.channel.clone();
+                client::Publish { channel: channel.clone(), ..p }
             }
-            Ok(p) => client::Publish { channel: channel.clone(), ..p },
             Err(e) => {
                 return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string());
             }
@@ -582,6 +618,13 @@ async fn http_publish(
     // The one order of checks, as over the WebSocket (`pubmod::check`).
     if let Err(e) = pubmod::check(&node, &p) {
         return error_response(e.http_status(), e.code(), e.to_string());
+    }
+    if !body_channel.is_empty() && body_channel != channel {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidArgument,
+            "the body's channel differs from the URL's".into(),
+        );
     }
     if let Err(r) = caller.allow(crate::auth::Operation::Publish, &channel) {
         return *r;

@@ -203,10 +203,11 @@ impl Node {
     }
 
     /// Takes an HTTP publish token for `caller` (an API key, a token's subject, or one
-    /// bucket shared by anonymous callers in dev mode) on `channel`: one from the caller's
-    /// bucket (`limits.http_publish_rate`) and, when the channel's namespace has a rate of
-    /// its own, one from the caller's bucket for that namespace, as a WebSocket connection
-    /// takes one. Otherwise says how long to wait, and the rate that refused.
+    /// bucket shared by anonymous callers in dev mode) on `channel`: from the caller's
+    /// bucket for the channel's namespace when it has a rate of its own, else from the
+    /// caller's bucket (`limits.http_publish_rate`) — as a WebSocket connection takes its
+    /// namespace's token instead of its own. Otherwise says how long to wait, and the rate
+    /// that refused.
     pub fn take_http_publish(
         &self,
         caller: &str,
@@ -228,10 +229,12 @@ impl Node {
             let ns = &limits.namespaces[i];
             Some((i, ns.publish_rate?, ns.publish_burst.or(ns.publish_rate)?))
         });
-        if let Some((i, rate, burst)) = namespace {
-            take((caller.to_owned(), Some(i)), rate, burst)?;
+        match namespace {
+            Some((i, rate, burst)) => take((caller.to_owned(), Some(i)), rate, burst),
+            None => {
+                take((caller.to_owned(), None), limits.http_publish_rate, limits.http_publish_burst)
+            }
         }
-        take((caller.to_owned(), None), limits.http_publish_rate, limits.http_publish_burst)
     }
 
     /// Counts a TCP connection from `ip`, or `None` at `limits.max_connections_per_ip`.

@@ -728,6 +728,15 @@ impl Session {
         } else {
             c.client_id
         };
+        if self.claims.is_none() && client_id.starts_with(crate::auth::API_KEY_PREFIX) {
+            // Only an API key's messages carry `key:ID`.
+            let reason = format!(
+                "client id: {:?} starts the client id of an API key",
+                crate::auth::API_KEY_PREFIX
+            );
+            self.error(0, ErrorCode::InvalidArgument, reason, String::new());
+            return Ok(());
+        }
         if let Err(reason) = tern_proto::types::check_message_id(&client_id) {
             self.error(
                 0,

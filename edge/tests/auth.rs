@@ -549,6 +549,20 @@ async fn a_token_is_checked_as_a_whole_on_every_surface() {
     n.stop().await;
 }
 
+/// Only an API key's messages carry a `key:` client id: a dev-mode client may not declare one.
+#[tokio::test]
+async fn a_dev_mode_client_may_not_pass_for_an_api_key() {
+    let n = TestNode::start(|_| {}).await;
+    let mut c = RawJson::open(n.addr).await;
+    c.send(r#"{"connect":{"protocol":1,"clientId":"key:backend"}}"#).await;
+    let v = c.recv().await;
+    assert_eq!(v["error"]["code"], "ERROR_CODE_INVALID_ARGUMENT", "{v}");
+    c.send(r#"{"connect":{"protocol":1,"clientId":"backend"}}"#).await;
+    let v = c.recv().await;
+    assert_eq!(v["connected"]["clientId"], "backend", "{v}");
+    n.stop().await;
+}
+
 /// Auth settings that could never mean what they say are refused at start-up, naming them.
 #[tokio::test]
 async fn auth_settings_that_cannot_apply_are_refused() {

@@ -921,7 +921,22 @@ fn http_answers(token: &str) -> Vec<(HttpCase, &'static str)> {
             ),
             "",
         ),
-        (get("a channel path without /messages", "/v1/channels/chat:a", &auth, 404), ""),
+        // The body decodes before its channel is looked at.
+        (
+            post("HTML to `*`", "/v1/channels/*/messages", &auth, "text/html", b"<p>", 415),
+            "ERROR_CODE_BAD_FRAME",
+        ),
+        (
+            post(
+                "malformed JSON to `*`",
+                "/v1/channels/*/messages",
+                &auth,
+                json,
+                b"{\"text\":",
+                400,
+            ),
+            "ERROR_CODE_BAD_FRAME",
+        ),
     ]
 }
 
@@ -1309,7 +1324,11 @@ fn storm_number(m: &serde_json::Value) -> usize {
 /// read and the refusals met.
 async fn storm_http_reader(addr: SocketAddr) -> Result<(Vec<usize>, usize), String> {
     let (mut got, mut refusals, mut from) = (Vec::new(), 0, None::<u64>);
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("not read within {WAIT:?} ({refusals} refusals)"));
+        }
         let path = match from {
             Some(f) => {
                 format!("/v1/channels/log:storm/messages?direction=forwards&limit=1000&from={f}")
@@ -1369,7 +1388,11 @@ async fn storm_ws_readers(addr: SocketAddr) -> Result<(Vec<Vec<usize>>, usize), 
         c.send(&request(*id, None)).await;
     }
     let mut refusals = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
     while waiting.iter().any(Option::is_some) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("not read within {WAIT:?} ({refusals} refusals)"));
+        }
         let v = c.recv().await;
         let (kind, body) = v.as_object().and_then(|o| o.iter().next()).ok_or(format!("{v}"))?;
         let id = body["requestId"].as_u64().ok_or(format!("an answer naming no request: {v}"))?;
