@@ -341,6 +341,71 @@ mod tests {
     use super::*;
     use crate::client::*;
 
+    /// The schema as compiled by the build script.
+    fn schema() -> prost_types::FileDescriptorSet {
+        let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+        prost_types::FileDescriptorSet::decode(&bytes[..]).unwrap()
+    }
+
+    /// The frame kinds of `message` (its `kind` oneof) as the JSON mapping names them, each
+    /// with its message type.
+    fn kinds_of(set: &prost_types::FileDescriptorSet, message: &str) -> Vec<(String, String)> {
+        let m = set
+            .file
+            .iter()
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == message)
+            .unwrap_or_else(|| panic!("{message} in the schema"));
+        let kind = m.oneof_decl.iter().position(|o| o.name() == "kind").unwrap() as i32;
+        m.field
+            .iter()
+            .filter(|f| f.oneof_index == Some(kind))
+            .map(|f| (f.json_name().to_owned(), f.type_name().rsplit('.').next().unwrap().into()))
+            .collect()
+    }
+
+    fn sorted(names: impl IntoIterator<Item = String>) -> Vec<String> {
+        let mut n: Vec<String> = names.into_iter().collect();
+        n.sort();
+        n
+    }
+
+    /// The frame-kind lists the decoder consults are the schema's, every kind of them: a
+    /// kind missing from them reads as UNKNOWN_FRAME, or leaves a malformed request
+    /// unanswered by name.
+    #[test]
+    fn the_decoder_knows_every_frame_kind_of_the_schema() {
+        let set = schema();
+        let listed = |l: &[&str]| sorted(l.iter().map(|k| (*k).to_owned()));
+        let client = kinds_of(&set, "ClientFrame");
+        assert_eq!(sorted(client.iter().map(|(k, _)| k.clone())), listed(CLIENT_KINDS));
+        let server = kinds_of(&set, "ServerFrame");
+        assert_eq!(sorted(server.iter().map(|(k, _)| k.clone())), listed(SERVER_KINDS));
+        // Requests are the client kinds whose message starts with `request_id`; a malformed
+        // one names itself in both encodings.
+        let starts_with_id = |ty: &str| {
+            set.file.iter().flat_map(|f| &f.message_type).any(|m| {
+                m.name() == ty
+                    && m.field.iter().any(|f| f.number() == 1 && f.name() == "request_id")
+            })
+        };
+        let requests: Vec<String> =
+            client.into_iter().filter(|(_, ty)| starts_with_id(ty)).map(|(k, _)| k).collect();
+        assert_eq!(sorted(requests.clone()), listed(REQUEST_KINDS));
+        for kind in &requests {
+            let json = format!(r#"{{"{kind}":{{"requestId":7,"channel":"chat:a","frob":1}}}}"#);
+            assert!(decode_client(json.as_bytes(), true).is_err(), "{kind}: malformed");
+            let of = request_of(json.as_bytes(), true).unwrap_or_else(|| panic!("{kind}: JSON"));
+            assert_eq!((of.kind, of.request_id), (kind.as_str(), 7));
+            // The same request in protobuf, read through the lenient reader.
+            let valid = format!(r#"{{"{kind}":{{"requestId":7}}}}"#);
+            let frame = decode_client(valid.as_bytes(), true).unwrap();
+            let proto = encode_client(frame, Format::Protobuf);
+            let of = request_of(&proto, false).unwrap_or_else(|| panic!("{kind}: protobuf"));
+            assert_eq!((of.kind, of.request_id), (kind.as_str(), 7));
+        }
+    }
+
     #[test]
     fn a_malformed_request_still_names_itself() {
         let of = |p: &[u8], text| request_of(p, text);
