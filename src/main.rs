@@ -186,7 +186,14 @@ async fn edge(
     if let Some(dir) = data_dir {
         cfg.history.data_dir = dir;
     }
+    let older_origins = !cfg.websocket.allowed_origins.is_empty();
     let settings = cfg.validate()?;
+    if older_origins {
+        tracing::warn!(
+            "websocket.allowed_origins is deprecated: its origins now guard the HTTP API too; \
+             list them in [cors] allowed_origins"
+        );
+    }
     if settings.auth.mode() == tern_edge::auth::AuthMode::Dev {
         tracing::warn!(
             "auth.mode = \"dev\": anonymous clients may subscribe and publish anywhere. Never \

@@ -27,6 +27,8 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     /// WebSocket tuning.
     pub websocket: WebSocketConfig,
+    /// `[cors]`: which browser origins may use the node (HTTP API and WebSocket alike).
+    pub cors: CorsConfig,
     /// Replication to other nodes; absent for a single node.
     pub backbone: Option<BackboneSection>,
     /// `[history]`: durable channel logs for the namespaces listed there.
@@ -462,10 +464,54 @@ pub struct WebSocketConfig {
     pub max_batch_messages: usize,
     /// Most bytes packed into one Deliver frame (a single larger message still goes alone).
     pub max_batch_bytes: usize,
-    /// Browser origins allowed to open a WebSocket (`https://app.example.com`); an upgrade
-    /// whose `Origin` header is not listed gets HTTP 403. Empty: any origin (non-browser
-    /// clients send none and are always allowed; tokens decide what they may do).
+    /// Deprecated: the same as `cors.allowed_origins`, where its entries are added (the
+    /// list now guards the HTTP API too).
     pub allowed_origins: Vec<String>,
+}
+
+/// `[cors]`: browser origins allowed to use the node, over the HTTP API and the WebSocket
+/// alike. A request that carries an `Origin` header (browsers send one on cross-origin
+/// requests, on every POST and on WebSocket upgrades) is served only when that origin is
+/// listed, the list holds `"*"`, or it is the node's own (its host and port are the
+/// request's `Host`); otherwise it gets 403 and nothing is done. Requests without `Origin`
+/// (servers, SDKs, curl) are always served: tokens and API keys decide what they may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`), or `"*"` for any. Empty (the default): the
+    /// node's own origin only.
+    pub allowed_origins: Vec<String>,
+    /// How long browsers may cache a preflight's answer (`Access-Control-Max-Age`).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self { allowed_origins: Vec::new(), max_age: Duration::from_secs(600) }
+    }
+}
+
+impl CorsConfig {
+    /// Whether a request from `origin` (the `Origin` header) to `host` (its `Host` header)
+    /// is served.
+    pub fn allows(&self, origin: &str, host: Option<&str>) -> bool {
+        if self.allowed_origins.iter().any(|o| o == "*") {
+            return true;
+        }
+        let Ok(origin) = normalise_origin(origin) else { return false };
+        if self.allowed_origins.contains(&origin) {
+            return true;
+        }
+        // The node's own origin: the page was served from the host the request went to
+        // (compared without the scheme, which a TLS-terminating proxy changes).
+        let authority = origin.split_once("://").map_or("", |(_, a)| a);
+        host.is_some_and(|h| {
+            let h = h.to_ascii_lowercase();
+            let h = h.strip_suffix(":80").or_else(|| h.strip_suffix(":443")).unwrap_or(&h);
+            h == authority
+        })
+    }
 }
 
 impl Default for NodeConfig {
@@ -608,6 +654,17 @@ impl Config {
                 reason,
             })?;
         }
+        for o in &mut self.cors.allowed_origins {
+            if o != "*" {
+                *o = normalise_origin(o).map_err(|reason| ConfigError::Invalid {
+                    field: "cors.allowed_origins",
+                    reason,
+                })?;
+            }
+        }
+        // The older setting's entries join the list that now guards every surface.
+        let older = std::mem::take(&mut self.websocket.allowed_origins);
+        self.cors.allowed_origins.extend(older);
         for r in &mut self.regions {
             r.url = normalise_region_url(&r.url)
                 .map_err(|reason| ConfigError::Invalid { field: "regions.url", reason })?;
@@ -830,7 +887,7 @@ pub struct Settings {
     pub config: Config,
 }
 
-/// A browser origin in the form `websocket.allowed_origins` and the `Origin` header are
+/// A browser origin in the form `cors.allowed_origins` and the `Origin` header are
 /// compared in (the serialisation of RFC 6454 § 6.2, which browsers send): lower-case scheme
 /// (`http` or `https`) and host, the port only when it is not the scheme's default, no
 /// path. `https://App.example.com:443/` becomes `https://app.example.com`; a path, query,
@@ -838,7 +895,10 @@ pub struct Settings {
 pub fn normalise_origin(s: &str) -> Result<String, String> {
     let what = "an origin is scheme://host[:port], e.g. https://app.example.com";
     if s == "*" {
-        return Err("\"*\" is not an origin: leave the list empty to allow every origin".into());
+        return Err(
+            "\"*\" is not an origin: to allow every origin, write it in cors.allowed_origins"
+                .into(),
+        );
     }
     let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not an origin ({e}); {what}"))?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
@@ -950,7 +1010,7 @@ mod tests {
     fn origins_are_compared_in_one_form_and_malformed_ones_refused() {
         let listed = |o: &str| {
             let toml = format!("[websocket]\nallowed_origins = [{o:?}]\n");
-            Config::from_toml(&toml).unwrap().validate().unwrap().config.websocket.allowed_origins
+            Config::from_toml(&toml).unwrap().validate().unwrap().config.cors.allowed_origins
         };
         for (written, kept) in [
             ("https://app.example.com/", "https://app.example.com"),
@@ -1082,7 +1142,7 @@ mod tests {
         let s = Config::from_toml(&filled).unwrap().validate().unwrap();
         assert_eq!(s.auth.mode(), crate::auth::AuthMode::Token);
         assert!(s.config.tls.is_some());
-        assert!(!s.config.websocket.allowed_origins.is_empty());
+        assert!(!s.config.cors.allowed_origins.is_empty());
         assert!(s.config.regions.iter().all(|r| r.url.starts_with("wss://")));
         assert_eq!(s.peers.len(), 2);
     }

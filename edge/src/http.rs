@@ -35,7 +35,49 @@ pub fn router(node: Arc<Node>) -> Router {
         // `{channel}/messages`, where the channel may hold `/` (encoded or not).
         .route("/v1/channels/{*path}", post(http_publish).get(http_history))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost first: a browser origin that is not allowed is refused before anything
+        // (its preflight too); allowed ones get their CORS headers and preflights answered.
+        .layer(cors_layer(&node))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), guard_origin))
         .with_state(node)
+}
+
+/// CORS for the origins `guard_origin` lets through: every origin that reaches this layer
+/// is allowed, so it is echoed (with `Vary: Origin`). No credentials mode: clients send
+/// their token in `Authorization`, which preflights allow, never in cookies.
+fn cors_layer(node: &Node) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let cfg = &node.settings().config.cors;
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_methods([http::Method::GET, http::Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([header::RETRY_AFTER, header::HeaderName::from_static("x-tern-region")])
+        .max_age(cfg.max_age)
+}
+
+/// Refuses a request from a browser origin outside `cors.allowed_origins` (and not the
+/// node's own): 403 `ERROR_CODE_FORBIDDEN`, before any handler runs, on every endpoint.
+/// Requests without `Origin` pass.
+async fn guard_origin(
+    State(node): State<Arc<Node>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let allowed =
+            origin.to_str().ok().is_some_and(|o| node.settings().config.cors.allows(o, host));
+        if !allowed {
+            let reason = format!(
+                "origin {:?} is not in cors.allowed_origins",
+                String::from_utf8_lossy(origin.as_bytes())
+            );
+            return error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, reason);
+        }
+    }
+    next.run(req).await
 }
 
 /// `GET /readyz`: 200 once the node is ready for traffic, 503 (with `Retry-After: 1`) while
@@ -479,18 +521,7 @@ async fn websocket(
         None if offered(SUBPROTOCOL_JSON) => (Format::Json, Some(SUBPROTOCOL_JSON)),
         None => (Format::Json, None),
     };
-    let allowed = &node.settings().config.websocket.allowed_origins;
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        // Compared in the form the setting was normalised to at start-up.
-        let listed = origin
-            .to_str()
-            .ok()
-            .and_then(|o| crate::config::normalise_origin(o).ok())
-            .is_some_and(|o| allowed.contains(&o));
-        if !allowed.is_empty() && !listed {
-            return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
-        }
-    }
+    // (A browser `Origin` was checked by `guard_origin`.)
     if node.shutdown().is_cancelled() {
         let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -1,0 +1,220 @@
+//! Browser origins over real sockets: `cors.allowed_origins` guards the HTTP API and the
+//! WebSocket alike. A listed origin gets its preflights answered and CORS headers on every
+//! answer; any other browser origin is refused (403) before anything is done; requests
+//! without `Origin` (servers, SDKs) and the node's own origin always pass.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{TestNode, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A raw HTTP/1.1 request with exactly these header lines (`Host` included); returns the
+/// status, the header lines (lower-case names) and the body.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+async fn node(origins: &[&str]) -> (TestNode, std::path::PathBuf) {
+    let dir = common::temp_dir("cors");
+    let data = dir.clone();
+    let origins: Vec<String> = origins.iter().map(|o| (*o).to_owned()).collect();
+    let n = TestNode::start(move |cfg| {
+        cfg.cors.allowed_origins = origins;
+        cfg.history.data_dir = data;
+        cfg.history.namespaces = vec![tern_edge::config::HistoryNamespace {
+            name: "log".into(),
+            max_messages: 100,
+            max_age: Duration::from_secs(3600),
+        }];
+    })
+    .await;
+    (n, dir)
+}
+
+/// The texts in a channel's history, read as a server would (no `Origin`).
+async fn logged(addr: SocketAddr, channel: &str) -> Vec<String> {
+    let path = format!("/v1/channels/{channel}/messages?direction=forwards");
+    let (status, _, body) = request(addr, "GET", &path, &[("Host", "x")], b"").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().into()).collect()
+}
+
+#[tokio::test]
+async fn only_listed_origins_may_use_the_http_api() {
+    let (n, dir) = node(&["https://App.Example:443"]).await;
+    let path = "/v1/channels/log:a/messages";
+    let app = "https://app.example";
+
+    // A preflight from the listed origin is answered with what a browser needs to send a
+    // token and JSON.
+    let preflight = |origin: &'static str| async move {
+        request(
+            n.addr,
+            "OPTIONS",
+            path,
+            &[
+                ("Host", "edge.example"),
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "authorization, content-type"),
+            ],
+            b"",
+        )
+        .await
+    };
+    let (status, h, _) = preflight(app).await;
+    assert!(status == 200 || status == 204, "preflight: {status}");
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(app));
+    assert!(header(&h, "access-control-allow-methods").is_some_and(|m| m.contains("POST")));
+    let allowed = header(&h, "access-control-allow-headers").unwrap_or("").to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+    assert_eq!(header(&h, "access-control-max-age"), Some("600"));
+    assert!(header(&h, "access-control-allow-credentials").is_none(), "no cookies, ever");
+    // Another origin's preflight is refused, with nothing a browser could act on.
+    let (status, h, _) = preflight("https://evil.example").await;
+    assert_eq!(status, 403);
+    assert!(header(&h, "access-control-allow-origin").is_none());
+
+    // A simple POST (no preflight in a browser) from another origin is refused and not
+    // published; from the listed origin it is, and its answer is readable by the page.
+    let post = |origin: &'static str, text: &'static str| async move {
+        request(
+            n.addr,
+            "POST",
+            path,
+            &[("Host", "edge.example"), ("Origin", origin), ("Content-Type", "text/plain")],
+            text.as_bytes(),
+        )
+        .await
+    };
+    let (status, h, body) = post("https://evil.example", "forged").await;
+    assert_eq!(status, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["code"], "ERROR_CODE_FORBIDDEN");
+    assert!(header(&h, "access-control-allow-origin").is_none());
+    let (status, h, body) = post(app, "from the app").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(app));
+    assert!(header(&h, "vary").is_some_and(|v| v.to_lowercase().contains("origin")));
+    // Every endpoint: the latency probe, and the history read.
+    let get = |p: &'static str, origin: &'static str| async move {
+        request(n.addr, "GET", p, &[("Host", "edge.example"), ("Origin", origin)], b"").await
+    };
+    let (status, h, _) = get("/v1/ping", app).await;
+    assert_eq!(status, 204);
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(app));
+    let exposed = header(&h, "access-control-expose-headers").unwrap_or("").to_lowercase();
+    assert!(exposed.contains("x-tern-region"), "{exposed}");
+    assert_eq!(get("/v1/ping", "https://evil.example").await.0, 403);
+    assert_eq!(get("/v1/channels/log:a/messages", "https://evil.example").await.0, 403);
+    assert_eq!(get("/v1/channels/log:a/messages", app).await.0, 200);
+
+    // The node's own origin (the page came from the host it calls), and servers without
+    // `Origin`, pass.
+    let own = format!("http://{}", n.addr);
+    let host = n.addr.to_string();
+    let (status, _, body) = request(
+        n.addr,
+        "POST",
+        path,
+        &[("Host", &host), ("Origin", &own), ("Content-Type", "text/plain")],
+        b"same origin",
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _, _) = request(
+        n.addr,
+        "POST",
+        path,
+        &[("Host", "x"), ("Content-Type", "text/plain")],
+        b"a server",
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(logged(n.addr, "log:a").await, ["from the app", "same origin", "a server"]);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// By default only the node's own origin may use it, the WebSocket too; `"*"` allows every
+/// origin.
+#[tokio::test]
+async fn the_default_is_the_nodes_own_origin_and_a_star_allows_every_origin() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::error::Error as WsError;
+    let open = |addr: SocketAddr, origin: Option<String>| {
+        let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    let (n, dir) = node(&[]).await;
+    match open(n.addr, Some("https://evil.example".into())).await {
+        Err(WsError::Http(res)) => assert_eq!(res.status(), 403),
+        r => panic!("expected 403, got {:?}", r.map(|_| ())),
+    }
+    // tungstenite sends `Host: <addr>`: a page served by this node.
+    assert!(open(n.addr, Some(format!("http://{}", n.addr))).await.is_ok(), "own origin");
+    assert!(open(n.addr, None).await.is_ok(), "no Origin");
+    let post = request(
+        n.addr,
+        "POST",
+        "/v1/channels/log:b/messages",
+        &[("Host", "x"), ("Origin", "https://evil.example"), ("Content-Type", "text/plain")],
+        b"forged",
+    )
+    .await;
+    assert_eq!(post.0, 403);
+    assert!(logged(n.addr, "log:b").await.is_empty(), "nothing was published");
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (n, dir) = node(&["*"]).await;
+    assert!(open(n.addr, Some("https://anyone.example".into())).await.is_ok());
+    let (status, h, _) = request(
+        n.addr,
+        "POST",
+        "/v1/channels/log:b/messages",
+        &[("Host", "x"), ("Origin", "https://anyone.example"), ("Content-Type", "text/plain")],
+        b"welcome",
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(header(&h, "access-control-allow-origin"), Some("https://anyone.example"));
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
