@@ -224,7 +224,7 @@ async fn http_reader(addr: &str, counters: &Counters) -> anyhow::Result<()> {
         counters.pages.fetch_add(1, Ordering::Relaxed);
         let page: serde_json::Value = serde_json::from_slice(&out[(split + 4).min(out.len())..])?;
         got += page["messages"].as_array().map_or(0, Vec::len);
-        match page["next"]["from"].as_u64() {
+        match page["next"]["from"].as_str().and_then(|f| f.parse().ok()) {
             Some(f) => from = Some(f),
             None => break,
         }

@@ -326,7 +326,8 @@ async fn http_history(
         "channel": channel,
         "epoch": node.hub().log_epoch().0.to_string(),
         "messages": messages,
-        "next": next.map(|from| serde_json::json!({"from": from})),
+        // 64-bit integers as strings, as everywhere in the JSON mapping.
+        "next": next.map(|from| serde_json::json!({"from": from.to_string()})),
     });
     let body = body.to_string();
     let length = body.len().to_string();

@@ -1344,7 +1344,7 @@ async fn storm_http_reader(addr: SocketAddr) -> Result<(Vec<usize>, usize), Stri
                 let messages =
                     v["messages"].as_array().ok_or(format!("no messages: {}", short(&v)))?;
                 got.extend(messages.iter().map(storm_number));
-                match v["next"]["from"].as_u64() {
+                match v["next"]["from"].as_str().and_then(|f| f.parse().ok()) {
                     Some(f) => from = Some(f),
                     None if v["next"].is_null() => return Ok((got, refusals)),
                     None => return Err(format!("a `next` that is not a position: {}", v["next"])),

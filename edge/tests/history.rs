@@ -99,7 +99,7 @@ async fn history_pages_forwards_and_backwards() {
         let (status, page) = get(&n, &path).await;
         assert_eq!(status, 200);
         got.extend(texts(&page));
-        match page["next"]["from"].as_u64() {
+        match page["next"]["from"].as_str() {
             Some(from) => {
                 path =
                     format!("/v1/channels/log:a/messages?direction=forwards&limit=10&from={from}")
@@ -112,7 +112,7 @@ async fn history_pages_forwards_and_backwards() {
     // Backwards (the default): newest first, then older pages.
     let (_, page) = get(&n, "/v1/channels/log:a/messages?limit=10").await;
     assert_eq!(texts(&page), (16..=25).rev().map(|i| format!("m{i}")).collect::<Vec<_>>());
-    assert_eq!(page["next"]["from"], 15);
+    assert_eq!(page["next"]["from"], "15", "a 64-bit offset, as a string");
     let (_, page) = get(&n, "/v1/channels/log:a/messages?limit=10&from=15&to=11").await;
     assert_eq!(texts(&page), (11..=15).rev().map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert_eq!(page["messages"][0]["position"]["offset"], "15");
@@ -379,7 +379,7 @@ async fn history_pages_are_bounded_in_bytes_too() {
         let texts = texts(&page);
         assert!(texts.len() <= 3, "three 3 KB messages fill 10,000 bytes: {}", texts.len());
         got.extend(texts.iter().map(|t| t[..2].parse::<u32>().unwrap()));
-        match page["next"]["from"].as_u64() {
+        match page["next"]["from"].as_str() {
             Some(from) => path = format!("/v1/channels/log:pb/messages?limit=10&from={from}"),
             None => break,
         }

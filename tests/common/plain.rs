@@ -295,7 +295,7 @@ pub async fn log_of(base_http: &str, channel: &str) -> Vec<Got> {
                 after: after_of(&m),
             });
         }
-        match v["next"].get("from").and_then(Value::as_u64) {
+        match v["next"].get("from").and_then(Value::as_str).and_then(|f| f.parse().ok()) {
             Some(f) => from = Some(f),
             None => return out,
         }
