@@ -775,10 +775,7 @@ impl Session {
                     })
                     .collect(),
             }),
-            // Resume lands with the durable log; the token already names this session.
-            resume_token: format!("{:x}.{}", self.node.hub().epoch().0, self.id),
             client_id: client_id.clone(),
-            resumed: false,
             protocol: tern_proto::PROTOCOL_VERSION,
             resume_window_ms: u32::try_from(cfg.resume.window.as_millis()).unwrap_or(u32::MAX),
         };

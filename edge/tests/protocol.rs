@@ -189,3 +189,17 @@ async fn plain_http_gets_426_and_bad_format_400() {
     }
     node.stop().await;
 }
+
+/// A connection is not resumed as a whole: `connected` offers no session token, and one
+/// sent by an older client is accepted and ignored.
+#[tokio::test]
+async fn a_session_resume_token_is_neither_offered_nor_refused() {
+    let n = TestNode::start(|_| {}).await;
+    let mut c = RawJson::open(n.addr).await;
+    c.send(r#"{"connect":{"protocol":1,"clientId":"old","resumeToken":"f85f8b3ab8d5c.12"}}"#).await;
+    let v = c.recv().await;
+    let connected = v["connected"].as_object().unwrap_or_else(|| panic!("connected: {v}"));
+    assert_eq!(connected["clientId"], "old");
+    assert!(!connected.contains_key("resumeToken") && !connected.contains_key("resumed"), "{v}");
+    n.stop().await;
+}

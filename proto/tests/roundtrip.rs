@@ -161,14 +161,11 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             ),
     );
     prop_oneof![
-        (
-            (s(), s(), s(), any::<u32>(), any::<u32>(), limits),
-            (s(), s(), any::<bool>(), any::<u32>(), any::<u32>())
-        )
+        ((s(), s(), s(), any::<u32>(), any::<u32>(), limits), (s(), any::<u32>(), any::<u32>()))
             .prop_map(
                 |(
                     (connection_id, node, region, hb, idle, limits),
-                    (resume_token, client_id, resumed, protocol, resume_window_ms),
+                    (client_id, protocol, resume_window_ms),
                 )| {
                     Kind::Connected(Connected {
                         connection_id,
@@ -177,9 +174,7 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                         heartbeat_interval_ms: hb,
                         idle_timeout_ms: idle,
                         limits,
-                        resume_token,
                         client_id,
-                        resumed,
                         protocol,
                         resume_window_ms,
                     })
