@@ -194,6 +194,13 @@ async fn edge(
              list them in [cors] allowed_origins"
         );
     }
+    if settings.config.cors.allowed_origins.is_empty() {
+        tracing::info!(
+            "no browser origins allowed ([cors] allowed_origins and [[regions]] are empty): \
+             browser pages get 403 on the WebSocket and the HTTP API; servers and SDKs, which \
+             send no Origin, are served"
+        );
+    }
     if settings.auth.mode() == tern_edge::auth::AuthMode::Dev {
         tracing::warn!(
             "auth.mode = \"dev\": anonymous clients may subscribe and publish anywhere. Never \

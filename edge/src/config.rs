@@ -472,14 +472,16 @@ pub struct WebSocketConfig {
 /// `[cors]`: browser origins allowed to use the node, over the HTTP API and the WebSocket
 /// alike. A request that carries an `Origin` header (browsers send one on cross-origin
 /// requests, on every POST and on WebSocket upgrades) is served only when that origin is
-/// listed, the list holds `"*"`, or it is the node's own (its host and port are the
-/// request's `Host`); otherwise it gets 403 and nothing is done. Requests without `Origin`
-/// (servers, SDKs, curl) are always served: tokens and API keys decide what they may do.
+/// listed, the list holds `"*"`, or it is the origin of one of the cluster's own region
+/// URLs (`[[regions]]`: a page a node of the cluster served); otherwise it gets 403 and
+/// nothing is done. Requests without `Origin` (servers, SDKs, curl) are always served:
+/// tokens and API keys decide what they may do. (The `Host` header is not trusted for
+/// this: a page on another site can make it say anything through DNS rebinding.)
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorsConfig {
-    /// Origins (`https://app.example.com`), or `"*"` for any. Empty (the default): the
-    /// node's own origin only.
+    /// Origins (`https://app.example.com`), or `"*"` for any. Empty (the default): only
+    /// the origins of the `[[regions]]` URLs.
     pub allowed_origins: Vec<String>,
     /// How long browsers may cache a preflight's answer (`Access-Control-Max-Age`).
     #[serde(with = "humantime_serde")]
@@ -493,25 +495,27 @@ impl Default for CorsConfig {
 }
 
 impl CorsConfig {
-    /// Whether a request from `origin` (the `Origin` header) to `host` (its `Host` header)
-    /// is served.
-    pub fn allows(&self, origin: &str, host: Option<&str>) -> bool {
+    /// Whether a request from `origin` (its `Origin` header) is served. After
+    /// [`Config::validate`] the list holds the `[[regions]]` URLs' origins too.
+    pub fn allows(&self, origin: &str) -> bool {
         if self.allowed_origins.iter().any(|o| o == "*") {
             return true;
         }
-        let Ok(origin) = normalise_origin(origin) else { return false };
-        if self.allowed_origins.contains(&origin) {
-            return true;
-        }
-        // The node's own origin: the page was served from the host the request went to
-        // (compared without the scheme, which a TLS-terminating proxy changes).
-        let authority = origin.split_once("://").map_or("", |(_, a)| a);
-        host.is_some_and(|h| {
-            let h = h.to_ascii_lowercase();
-            let h = h.strip_suffix(":80").or_else(|| h.strip_suffix(":443")).unwrap_or(&h);
-            h == authority
-        })
+        normalise_origin(origin).is_ok_and(|o| self.allowed_origins.contains(&o))
     }
+}
+
+/// The browser origin of a (normalised) region URL: `wss://eu.example.com/x` is
+/// `https://eu.example.com`.
+fn origin_of_region_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = match scheme {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        _ => return None,
+    };
+    let authority = rest.split('/').next()?;
+    normalise_origin(&format!("{scheme}://{authority}")).ok()
 }
 
 impl Default for NodeConfig {
@@ -668,6 +672,12 @@ impl Config {
         for r in &mut self.regions {
             r.url = normalise_region_url(&r.url)
                 .map_err(|reason| ConfigError::Invalid { field: "regions.url", reason })?;
+            // Pages the cluster's own nodes serve may use every node of it.
+            if let Some(origin) = origin_of_region_url(&r.url) {
+                if !self.cors.allowed_origins.contains(&origin) {
+                    self.cors.allowed_origins.push(origin);
+                }
+            }
         }
         let region = RegionId::parse(&self.node.region)?;
         let node = NodeId::new(&region, &self.node.name)?;

@@ -35,8 +35,9 @@ pub fn router(node: Arc<Node>) -> Router {
         // `{channel}/messages`, where the channel may hold `/` (encoded or not).
         .route("/v1/channels/{*path}", post(http_publish).get(http_history))
         .layer(DefaultBodyLimit::max(body_limit))
-        // Outermost first: a browser origin that is not allowed is refused before anything
-        // (its preflight too); allowed ones get their CORS headers and preflights answered.
+        // The last layer is the outermost: `guard_origin` refuses a browser origin that is
+        // not allowed before anything (its preflight too); then the CORS layer answers
+        // preflights and adds its headers for the allowed ones.
         .layer(cors_layer(&node))
         .layer(axum::middleware::from_fn_with_state(node.clone(), guard_origin))
         .with_state(node)
@@ -54,11 +55,14 @@ fn cors_layer(node: &Node) -> tower_http::cors::CorsLayer {
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .expose_headers([header::RETRY_AFTER, header::HeaderName::from_static("x-tern-region")])
         .max_age(cfg.max_age)
+        // Chrome's Private Network Access: a public page of an allowed origin may reach a
+        // node on a private address (an intranet, a local cluster).
+        .allow_private_network(true)
 }
 
-/// Refuses a request from a browser origin outside `cors.allowed_origins` (and not the
-/// node's own): 403 `ERROR_CODE_FORBIDDEN`, before any handler runs, on every endpoint.
-/// Requests without `Origin` pass.
+/// Refuses a request from a browser origin outside `cors.allowed_origins` (with the
+/// `[[regions]]` URLs' origins): 403 `ERROR_CODE_FORBIDDEN`, before any handler runs, on
+/// every endpoint. Requests without `Origin` pass.
 async fn guard_origin(
     State(node): State<Arc<Node>>,
     req: Request,
@@ -66,9 +70,7 @@ async fn guard_origin(
 ) -> Response {
     let headers = req.headers();
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-        let allowed =
-            origin.to_str().ok().is_some_and(|o| node.settings().config.cors.allows(o, host));
+        let allowed = origin.to_str().ok().is_some_and(|o| node.settings().config.cors.allows(o));
         if !allowed {
             let reason = format!(
                 "origin {:?} is not in cors.allowed_origins",

@@ -1,7 +1,7 @@
 //! Browser origins over real sockets: `cors.allowed_origins` guards the HTTP API and the
-//! WebSocket alike. A listed origin gets its preflights answered and CORS headers on every
-//! answer; any other browser origin is refused (403) before anything is done; requests
-//! without `Origin` (servers, SDKs) and the node's own origin always pass.
+//! WebSocket alike. A listed origin — or one of the cluster's own region URLs — gets its
+//! preflights answered and CORS headers on every answer; any other browser origin is
+//! refused (403) before anything is done; requests without `Origin` (servers, SDKs) pass.
 
 mod common;
 
@@ -46,12 +46,18 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-async fn node(origins: &[&str]) -> (TestNode, std::path::PathBuf) {
+async fn node(origins: &[&str], regions: &[&str]) -> (TestNode, std::path::PathBuf) {
     let dir = common::temp_dir("cors");
     let data = dir.clone();
     let origins: Vec<String> = origins.iter().map(|o| (*o).to_owned()).collect();
+    let regions: Vec<tern_edge::config::RegionUrl> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, u)| tern_edge::config::RegionUrl { name: format!("r{i}"), url: (*u).into() })
+        .collect();
     let n = TestNode::start(move |cfg| {
         cfg.cors.allowed_origins = origins;
+        cfg.regions = regions;
         cfg.history.data_dir = data;
         cfg.history.namespaces = vec![tern_edge::config::HistoryNamespace {
             name: "log".into(),
@@ -74,7 +80,7 @@ async fn logged(addr: SocketAddr, channel: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn only_listed_origins_may_use_the_http_api() {
-    let (n, dir) = node(&["https://App.Example:443"]).await;
+    let (n, dir) = node(&["https://App.Example:443"], &[]).await;
     let path = "/v1/channels/log:a/messages";
     let app = "https://app.example";
 
@@ -137,24 +143,27 @@ async fn only_listed_origins_may_use_the_http_api() {
     assert_eq!(status, 204);
     assert_eq!(header(&h, "access-control-allow-origin"), Some(app));
     let exposed = header(&h, "access-control-expose-headers").unwrap_or("").to_lowercase();
-    assert!(exposed.contains("x-tern-region"), "{exposed}");
+    assert!(exposed.contains("x-tern-region") && exposed.contains("retry-after"), "{exposed}");
     assert_eq!(get("/v1/ping", "https://evil.example").await.0, 403);
     assert_eq!(get("/v1/channels/log:a/messages", "https://evil.example").await.0, 403);
     assert_eq!(get("/v1/channels/log:a/messages", app).await.0, 200);
 
-    // The node's own origin (the page came from the host it calls), and servers without
-    // `Origin`, pass.
-    let own = format!("http://{}", n.addr);
-    let host = n.addr.to_string();
-    let (status, _, body) = request(
+    // A page on another site whose name was re-pointed at the node (DNS rebinding) sends a
+    // `Host` that matches its `Origin`: still refused.
+    let (status, _, _) = request(
         n.addr,
         "POST",
         path,
-        &[("Host", &host), ("Origin", &own), ("Content-Type", "text/plain")],
-        b"same origin",
+        &[
+            ("Host", "evil.example:7400"),
+            ("Origin", "http://evil.example:7400"),
+            ("Content-Type", "text/plain"),
+        ],
+        b"rebound",
     )
     .await;
-    assert_eq!(status, 201, "{body}");
+    assert_eq!(status, 403);
+    // Servers send no `Origin`: served.
     let (status, _, _) = request(
         n.addr,
         "POST",
@@ -164,15 +173,15 @@ async fn only_listed_origins_may_use_the_http_api() {
     )
     .await;
     assert_eq!(status, 201);
-    assert_eq!(logged(n.addr, "log:a").await, ["from the app", "same origin", "a server"]);
+    assert_eq!(logged(n.addr, "log:a").await, ["from the app", "a server"]);
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// By default only the node's own origin may use it, the WebSocket too; `"*"` allows every
-/// origin.
+/// By default only the origins of the cluster's region URLs may use a node, the WebSocket
+/// too; `"*"` allows every origin.
 #[tokio::test]
-async fn the_default_is_the_nodes_own_origin_and_a_star_allows_every_origin() {
+async fn the_default_is_the_clusters_own_origins_and_a_star_allows_every_origin() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::error::Error as WsError;
     let open = |addr: SocketAddr, origin: Option<String>| {
@@ -182,13 +191,17 @@ async fn the_default_is_the_nodes_own_origin_and_a_star_allows_every_origin() {
         }
         tokio_tungstenite::connect_async(req)
     };
-    let (n, dir) = node(&[]).await;
-    match open(n.addr, Some("https://evil.example".into())).await {
-        Err(WsError::Http(res)) => assert_eq!(res.status(), 403),
-        r => panic!("expected 403, got {:?}", r.map(|_| ())),
+    let (n, dir) = node(&[], &["wss://EU.edge.example/", "ws://us.edge.example:8080"]).await;
+    for refused in ["https://evil.example".to_owned(), format!("http://{}", n.addr)] {
+        match open(n.addr, Some(refused.clone())).await {
+            Err(WsError::Http(res)) => assert_eq!(res.status(), 403, "{refused}"),
+            r => panic!("{refused}: expected 403, got {:?}", r.map(|_| ())),
+        }
     }
-    // tungstenite sends `Host: <addr>`: a page served by this node.
-    assert!(open(n.addr, Some(format!("http://{}", n.addr))).await.is_ok(), "own origin");
+    // Pages served by the cluster's nodes, at their region URLs.
+    for own in ["https://eu.edge.example", "http://us.edge.example:8080"] {
+        assert!(open(n.addr, Some(own.into())).await.is_ok(), "{own}");
+    }
     assert!(open(n.addr, None).await.is_ok(), "no Origin");
     let post = request(
         n.addr,
@@ -203,7 +216,7 @@ async fn the_default_is_the_nodes_own_origin_and_a_star_allows_every_origin() {
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (n, dir) = node(&["*"]).await;
+    let (n, dir) = node(&["*"], &[]).await;
     assert!(open(n.addr, Some("https://anyone.example".into())).await.is_ok());
     let (status, h, _) = request(
         n.addr,
