@@ -116,30 +116,18 @@ pub fn check_after(after: Option<&OriginPosition>) -> Result<(), String> {
     }
 }
 
-/// Validates and publishes. Returns the ack contents.
+/// Publishes a request that passed [`check`] (both surfaces check it first, in the one
+/// order of checks). Returns the ack contents.
 pub fn publish(
     node: &Node,
     req: PublishRequest,
     client_id: &str,
 ) -> Result<Accepted, PublishError> {
-    ChannelName::validate(&req.channel)?;
-    check_message_id(&req.id).map_err(PublishError::InvalidArgument)?;
-    check_event_name(&req.name).map_err(PublishError::InvalidArgument)?;
-    check_after(req.after.as_ref()).map_err(PublishError::InvalidArgument)?;
-    let max = node.settings().config.limits.max_message_bytes_for(&req.channel);
     let data = match req.data {
         Some(publish::Data::Text(t)) => Some(message::Data::Text(t)),
         Some(publish::Data::Binary(b)) => Some(message::Data::Binary(b)),
         None => None,
     };
-    let len = match &data {
-        Some(message::Data::Text(t)) => t.len(),
-        Some(message::Data::Binary(b)) => b.len(),
-        None => 0,
-    };
-    if len > max {
-        return Err(PublishError::TooLarge { len, max });
-    }
     let msg = NewMessage {
         id: (!req.id.is_empty()).then_some(req.id),
         name: req.name,

@@ -8,11 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{TestNode, WAIT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::TestNode;
 
-/// A raw HTTP/1.1 request with exactly these header lines (`Host` included); returns the
-/// status, the header lines (lower-case names) and the body.
+/// A raw HTTP/1.1 request with exactly these headers (`Host` included).
 async fn request(
     addr: SocketAddr,
     method: &str,
@@ -20,26 +18,8 @@ async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let headers = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
+    let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    common::http_request(addr, method, path, &lines, body).await
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

@@ -179,10 +179,24 @@ pub async fn http_full(
     content_type: &str,
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, String) {
+    let headers = format!("Host: test\r\n{extra_headers}Content-Type: {content_type}\r\n");
+    http_request(addr, method, path, &headers, body).await
+}
+
+/// Sends a raw HTTP/1.1 request with exactly these header lines (each ending in `\r\n`;
+/// `Content-Length` and `Connection: close` are added); returns the status, the response's
+/// header lines (lower-cased names) and its body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra_headers}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();
