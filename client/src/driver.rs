@@ -804,7 +804,12 @@ impl Driver {
                     let _ = reply.send(Ok(r));
                 }
             }
-            Kind::Unsubscribed(_) | Kind::Heartbeat(_) | Kind::Connected(_) => {}
+            // (`session` and `close` come over HTTP transports only.)
+            Kind::Unsubscribed(_)
+            | Kind::Heartbeat(_)
+            | Kind::Connected(_)
+            | Kind::Session(_)
+            | Kind::Close(_) => {}
         }
         Flow::Continue
     }

@@ -443,6 +443,14 @@ pub struct TimeoutsConfig {
     /// this plus its length at 16 KiB/s. WebSocket sessions have their own cut-offs.
     #[serde(with = "humantime_serde")]
     pub http_write: Duration,
+    /// Time allowed for an HTTP request's body to arrive, once its headers did (an HTTP
+    /// publish, frames posted to an HTTP session): a body that never ends gets 408.
+    #[serde(with = "humantime_serde")]
+    pub http_body: Duration,
+    /// How long a long poll of an HTTP session waits for frames before it is answered
+    /// empty (below the 30 s or more after which proxies commonly cut a quiet request).
+    #[serde(with = "humantime_serde")]
+    pub long_poll: Duration,
     /// Time allowed for a close frame to be flushed to a client before the socket drops.
     #[serde(with = "humantime_serde")]
     pub close: Duration,
@@ -588,6 +596,8 @@ impl Default for TimeoutsConfig {
             connect: Duration::from_secs(10),
             http_header: Duration::from_secs(10),
             http_write: Duration::from_secs(10),
+            http_body: Duration::from_secs(10),
+            long_poll: Duration::from_secs(25),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -793,7 +803,19 @@ impl Config {
                 reason: "must be above 0".into(),
             });
         }
+        if self.timeouts.http_body.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "timeouts.http_body",
+                reason: "must be above 0".into(),
+            });
+        }
         let hb = &self.heartbeat;
+        if self.timeouts.long_poll.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "timeouts.long_poll",
+                reason: "must be above 0".into(),
+            });
+        }
         if hb.interval.is_zero() || hb.idle_timeout <= hb.interval {
             return Err(ConfigError::Invalid {
                 field: "heartbeat.idle_timeout",

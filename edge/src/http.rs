@@ -34,6 +34,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/ws", get(websocket))
         // `{channel}/messages`, where the channel may hold `/` (encoded or not).
         .route("/v1/channels/{*path}", post(http_publish).get(http_history))
+        .route("/v1/sessions", get(session_open))
+        .route("/v1/sessions/{id}", post(session_post).delete(session_delete))
+        .route("/v1/sessions/{id}/poll", get(session_poll))
         .layer(DefaultBodyLimit::max(body_limit))
         // The last layer is the outermost: `guard_origin` refuses a browser origin that is
         // not allowed before anything (its preflight too); then the CORS layer answers
@@ -51,9 +54,17 @@ fn cors_layer(node: &Node) -> tower_http::cors::CorsLayer {
     let cfg = &node.settings().config.cors;
     CorsLayer::new()
         .allow_origin(AllowOrigin::mirror_request())
-        .allow_methods([http::Method::GET, http::Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-        .expose_headers([header::RETRY_AFTER, header::HeaderName::from_static("x-tern-region")])
+        .allow_methods([http::Method::GET, http::Method::POST, http::Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-tern-session-secret"),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::HeaderName::from_static("x-tern-region"),
+            header::HeaderName::from_static("x-tern-batch"),
+        ])
         .max_age(cfg.max_age)
         // Chrome's Private Network Access: a public page of an allowed origin may reach a
         // node on a private address (an intranet, a local cluster).
@@ -141,7 +152,37 @@ async fn regions(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Response {
+/// Reads a request body of at most `limit` bytes (named `what` in the error) within
+/// `timeouts.http_body`: 413 `MESSAGE_TOO_LARGE` past the limit, 408 for a body that does
+/// not arrive in time (a client that never ends its body holds no handler for ever), 400
+/// for one that breaks off.
+pub(crate) async fn read_body(
+    node: &Node,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, Box<Response>> {
+    let wait = node.settings().config.timeouts.http_body;
+    match tokio::time::timeout(wait, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => {
+            let reason = format!("the body did not arrive within {wait:?} (timeouts.http_body)");
+            Err(Box::new(error_response(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadFrame, reason)))
+        }
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(Box::new(if too_big {
+                let reason = format!("the body is over {what} ({limit} bytes)");
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, reason)
+            } else {
+                error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, e.to_string())
+            }))
+        }
+    }
+}
+
+pub(crate) fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Response {
     let body = client::Error { request_id: 0, code: code as i32, reason, channel: String::new() };
     let json = serde_json::to_vec(&body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
@@ -590,7 +631,7 @@ async fn http_publish(
     State(node): State<Arc<Node>>,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
     let Some(channel) = channel_of(path) else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
@@ -600,17 +641,10 @@ async fn http_publish(
         Err(r) => return *r,
     };
     // The body decodes first, then `pubmod::check` takes the channel and the fields.
-    let body = match body {
+    let max = node.settings().config.limits.max_frame_bytes;
+    let body = match read_body(&node, body, max, "limits.max_frame_bytes").await {
         Ok(body) => body,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let max = node.settings().config.limits.max_frame_bytes;
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::MessageTooLarge,
-                format!("the body is over limits.max_frame_bytes ({max} bytes)"),
-            );
-        }
-        Err(e) => return error_response(e.status(), ErrorCode::BadFrame, e.body_text()),
+        Err(r) => return *r,
     };
     let content_type = match publish_content_type(&headers) {
         Ok(t) => t,
@@ -760,4 +794,66 @@ async fn http_publish(
         }
         Err(e) => error_response(e.http_status(), e.code(), e.to_string()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionQuery {
+    transport: Option<String>,
+    format: Option<String>,
+    token: Option<String>,
+    secret: Option<String>,
+    ack: Option<u64>,
+}
+
+/// `GET /v1/sessions`: opens an HTTP session (see `session::http::open`).
+async fn session_open(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<SessionQuery>,
+    req: Request,
+) -> Response {
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+    // The token of `Connect` falls back to this one, as `/v1/ws?token=` does.
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let ip = peer.map(|p| p.0.ip());
+    let token = q.token.or(bearer);
+    session::http::open(node, ip, q.transport.as_deref(), q.format.as_deref(), token).await
+}
+
+/// `POST /v1/sessions/{id}`: client frames (see `session::http::post`).
+async fn session_post(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(q): Query<SessionQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let secret = session::http::secret_of(&headers, q.secret.as_deref());
+    session::http::post(node.clone(), &id, secret, body).await
+}
+
+/// `GET /v1/sessions/{id}/poll`: a long poll (see `session::http::poll`).
+async fn session_poll(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(q): Query<SessionQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let secret = session::http::secret_of(&headers, q.secret.as_deref());
+    session::http::poll(node.clone(), &id, secret, q.ack.unwrap_or(0)).await
+}
+
+/// `DELETE /v1/sessions/{id}`: the client leaves (see `session::http::delete`).
+async fn session_delete(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(q): Query<SessionQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let secret = session::http::secret_of(&headers, q.secret.as_deref());
+    session::http::delete(node.clone(), &id, secret).await
 }

@@ -29,6 +29,7 @@ pub struct Node {
     /// HTTP API publish buckets per caller (`limits.http_publish_rate`), and per caller and
     /// namespace for namespaces with a rate of their own.
     #[allow(clippy::type_complexity)]
+    http_sessions: crate::session::http::Registry,
     http_publishes:
         std::sync::Mutex<std::collections::HashMap<(String, Option<usize>), TokenBucket>>,
     /// When the node started (readiness waits at most `backbone.ready_wait` from here).
@@ -107,6 +108,7 @@ impl Node {
             tracker: TaskTracker::new(),
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
             http_publishes: std::sync::Mutex::new(std::collections::HashMap::new()),
+            http_sessions: crate::session::http::Registry::default(),
             history_reads: Arc::new(tokio::sync::Semaphore::new(history_reads)),
             read_bytes: Arc::new(tokio::sync::Semaphore::new(read_kib)),
             started: std::time::Instant::now(),
@@ -157,6 +159,11 @@ impl Node {
     /// Cancelled when the node shuts down.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// The open HTTP sessions (see `crate::session::http`).
+    pub fn http_sessions(&self) -> &crate::session::http::Registry {
+        &self.http_sessions
     }
 
     /// Tracks every connection task, so shutdown can wait for them.

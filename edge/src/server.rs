@@ -103,6 +103,12 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Handlers that count per address (HTTP sessions) read the peer from the request.
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            hyper::service::Service::call(&service, req)
+        });
     // A connection that arrives while the node drains gets its one answer (503 with
     // `Retry-After`, see `http`), then closes.
     let draining = shutdown.is_cancelled();

@@ -1,8 +1,11 @@
-//! The client protocol with hand-written JSON frames over a raw tokio-tungstenite client:
-//! the documented frames, error codes and close codes.
+//! The client protocol with hand-written frames over a raw client (no SDK): the documented
+//! frames, error codes and close codes, over every transport (the WebSocket, HTTP
+//! streaming, server-sent events, long polling) in both encodings where the transport
+//! carries them.
 
 mod common;
 
+use common::transport::{ALL, BINARY, Raw, Transport};
 use common::{RawJson, TestNode, close_code, http};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -10,8 +13,17 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[tokio::test]
 async fn hand_written_json_frames_publish_and_deliver() {
+    for t in ALL {
+        for u in [Transport::WebSocket, t] {
+            publish_and_deliver(t, u).await;
+        }
+    }
+}
+
+/// A subscriber over `sub_t` and a publisher over `pub_t`.
+async fn publish_and_deliver(sub_t: Transport, pub_t: Transport) {
     let node = TestNode::start(|_| {}).await;
-    let (mut sub, connected) = RawJson::connected(node.addr).await;
+    let (mut sub, connected) = Raw::connected(node.addr, sub_t).await;
     let c = &connected["connected"];
     assert_eq!(c["node"], "local/edge-1");
     assert_eq!(c["clientId"], "raw");
@@ -21,7 +33,7 @@ async fn hand_written_json_frames_publish_and_deliver() {
     assert_eq!(s["subscribed"]["requestId"], 1);
     assert_eq!(s["subscribed"]["channel"], "chat:lobby");
 
-    let (mut publ, _) = RawJson::connected(node.addr).await;
+    let (mut publ, _) = Raw::connected(node.addr, pub_t).await;
     publ.send(r#"{"publish":{"requestId":7,"channel":"chat:lobby","id":"m-1","name":"greeting","text":"hi"}}"#).await;
     let ack = publ.recv().await;
     assert_eq!(ack["ack"]["requestId"], 7);
@@ -59,8 +71,14 @@ async fn hand_written_json_frames_publish_and_deliver() {
 
 #[tokio::test]
 async fn recoverable_errors_keep_the_connection_working() {
+    for t in ALL {
+        recoverable_errors(t).await;
+    }
+}
+
+async fn recoverable_errors(t: Transport) {
     let node = TestNode::start(|cfg| cfg.limits.max_channels_per_connection = 2).await;
-    let (mut c, _) = RawJson::connected(node.addr).await;
+    let (mut c, _) = Raw::connected(node.addr, t).await;
     let cases = [
         (r#"{"subscribe":"#, 0, "ERROR_CODE_BAD_FRAME"),
         (r#"[1,2,3]"#, 0, "ERROR_CODE_BAD_FRAME"),
@@ -75,7 +93,7 @@ async fn recoverable_errors_keep_the_connection_working() {
     for (frame, request_id, code) in cases {
         c.send(frame).await;
         let e = c.recv().await;
-        assert_eq!(e["error"]["code"], code, "frame {frame}: got {e}");
+        assert_eq!(e["error"]["code"], code, "{t:?}: frame {frame}: got {e}");
         assert_eq!(e["error"].get("requestId").and_then(|v| v.as_u64()).unwrap_or(0), request_id);
         assert!(!e["error"]["reason"].as_str().unwrap_or("").is_empty());
     }
@@ -152,11 +170,60 @@ async fn oversize_frame_closes_with_1009() {
 
 #[tokio::test]
 async fn frames_before_connect_close_with_4002() {
-    let node = TestNode::start(|_| {}).await;
-    let mut c = RawJson::open(node.addr).await;
-    c.send(r#"{"subscribe":{"requestId":1,"channel":"a"}}"#).await;
-    assert_eq!(c.close_code().await, Some(4002));
-    node.stop().await;
+    for t in ALL {
+        let node = TestNode::start(|_| {}).await;
+        let mut c = Raw::open(node.addr, t, false).await;
+        c.send(r#"{"subscribe":{"requestId":1,"channel":"a"}}"#).await;
+        assert_eq!(c.close_code().await, Some(4002), "{t:?}");
+        node.stop().await;
+    }
+}
+
+/// Protobuf frames over every transport that carries them: connect, subscribe, publish,
+/// deliver, and the close code at the end.
+#[tokio::test]
+async fn protobuf_frames_over_every_binary_transport() {
+    use tern_proto::client::*;
+    use tern_proto::codec::{Format, encode_client};
+    for t in BINARY {
+        let node = TestNode::start(|_| {}).await;
+        let mut c = Raw::open(node.addr, t, true).await;
+        c.send_binary(encode_client(
+            client_frame::Kind::Connect(Connect::default()),
+            Format::Protobuf,
+        ))
+        .await;
+        assert!(matches!(c.recv_binary().await, server_frame::Kind::Connected(_)), "{t:?}");
+        let sub = Subscribe { request_id: 1, channel: "p:1".into(), ..Default::default() };
+        c.send_binary(encode_client(client_frame::Kind::Subscribe(sub), Format::Protobuf)).await;
+        assert!(matches!(c.recv_binary().await, server_frame::Kind::Subscribed(_)), "{t:?}");
+        let p = Publish {
+            request_id: 2,
+            channel: "p:1".into(),
+            data: Some(publish::Data::Binary(vec![0, 1, 2].into())),
+            ..Default::default()
+        };
+        c.send_binary(encode_client(client_frame::Kind::Publish(p), Format::Protobuf)).await;
+        let (mut acked, mut delivered) = (false, false);
+        while !(acked && delivered) {
+            match c.recv_binary().await {
+                server_frame::Kind::Ack(a) => acked = a.request_id == 2,
+                server_frame::Kind::Deliver(d) => {
+                    let data = &d.messages[0].data;
+                    delivered = *data == Some(message::Data::Binary(vec![0, 1, 2].into()));
+                }
+                other => panic!("{t:?}: {other:?}"),
+            }
+        }
+        // A second Connect is an error, not an end; bytes that are no frame are BAD_FRAME.
+        c.send_binary(bytes::Bytes::from_static(&[0xff, 0xff, 0xff])).await;
+        match c.recv_binary().await {
+            server_frame::Kind::Error(e) => assert_eq!(e.code, ErrorCode::BadFrame as i32),
+            other => panic!("{t:?}: {other:?}"),
+        }
+        node.stop().await;
+        assert_eq!(c.close_code().await, Some(1001), "{t:?}: shutdown closes with 1001");
+    }
 }
 
 #[tokio::test]
@@ -194,8 +261,14 @@ async fn plain_http_gets_426_and_bad_format_400() {
 /// sent by an older client is accepted and ignored.
 #[tokio::test]
 async fn a_session_resume_token_is_neither_offered_nor_refused() {
+    for t in ALL {
+        resume_token(t).await;
+    }
+}
+
+async fn resume_token(t: Transport) {
     let n = TestNode::start(|_| {}).await;
-    let mut c = RawJson::open(n.addr).await;
+    let mut c = Raw::open(n.addr, t, false).await;
     c.send(r#"{"connect":{"protocol":1,"clientId":"old","resumeToken":"f85f8b3ab8d5c.12"}}"#).await;
     let v = c.recv().await;
     let connected = v["connected"].as_object().unwrap_or_else(|| panic!("connected: {v}"));

@@ -68,6 +68,8 @@ const SERVER_KINDS: &[&str] = &[
     "history",
     "discontinuity",
     "authRenewed",
+    "session",
+    "close",
 ];
 
 /// The client frames that are requests (they carry `requestId`, field 1 of each, and most

@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod transport;
+
 /// Upper bound for any single wait in a test; a hang fails instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 

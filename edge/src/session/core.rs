@@ -1,85 +1,100 @@
-//! One WebSocket connection: frame handling, delivery batching, heartbeats, close codes.
+//! The protocol state of one client session, whatever carries its frames.
 //!
-//! ```text
-//!   socket ──read──▶ decode ─▶ handle (connect/subscribe/publish/…) ─▶ replies ─┐
-//!                                         │ publish                             │
-//!                                         ▼                                     ▼
-//!                                   channel::Hub ──push──▶ Outbox ──batch──▶ socket
-//! ```
-//!
-//! A session is one task with one `select!` loop, so an idle connection costs one task and
-//! its buffers. It ends with a close code that says why (see `tern_proto::close`), and
-//! removes every subscription it held: no zombies.
+//! [`Session`] takes client frames ([`Session::on_input`]) and produces server frames
+//! ([`Session::poll_transmit`]): connect and auth (renewal, expiry), subscriptions with
+//! rewind and resume, publishes and their acks in order, history reads, limits and rate
+//! limits, and the reason it ends ([`End`]). It owns no socket and reads no socket: a
+//! transport (a WebSocket, an HTTP stream, long polls; see `super::driver`) moves the frames,
+//! and the driver runs the timers (heartbeat, connect deadline, token expiry, the waits of
+//! acks, parked publishes and replays) and calls the matching method.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
 use tern_proto::client::{
     self, Connected, ErrorCode, Limits, Nack, Unsubscribed, client_frame, server_frame,
 };
 use tern_proto::close;
 use tern_proto::codec::{self, EncodedMessage, Format};
 use tern_proto::types::{ChannelName, ConnectionId};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::Error as WsError;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span};
+use tokio::time::Instant;
 
 use crate::channel::order::OrderReady;
-use crate::fanout::{self, Outbox, OutboxReceiver, Outgoing};
-use crate::node::{Admission, Node};
+use crate::fanout::{Held, Outbox, OutboxReceiver, Outgoing};
+use crate::node::Node;
 use crate::publish::{self, PublishRequest};
 use crate::resume::{Catchup, Step};
 use tern_proto::rate::TokenBucket;
 
 /// Why a session ends.
-#[derive(Debug)]
-enum End {
-    /// Close the WebSocket with this code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// End with this close code (see `tern_proto::close`) and reason: a WebSocket's close
+    /// frame, an HTTP session's final `close` frame.
     Close(u16, String),
     /// The peer is gone (closed, reset); nothing to send.
     Gone,
 }
 
-struct Session {
-    node: Arc<Node>,
-    id: ConnectionId,
-    format: Format,
-    client_id: Option<String>,
+/// What a transport hands the session.
+#[derive(Debug)]
+pub enum Input {
+    /// A client frame: its bytes, and whether it is text (JSON) or binary (protobuf).
+    Frame(Bytes, bool),
+    /// A transport-level frame (a WebSocket ping or pong): counts against the frame rate,
+    /// answers nothing.
+    Control,
+    /// The client showed it is there without a frame (an HTTP poll or stream arrived).
+    Alive,
+    /// The session ends: the client left, or the transport saw a fault (a frame too big).
+    End(End),
+}
+
+/// What the session sends next.
+#[derive(Debug)]
+pub enum Transmit {
+    /// A liveness probe is due (a WebSocket ping; a keep-alive on HTTP streams).
+    Ping,
+    /// A server frame in the session's format, with what it keeps until written.
+    Frame(Bytes, Option<Held>),
+}
+
+/// One client session's protocol state (see the module docs).
+pub struct Session {
+    pub(super) node: Arc<Node>,
+    pub(super) id: ConnectionId,
+    pub(super) format: Format,
+    pub(super) client_id: Option<String>,
     channels: HashSet<ChannelName>,
     outbox: Outbox,
     /// What the writer sends next, in order: items taken from the outbox, replies and
     /// replayed messages. Written a chunk per loop turn, framed as it is written.
     out: VecDeque<Outgoing>,
     /// The [`Outgoing::cost`] of `out`.
-    out_bytes: usize,
+    pub(super) out_bytes: usize,
     /// A ping is due before `out`.
-    ping: bool,
+    pub(super) ping: bool,
     /// Reused between batches.
     batch: Vec<Arc<EncodedMessage>>,
+    /// `websocket.max_batch_messages` and `max_batch_bytes`.
+    batch_limits: (usize, usize),
     /// Acks waiting for their messages to reach the history log (store ticket, frame), in
     /// publish order.
-    acks: VecDeque<PendingAck>,
+    pub(super) acks: VecDeque<PendingAck>,
     /// The history store's committed ticket, when the node keeps history.
-    committed: Option<watch::Receiver<u64>>,
+    pub(super) committed: Option<watch::Receiver<u64>>,
     /// Resumed subscriptions replaying from the log, one at a time (see `crate::resume`).
-    catchups: VecDeque<Catchup>,
+    pub(super) catchups: VecDeque<Catchup>,
     /// Serial for the next catch-up.
     next_catchup: u64,
     /// The token given in the upgrade URL.
     url_token: Option<String>,
     /// The verified token's claims (token mode), and when it expires.
     claims: Option<crate::auth::Claims>,
-    expires: Option<Instant>,
+    pub(super) expires: Option<Instant>,
     /// Every frame received takes a token (`limits.frame_rate`).
     frames: TokenBucket,
     /// Publishes take a token here (`limits.publish_rate`), or in their namespace's bucket
@@ -91,7 +106,7 @@ struct Session {
     /// Publishes waiting until the node caught up with the node that sequenced the
     /// publisher's earlier messages (`Publish.after`, see `crate::channel::order`), in
     /// order; later publishes of the same channel wait behind them.
-    parked: VecDeque<Parked>,
+    pub(super) parked: VecDeque<Parked>,
     /// (channel, origin, the origin's head this node waited for) whose publishes on this
     /// connection were ordered after that origin already: later ones naming it carry that
     /// head without asking again (bounded).
@@ -100,7 +115,7 @@ struct Session {
 }
 
 /// A publish waiting for its publisher's order.
-struct Parked {
+pub(super) struct Parked {
     publish: client::Publish,
     /// Refused with `UNAVAILABLE` past this.
     deadline: Instant,
@@ -128,10 +143,10 @@ const SYNCED_MAX: usize = 256;
 const PARKED_MAX: usize = 1024;
 
 /// How often parked publishes check whether they can go.
-const PARKED_CHECK: Duration = Duration::from_millis(10);
+pub(super) const PARKED_CHECK: Duration = Duration::from_millis(10);
 
 /// An ack waiting for its message to be durable enough.
-struct PendingAck {
+pub(super) struct PendingAck {
     /// Store ticket of the log write (0: none).
     ticket: u64,
     /// When it was queued: a log write not confirmed within [`LOG_WAIT`] is answered
@@ -139,7 +154,7 @@ struct PendingAck {
     queued: Instant,
     /// `DURABILITY_REPLICATED`: the channel and own sequence another region must have, and
     /// when to give up.
-    replicated: Option<(String, u64, Instant)>,
+    pub(super) replicated: Option<(String, u64, Instant)>,
     ack: client::Ack,
     /// A refusal that must leave in order with the acks (a parked publish refused).
     refused: Option<Nack>,
@@ -150,12 +165,12 @@ const REPLICATION_WAIT: Duration = Duration::from_secs(10);
 
 /// One replay step in flight: the catch-up's id, whether waiting for the log timed out,
 /// and the step.
-type StepFuture =
+pub(super) type StepFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, bool, Result<Step, String>)> + Send>>;
 
 /// How long a replay waits for the log to catch up with the messages it must replay, and
 /// an ack for its message's log write.
-const LOG_WAIT: Duration = Duration::from_secs(10);
+pub(super) const LOG_WAIT: Duration = Duration::from_secs(10);
 
 /// A history read on a connection: it counts against the connection's limit, and holds its
 /// share of the node's read memory, until its page is written (or dropped with the
@@ -208,285 +223,145 @@ fn history_page(
     client::HistoryPage { request_id, channel, messages, next_from: page.next_from }
 }
 
-/// Runs a session to its end.
-/// `token` is the one given in the upgrade URL, if any (`Connect.token` takes precedence).
-pub async fn run<S>(
-    ws: WebSocketStream<S>,
-    format: Format,
-    admission: Admission,
-    token: Option<String>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let span = info_span!("session", conn = %admission.id, ?format);
-    let node = admission.node().clone();
-    let mut ws = ws;
-    // A bug must not cost the client its close code (it would see 1006 and retry as if the
-    // network failed): a panic ends the session with 1011, its subscriptions left (see
-    // `Drop for Session`).
-    let served = std::panic::AssertUnwindSafe(run_inner(&mut ws, format, &admission, token))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
-    let end = served.unwrap_or_else(|_| {
-        tracing::error!(parent: &span, "session failed; closing with 1011");
-        End::Close(close::INTERNAL_ERROR, "internal error".into())
-    });
-    debug!(parent: &span, ?end, "session ended");
-    if let End::Close(code, mut reason) = end {
-        // A close frame's reason fits in 123 bytes (control frames carry at most 125).
-        if reason.len() > 123 {
-            let mut cut = 120;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-            reason.push('…');
-        }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) };
-        // The peer gets `timeouts.close` to take the close frame (after whatever is still
-        // buffered for it); then the socket is dropped regardless.
-        let _ = tokio::time::timeout(node.settings().config.timeouts.close, async {
-            ws.close(Some(frame)).await?;
-            // Wait for the peer's close reply so the close frame is not lost to a reset.
-            while ws.next().await.is_some() {}
-            Ok::<_, WsError>(())
-        })
-        .await;
-    }
-    drop(admission);
-}
-
-async fn run_inner<S>(
-    ws: &mut WebSocketStream<S>,
-    format: Format,
-    admission: &Admission,
-    url_token: Option<String>,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let node = admission.node().clone();
-    // Settings are read from the shared node, not copied into every connection.
-    let cfg = &node.settings().config;
-    // One token per session, a child of the node's: cancelled on shutdown or on outbox
-    // overflow. One uncontended token to watch keeps the per-wakeup cost low.
-    let stop = node.shutdown().child_token();
-    let (outbox, mut rx) =
-        fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes, stop.clone());
-    let mut session = Session {
-        node: node.clone(),
-        id: admission.id,
-        format,
-        client_id: None,
-        channels: HashSet::new(),
-        outbox,
-        out: VecDeque::new(),
-        out_bytes: 0,
-        ping: false,
-        batch: Vec::new(),
-        acks: VecDeque::new(),
-        committed: node.hub().store().map(|s| s.committed()),
-        catchups: VecDeque::new(),
-        next_catchup: 1,
-        url_token,
-        claims: None,
-        expires: None,
-        frames: TokenBucket::new(cfg.limits.frame_rate, cfg.limits.frame_burst),
-        publishes: TokenBucket::new(cfg.limits.publish_rate, cfg.limits.publish_burst),
-        namespace_publishes: Vec::new(),
-        history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        parked: VecDeque::new(),
-        synced: Vec::new(),
-        order_blocks: Vec::new(),
-    };
-    // The replay step in flight, if any.
-    let mut step: Option<StepFuture> = None;
-    // A second watcher of the same value, to wait on in the loop below.
-    let mut committed = node.hub().store().map(|s| s.committed());
-    let mut replicated = node.hub().replicated_watch();
-    let hb = cfg.heartbeat.interval;
-    let idle = cfg.heartbeat.idle_timeout;
-    let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = Instant::now();
-    let mut parked_tick = tokio::time::interval(PARKED_CHECK);
-    parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let connect_deadline = sleep_until(Instant::now() + cfg.timeouts.connect);
-    tokio::pin!(connect_deadline);
-    // Deliveries handled since the socket was last read.
-    let mut unread = 0u32;
-
-    let end = loop {
-        // A replay reads its next step once the last one is (nearly) written.
-        if step.is_none() && session.out_bytes < WRITE_CHUNK {
-            step = session.start_step();
-        }
-        // Order matters: deliveries come before reads, so a wake-up for a delivery does not
-        // also poll the socket (each read attempt costs a buffer fill in the WebSocket
-        // library); a read is forced every few deliveries so a flooded client is still heard.
-        let step = tokio::select! {
-            biased;
-            _ = stop.cancelled() => Err(stopped(&rx)),
-            _ = &mut connect_deadline, if session.client_id.is_none() => Err(End::Close(
-                close::PROTOCOL_VIOLATION,
-                "no Connect frame within the connect timeout".into(),
-            )),
-            _ = async {
-                match session.expires {
-                    Some(at) => sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            }, if session.expires.is_some() => Err(End::Close(
-                close::UNAUTHORIZED,
-                "the token expired".into(),
-            )),
-            _ = ping.tick() => {
-                if last_seen.elapsed() >= idle {
-                    Err(End::Close(close::IDLE_TIMEOUT, format!("nothing received for {idle:?}")))
-                } else {
-                    session.ping = true;
-                    // Acks whose log write is overdue get their answer.
-                    if !session.acks.is_empty() {
-                        session.flush_acks();
-                    }
-                    Ok(())
-                }
-            }
-            // Taken only while the writer is nearly done: what the client has not read yet
-            // waits in the outbox, whose limits make a client that stopped reading a slow
-            // consumer.
-            _ = rx.ready(), if session.out_bytes < WRITE_CHUNK => {
-                session.take_outbox(&mut rx);
-                unread += 1;
-                if unread >= FORCED_READ_EVERY && session.backlog() < READ_GATE {
-                    unread = 0;
-                    match ws.next().now_or_never() {
-                        Some(frame) => {
-                            last_seen = Instant::now();
-                            session.on_frame(frame)
-                        }
-                        None => Ok(()),
-                    }
-                } else {
-                    Ok(())
-                }
-            }
-            _ = async {
-                match committed.as_mut() {
-                    Some(c) => { let _ = c.changed().await; }
-                    None => std::future::pending().await,
-                }
-            }, if !session.acks.is_empty() => {
-                session.flush_acks();
-                Ok(())
-            }
-            _ = async {
-                let deadline = session.acks.front().and_then(|a| a.replicated.as_ref()).map(|r| r.2);
-                match deadline {
-                    Some(d) => tokio::select! {
-                        _ = replicated.changed() => {}
-                        _ = sleep_until(d) => {}
-                    },
-                    None => std::future::pending().await,
-                }
-            }, if session.acks.front().is_some_and(|a| a.replicated.is_some()) => {
-                session.flush_acks();
-                Ok(())
-            }
-            _ = parked_tick.tick(), if !session.parked.is_empty() => {
-                session.retry_parked();
-                Ok(())
-            }
-            (id, timed_out, result) = async {
-                match step.as_mut() {
-                    Some(f) => f.await,
-                    None => std::future::pending().await,
-                }
-            }, if step.is_some() => {
-                step = None;
-                session.on_step(id, timed_out, result);
-                Ok(())
-            }
-            // Not while a backlog waits to be written: a client asking for replay after
-            // replay (each within its bounds) without reading them is held back by TCP.
-            frame = ws.next(), if session.backlog() < READ_GATE => {
-                unread = 0;
-                last_seen = Instant::now();
-                // Handle the frames that already arrived too, so their replies (e.g. a
-                // pipelining publisher's acks) leave in one write.
-                let mut r = session.on_frame(frame);
-                for _ in 0..READ_AHEAD_FRAMES {
-                    let Ok(()) = r else { break };
-                    if session.backlog() >= READ_GATE {
-                        break;
-                    }
-                    match ws.next().now_or_never() {
-                        Some(frame) => r = session.on_frame(frame),
-                        None => break,
-                    }
-                }
-                r
-            }
-            // Nothing else to do: write on.
-            _ = std::future::ready(()), if session.has_output() => Ok(()),
-        };
-        if let Err(end) = step {
-            break end;
-        }
-        if session.has_output() {
-            let gated = session.backlog() >= READ_GATE;
-            match session.write(ws, &stop, &rx, idle).await {
-                Err(end) => break end,
-                // While its frames are not read, a client that reads what it is sent is
-                // alive (its pongs wait in the socket).
-                Ok(()) if gated => last_seen = Instant::now(),
-                Ok(()) => {}
-            }
-        }
-    };
-
-    session.leave_all();
-    end
-}
-
-/// Frames already received that one loop turn handles before writing the replies.
-const READ_AHEAD_FRAMES: usize = 64;
-
-/// While deliveries keep coming, the socket is still read at least this often (in deliveries).
-const FORCED_READ_EVERY: u32 = 8;
-
-/// A connection's client frames are not read while this much waits to be written to it
-/// (its replies and replays queued, see [`Session::backlog`]).
-const READ_GATE: usize = 1 << 20;
-
-/// Bytes the writer sends per loop turn (at least one frame): between chunks the session
-/// reads the client's frames and takes new deliveries, so a long replay neither starves
-/// the client's requests nor makes it look idle.
-const WRITE_CHUNK: usize = 256 * 1024;
-
-fn ws_message(format: Format, bytes: Bytes) -> WsMessage {
-    match format {
-        Format::Protobuf => WsMessage::Binary(bytes),
-        // Our JSON encoder only produces UTF-8.
-        Format::Json => WsMessage::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
-    }
-}
-
-fn slow_consumer() -> End {
-    End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
-}
-
-/// Why the session's stop token fired: its outbox overflowed, or the node is shutting down.
-fn stopped(rx: &OutboxReceiver) -> End {
-    if rx.overflowed() {
-        slow_consumer()
-    } else {
-        End::Close(close::GOING_AWAY, "node shutting down".into())
-    }
-}
-
 impl Session {
+    /// A session of connection `id` in `format`, delivering through `outbox`; `url_token` is
+    /// a token given with the transport's request (`Connect.token` takes precedence).
+    pub fn new(
+        node: Arc<Node>,
+        id: ConnectionId,
+        format: Format,
+        url_token: Option<String>,
+        outbox: Outbox,
+    ) -> Self {
+        let cfg = &node.settings().config;
+        let frames = TokenBucket::new(cfg.limits.frame_rate, cfg.limits.frame_burst);
+        let publishes = TokenBucket::new(cfg.limits.publish_rate, cfg.limits.publish_burst);
+        let committed = node.hub().store().map(|s| s.committed());
+        Session {
+            id,
+            format,
+            client_id: None,
+            channels: HashSet::new(),
+            outbox,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            ping: false,
+            batch: Vec::new(),
+            batch_limits: (cfg.websocket.max_batch_messages, cfg.websocket.max_batch_bytes),
+            acks: VecDeque::new(),
+            committed,
+            catchups: VecDeque::new(),
+            next_catchup: 1,
+            url_token,
+            claims: None,
+            expires: None,
+            frames,
+            publishes,
+            namespace_publishes: Vec::new(),
+            history_reads: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            parked: VecDeque::new(),
+            synced: Vec::new(),
+            order_blocks: Vec::new(),
+            node,
+        }
+    }
+
+    /// Whether the client sent its `Connect`.
+    pub fn connected(&self) -> bool {
+        self.client_id.is_some()
+    }
+
+    /// Handles what the transport received.
+    pub fn on_input(&mut self, input: Input) -> Result<(), End> {
+        let (payload, text) = match input {
+            Input::Frame(payload, text) => (payload, text),
+            Input::Control => return self.take_frame(),
+            Input::Alive => return Ok(()),
+            Input::End(end) => return Err(end),
+        };
+        self.take_frame()?;
+        match codec::decode_client(&payload, text) {
+            Ok(kind) => self.handle(kind),
+            // Before `connect`, anything but a `connect` ends the connection (4002), a
+            // frame that does not decode too.
+            Err(e) if self.client_id.is_none() => {
+                Err(End::Close(close::PROTOCOL_VIOLATION, format!("send Connect first ({e})")))
+            }
+            Err(e) => {
+                // A request that does not decode is still answered as that request.
+                let request = codec::request_of(&payload, text).unwrap_or_default();
+                if request.kind == "publish" {
+                    // Publishes are answered by ack or nack, in publish order.
+                    self.refuse(Nack {
+                        request_id: request.request_id,
+                        channel: request.channel,
+                        code: e.code() as i32,
+                        reason: e.to_string(),
+                        ..Nack::default()
+                    });
+                } else {
+                    self.error(request.request_id, e.code(), e.to_string(), request.channel);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every frame received takes a token (`limits.frame_rate`).
+    fn take_frame(&mut self) -> Result<(), End> {
+        if self.frames.take(std::time::Instant::now()).is_ok() {
+            return Ok(());
+        }
+        let l = &self.cfg().limits;
+        Err(End::Close(
+            close::RATE_LIMITED,
+            format!("more than {} frames/s (burst {})", l.frame_rate, l.frame_burst),
+        ))
+    }
+
+    /// The next thing to send, framed in the session's format: consecutive messages share
+    /// one `Deliver` frame up to `websocket.max_batch_messages` / `max_batch_bytes`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if std::mem::take(&mut self.ping) {
+            return Some(Transmit::Ping);
+        }
+        let format = self.format;
+        let (max_msgs, max_bytes) = self.batch_limits;
+        let item = self.out.pop_front()?;
+        self.out_bytes = self.out_bytes.saturating_sub(item.cost());
+        Some(match item {
+            Outgoing::Message(m) => {
+                let mut bytes = m.piece_len(format);
+                self.batch.push(m);
+                while self.batch.len() < max_msgs && bytes < max_bytes {
+                    let Some(Outgoing::Message(m)) = self.out.front() else { break };
+                    bytes += m.piece_len(format);
+                    let Some(item) = self.out.pop_front() else { break };
+                    self.out_bytes = self.out_bytes.saturating_sub(item.cost());
+                    if let Outgoing::Message(m) = item {
+                        self.batch.push(m);
+                    }
+                }
+                let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), format);
+                self.batch.clear();
+                Transmit::Frame(frame, None)
+            }
+            Outgoing::Frame(kind) => Transmit::Frame(codec::encode_server(*kind, format), None),
+            Outgoing::Encoded(bytes) => Transmit::Frame(bytes, None),
+            Outgoing::Held(h) => {
+                let (kind, keep) = *h;
+                Transmit::Frame(codec::encode_server(kind, format), Some(keep))
+            }
+        })
+    }
+
+    /// Gives back the write queue's memory after a burst: an idle session keeps none.
+    pub fn compact(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 1024 {
+            self.out = VecDeque::new();
+        }
+    }
+
     fn cfg(&self) -> &crate::config::Config {
         &self.node.settings().config
     }
@@ -508,17 +383,18 @@ impl Session {
     }
 
     /// Moves what the outbox holds to the writer.
-    fn take_outbox(&mut self, rx: &mut OutboxReceiver) {
+    pub fn take_outbox(&mut self, rx: &mut OutboxReceiver) {
         self.out_bytes += rx.drain(&mut self.out);
     }
 
     /// What waits to be written: taken from the outbox, and replays still in it. Live
     /// messages in the outbox are bounded by its limits instead.
-    fn backlog(&self) -> usize {
+    pub fn backlog(&self) -> usize {
         self.out_bytes + self.outbox.replay_bytes()
     }
 
-    fn has_output(&self) -> bool {
+    /// Whether anything waits to be sent.
+    pub fn has_output(&self) -> bool {
         self.ping || !self.out.is_empty()
     }
 
@@ -529,142 +405,6 @@ impl Session {
             reason,
             channel,
         }));
-    }
-
-    /// Writes the next chunk of `out` (see [`WRITE_CHUNK`]), framing as it goes: consecutive
-    /// messages share one `Deliver` frame up to the batch limits. Gives up when the peer
-    /// reads nothing for `stall`, or the session is stopped (overflow, shutdown) meanwhile.
-    async fn write<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        stop: &CancellationToken,
-        rx: &OutboxReceiver,
-        stall: Duration,
-    ) -> Result<(), End>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let format = self.format;
-        let max_msgs = self.cfg().websocket.max_batch_messages;
-        let max_bytes = self.cfg().websocket.max_batch_bytes;
-        let (out, out_bytes, batch, ping) =
-            (&mut self.out, &mut self.out_bytes, &mut self.batch, &mut self.ping);
-        let write = async {
-            if std::mem::take(ping) {
-                ws.feed(WsMessage::Ping(Bytes::new())).await?;
-            }
-            let mut written = 0;
-            while written < WRITE_CHUNK {
-                let Some(item) = out.pop_front() else { break };
-                *out_bytes = out_bytes.saturating_sub(item.cost());
-                let mut held = None;
-                let frame = match item {
-                    Outgoing::Message(m) => {
-                        let mut bytes = m.piece_len(format);
-                        batch.push(m);
-                        while batch.len() < max_msgs && bytes < max_bytes {
-                            let Some(Outgoing::Message(m)) = out.front() else { break };
-                            bytes += m.piece_len(format);
-                            let Some(item) = out.pop_front() else { break };
-                            *out_bytes = out_bytes.saturating_sub(item.cost());
-                            if let Outgoing::Message(m) = item {
-                                batch.push(m);
-                            }
-                        }
-                        let frame = codec::deliver_frame(batch.iter().map(|m| &**m), format);
-                        batch.clear();
-                        frame
-                    }
-                    Outgoing::Frame(kind) => codec::encode_server(*kind, format),
-                    Outgoing::Encoded(bytes) => bytes,
-                    Outgoing::Held(h) => {
-                        let (kind, keep) = *h;
-                        held = Some(keep);
-                        codec::encode_server(kind, format)
-                    }
-                };
-                written += frame.len();
-                ws.feed(ws_message(format, frame)).await?;
-                drop(held);
-            }
-            // Give back memory after a burst; an idle connection keeps none.
-            if out.is_empty() && out.capacity() > 1024 {
-                *out = VecDeque::new();
-            }
-            ws.flush().await
-        };
-        // Write first: in the usual case it completes at once, and the stop token and the
-        // stall timer are never polled (no timer registered per turn).
-        tokio::select! {
-            biased;
-            r = write => r.map_err(|e| {
-                debug!(error = %e, "write failed");
-                End::Gone
-            }),
-            _ = stop.cancelled() => Err(stopped(rx)),
-            _ = tokio::time::sleep(stall) => Err(slow_consumer()),
-        }
-    }
-
-    fn on_frame(&mut self, frame: Option<Result<WsMessage, WsError>>) -> Result<(), End> {
-        let msg = match frame {
-            None => return Err(End::Gone),
-            Some(Ok(msg)) => msg,
-            Some(Err(WsError::Capacity(e))) => {
-                return Err(End::Close(close::MESSAGE_TOO_BIG, e.to_string()));
-            }
-            Some(Err(WsError::Utf8(e))) => {
-                return Err(End::Close(close::INVALID_PAYLOAD, format!("invalid UTF-8: {e}")));
-            }
-            Some(Err(WsError::Protocol(e))) => {
-                return Err(End::Close(close::PROTOCOL_ERROR, e.to_string()));
-            }
-            Some(Err(e)) => {
-                debug!(error = %e, "read failed");
-                return Err(End::Gone);
-            }
-        };
-        if self.frames.take(std::time::Instant::now()).is_err() {
-            let l = &self.cfg().limits;
-            return Err(End::Close(
-                close::RATE_LIMITED,
-                format!("more than {} frames/s (burst {})", l.frame_rate, l.frame_burst),
-            ));
-        }
-        let (payload, text) = match &msg {
-            WsMessage::Text(t) => (t.as_bytes(), true),
-            WsMessage::Binary(b) => (&b[..], false),
-            // The library answers pings itself; a close is answered by the library too,
-            // and the next read ends the stream.
-            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) | WsMessage::Close(_) => {
-                return Ok(());
-            }
-        };
-        match codec::decode_client(payload, text) {
-            Ok(kind) => self.handle(kind),
-            // Before `connect`, anything but a `connect` ends the connection (4002), a
-            // frame that does not decode too.
-            Err(e) if self.client_id.is_none() => {
-                Err(End::Close(close::PROTOCOL_VIOLATION, format!("send Connect first ({e})")))
-            }
-            Err(e) => {
-                // A request that does not decode is still answered as that request.
-                let request = codec::request_of(payload, text).unwrap_or_default();
-                if request.kind == "publish" && self.client_id.is_some() {
-                    // Publishes are answered by ack or nack, in publish order.
-                    self.refuse(Nack {
-                        request_id: request.request_id,
-                        channel: request.channel,
-                        code: e.code() as i32,
-                        reason: e.to_string(),
-                        ..Nack::default()
-                    });
-                } else {
-                    self.error(request.request_id, e.code(), e.to_string(), request.channel);
-                }
-                Ok(())
-            }
-        }
     }
 
     fn handle(&mut self, kind: client_frame::Kind) -> Result<(), End> {
@@ -932,7 +672,7 @@ impl Session {
     }
 
     /// The next replay step of the first catch-up, if there is one.
-    fn start_step(&self) -> Option<StepFuture> {
+    pub fn start_step(&self) -> Option<StepFuture> {
         let c = self.catchups.front()?.clone();
         let store = self.node.hub().store()?.clone();
         let r = &self.cfg().resume;
@@ -970,7 +710,7 @@ impl Session {
     /// Applies a replay step: queues its messages (written before anything the outbox
     /// holds for later), and makes the subscription live once the replay reached the
     /// channel's in-memory tail.
-    fn on_step(&mut self, id: u64, timed_out: bool, result: Result<Step, String>) {
+    pub fn on_step(&mut self, id: u64, timed_out: bool, result: Result<Step, String>) {
         let Some(c) = self.catchups.front_mut().filter(|c| c.id == id) else { return };
         let (forward, force) = match result {
             Ok(step) => {
@@ -1196,7 +936,7 @@ impl Session {
     /// so everything behind one still waiting waits too); refuses with `UNAVAILABLE` those
     /// that waited `limits.publish_order_wait`, and the later ones of their channel, which
     /// must not overtake them.
-    fn retry_parked(&mut self) {
+    pub fn retry_parked(&mut self) {
         let Some(client_id) = self.client_id.clone() else { return };
         let now = Instant::now();
         while let Some(w) = self.parked.pop_front() {
@@ -1415,7 +1155,7 @@ impl Session {
     /// Sends the acks whose messages are durable enough, in order; a replicated publish
     /// that no other region acknowledged in time is answered with `NOT_REPLICATED`, one
     /// whose log write failed with `INTERNAL`.
-    fn flush_acks(&mut self) {
+    pub fn flush_acks(&mut self) {
         let logged = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
         let now = Instant::now();
         while let Some(front) = self.acks.front() {
@@ -1472,7 +1212,7 @@ impl Session {
 
     /// Leaves every channel and forgets every question asked for this connection (also on a
     /// panic, through `Drop`).
-    fn leave_all(&mut self) {
+    pub fn leave_all(&mut self) {
         for w in std::mem::take(&mut self.parked) {
             self.node.hub().forget_probe_opt(w.probe);
         }
