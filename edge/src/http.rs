@@ -34,6 +34,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/ws", get(websocket))
         // `{channel}/messages`, where the channel may hold `/` (encoded or not).
         .route("/v1/channels/{*path}", post(http_publish).get(http_history))
+        .route("/v1/sse", get(plain_sse))
         .route("/v1/sessions", get(session_open))
         .route("/v1/sessions/{id}", post(session_post).delete(session_delete))
         .route("/v1/sessions/{id}/poll", get(session_poll))
@@ -59,6 +60,7 @@ fn cors_layer(node: &Node) -> tower_http::cors::CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             header::HeaderName::from_static("x-tern-session-secret"),
+            header::HeaderName::from_static("last-event-id"),
         ])
         .expose_headers([
             header::RETRY_AFTER,
@@ -813,14 +815,8 @@ async fn session_open(
 ) -> Response {
     let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
     // The token of `Connect` falls back to this one, as `/v1/ws?token=` does.
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
     let ip = peer.map(|p| p.0.ip());
-    let token = q.token.or(bearer);
+    let token = q.token.or_else(|| bearer(req.headers()));
     session::http::open(node, ip, q.transport.as_deref(), q.format.as_deref(), token).await
 }
 
@@ -856,4 +852,52 @@ async fn session_delete(
 ) -> Response {
     let secret = session::http::secret_of(&headers, q.secret.as_deref());
     session::http::delete(node.clone(), &id, secret).await
+}
+
+/// `GET /v1/sse?channel=…&channel=…[&rewind=N][&token=…][&lastEventId=…]`: plain
+/// server-sent events (see `session::sse`).
+async fn plain_sse(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+    let headers = req.headers();
+    let mut r = session::sse::Request {
+        token: bearer(headers),
+        last_event_id: headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        ..Default::default()
+    };
+    for (k, v) in q {
+        match k.as_str() {
+            "channel" => r.channels.push(v),
+            "token" => r.token = Some(v),
+            "lastEventId" if r.last_event_id.is_none() => r.last_event_id = Some(v),
+            "rewind" => match v.parse() {
+                Ok(n) => r.rewind = n,
+                Err(_) => {
+                    let reason = "rewind must be a count of messages".into();
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::InvalidArgument,
+                        reason,
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    session::sse::open(node, peer.map(|p| p.0.ip()), r).await
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
 }
