@@ -26,10 +26,11 @@ pub struct Node {
     history_reads: Arc<tokio::sync::Semaphore>,
     /// The memory history reads and replays may hold, in KiB (`limits.history_read_bytes`).
     read_bytes: Arc<tokio::sync::Semaphore>,
+    /// The open HTTP sessions, by id.
+    http_sessions: crate::session::http::Registry,
     /// HTTP API publish buckets per caller (`limits.http_publish_rate`), and per caller and
     /// namespace for namespaces with a rate of their own.
     #[allow(clippy::type_complexity)]
-    http_sessions: crate::session::http::Registry,
     http_publishes:
         std::sync::Mutex<std::collections::HashMap<(String, Option<usize>), TokenBucket>>,
     /// When the node started (readiness waits at most `backbone.ready_wait` from here).
@@ -171,7 +172,7 @@ impl Node {
         &self.tracker
     }
 
-    /// Open WebSocket connections.
+    /// Open client sessions (WebSocket, HTTP and SSE).
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }

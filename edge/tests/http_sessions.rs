@@ -123,8 +123,10 @@ async fn oversize_malformed_and_never_ending_posts_get_their_status() {
     let (status, _, text) = c.http().unwrap().post(Bytes::from(body)).await;
     assert_eq!(status, 413, "{text:?}");
     assert!(String::from_utf8_lossy(&text).contains("ERROR_CODE_MESSAGE_TOO_LARGE"));
-    // A body over 16 frames' worth: 413.
-    let (status, _, _) = c.http().unwrap().post(Bytes::from(vec![b'\n'; 16 * max_frame + 1])).await;
+    // A body over 4 frames' worth, or of more than 256 frames: 413.
+    let (status, _, _) = c.http().unwrap().post(Bytes::from(vec![b'\n'; 4 * max_frame + 1])).await;
+    assert_eq!(status, 413);
+    let (status, _, _) = c.http().unwrap().post(Bytes::from("{}\n".repeat(257))).await;
     assert_eq!(status, 413);
     // Malformed JSON lines are answered on the stream, each as its request, like over a
     // WebSocket; the good line between them is handled in order.

@@ -50,6 +50,12 @@ pub trait Wire: Send {
     fn ping(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Sends what was queued.
     fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Whether what is still queued is written before the close (HTTP sessions: a long
+    /// poll must not lose the acks and deliveries queued since the last poll). A WebSocket
+    /// closes at once, as it always did.
+    fn drains(&self) -> bool {
+        false
+    }
     /// Ends the transport, telling the client why where it can.
     fn close(&mut self, end: End, node: &Node) -> impl Future<Output = ()> + Send;
 }
@@ -280,6 +286,24 @@ async fn serve<W: Wire>(
     };
 
     session.leave_all();
+    if matches!(end, End::Close(..)) && wire.drains() {
+        // What was queued goes before the close frame (at most a write chunk, never waiting
+        // on the client: the wire's `close` sends it with the close frame).
+        session.take_outbox(&mut rx);
+        let mut written = 0;
+        while written < WRITE_CHUNK {
+            match session.poll_transmit() {
+                Some(Transmit::Frame(frame, _)) => {
+                    written += frame.len();
+                    if wire.feed(frame).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Transmit::Ping) => {}
+                None => break,
+            }
+        }
+    }
     end
 }
 

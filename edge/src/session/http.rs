@@ -66,18 +66,22 @@ impl Transport {
     }
 }
 
-/// Requests one POST may queue for a session before more are refused (429): a client
-/// posting faster than its session takes the frames is held back.
-const POSTS_QUEUED: usize = 16;
+/// POSTs that may wait for a session to take their frames before more are refused (429):
+/// a client posting faster than its session takes the frames is held back, and what one
+/// session holds of posted frames stays bounded (this many × [`max_post_bytes`]).
+const POSTS_QUEUED: usize = 2;
+
+/// Most frames in one POST (more: 413), so a body of tiny frames holds no more memory than
+/// its bytes.
+const FRAMES_PER_POST: usize = 256;
 
 /// Chunks of a streamed response waiting for the socket; then the session's writes wait
 /// (and a client that does not read is a slow consumer, as over a WebSocket).
 const STREAM_CHUNKS: usize = 4;
 
-/// Most bytes of client frames in one POST: as many frames as a WebSocket session reads
-/// ahead in one turn, each at most `limits.max_frame_bytes`.
+/// Most bytes of client frames in one POST: four frames of `limits.max_frame_bytes`.
 fn max_post_bytes(node: &Node) -> usize {
-    node.settings().config.limits.max_frame_bytes.saturating_mul(16)
+    node.settings().config.limits.max_frame_bytes.saturating_mul(4)
 }
 
 /// The open HTTP sessions of a node, by id.
@@ -304,19 +308,23 @@ pub fn secret_of<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&
 /// `POST /v1/sessions/{id}`: client frames for the session, handled as if they arrived on
 /// its WebSocket (in order, answered on the session's stream or polls). Answers 202 once
 /// the session has them; 404/403 (see [`session`]); 413 `MESSAGE_TOO_LARGE` for a body
-/// over 16 × `limits.max_frame_bytes` or a frame over `limits.max_frame_bytes`; 400
-/// `BAD_FRAME` for a protobuf body that is not a sequence of length-prefixed frames; 408 for
-/// a body not received within `timeouts.http_body`; 429 `RATE_LIMITED` while 16 earlier
-/// POSTs wait for the session. Nothing of a refused POST reaches the session.
+/// over 4 × `limits.max_frame_bytes`, a frame over `limits.max_frame_bytes` or more than 256
+/// frames; 400 `BAD_FRAME` for a protobuf body that is not a sequence of length-prefixed
+/// frames; 408 for a body not received within `timeouts.http_body`; 429 `RATE_LIMITED`
+/// while 2 earlier POSTs wait for the session. Nothing of a refused POST reaches the session.
 pub async fn post(node: Arc<Node>, id: &str, secret: Option<&str>, body: Body) -> Response {
     let entry = match session(&node, id, secret) {
         Ok(e) => e,
         Err(r) => return *r,
     };
     let cfg = &node.settings().config;
+    // A session that is not taking frames is answered before the body is read.
+    if entry.frames.capacity() == 0 {
+        return busy();
+    }
     let limit = max_post_bytes(&node);
-    let body = match crate::http::read_body(&node, body, limit, "16 × limits.max_frame_bytes").await
-    {
+    let what = "4 × limits.max_frame_bytes";
+    let body = match crate::http::read_body(&node, body, limit, what).await {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -329,17 +337,20 @@ pub async fn post(node: Arc<Node>, id: &str, secret: Option<&str>, body: Body) -
     }
     match entry.frames.try_send(frames) {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            let reason = format!("{POSTS_QUEUED} posts already wait for this session");
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, reason);
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
+        Err(mpsc::error::TrySendError::Full(_)) => busy(),
         Err(mpsc::error::TrySendError::Closed(_)) => {
             let reason = "the session ended".into();
             error(StatusCode::NOT_FOUND, ErrorCode::NotFound, reason)
         }
     }
+}
+
+/// 429: earlier POSTs still wait for the session.
+fn busy() -> Response {
+    let reason = format!("{POSTS_QUEUED} posts already wait for this session");
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, reason);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// Splits a POST body into client frames: JSON lines (blank lines skipped), or protobuf
@@ -351,6 +362,10 @@ fn split_frames(
 ) -> Result<Vec<Input>, (StatusCode, ErrorCode, String)> {
     let too_big = || {
         let reason = format!("a frame is over limits.max_frame_bytes ({max_frame} bytes)");
+        (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, reason)
+    };
+    let too_many = || {
+        let reason = format!("more than {FRAMES_PER_POST} frames in one POST");
         (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooLarge, reason)
     };
     let mut frames = Vec::new();
@@ -371,6 +386,9 @@ fn split_frames(
                 }
                 if line.len() > max_frame {
                     return Err(too_big());
+                }
+                if frames.len() == FRAMES_PER_POST {
+                    return Err(too_many());
                 }
                 frames.push(Input::Frame(line, true));
             }
@@ -393,6 +411,9 @@ fn split_frames(
                     return Err((StatusCode::BAD_REQUEST, ErrorCode::BadFrame, reason));
                 }
                 rest.advance(head);
+                if frames.len() == FRAMES_PER_POST {
+                    return Err(too_many());
+                }
                 frames.push(Input::Frame(rest.split_to(len), false));
             }
         }
@@ -448,7 +469,7 @@ pub async fn delete(node: Arc<Node>, id: &str, secret: Option<&str>) -> Response
         Err(r) => return *r,
     };
     node.http_sessions().remove(id);
-    // A full queue: the session is busy; it ends when its stream or polls stop anyway.
+    // (The session also ends when its registry entry goes: a full queue does not keep it.)
     let _ = entry.frames.try_send(vec![Input::End(End::Gone)]);
     StatusCode::NO_CONTENT.into_response()
 }
@@ -586,6 +607,10 @@ impl Wire for HttpWire {
     async fn feed(&mut self, frame: Bytes) -> std::io::Result<()> {
         put_frame(&mut self.buf, self.transport, self.format, &frame);
         Ok(())
+    }
+
+    fn drains(&self) -> bool {
+        true
     }
 
     async fn ping(&mut self) -> std::io::Result<()> {

@@ -53,9 +53,20 @@ struct ChannelCursor {
 }
 
 /// Longest `Last-Event-ID` taken (a cursor of 100 channels of a few origins fits).
-const MAX_CURSOR: usize = 32 * 1024;
+const MAX_CURSOR: usize = 64 * 1024;
 
+/// Bytes of events written to the response at once: an id that grows with the channels
+/// does not make a turn's buffer grow with it.
+const EVENTS_CHUNK: usize = 256 * 1024;
+
+/// The cursor as an event id; channels with nothing known yet (no message, not live yet)
+/// are left out, so they start afresh rather than resume from nothing.
 fn encode_cursor(c: &Cursor) -> String {
+    let known = |ch: &&ChannelCursor| ch.position.is_some() || !ch.origins.is_empty();
+    let c = Cursor {
+        node: c.node.clone(),
+        channels: c.channels.iter().filter(known).cloned().collect(),
+    };
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.encode_to_vec())
 }
 
@@ -84,12 +95,28 @@ fn refuse(status: StatusCode, code: ErrorCode, reason: String) -> Response {
     crate::http::error_response(status, code, reason)
 }
 
+/// A refusal `EventSource` retries (any status but 200 stops it for good): 200, a `retry:`
+/// of `retry_ms`, and a `close` event with `code`.
+fn come_back(code: u16, reason: &str, retry_ms: u32) -> Response {
+    let closed = client::Closed { code: u32::from(code), reason: reason.into() };
+    let body = format!(
+        "retry: {retry_ms}\nevent: close\ndata: {}\n\n",
+        String::from_utf8_lossy(&json(&closed))
+    );
+    let mut res = Response::new(Body::from(body));
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
 /// Opens a plain SSE stream. The request is checked before the stream starts, so
 /// `EventSource` sees a failure it does not retry: 400 `INVALID_ARGUMENT` for no channel,
 /// too many (`limits.max_channels_per_connection`), a `rewind` above 100 or a
 /// `Last-Event-ID` that is no cursor of this protocol; 400 `INVALID_CHANNEL`; 401
 /// `UNAUTHORIZED` for a missing or bad token (token mode); 403 `FORBIDDEN` for a channel
-/// the token may not subscribe to; 503 at the connection limits or while shutting down.
+/// the token may not subscribe to. At the connection limits or while the node shuts down
+/// it answers 200 with `retry:` and a `close` event (1013, 1001): `EventSource` comes back.
 pub async fn open(node: Arc<Node>, ip: Option<IpAddr>, req: Request) -> Response {
     let cfg = &node.settings().config;
     let max = cfg.limits.max_channels_per_connection;
@@ -132,29 +159,18 @@ pub async fn open(node: Arc<Node>, ip: Option<IpAddr>, req: Request) -> Response
         }
     }
     if node.shutdown().is_cancelled() {
-        let mut r = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "node shutting down".into(),
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return come_back(tern_proto::close::GOING_AWAY, "node shutting down", 1000);
     }
     let slot = match ip.map(|ip| node.open_from(ip)) {
         Some(None) => {
-            let reason = "connection limit for this address reached".into();
-            let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, reason);
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return r;
+            let reason = "connection limit for this address reached";
+            return come_back(tern_proto::close::TRY_AGAIN_LATER, reason, 5000);
         }
         Some(slot) => slot,
         None => None,
     };
     let Some(admission) = node.admit() else {
-        let reason = "connection limit reached".into();
-        let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, reason);
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return r;
+        return come_back(tern_proto::close::TRY_AGAIN_LATER, "connection limit reached", 5000);
     };
 
     // The frames a client would send, in protobuf (what the wire reads back).
@@ -324,7 +340,14 @@ impl Wire for SseWire {
         if let Ok(kind) = codec::decode_server(&frame, false) {
             self.on_frame(kind);
         }
+        if self.buf.len() >= EVENTS_CHUNK {
+            self.flush().await?;
+        }
         Ok(())
+    }
+
+    fn drains(&self) -> bool {
+        true
     }
 
     async fn ping(&mut self) -> std::io::Result<()> {

@@ -89,16 +89,28 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> (u16, hyper::HeaderMap, Bytes) {
+    try_request(conn, method, path, headers, body).await.expect("an answer")
+}
+
+/// [`request`], or `None` when the connection fails (the node closed a keep-alive
+/// connection, as it does when it drains).
+pub async fn try_request(
+    conn: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Option<(u16, hyper::HeaderMap, Bytes)> {
     let mut req = hyper::Request::builder().method(method).uri(path).header("host", "test");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body)).unwrap();
-    let res = tokio::time::timeout(WAIT, conn.send_request(req)).await.unwrap().unwrap();
+    let res = tokio::time::timeout(WAIT, conn.send_request(req)).await.unwrap().ok()?;
     let status = res.status().as_u16();
     let headers = res.headers().clone();
-    let body = tokio::time::timeout(WAIT, res.into_body().collect()).await.unwrap().unwrap();
-    (status, headers, body.to_bytes())
+    let body = tokio::time::timeout(WAIT, res.into_body().collect()).await.unwrap().ok()?;
+    Some((status, headers, body.to_bytes()))
 }
 
 /// Splits what arrived of a stream or poll answer into frames, leaving a partial one in
@@ -344,11 +356,22 @@ async fn poll_loop(
 ) {
     let mut conn = connect(addr).await;
     let mut ack = 0u64;
+    let mut failures = 0;
     loop {
         let path = format!("/v1/sessions/{id}/poll?ack={ack}");
         let headers = [("x-tern-session-secret", secret.as_str())];
-        let (status, headers, body) =
-            request(&mut conn, "GET", &path, &headers, Bytes::new()).await;
+        let Some((status, headers, body)) =
+            try_request(&mut conn, "GET", &path, &headers, Bytes::new()).await
+        else {
+            // The connection closed (the node drains keep-alive connections): poll again
+            // on a new one, naming the same batch, so nothing is lost.
+            failures += 1;
+            if failures > 3 || TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            conn = connect(addr).await;
+            continue;
+        };
         if status != 200 {
             return;
         }
