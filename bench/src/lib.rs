@@ -75,6 +75,11 @@ struct Common {
     /// Connection handshakes in flight at once.
     #[arg(long, global = true, default_value_t = 256)]
     concurrency: usize,
+    /// How Tern's subscribers get their frames (latency, throughput, idle): `websocket`, an
+    /// HTTP streaming session (`stream`), or plain server-sent events (`sse`); publishers keep
+    /// the WebSocket.
+    #[arg(long, global = true, value_enum, default_value_t = target::Transport::Websocket)]
+    transport: target::Transport,
     /// Stop raising the rate past this many deliveries per second.
     #[arg(long, global = true, default_value_t = 20_000_000)]
     max_deliveries: u64,
@@ -121,6 +126,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Everything measured for one target.
 #[derive(Debug, Default)]
 struct Results {
+    /// The target's name in the tables.
+    name: &'static str,
     latency: Vec<LatencyReport>,
     throughput: Vec<ThroughputReport>,
     idle: Option<IdleReport>,
@@ -132,7 +139,7 @@ async fn run_suite(
     pid: Option<u32>,
     c: &Common,
 ) -> anyhow::Result<Results> {
-    let mut r = Results::default();
+    let mut r = Results { name: target.name(), ..Results::default() };
     let all = matches!(kind, BenchKind::All);
     // Idle first: the server's memory is read on a fresh process, before other runs
     // leave freed-but-kept heap behind that would hide the per-connection cost.
@@ -192,7 +199,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             out
         }
     };
-    let tern = run_suite(&kind, &Target::tern(&tern_url), tern_pid, &c).await;
+    let tern = run_suite(&kind, &Target::tern(&tern_url).over(c.transport), tern_pid, &c).await;
     if let Some(s) = spawned {
         s.stop().await;
     }
@@ -221,7 +228,7 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
     println!();
     println!("== fan-out latency ({}-byte payloads, {} publishes/s) ==", c.payload, c.rate);
     println!(
-        "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+        "{:<11} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
         "target",
         "subs",
         "p50 ms",
@@ -236,12 +243,12 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
     let rows = tern
         .latency
         .iter()
-        .map(|l| ("tern", l))
+        .map(|l| (tern.name, l))
         .chain(nats.into_iter().flat_map(|n| n.latency.iter().map(|l| ("nats", l))));
     for (name, l) in rows {
         let [p50, p90, p99, p999, max] = l.percentiles_us;
         println!(
-            "{:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
+            "{:<11} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
             name,
             l.subscribers,
             ms(p50),
@@ -266,15 +273,15 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
     println!();
     println!("== fan-out throughput (highest sustained) ==");
     println!(
-        "{:<6} {:>5} {:>12} {:>15} {:>8} {:>10}",
+        "{:<11} {:>5} {:>12} {:>15} {:>8} {:>10}",
         "target", "subs", "pub/s", "deliveries/s", "srv cpu", "vs nats"
     );
     for t in &tern.throughput {
         let theirs =
             nats.and_then(|n| n.throughput.iter().find(|x| x.subscribers == t.subscribers));
         println!(
-            "{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
-            "tern",
+            "{:<11} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
+            tern.name,
             t.subscribers,
             t.sustained_rate,
             t.deliveries_per_sec,
@@ -283,7 +290,7 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
         );
         if let Some(n) = theirs {
             println!(
-                "{:<6} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
+                "{:<11} {:>5} {:>12} {:>15.0} {:>8} {:>10}",
                 "nats",
                 n.subscribers,
                 n.sustained_rate,
@@ -301,14 +308,14 @@ fn print_report(tern: &Results, nats: Option<&Results>, c: &Common) {
     println!();
     println!("== idle connections ==");
     println!(
-        "{:<6} {:>11} {:>7} {:>12} {:>14}",
+        "{:<11} {:>11} {:>7} {:>12} {:>14}",
         "target", "connections", "failed", "conn/s", "server B/conn"
     );
-    let idle_rows = [("tern", tern.idle.as_ref()), ("nats", nats.and_then(|n| n.idle.as_ref()))];
+    let idle_rows = [(tern.name, tern.idle.as_ref()), ("nats", nats.and_then(|n| n.idle.as_ref()))];
     for (name, i) in idle_rows {
         if let Some(i) = i {
             println!(
-                "{:<6} {:>11} {:>7} {:>12.0} {:>14}",
+                "{:<11} {:>11} {:>7} {:>12.0} {:>14}",
                 name,
                 i.connections,
                 i.failed,
@@ -370,7 +377,7 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
         c.hop_rate, c.payload
     );
     println!(
-        "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "{:<11} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
         "target",
         "local p50",
         "local p99",
@@ -383,7 +390,7 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
     let row = |name: &str, h: &hop::HopReport| {
         let (l, r) = (h.local.percentiles_us, h.remote.percentiles_us);
         println!(
-            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14.0}",
+            "{:<11} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14.0}",
             name,
             ms(l[0]),
             ms(l[2]),

@@ -28,6 +28,18 @@ pub enum System {
     Nats,
 }
 
+/// How a Tern node's subscribers get their frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// A WebSocket, protobuf frames.
+    #[default]
+    Websocket,
+    /// An HTTP streaming session, length-prefixed protobuf frames.
+    Stream,
+    /// Plain server-sent events (`/v1/sse`), JSON.
+    Sse,
+}
+
 /// Which system to drive, and where: publishers connect to `publish`, subscribers to
 /// `subscribe` (the same server, or another one to measure a hop between servers).
 #[derive(Debug, Clone)]
@@ -35,17 +47,20 @@ pub struct Target {
     system: System,
     publish: String,
     subscribe: String,
+    transport: Transport,
 }
 
 impl Target {
     /// A Tern node at `ws://host:port` (the `/v1/ws` path is added).
     pub fn tern(url: &str) -> Self {
-        Self { system: System::Tern, publish: url.into(), subscribe: url.into() }
+        let transport = Transport::Websocket;
+        Self { system: System::Tern, publish: url.into(), subscribe: url.into(), transport }
     }
 
     /// A NATS WebSocket listener at `ws://host:port`.
     pub fn nats(url: &str) -> Self {
-        Self { system: System::Nats, publish: url.into(), subscribe: url.into() }
+        let transport = Transport::Websocket;
+        Self { system: System::Nats, publish: url.into(), subscribe: url.into(), transport }
     }
 
     /// The same system, with subscribers on another server.
@@ -54,11 +69,19 @@ impl Target {
         self
     }
 
+    /// The same Tern node, its subscribers over `transport` (publishers keep the WebSocket).
+    pub fn over(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Display name.
     pub fn name(&self) -> &'static str {
-        match self.system {
-            System::Tern => "tern",
-            System::Nats => "nats",
+        match (self.system, self.transport) {
+            (System::Nats, _) => "nats",
+            (System::Tern, Transport::Websocket) => "tern",
+            (System::Tern, Transport::Stream) => "tern-stream",
+            (System::Tern, Transport::Sse) => "tern-sse",
         }
     }
 
@@ -75,7 +98,7 @@ impl Target {
         hostport.parse().with_context(|| format!("{base}: expected ws://IP:PORT"))
     }
 
-    async fn open(&self, base: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
+    async fn tcp(base: &str, local: Option<IpAddr>) -> anyhow::Result<TcpStream> {
         let addr = Self::addr(base)?;
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(ip) = local {
@@ -83,6 +106,77 @@ impl Target {
         }
         let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn http(base: &str, local: Option<IpAddr>) -> anyhow::Result<HttpConn> {
+        let stream = Self::tcp(base, local).await?;
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(send)
+    }
+
+    /// A subscriber over an HTTP stream session or plain SSE.
+    async fn http_subscriber(
+        &self,
+        channel: &str,
+        local: Option<IpAddr>,
+    ) -> anyhow::Result<Subscriber> {
+        let sse = self.transport == Transport::Sse;
+        let mut conn = Self::http(&self.subscribe, local).await?;
+        let path = if sse {
+            format!("/v1/sse?channel={channel}")
+        } else {
+            "/v1/sessions?transport=stream&format=proto".into()
+        };
+        let res = conn.send_request(get(&path)).await?;
+        anyhow::ensure!(res.status() == 200, "{path}: {}", res.status());
+        let mut down = HttpDown { body: res.into_body(), buf: BytesMut::new(), sse, _conn: conn };
+        if sse {
+            while down.next_unit().await?.0 != "subscribed" {}
+        } else {
+            let (_, first) = down.next_unit().await?;
+            let Ok(ServerFrame { kind: Some(server_frame::Kind::Session(s)) }) =
+                ServerFrame::decode(first)
+            else {
+                bail!("expected a session frame first");
+            };
+            let mut body = BytesMut::new();
+            let connect =
+                client_frame::Kind::Connect(Connect { protocol: 1, ..Default::default() });
+            let sub = client_frame::Kind::Subscribe(Subscribe {
+                request_id: 1,
+                channel: channel.into(),
+                rewind: None,
+                resume: None,
+            });
+            for kind in [connect, sub] {
+                let frame = ClientFrame { kind: Some(kind) }.encode_to_vec();
+                prost::encoding::encode_varint(frame.len() as u64, &mut body);
+                body.extend_from_slice(&frame);
+            }
+            let mut post = Self::http(&self.subscribe, local).await?;
+            let req = hyper::Request::post(format!("/v1/sessions/{}", s.id))
+                .header("host", "bench")
+                .header("x-tern-session-secret", s.secret)
+                .body(http_body_util::Full::new(body.freeze()))?;
+            let res = post.send_request(req).await?;
+            anyhow::ensure!(res.status() == 202, "POST: {}", res.status());
+            loop {
+                let (_, frame) = down.next_unit().await?;
+                if let Ok(ServerFrame { kind: Some(server_frame::Kind::Subscribed(_)) }) =
+                    ServerFrame::decode(frame)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(Subscriber { ws: None, nats: None, http: Some(down) })
+    }
+
+    async fn open(&self, base: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
+        let stream = Self::tcp(base, local).await?;
         // Small read buffer: the library zero-fills it on every read (default 128 KiB).
         let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
         let (ws, _) =
@@ -97,6 +191,9 @@ impl Target {
         channel: &str,
         local: Option<IpAddr>,
     ) -> anyhow::Result<Subscriber> {
+        if self.system == System::Tern && self.transport != Transport::Websocket {
+            return self.http_subscriber(channel, local).await;
+        }
         let mut ws = self.open(&self.subscribe, local).await?;
         match self.system {
             System::Tern => {
@@ -109,7 +206,7 @@ impl Target {
                 };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Subscribed(_))).await?;
-                Ok(Subscriber { ws, nats: None })
+                Ok(Subscriber { ws: Some(ws), nats: None, http: None })
             }
             System::Nats => {
                 let mut nats = NatsParser::default();
@@ -131,7 +228,7 @@ impl Target {
                         break;
                     }
                 }
-                Ok(Subscriber { ws, nats: Some(nats) })
+                Ok(Subscriber { ws: Some(ws), nats: Some(nats), http: None })
             }
         }
     }
@@ -193,8 +290,134 @@ async fn tern_expect(
 
 /// A subscribed connection.
 pub struct Subscriber {
-    ws: Ws,
+    ws: Option<Ws>,
     nats: Option<NatsParser>,
+    http: Option<HttpDown>,
+}
+
+type HttpConn = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
+
+fn get(path: &str) -> hyper::Request<http_body_util::Full<Bytes>> {
+    let mut req = hyper::Request::new(http_body_util::Full::new(Bytes::new()));
+    *req.uri_mut() = path.parse().unwrap_or_default();
+    req.headers_mut().insert("host", hyper::header::HeaderValue::from_static("bench"));
+    req
+}
+
+/// The downlink of an HTTP subscriber: a streamed response.
+struct HttpDown {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+    sse: bool,
+    _conn: HttpConn,
+}
+
+impl HttpDown {
+    /// The next whole unit in `buf`: an SSE event (its name, its data) or a protobuf frame
+    /// (keep-alives skipped).
+    fn take_unit(&mut self) -> anyhow::Result<Option<(String, Bytes)>> {
+        loop {
+            if self.sse {
+                let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") else {
+                    return Ok(None);
+                };
+                let event = self.buf.split_to(end + 2).freeze();
+                let (mut name, mut data) = ("message".to_owned(), Bytes::new());
+                for line in event.split(|&b| b == b'\n') {
+                    if let Some(n) = line.strip_prefix(b"event: ") {
+                        name = String::from_utf8_lossy(n).into_owned();
+                    } else if let Some(d) = line.strip_prefix(b"data: ") {
+                        data = event.slice_ref(d);
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a comment
+                }
+                return Ok(Some((name, data)));
+            }
+            let mut cursor = &self.buf[..];
+            let Ok(len) = prost::encoding::decode_varint(&mut cursor) else { return Ok(None) };
+            let head = self.buf.len() - cursor.len();
+            if cursor.len() < len as usize {
+                return Ok(None);
+            }
+            self.buf.advance(head);
+            let frame = self.buf.split_to(len as usize).freeze();
+            if !frame.is_empty() {
+                return Ok(Some((String::new(), frame)));
+            }
+        }
+    }
+
+    async fn next_unit(&mut self) -> anyhow::Result<(String, Bytes)> {
+        loop {
+            if let Some(u) = self.take_unit()? {
+                return Ok(u);
+            }
+            let Some(frame) = http_body_util::BodyExt::frame(&mut self.body).await else {
+                bail!("the stream ended");
+            };
+            if let Ok(data) = frame?.into_data() {
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+
+    async fn read(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+        mut on_payload: impl FnMut(&[u8]),
+    ) -> Option<String> {
+        use base64::Engine as _;
+        tokio::pin!(stop);
+        loop {
+            let frame = tokio::select! {
+                _ = &mut stop => return None,
+                f = http_body_util::BodyExt::frame(&mut self.body) => f,
+            };
+            match frame {
+                None => return Some("closed".into()),
+                Some(Err(e)) => return Some(e.to_string()),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+            loop {
+                let unit = match self.take_unit() {
+                    Ok(Some(u)) => u,
+                    Ok(None) => break,
+                    Err(e) => return Some(e.to_string()),
+                };
+                if !self.sse {
+                    if let Err(e) = scan_deliver(&unit.1, &mut on_payload) {
+                        return Some(e.to_string());
+                    }
+                    continue;
+                }
+                match unit.0.as_str() {
+                    "message" => {
+                        // `"binary":"<base64>"` of the message's JSON.
+                        let data = &unit.1[..];
+                        let key = b"\"binary\":\"";
+                        let Some(at) = data.windows(key.len()).position(|w| w == key) else {
+                            continue;
+                        };
+                        let rest = &data[at + key.len()..];
+                        let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+                        let std = base64::engine::general_purpose::STANDARD;
+                        match std.decode(&rest[..end]) {
+                            Ok(p) => on_payload(&p),
+                            Err(e) => return Some(e.to_string()),
+                        }
+                    }
+                    "close" => return Some(format!("closed by server: {:?}", unit.1)),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 impl Subscriber {
@@ -205,14 +428,18 @@ impl Subscriber {
         stop: impl std::future::Future<Output = ()>,
         mut on_payload: impl FnMut(&[u8]),
     ) -> Option<String> {
+        if let Some(h) = self.http.take() {
+            return h.read(stop, on_payload).await;
+        }
+        let Some(mut ws) = self.ws.take() else { return Some("not connected".into()) };
         tokio::pin!(stop);
         loop {
             let msg = tokio::select! {
                 _ = &mut stop => {
-                    let _ = self.ws.close(None).await;
+                    let _ = ws.close(None).await;
                     return None;
                 }
-                m = self.ws.next() => m,
+                m = ws.next() => m,
             };
             let msg = match msg {
                 None => return Some("closed".into()),
@@ -238,8 +465,7 @@ impl Subscriber {
                         return Some(e.to_string());
                     }
                     if ping
-                        && self
-                            .ws
+                        && ws
                             .send(WsMessage::Binary(Bytes::from_static(b"PONG\r\n")))
                             .await
                             .is_err()
