@@ -309,3 +309,37 @@ async fn a_dropped_stream_ends_its_session() {
     }
     node.stop().await;
 }
+
+/// The last answer of a long-polling session (its `close` frame) is sent again to a poll
+/// that did not get it, as any answer is; the poll that acknowledges it finds the session
+/// over (404).
+#[tokio::test]
+async fn a_lost_close_answer_is_sent_again() {
+    let node = TestNode::start(|_| {}).await;
+    let mut conn = transport::connect(node.addr).await;
+    let (_, _, body) =
+        transport::request(&mut conn, "GET", "/v1/sessions?transport=poll", &[], Bytes::new())
+            .await;
+    let first: serde_json::Value =
+        serde_json::from_slice(body.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let id = first["session"]["id"].as_str().unwrap().to_owned();
+    let secret = first["session"]["secret"].as_str().unwrap().to_owned();
+    let h = [("x-tern-session-secret", secret.as_str())];
+    // A frame before `connect` ends the session with 4002.
+    let early = Bytes::from_static(b"{\"subscribe\":{\"requestId\":1,\"channel\":\"a\"}}\n");
+    let post = format!("/v1/sessions/{id}");
+    assert_eq!(transport::request(&mut conn, "POST", &post, &h, early).await.0, 202);
+    let poll = |ack: u64| format!("/v1/sessions/{id}/poll?ack={ack}");
+    let (status, headers, closed) =
+        transport::request(&mut conn, "GET", &poll(0), &h, Bytes::new()).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&closed).contains("\"code\":4002"), "{closed:?}");
+    let batch: u64 = headers["x-tern-batch"].to_str().unwrap().parse().unwrap();
+    // As if that answer was lost.
+    let (status, _, again) =
+        transport::request(&mut conn, "GET", &poll(batch - 1), &h, Bytes::new()).await;
+    assert_eq!((status, &again), (200, &closed));
+    let (status, _, _) = transport::request(&mut conn, "GET", &poll(batch), &h, Bytes::new()).await;
+    assert_eq!(status, 404);
+    node.stop().await;
+}

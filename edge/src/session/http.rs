@@ -647,21 +647,26 @@ impl Wire for HttpWire {
         let closed = server_frame::Kind::Close(client::Closed { code: u32::from(code), reason });
         let frame = codec::encode_server(closed, self.format);
         put_frame(&mut self.buf, self.transport, self.format, &frame);
-        // The client gets `timeouts.close` to take the last frame (a long-polling one, to
-        // come back for it).
+        // The client gets `timeouts.close` to take the last frame: a long-polling one to come
+        // back for it, and to acknowledge it (an answer lost on the way is sent again; the
+        // poll that acknowledges it gets 404, the session being over).
         let wait = node.settings().config.timeouts.close;
         let _ = tokio::time::timeout(wait, async {
             loop {
                 if self.writable() {
                     let _ = self.flush().await;
-                    if self.buf.is_empty() {
+                }
+                let polling = matches!(self.down, Down::Poll { .. });
+                if self.buf.is_empty() && !polling {
+                    break;
+                }
+                let Some(p) = self.polls.recv().await else { break };
+                if let Down::Poll { batch, .. } = &self.down {
+                    if self.buf.is_empty() && p.ack >= *batch {
                         break;
                     }
                 }
-                match self.polls.recv().await {
-                    Some(p) => self.attach(p),
-                    None => break,
-                }
+                self.attach(p);
             }
         })
         .await;
