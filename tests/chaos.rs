@@ -9,28 +9,28 @@
 //! message exactly once, in publisher order; one more subscriber is held away while its
 //! channel's log is forced past retention and must be told so with a discontinuity.
 //!
-//! Each client reaches the cluster through its own TCP proxy, which picks the node for every
-//! new connection (same one or another region, at random) and cuts connections with a reset.
+//! Each client reaches the cluster through its own TCP proxy, which cuts connections with a
+//! reset and picks the node after each cut (same one or another region, at random). A
+//! second run puts the SDK's clients behind proxies that refuse WebSocket upgrades: they
+//! carry on over HTTP streaming and long polling.
 //! `TERN_CHAOS_SEED=N` replays a run's choices (timing still varies).
 
 mod common;
 
 use common::plain::{Plain, PlainError, PlainState, log_of};
+use common::proxy::{Gate, Proxy};
 use common::{ProcessCluster, REGIONS, sigterm};
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tern_client::{Client, ClientOptions, Event, ReconnectPolicy};
+use tern_client::{Client, ClientOptions, Event, ReconnectPolicy, Transport};
 use tern_proto::client::message::Data;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Messages per publisher.
@@ -41,103 +41,6 @@ const SDK_SUBS: usize = 3;
 const PLAIN_SUBS: usize = 4;
 /// Messages published while the retention subscriber is away (its namespace keeps 20).
 const FORCED: usize = 150;
-
-/// Makes dropping `s` send a TCP reset. (A zero linger never blocks, which is why tokio's
-/// deprecation of `set_linger` does not apply here.)
-#[allow(deprecated)]
-fn reset_on_close(s: &TcpStream) {
-    let _ = s.set_linger(Some(Duration::ZERO));
-}
-
-/// A TCP proxy in front of the cluster for one subscriber.
-struct Proxy {
-    addr: SocketAddr,
-    state: Arc<Mutex<ProxyState>>,
-}
-
-struct ProxyState {
-    rng: StdRng,
-    targets: Vec<SocketAddr>,
-    last: Option<usize>,
-    /// Pipes of the open connections.
-    open: Vec<AbortHandle>,
-    connections: usize,
-    failovers: usize,
-    /// While set, new connections are refused (the client stays away).
-    hold: bool,
-}
-
-impl Proxy {
-    async fn start(targets: Vec<SocketAddr>, seed: u64) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(ProxyState {
-            rng: StdRng::seed_from_u64(seed),
-            targets,
-            last: None,
-            open: Vec::new(),
-            connections: 0,
-            failovers: 0,
-            hold: false,
-        }));
-        let st = state.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                // Every close is a reset: no FIN, no close frame.
-                reset_on_close(&client);
-                let order = {
-                    let mut s = st.lock().unwrap();
-                    if s.hold {
-                        continue; // dropped: reset
-                    }
-                    let n = s.targets.len();
-                    let stay = s.rng.random_bool(0.5);
-                    let first = match s.last {
-                        Some(l) if stay => l,
-                        _ => s.rng.random_range(0..n),
-                    };
-                    (0..n).map(|k| (first + k) % n).collect::<Vec<_>>()
-                };
-                let st = st.clone();
-                tokio::spawn(async move {
-                    for i in order {
-                        let target = st.lock().unwrap().targets[i];
-                        let Ok(upstream) = TcpStream::connect(target).await else { continue };
-                        reset_on_close(&upstream);
-                        let pipe = tokio::spawn(async move {
-                            let (mut a, mut b) = (client, upstream);
-                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                        });
-                        let mut s = st.lock().unwrap();
-                        s.connections += 1;
-                        if s.last.is_some_and(|l| l != i) {
-                            s.failovers += 1;
-                        }
-                        s.last = Some(i);
-                        s.open.push(pipe.abort_handle());
-                        return;
-                    }
-                });
-            }
-        });
-        Self { addr, state }
-    }
-
-    /// Resets every open connection.
-    fn cut(&self) {
-        for p in self.state.lock().unwrap().open.drain(..) {
-            p.abort();
-        }
-    }
-
-    fn hold(&self, on: bool) {
-        self.state.lock().unwrap().hold = on;
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-}
 
 fn text(m: &tern_client::Message) -> String {
     match &m.data {
@@ -298,13 +201,39 @@ async fn plain_publisher(url: String, i: usize, pause: u64, acked: Arc<AtomicUsi
     }
 }
 
+/// The runs go one at a time: each starts three nodes.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    run(Gate::Open).await;
+}
+
+/// The same run with every SDK client behind a proxy that refuses WebSocket upgrades: they
+/// fall back to HTTP streaming, and the two whose proxies also hold streamed answers to long
+/// polling. The plain clients keep their WebSockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_proxies_that_refuse_websockets_sdk_clients_fall_back_and_lose_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    run(Gate::NoWebSocket).await;
+}
+
+/// One chaos run; `gate` is what the SDK clients' proxies let through (one subscriber's and
+/// one publisher's only long polling when it is not [`Gate::Open`]).
+async fn run(gate: Gate) {
+    let sdk_gate = |i: usize| match gate {
+        Gate::Open => Gate::Open,
+        _ if i == 0 => Gate::PollOnly,
+        other => other,
+    };
     let seed = std::env::var("TERN_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random::<u64>);
-    println!("chaos seed {seed} (TERN_CHAOS_SEED={seed} replays the choices)");
+    println!(
+        "chaos seed {seed} (TERN_CHAOS_SEED={seed} replays the choices), SDK clients' proxies {gate:?}"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
 
     let dir = std::env::temp_dir().join(format!("tern-chaos-{}-{seed}", std::process::id()));
@@ -336,8 +265,10 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     // subscribers, and plain ones (the contract is the node's).
     let mut proxies = Vec::new();
     let mut subs = Vec::new();
+    let mut gated = Vec::new();
     for i in 0..SDK_SUBS {
-        let proxy = Proxy::start(proxy_to(i % 3), rng.random()).await;
+        let proxy = Proxy::start(proxy_to(i % 3), rng.random(), sdk_gate(i)).await;
+        gated.push(proxies.len());
         let c = Client::connect(&proxy.url(), fast_reconnect()).await.unwrap();
         let sub = c.subscribe("chaos:room").await.unwrap();
         proxies.push(proxy);
@@ -345,7 +276,7 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     }
     let mut plain_subs = Vec::new();
     for i in 0..PLAIN_SUBS {
-        let proxy = Proxy::start(proxy_to(i % 3), rng.random()).await;
+        let proxy = Proxy::start(proxy_to(i % 3), rng.random(), Gate::Open).await;
         let url = proxy.url();
         proxies.push(proxy);
         // Subscribed before anything is published (its first subscribe answers at once).
@@ -360,7 +291,7 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         }));
     }
     // The retention subscriber.
-    let tiny_proxy = Proxy::start(client.clone(), rng.random()).await;
+    let tiny_proxy = Proxy::start(client.clone(), rng.random(), sdk_gate(1)).await;
     let tiny_client = Client::connect(&tiny_proxy.url(), fast_reconnect()).await.unwrap();
     let mut tiny_sub = tiny_client.subscribe("tiny:room").await.unwrap();
 
@@ -370,7 +301,11 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     let mut pubs = Vec::new();
     let acked = Arc::new(AtomicUsize::new(0));
     for i in 0..3 {
-        let proxy = Proxy::start(proxy_to(i), rng.random()).await;
+        let proxy_gate = if i == 2 { Gate::Open } else { sdk_gate(1 - i) };
+        if i != 2 {
+            gated.push(proxies.len());
+        }
+        let proxy = Proxy::start(proxy_to(i), rng.random(), proxy_gate).await;
         let url = proxy.url();
         proxies.push(proxy);
         let pause = rng.random_range(1..4u64);
@@ -380,7 +315,14 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
             continue;
         }
         pubs.push(tokio::spawn(async move {
-            let c = Client::connect(&url, fast_reconnect()).await.unwrap();
+            // The chaos is on by now: a first connection can be cut too; try again.
+            let deadline = tokio::time::Instant::now() + WAIT;
+            let c = loop {
+                match Client::connect(&url, fast_reconnect()).await {
+                    Ok(c) => break c,
+                    Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+                }
+            };
             for k in 0..EACH {
                 let id = format!("p{i}-{k}");
                 let body = format!("P{i}:{k}");
@@ -408,8 +350,7 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
                     Err(_) => panic!("subscriber {i}: stalled with {:?}", summary(&seen)),
                 }
             }
-            drop(c);
-            seen
+            (seen, c.transport())
         }));
     }
 
@@ -523,7 +464,15 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
     let mut delivered = 0;
     let mut discontinuities = 0;
     for (i, r) in readers.into_iter().enumerate() {
-        let seen = r.await.unwrap();
+        let (seen, transport) = r.await.unwrap();
+        println!("SDK subscriber {i} ended on {transport:?}");
+        match sdk_gate(i) {
+            Gate::Open => {}
+            Gate::NoWebSocket => assert_ne!(transport, Some(Transport::WebSocket)),
+            Gate::PollOnly => {
+                assert!(matches!(transport, Some(Transport::Poll) | None), "{transport:?}")
+            }
+        }
         for p in 0..3 {
             let got = &seen.per[&format!("P{p}")];
             let info = |e: &(String, String, String, u64, u64)| format!("{}@{}:{}", e.2, e.3, e.4);
@@ -561,10 +510,13 @@ async fn subscribers_reset_and_failed_over_get_every_message_exactly_once() {
         delivered += got.len();
     }
     let (mut resumed, mut failed_over) = (0, 0);
-    for p in &proxies {
-        let s = p.state.lock().unwrap();
-        resumed += s.connections.saturating_sub(1);
-        failed_over += s.failovers;
+    for (i, p) in proxies.iter().enumerate() {
+        let (connections, failovers, refused) = p.counts();
+        resumed += connections.saturating_sub(1);
+        failed_over += failovers;
+        if gate != Gate::Open && gated.contains(&i) {
+            assert!(refused > 0, "SDK client {i}'s proxy refused its WebSocket: {refused}");
+        }
     }
     let t = &tiny.per["T"];
     assert!(tiny.discontinuities >= 1, "the forced gap is announced: {:?}", summary(&tiny));

@@ -1,28 +1,23 @@
-//! The connection task: owns the WebSocket, survives reconnects.
+//! The connection task: owns the connection (a WebSocket, or an HTTP session where one
+//! cannot be opened), survives reconnects.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
 use tern_proto::client::{
-    Ack, Connect, Connected, ErrorCode, Message, OriginPosition, Position, Publish, Resume,
-    Subscribe, Unsubscribe, client_frame, server_frame,
+    Ack, Connected, ErrorCode, Message, OriginPosition, Position, Publish, Resume, Subscribe,
+    Unsubscribe, client_frame, server_frame,
 };
-use tern_proto::codec::{self, Format};
-use tokio::net::TcpStream;
+use tern_proto::codec::Format;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
-use crate::options::ClientOptions;
+use crate::options::{ClientOptions, Transport};
 use crate::subscription::{Event, Subscription};
+use crate::transport::{Failure, Link, Received};
 use crate::{ClientError, ConnectionState};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Requests from [`crate::Client`] handles to the driver.
 #[derive(Debug)]
@@ -101,80 +96,79 @@ pub fn normalize_url(url: &str, format: Format) -> Result<String, ClientError> {
     Ok(format!("{scheme}://{authority}{path}?{query}"))
 }
 
+/// Per URL, which transport [`Transport::Auto`] tries first, and how often each failed in
+/// a row.
+#[derive(Debug, Default, Clone)]
+struct Fallback {
+    /// Index into [`AUTO`] of the transport that last worked, and since when (kept for
+    /// [`Transport::FALLBACK_KEPT`]).
+    level: usize,
+    since: Option<Instant>,
+    failures: [u32; 3],
+}
+
+/// What [`Transport::Auto`] tries, in order.
+const AUTO: [Transport; 3] = [Transport::WebSocket, Transport::Stream, Transport::Poll];
+
+impl Fallback {
+    /// Where to start: the transport that worked, while kept; else the WebSocket.
+    fn start(&mut self) -> usize {
+        if self.since.is_none_or(|t| t.elapsed() >= Transport::FALLBACK_KEPT) {
+            self.level = 0;
+            self.since = None;
+        }
+        self.level
+    }
+}
+
+/// Opens `url`: over the pinned transport, or for [`Transport::Auto`] over the first that
+/// works of the WebSocket, HTTP streaming and long polling (see [`Transport::Auto`]; on the
+/// first connection, a stall moves on at once, as the caller waits).
 async fn open(
     url: &str,
+    fallback: &mut Fallback,
     options: &ClientOptions,
     token: Option<&str>,
-) -> Result<(Ws, Connected), ClientError> {
-    let attempt = async {
-        // The library's default 128 KiB read buffer is zero-filled on every read; 8 KiB
-        // holds a typical Deliver batch.
-        let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
-        let connector = tokio_tungstenite::Connector::Rustls(options.tls_config());
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-            url,
-            Some(config),
-            true,
-            Some(connector),
-        )
-        .await
-        .map_err(|e| ClientError::Connect(Box::new(e)))?;
-        let connect = Connect {
-            protocol: tern_proto::PROTOCOL_VERSION,
-            client_id: options.client_id.clone().unwrap_or_default(),
-            token: token.unwrap_or_default().to_owned(),
-            agent: concat!("tern-rust/", env!("CARGO_PKG_VERSION")).into(),
-            ..Default::default()
-        };
-        send(&mut ws, options.format, client_frame::Kind::Connect(connect))
-            .await
-            .map_err(|e| ClientError::Connect(Box::new(e)))?;
-        loop {
-            let frame = ws.next().await;
-            match frame {
-                Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode(&m) {
-                    Some(server_frame::Kind::Connected(c)) => return Ok((ws, c)),
-                    Some(server_frame::Kind::Error(e)) => {
-                        return Err(ClientError::Handshake(e.reason));
-                    }
-                    other => {
-                        return Err(ClientError::Handshake(format!("unexpected frame {other:?}")));
-                    }
-                },
-                Some(Ok(WsMessage::Close(f))) => {
-                    return Err(ClientError::Handshake(format!("closed: {f:?}")));
+    first: bool,
+) -> Result<(Link, Connected), ClientError> {
+    if options.transport != Transport::Auto {
+        let opened = crate::transport::open(url, options.transport, options, token).await;
+        return opened.map_err(|e| e.error);
+    }
+    let mut errors: Vec<(Transport, ClientError)> = Vec::new();
+    for (i, &transport) in AUTO.iter().enumerate().skip(fallback.start()) {
+        match crate::transport::open(url, transport, options, token).await {
+            Ok(opened) => {
+                fallback.failures[i] = 0;
+                if i > 0 && fallback.level != i {
+                    warn!(%url, transport = transport.name(), "fell back from the WebSocket");
                 }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(ClientError::Connect(Box::new(e))),
-                None => return Err(ClientError::Handshake("connection closed".into())),
+                if i > 0 {
+                    fallback.since.get_or_insert_with(Instant::now);
+                }
+                fallback.level = i;
+                return Ok(opened);
+            }
+            Err(e) => {
+                fallback.failures[i] += 1;
+                let next = match e.kind {
+                    Failure::Other => false,
+                    Failure::Refused => true,
+                    Failure::Stalled => first || fallback.failures[i] >= 2,
+                };
+                debug!(%url, transport = transport.name(), error = %e.error, next, "open failed");
+                errors.push((transport, e.error));
+                if !next {
+                    break;
+                }
             }
         }
-    };
-    tokio::time::timeout(options.connect_timeout, attempt)
-        .await
-        .map_err(|_| ClientError::Timeout)?
-}
-
-async fn send(
-    ws: &mut Ws,
-    format: Format,
-    kind: client_frame::Kind,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    let bytes = codec::encode_client(kind, format);
-    let msg = match format {
-        Format::Protobuf => WsMessage::Binary(bytes),
-        Format::Json => WsMessage::Text(bytes.try_into().unwrap_or_default()),
-    };
-    ws.send(msg).await
-}
-
-fn decode(msg: &WsMessage) -> Option<server_frame::Kind> {
-    let r = match msg {
-        WsMessage::Text(t) => codec::decode_server(t.as_bytes(), true),
-        WsMessage::Binary(b) => codec::decode_server(b, false),
-        _ => return None,
-    };
-    r.map_err(|e| warn!(error = %e, "undecodable frame from node")).ok()
+    }
+    if errors.len() == 1 {
+        return Err(errors.remove(0).1);
+    }
+    let each: Vec<String> = errors.iter().map(|(t, e)| format!("{}: {e}", t.name())).collect();
+    Err(ClientError::Connect(each.join("; ").into()))
 }
 
 /// Opens the first connection (to the first of `urls` that answers, in order) and starts
@@ -182,13 +176,15 @@ fn decode(msg: &WsMessage) -> Option<server_frame::Kind> {
 pub(crate) async fn start(
     urls: &[String],
     options: Arc<ClientOptions>,
+    transport: InUse,
 ) -> Result<(mpsc::Sender<Command>, watch::Receiver<ConnectionState>), ClientError> {
     let urls: Vec<String> =
         urls.iter().map(|u| normalize_url(u, options.format)).collect::<Result<_, _>>()?;
     let mut first = None;
     let mut last_err = ClientError::InvalidUrl("no URL given".into());
+    let mut fallback = vec![Fallback::default(); urls.len()];
     for (i, url) in urls.iter().enumerate() {
-        match open(url, &options, options.token.as_deref()).await {
+        match open(url, &mut fallback[i], &options, options.token.as_deref(), true).await {
             Ok(c) => {
                 first = Some((i, c));
                 break;
@@ -196,13 +192,16 @@ pub(crate) async fn start(
             Err(e) => last_err = e,
         }
     }
-    let Some((current, (ws, connected))) = first else { return Err(last_err) };
+    let Some((current, (link, connected))) = first else { return Err(last_err) };
+    *transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.transport());
     // Commands wait here while the driver writes; 256 bounds a burst of API calls.
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connected(connected.clone()));
     let token = options.token.clone();
     let driver = Driver {
         urls,
+        fallback,
+        transport: transport.clone(),
         current,
         options,
         cmd_weak: cmd_tx.downgrade(),
@@ -223,9 +222,13 @@ pub(crate) async fn start(
         send_at: None,
         acked: HashMap::new(),
     };
-    tokio::spawn(driver.run(ws, cmd_rx));
+    tokio::spawn(driver.run(link, cmd_rx));
     Ok((cmd_tx, state_rx))
 }
+
+/// The transport of the current connection (`None` while reconnecting), shared with the
+/// client handles.
+pub(crate) type InUse = Arc<std::sync::Mutex<Option<Transport>>>;
 
 type SubReply = oneshot::Sender<Result<Subscription, ClientError>>;
 type RenewReply = oneshot::Sender<Result<tern_proto::client::AuthRenewed, ClientError>>;
@@ -338,6 +341,10 @@ struct Driver {
     urls: Vec<String>,
     /// The one in use.
     current: usize,
+    /// Per URL, the transport fallback's state.
+    fallback: Vec<Fallback>,
+    /// The transport in use.
+    transport: InUse,
     options: Arc<ClientOptions>,
     cmd_weak: mpsc::WeakSender<Command>,
     state: watch::Sender<ConnectionState>,
@@ -378,14 +385,18 @@ enum Flow {
 }
 
 impl Driver {
+    fn set_transport(&self, t: Option<Transport>) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
     fn request_id(&mut self) -> u32 {
         self.next_request = self.next_request.wrapping_add(1).max(1);
         self.next_request
     }
 
-    async fn run(mut self, mut ws: Ws, mut cmds: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut link: Link, mut cmds: mpsc::Receiver<Command>) {
         loop {
-            let why = match self.serve(&mut ws, &mut cmds).await {
+            let why = match self.serve(&mut link, &mut cmds).await {
                 Flow::Lost(why) => why,
                 Flow::Continue | Flow::Stop => break,
             };
@@ -394,6 +405,7 @@ impl Driver {
                 break;
             }
             let _ = self.state.send(ConnectionState::Connecting);
+            self.set_transport(None);
             self.lost_at = Some(Instant::now());
             // Their answers would have come on the lost connection: the callers see Closed.
             self.history.clear();
@@ -404,7 +416,7 @@ impl Driver {
                 let _ = reply.send(Err(ClientError::Closed));
             }
             match self.reconnect(&mut cmds).await {
-                Some(new_ws) => ws = new_ws,
+                Some(new_link) => link = new_link,
                 None => break,
             }
         }
@@ -412,7 +424,7 @@ impl Driver {
     }
 
     /// Reconnects with back-off, taking commands meanwhile. `None` when closed instead.
-    async fn reconnect(&mut self, cmds: &mut mpsc::Receiver<Command>) -> Option<Ws> {
+    async fn reconnect(&mut self, cmds: &mut mpsc::Receiver<Command>) -> Option<Link> {
         let mut attempt = 0;
         loop {
             let wake = Instant::now() + self.options.reconnect.delay(attempt);
@@ -428,8 +440,17 @@ impl Driver {
             }
             // Two tries per URL, then the next one (failover to the next-nearest edge).
             let idx = (self.current + (attempt as usize - 1) / 2) % self.urls.len();
-            match open(&self.urls[idx], &self.options, self.token.as_deref()).await {
-                Ok((mut ws, c)) => {
+            let opened = open(
+                &self.urls[idx],
+                &mut self.fallback[idx],
+                &self.options,
+                self.token.as_deref(),
+                false,
+            )
+            .await;
+            match opened {
+                Ok((mut link, c)) => {
+                    self.set_transport(Some(link.transport()));
                     if idx != self.current {
                         debug!(from = %self.urls[self.current], to = %self.urls[idx], "failed over");
                         self.current = idx;
@@ -438,8 +459,8 @@ impl Driver {
                     self.resume_window = resume_window(&c);
                     self.pacer = crate::pacer::Pacer::new(c.limits.as_ref());
                     let _ = self.state.send(ConnectionState::Connected(c));
-                    match self.resume(&mut ws).await {
-                        Ok(()) => return Some(ws),
+                    match self.resume(&mut link).await {
+                        Ok(()) => return Some(link),
                         Err(e) => debug!(error = %e, attempt, "lost again while resubscribing"),
                     }
                 }
@@ -451,7 +472,7 @@ impl Driver {
     /// After a reconnect: subscribe again where each channel left off (within the resume
     /// window; beyond it, the application is told it missed messages), then re-send
     /// unacknowledged publishes in order.
-    async fn resume(&mut self, ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    async fn resume(&mut self, link: &mut Link) -> Result<(), String> {
         self.sub_requests.clear();
         let expired = self.lost_at.is_some_and(|t| t.elapsed() > self.resume_window);
         let channels: Vec<String> = self.channels.keys().cloned().collect();
@@ -474,7 +495,7 @@ impl Driver {
                 entry.resume()
             };
             let frame = Subscribe { request_id, channel, rewind: None, resume };
-            send(ws, self.options.format, client_frame::Kind::Subscribe(frame)).await?;
+            link.send(client_frame::Kind::Subscribe(frame)).await?;
         }
         // Unacknowledged publishes go again, paced, from the serve loop.
         self.unsent = self.publishes.keys().copied().collect();
@@ -483,7 +504,7 @@ impl Driver {
     }
 
     /// Serves one connection; returns `Lost` or `Stop`.
-    async fn serve(&mut self, ws: &mut Ws, cmds: &mut mpsc::Receiver<Command>) -> Flow {
+    async fn serve(&mut self, link: &mut Link, cmds: &mut mpsc::Receiver<Command>) -> Flow {
         let idle = match &*self.state.borrow() {
             ConnectionState::Connected(c) if c.idle_timeout_ms > 0 => {
                 std::time::Duration::from_millis(u64::from(c.idle_timeout_ms))
@@ -495,26 +516,25 @@ impl Driver {
             let flow = tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     None => {
-                        let _ = ws.close(None).await;
+                        link.close().await;
                         Flow::Stop
                     }
-                    Some(cmd) => self.command(Some(ws), cmd).await,
+                    Some(cmd) => self.command(Some(link), cmd).await,
                 },
-                frame = ws.next() => {
+                got = link.recv() => {
                     last_seen = Instant::now();
-                    match frame {
-                        Some(Ok(WsMessage::Close(f))) => Flow::Lost(format!("closed by node: {f:?}")),
-                        Some(Ok(m)) => match decode(&m) {
-                            Some(kind) => self.on_frame(ws, kind).await,
-                            None => Flow::Continue,
-                        },
-                        Some(Err(e)) => Flow::Lost(e.to_string()),
-                        None => Flow::Lost("connection closed".into()),
+                    match got {
+                        Received::Frame(kind) => self.on_frame(link, kind).await,
+                        Received::Alive => Flow::Continue,
+                        Received::Closed(code, reason) => {
+                            Flow::Lost(format!("closed by node: {code} {reason}"))
+                        }
+                        Received::Lost(why) => Flow::Lost(why),
                     }
                 }
                 _ = sleep_until(self.send_at.unwrap_or_else(Instant::now)), if !self.unsent.is_empty() => {
                     self.send_at = None;
-                    self.pump(Some(ws)).await
+                    self.pump(Some(link)).await
                 }
                 _ = sleep_until(last_seen + idle) => Flow::Lost(format!("nothing received for {idle:?}")),
             };
@@ -525,18 +545,18 @@ impl Driver {
         }
     }
 
-    async fn write(&mut self, ws: Option<&mut Ws>, kind: client_frame::Kind) -> Flow {
-        let Some(ws) = ws else { return Flow::Continue };
-        match send(ws, self.options.format, kind).await {
+    async fn write(&mut self, link: Option<&mut Link>, kind: client_frame::Kind) -> Flow {
+        let Some(link) = link else { return Flow::Continue };
+        match link.send(kind).await {
             Ok(()) => Flow::Continue,
-            Err(e) => Flow::Lost(e.to_string()),
+            Err(e) => Flow::Lost(e),
         }
     }
 
     /// Writes the unsent publishes the pacer allows now, in order; the rest wait for
     /// `send_at` (or for the next connection).
-    async fn pump(&mut self, mut ws: Option<&mut Ws>) -> Flow {
-        if ws.is_none() || self.send_at.is_some_and(|at| at > Instant::now()) {
+    async fn pump(&mut self, mut link: Option<&mut Link>) -> Flow {
+        if link.is_none() || self.send_at.is_some_and(|at| at > Instant::now()) {
             return Flow::Continue;
         }
         while let Some(&request_id) = self.unsent.front() {
@@ -551,7 +571,7 @@ impl Driver {
             let mut frame = frame.clone();
             frame.after = self.acked.get(&frame.channel).cloned();
             self.unsent.pop_front();
-            let flow = self.write(ws.as_deref_mut(), client_frame::Kind::Publish(frame)).await;
+            let flow = self.write(link.as_deref_mut(), client_frame::Kind::Publish(frame)).await;
             if !matches!(flow, Flow::Continue) {
                 return flow;
             }
@@ -559,7 +579,7 @@ impl Driver {
         Flow::Continue
     }
 
-    async fn command(&mut self, ws: Option<&mut Ws>, cmd: Command) -> Flow {
+    async fn command(&mut self, link: Option<&mut Link>, cmd: Command) -> Flow {
         match cmd {
             Command::Subscribe { channel, rewind, reply } => {
                 let (tx, rx) = mpsc::channel(self.options.subscription_buffer.max(1));
@@ -579,7 +599,7 @@ impl Driver {
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
                 let frame = Subscribe { request_id, channel, rewind, resume: None };
-                self.write(ws, client_frame::Kind::Subscribe(frame)).await
+                self.write(link, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Publish { mut frame, reply } => {
                 // The pacing queue is bounded by time: a publish that would wait for more
@@ -603,12 +623,12 @@ impl Driver {
                 frame.request_id = self.request_id();
                 self.unsent.push_back(frame.request_id);
                 self.publishes.insert(frame.request_id, (frame, reply));
-                self.pump(ws).await
+                self.pump(link).await
             }
             Command::History { mut request, reply } => {
                 request.request_id = self.request_id();
                 self.history.insert(request.request_id, reply);
-                self.write(ws, client_frame::Kind::History(request)).await
+                self.write(link, client_frame::Kind::History(request)).await
             }
             Command::Drop { channel, id } => {
                 let Some(entry) = self.channels.get_mut(&channel) else { return Flow::Continue };
@@ -618,7 +638,7 @@ impl Driver {
                     let request_id = self.request_id();
                     return self
                         .write(
-                            ws,
+                            link,
                             client_frame::Kind::Unsubscribe(Unsubscribe { request_id, channel }),
                         )
                         .await;
@@ -628,7 +648,7 @@ impl Driver {
             Command::Renew { token, reply } => {
                 let request_id = self.request_id();
                 // Without a connection the new token is simply used for the next one.
-                let Some(ws) = ws else {
+                let Some(link) = link else {
                     self.token = Some(token);
                     let _ = reply.send(Ok(tern_proto::client::AuthRenewed::default()));
                     return Flow::Continue;
@@ -636,16 +656,11 @@ impl Driver {
                 // In force once the node accepts it.
                 self.renewing = Some((request_id, token.clone(), reply));
                 let frame = tern_proto::client::Auth { request_id, token };
-                self.write(Some(ws), client_frame::Kind::Auth(frame)).await
+                self.write(Some(link), client_frame::Kind::Auth(frame)).await
             }
             Command::Close { done } => {
-                if let Some(ws) = ws {
-                    let _ = ws.close(None).await;
-                    // Read until the node's close reply so it sees a clean close.
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                        while ws.next().await.is_some() {}
-                    })
-                    .await;
+                if let Some(link) = link {
+                    link.close().await;
                 }
                 let _ = self.state.send(ConnectionState::Closed);
                 let _ = done.send(());
@@ -660,7 +675,7 @@ impl Driver {
         Subscription { channel, id, rx, cmd: cmd.unwrap_or_else(|| mpsc::channel(1).0) }
     }
 
-    async fn on_frame(&mut self, ws: &mut Ws, kind: server_frame::Kind) -> Flow {
+    async fn on_frame(&mut self, link: &mut Link, kind: server_frame::Kind) -> Flow {
         use server_frame::Kind;
         match kind {
             Kind::Deliver(d) => {
@@ -687,7 +702,7 @@ impl Driver {
                         let request_id = self.request_id();
                         let flow = self
                             .write(
-                                Some(ws),
+                                Some(link),
                                 client_frame::Kind::Unsubscribe(Unsubscribe {
                                     request_id,
                                     channel,

@@ -14,9 +14,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! One background task (the driver) owns the WebSocket. It answers pings, matches replies
-//! to requests, routes deliveries to subscriptions, and on a lost connection reconnects with
-//! exponential back-off and jitter, subscribes again and re-sends unacknowledged publishes
+//! One background task (the driver) owns the connection: a WebSocket, or where none can be
+//! opened, an HTTP streaming or long-polling session (see [`Transport`]). It answers pings,
+//! matches replies to requests, routes deliveries to subscriptions, and on a lost connection
+//! reconnects with exponential back-off and jitter, subscribes again and re-sends unacknowledged publishes
 //! with their original ids (the node de-duplicates them). Every subscription resumes where it
 //! left off: the SDK presents the node, log position and per-origin vector of the last
 //! message it delivered, the node replays what was missed, and the SDK drops anything the
@@ -31,6 +32,7 @@ pub mod nearest;
 pub mod options;
 mod pacer;
 pub mod subscription;
+mod transport;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +41,7 @@ use bytes::Bytes;
 use tern_proto::client::{Ack, Connected, ErrorCode, Publish, publish};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use options::{ClientOptions, ReconnectPolicy};
+pub use options::{ClientOptions, ReconnectPolicy, Transport};
 pub use subscription::{Event, Subscription};
 pub use tern_proto::client::{Durability, HistoryPage, HistoryRequest, Message};
 pub use tern_proto::codec::Format;
@@ -49,12 +51,13 @@ use driver::Command;
 /// Errors of client operations.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The URL is not a ws:// or wss:// URL.
+    /// The URL is not a ws://, wss://, http:// or https:// URL.
     #[error("invalid URL {0:?}: expected ws://host:port[/v1/ws]")]
     InvalidUrl(String),
-    /// The connection could not be opened. Retrying later may help.
+    /// The connection could not be opened (over any transport tried: the message names
+    /// each). Retrying later may help.
     #[error("cannot connect: {0}")]
-    Connect(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The node did not complete the protocol handshake.
     #[error("handshake failed: {0}")]
     Handshake(String),
@@ -124,6 +127,7 @@ pub struct Client {
     state: watch::Receiver<ConnectionState>,
     ids: Arc<IdGen>,
     options: Arc<ClientOptions>,
+    transport: driver::InUse,
 }
 
 #[derive(Debug)]
@@ -143,9 +147,11 @@ impl Client {
     /// connection is lost, reconnects try it twice, then fail over along the list.
     pub async fn connect_any(urls: &[String], options: ClientOptions) -> Result<Self, ClientError> {
         let options = Arc::new(options);
-        let (cmd, state) = driver::start(urls, options.clone()).await?;
+        let transport = driver::InUse::default();
+        let (cmd, state) = driver::start(urls, options.clone(), transport.clone()).await?;
         let prefix = format!("{:016x}", rand::random::<u64>());
-        Ok(Self { cmd, state, ids: Arc::new(IdGen { prefix, next: AtomicU64::new(1) }), options })
+        let ids = Arc::new(IdGen { prefix, next: AtomicU64::new(1) });
+        Ok(Self { cmd, state, ids, options, transport })
     }
 
     /// Connects to the nearest region: asks `seed` (any edge) for every region's URL
@@ -166,6 +172,12 @@ impl Client {
     /// The current connection state.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.state.clone()
+    }
+
+    /// The transport of the current connection (`None` while reconnecting): with
+    /// [`Transport::Auto`], a WebSocket unless it could not be opened.
+    pub fn transport(&self) -> Option<Transport> {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The Connected frame of the current connection, if connected.

@@ -13,11 +13,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A connection to an edge: plain, or TLS for `wss://` and `https://`.
-trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
 /// Connects to `url`'s host, with TLS (verified by `tls`) for `wss://` and `https://`.
-async fn dial(url: &str, tls: &Arc<rustls::ClientConfig>) -> std::io::Result<Box<dyn Conn>> {
+pub(crate) async fn dial(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<Box<dyn Conn>> {
     let host = authority(url)?;
     let stream = TcpStream::connect(host).await?;
     stream.set_nodelay(true)?;

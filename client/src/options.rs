@@ -32,6 +32,10 @@ pub struct ClientOptions {
     /// Most ids remembered per channel (as 8-byte hashes); a channel busier than this over
     /// `dedupe_window` forgets the oldest first.
     pub dedupe_ids: usize,
+    /// How frames travel. [`Transport::Auto`] (default): a WebSocket, and where one cannot
+    /// be opened, HTTP streaming, then long polling (see [`Transport`]); or one transport,
+    /// pinned.
+    pub transport: Transport,
     /// TLS for `wss://` and `https://` URLs. `None`: the Mozilla root certificates
     /// (webpki-roots); set it to trust a private CA (see [`ClientOptions::trust_pem`]).
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -75,6 +79,48 @@ fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rust
         .with_no_client_auth())
 }
 
+/// How a client's frames travel.
+///
+/// The same frames, errors and guarantees (resume, dedupe, ordering) hold on each; they
+/// differ in cost: a WebSocket is one connection, HTTP streaming two (one streamed answer
+/// down, POSTs up), long polling two with a request per batch down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// A WebSocket where one can be opened. For each URL, when the WebSocket upgrade is
+    /// answered with an HTTP status instead of `101` (a proxy that refuses upgrades; not
+    /// 429 or 503, which a busy or draining node answers), or stalls past
+    /// `connect_timeout` twice in a row (on the first connection, once: a middlebox that
+    /// holds upgrades), the client opens an HTTP streaming session instead, and long
+    /// polling where that fails the same way. Resets and refused connections (a node that
+    /// is down or restarting) never cause a fallback. The transport that worked is kept
+    /// for the URL for [`Transport::FALLBACK_KEPT`]; reconnects after that try the
+    /// WebSocket again.
+    Auto,
+    /// Only a WebSocket (`/v1/ws`).
+    WebSocket,
+    /// Only an HTTP streaming session (`/v1/sessions?transport=stream`).
+    Stream,
+    /// Only a long-polling session (`/v1/sessions?transport=poll`).
+    Poll,
+}
+
+impl Transport {
+    /// How long a fallback found by [`Transport::Auto`] is kept for a URL before the
+    /// WebSocket is tried again: 5 minutes.
+    pub const FALLBACK_KEPT: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// The transport's name in `/v1/sessions?transport=` (`websocket` for the WebSocket,
+    /// `auto` for [`Transport::Auto`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::WebSocket => "websocket",
+            Self::Stream => "stream",
+            Self::Poll => "poll",
+        }
+    }
+}
+
 /// Exponential back-off with full jitter: attempt n waits a random time in
 /// `[0, min(max, initial * 2^n)]`.
 #[derive(Debug, Clone)]
@@ -113,6 +159,7 @@ impl Default for ClientOptions {
             subscription_buffer: 1024,
             dedupe_window: Duration::from_secs(120),
             dedupe_ids: 100_000,
+            transport: Transport::Auto,
             tls: None,
         }
     }

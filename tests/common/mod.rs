@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod plain;
+pub mod proxy;
 
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
