@@ -558,6 +558,8 @@ impl Poller {
         loop {
             let path = format!("{}?ack={ack}", self.path);
             let answer = tokio::time::timeout(self.wait, async {
+                // A keep-alive connection takes a request only once done with the last.
+                conn.ready().await.map_err(|e| e.to_string())?;
                 let req = self.base.request("GET", &path, &self.secret, Bytes::new());
                 let res = conn.send_request(req).await.map_err(|e| e.to_string())?;
                 let status = res.status();

@@ -33,6 +33,17 @@ pub const ALL: [Transport; 4] =
 /// The transports that carry protobuf frames (SSE is text only).
 pub const BINARY: [Transport; 3] = [Transport::WebSocket, Transport::Stream, Transport::Poll];
 
+/// Every transport in every encoding it carries: `(transport, protobuf)`.
+pub const EVERY: [(Transport, bool); 7] = [
+    (Transport::WebSocket, false),
+    (Transport::Stream, false),
+    (Transport::Sse, false),
+    (Transport::Poll, false),
+    (Transport::WebSocket, true),
+    (Transport::Stream, true),
+    (Transport::Poll, true),
+];
+
 impl Transport {
     pub fn name(self) -> &'static str {
         match self {
@@ -62,7 +73,7 @@ pub struct HttpSession {
     pub id: String,
     pub secret: String,
     post: SendRequest<Full<Bytes>>,
-    frames: mpsc::UnboundedReceiver<Bytes>,
+    frames: mpsc::Receiver<Bytes>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -106,6 +117,8 @@ pub async fn try_request(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body)).unwrap();
+    // A keep-alive connection takes the next request only once it finished the last one.
+    tokio::time::timeout(WAIT, conn.ready()).await.unwrap().ok()?;
     let res = tokio::time::timeout(WAIT, conn.send_request(req)).await.unwrap().ok()?;
     let status = res.status().as_u16();
     let headers = res.headers().clone();
@@ -171,6 +184,19 @@ impl Raw {
         proto: bool,
         query: &str,
     ) -> Self {
+        Self::open_buffered(addr, transport, proto, query, 1 << 20).await
+    }
+
+    /// [`Raw::open_with`] that holds at most `frames` frames the test has not taken: past
+    /// them an HTTP session's reader stops reading its stream (or polling), as a stalled
+    /// client would. (A WebSocket is read only when the test asks for a frame anyway.)
+    pub async fn open_buffered(
+        addr: SocketAddr,
+        transport: Transport,
+        proto: bool,
+        query: &str,
+        frames: usize,
+    ) -> Self {
         let format = if proto { "proto" } else { "json" };
         if transport == Transport::WebSocket {
             let url = format!("ws://{addr}/v1/ws?format={format}{query}");
@@ -186,14 +212,14 @@ impl Raw {
             .unwrap();
         let res = tokio::time::timeout(WAIT, conn.send_request(req)).await.unwrap().unwrap();
         assert_eq!(res.status(), 200, "opening {path}");
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(frames);
         let mut body = res.into_body();
         let reader = if transport == Transport::Poll {
             // The open answer holds the `session` frame (batch 0); then poll on.
             let first = body.collect().await.unwrap().to_bytes();
             let mut buf = BytesMut::from(&first[..]);
             for f in split(&mut buf, transport, proto) {
-                let _ = tx.send(f);
+                let _ = tx.try_send(f);
             }
             None
         } else {
@@ -204,7 +230,7 @@ impl Raw {
                     let Ok(data) = frame.into_data() else { continue };
                     buf.extend_from_slice(&data);
                     for f in split(&mut buf, transport, proto) {
-                        if tx.send(f).is_err() {
+                        if tx.send(f).await.is_err() {
                             return;
                         }
                     }
@@ -233,7 +259,17 @@ impl Raw {
 
     /// Opens and sends Connect, returning the Connected frame (JSON).
     pub async fn connected(addr: SocketAddr, transport: Transport) -> (Self, serde_json::Value) {
-        let mut c = Self::open(addr, transport, false).await;
+        Self::connected_in(addr, transport, false).await
+    }
+
+    /// [`Raw::connected`] in either encoding (`proto`: protobuf on the wire; [`Raw::send`]
+    /// and [`Raw::recv`] still speak the JSON mapping).
+    pub async fn connected_in(
+        addr: SocketAddr,
+        transport: Transport,
+        proto: bool,
+    ) -> (Self, serde_json::Value) {
+        let mut c = Self::open(addr, transport, proto).await;
         c.send(r#"{"connect":{"protocol":1,"clientId":"raw"}}"#).await;
         let v = c.recv().await;
         assert!(v.get("connected").is_some(), "expected connected, got {v}");
@@ -256,8 +292,44 @@ impl Raw {
         }
     }
 
-    /// Sends one JSON frame.
+    /// Whether frames travel as protobuf.
+    pub fn proto(&self) -> bool {
+        self.proto
+    }
+
+    /// `text` (a frame in the JSON mapping) as this session sends it: the JSON itself, or
+    /// the same frame in protobuf.
+    pub fn encode(&self, text: &str) -> Bytes {
+        if !self.proto {
+            return Bytes::from(text.to_owned());
+        }
+        let kind = codec::decode_client(text.as_bytes(), true)
+            .unwrap_or_else(|e| panic!("{text} is not a frame: {e:?}"));
+        codec::encode_client(kind, codec::Format::Protobuf)
+    }
+
+    /// A POST body carrying `frames` (JSON mapping) in this session's encoding.
+    pub fn body(&self, frames: &[String]) -> Bytes {
+        let mut body = BytesMut::new();
+        for f in frames {
+            let frame = self.encode(f);
+            if self.proto {
+                prost::encoding::encode_varint(frame.len() as u64, &mut body);
+                body.extend_from_slice(&frame);
+            } else {
+                body.extend_from_slice(&frame);
+                body.extend_from_slice(b"\n");
+            }
+        }
+        body.freeze()
+    }
+
+    /// Sends one frame given in the JSON mapping (as protobuf on a protobuf session).
     pub async fn send(&mut self, text: &str) {
+        if self.proto {
+            let frame = self.encode(text);
+            return self.send_binary(frame).await;
+        }
         match &mut self.inner {
             Inner::Ws(ws) => ws.send(WsMessage::Text(text.into())).await.unwrap(),
             Inner::Http(h) => {
@@ -302,9 +374,14 @@ impl Raw {
         }
     }
 
-    /// Next JSON frame; panics on the end of the transport or a `close` frame.
+    /// The next frame in the JSON mapping (a protobuf one converted); panics on the end of
+    /// the transport or a `close` frame.
     pub async fn recv(&mut self) -> serde_json::Value {
-        let frame = self.next_frame().await.expect("a frame, not the end");
+        let mut frame = self.next_frame().await.expect("a frame, not the end");
+        if self.proto {
+            let kind = codec::decode_server(&frame, false).unwrap();
+            frame = codec::encode_server(kind, codec::Format::Json);
+        }
         let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
         assert!(v.get("close").is_none(), "expected a frame, got {v}");
         v
@@ -352,7 +429,7 @@ async fn poll_loop(
     id: String,
     secret: String,
     proto: bool,
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::Sender<Bytes>,
 ) {
     let mut conn = connect(addr).await;
     let mut ack = 0u64;
@@ -380,7 +457,7 @@ async fn poll_loop(
         let mut closed = false;
         for f in split(&mut buf, Transport::Poll, proto) {
             closed |= matches!(codec::decode_server(&f, !proto), Ok(server_frame::Kind::Close(_)));
-            if tx.send(f).is_err() {
+            if tx.send(f).await.is_err() {
                 return;
             }
         }
