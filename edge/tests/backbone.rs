@@ -224,6 +224,10 @@ async fn a_graceful_shutdown_hands_the_peers_everything_it_accepted() {
     let c = cluster(&["eu-west", "us-east"], |_, cfg| {
         cfg.timeouts.shutdown_grace = Duration::from_secs(20);
         cfg.backbone.as_mut().unwrap().send_window = 16;
+        // The burst arrives at once when the node hands it over: on a busy machine the
+        // test's reader may lag behind it, and this test is not about slow consumers
+        // (a cut would end the channel, which keeps no history, with a discontinuity).
+        cfg.limits.send_queue_messages = 2 * N;
     })
     .await;
     let mut nodes = c.nodes.into_iter();
