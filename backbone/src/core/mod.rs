@@ -23,7 +23,12 @@
 //! forward them unchanged.
 
 mod frame;
+mod presence;
 mod replica;
 
 pub use frame::{Frame, Have, Want};
+pub use presence::{
+    Action, Change, MemberKey, Presence, PresenceConfig, PresenceError, PresenceEvent,
+    PresenceFrame,
+};
 pub use replica::{Config, END_WAIT, Event, OwnLog, PeerState, Replica, Restored, StreamPos};

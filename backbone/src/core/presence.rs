@@ -1,0 +1,609 @@
+//! Presence replication: who is on which channel, across nodes. Sans-IO, beside the
+//! [`Replica`](super::Replica), in the same `handle_*` / `poll_*` shape.
+//!
+//! Each node is the only writer of its own members (the connections it holds). It numbers
+//! every change to them with one counter, its **version**, that grows within an epoch; a
+//! channel's changes form a chain (each delta names the version of the channel's change
+//! before it), so a peer applies a delta only on top of exactly what it has and asks for the
+//! channel's full state otherwise. Frames may be lost, repeated or reordered: nothing is
+//! applied twice or out of order, and what is missed is repaired from the owner's periodic
+//! **digest** (its channels and their versions), which is also the first thing a link
+//! carries when it comes up.
+//!
+//! ```text
+//!  enter/update/leave ──▶ own members, version += 1 ──▶ Delta (batched per flush) ──▶ peers
+//!  peer frames ─────────▶ handle_frame: Digest → StateRequest for what is behind, drop
+//!                         what the owner no longer has; Delta → apply on the chain or ask;
+//!                         State → replace the channel's members, reporting the difference
+//!  link down ───────────▶ after `down_after`, every member of that node leaves, once
+//!  new owner epoch ─────▶ its channels are replaced as its digest and states arrive
+//! ```
+//!
+//! Members that stay through a short outage, a lost delta or a repeated state are never
+//! reported as leaving: a state replaces a channel by difference, so only real changes
+//! become events (Phoenix.Tracker's model: owners replicate their own members, a node is
+//! discarded only when down for a set period).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_proto::types::{ChannelName, Epoch, NodeId};
+
+/// Presence settings.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// A node unreachable this long has all its members leave (synthesised `Leave` events,
+    /// once); when it returns, its current members enter again.
+    pub down_after: Duration,
+    /// How often each linked peer gets this node's digest (repairs lost deltas).
+    pub sync_interval: Duration,
+    /// A state asked for and not received is asked for again after this long.
+    pub retry: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            down_after: Duration::from_secs(30),
+            sync_interval: Duration::from_secs(2),
+            retry: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A member: one connection of one client on a channel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberKey {
+    /// The client id (the token's subject, or the self-declared id in dev mode).
+    pub client_id: String,
+    /// The connection, unique on its node.
+    pub connection_id: String,
+}
+
+/// One change of a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The member entered, or its data changed.
+    Put {
+        /// Who.
+        key: MemberKey,
+        /// Its data.
+        data: Bytes,
+    },
+    /// The member left.
+    Leave {
+        /// Who.
+        key: MemberKey,
+    },
+}
+
+/// A presence frame between two nodes. Every frame carries the owner's `epoch` and `as_of`,
+/// the owner's version when it sent the frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceFrame {
+    /// The sender's channels with members and the version of each one's last change.
+    Digest {
+        /// The sender's epoch.
+        epoch: Epoch,
+        /// The sender's version.
+        as_of: u64,
+        /// Its channels with members, each with its last change's version.
+        channels: Vec<(ChannelName, u64)>,
+    },
+    /// Changes of the sender's members of `channel`, `prev` being the version of the
+    /// channel's change before them (0: the channel had no members) and `version` the last.
+    Delta {
+        /// The sender's epoch.
+        epoch: Epoch,
+        /// The sender's version.
+        as_of: u64,
+        /// The channel.
+        channel: ChannelName,
+        /// The version these changes follow.
+        prev: u64,
+        /// The version of the last of them.
+        version: u64,
+        /// In order.
+        changes: Vec<Change>,
+    },
+    /// All of the sender's members of `channel` (none: it has none).
+    State {
+        /// The sender's epoch.
+        epoch: Epoch,
+        /// The sender's version.
+        as_of: u64,
+        /// The channel.
+        channel: ChannelName,
+        /// The version of the channel's last change (for no members: `as_of`).
+        version: u64,
+        /// The members and their data.
+        members: Vec<(MemberKey, Bytes)>,
+    },
+    /// Asks the recipient for its state of `channel`.
+    StateRequest {
+        /// The channel.
+        channel: ChannelName,
+    },
+}
+
+/// What a member did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// It entered.
+    Enter,
+    /// Its data changed.
+    Update,
+    /// It left (or its node was down for `down_after`, or restarted without it).
+    Leave,
+}
+
+/// A presence event for the node's subscribers: of its own members and of its peers'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The node that owns the member.
+    pub owner: NodeId,
+    /// What happened.
+    pub action: Action,
+    /// Who.
+    pub key: MemberKey,
+    /// Its data (on `Leave`, the last it had).
+    pub data: Bytes,
+}
+
+/// Errors of the local operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceError {
+    /// `update` or `leave` of a member that is not present.
+    NotPresent,
+}
+
+#[derive(Debug, Default)]
+struct Own {
+    /// The version of the channel's last change.
+    version: u64,
+    /// The version before the first change not yet sent (None: nothing pending).
+    pending_prev: Option<u64>,
+    pending: Vec<Change>,
+    members: BTreeMap<MemberKey, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct Remote {
+    /// The version of the last change applied.
+    version: u64,
+    /// Members of an earlier epoch of the owner, kept until the new epoch's state replaces
+    /// them (or its digest drops the channel).
+    old: bool,
+    members: BTreeMap<MemberKey, Bytes>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    up: bool,
+    /// Since when the link is down (None: up, or the node already counted as down).
+    down_since: Option<Instant>,
+    /// The newest epoch heard of.
+    epoch: Option<Epoch>,
+    /// Nothing at or below this version creates a channel (what made channels absent).
+    floor: u64,
+    /// The highest `as_of` heard in `epoch`.
+    max_as_of: u64,
+    channels: BTreeMap<ChannelName, Remote>,
+    /// States asked for, and when.
+    asked: BTreeMap<ChannelName, Instant>,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Self {
+            up: false,
+            down_since: None,
+            epoch: None,
+            floor: 0,
+            max_as_of: 0,
+            channels: BTreeMap::new(),
+            asked: BTreeMap::new(),
+        }
+    }
+}
+
+/// The presence state machine of one node.
+#[derive(Debug)]
+pub struct Presence {
+    me: NodeId,
+    epoch: Epoch,
+    config: PresenceConfig,
+    version: u64,
+    own: BTreeMap<ChannelName, Own>,
+    peers: BTreeMap<NodeId, Peer>,
+    next_sync: Option<Instant>,
+    transmit: VecDeque<(NodeId, PresenceFrame)>,
+    events: VecDeque<PresenceEvent>,
+}
+
+impl Presence {
+    /// A node with no members, its peers not yet linked.
+    pub fn new(me: NodeId, epoch: Epoch, peers: &[NodeId], config: PresenceConfig) -> Self {
+        let peers = peers.iter().filter(|p| **p != me).map(|p| (p.clone(), Peer::new())).collect();
+        Self {
+            me,
+            epoch,
+            config,
+            version: 0,
+            own: BTreeMap::new(),
+            peers,
+            next_sync: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// This node's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Enters `key` on `channel` with `data`, or updates its data if it is present. A put
+    /// with the data the member already has changes nothing.
+    pub fn put(&mut self, channel: &ChannelName, key: MemberKey, data: Bytes) {
+        let own = self.own.entry(channel.clone()).or_default();
+        let action = match own.members.get(&key) {
+            Some(d) if *d == data => return,
+            Some(_) => Action::Update,
+            None => Action::Enter,
+        };
+        self.version += 1;
+        own.pending_prev.get_or_insert(own.version);
+        own.version = self.version;
+        own.members.insert(key.clone(), data.clone());
+        own.pending.push(Change::Put { key: key.clone(), data: data.clone() });
+        let owner = self.me.clone();
+        self.events.push_back(PresenceEvent { channel: channel.clone(), owner, action, key, data });
+    }
+
+    /// `key` leaves `channel`.
+    pub fn leave(&mut self, channel: &ChannelName, key: &MemberKey) -> Result<(), PresenceError> {
+        let own = self.own.get_mut(channel).ok_or(PresenceError::NotPresent)?;
+        let data = own.members.remove(key).ok_or(PresenceError::NotPresent)?;
+        self.version += 1;
+        own.pending_prev.get_or_insert(own.version);
+        own.version = self.version;
+        own.pending.push(Change::Leave { key: key.clone() });
+        let (owner, key) = (self.me.clone(), key.clone());
+        let event =
+            PresenceEvent { channel: channel.clone(), owner, action: Action::Leave, key, data };
+        self.events.push_back(event);
+        Ok(())
+    }
+
+    /// This node's own members of `channel`.
+    pub fn own_members(&self, channel: &ChannelName) -> Vec<(MemberKey, Bytes)> {
+        let Some(own) = self.own.get(channel) else { return Vec::new() };
+        own.members.iter().map(|(k, d)| (k.clone(), d.clone())).collect()
+    }
+
+    /// Every member of `channel` this node knows of, its own and its peers', with the owner.
+    pub fn members(&self, channel: &ChannelName) -> Vec<(NodeId, MemberKey, Bytes)> {
+        let mut out: Vec<_> =
+            self.own_members(channel).into_iter().map(|(k, d)| (self.me.clone(), k, d)).collect();
+        for (id, peer) in &self.peers {
+            if let Some(r) = peer.channels.get(channel) {
+                out.extend(r.members.iter().map(|(k, d)| (id.clone(), k.clone(), d.clone())));
+            }
+        }
+        out
+    }
+
+    /// The channels this node knows members of.
+    pub fn channels(&self) -> Vec<ChannelName> {
+        let mut out: Vec<ChannelName> = self.own.keys().cloned().collect();
+        for peer in self.peers.values() {
+            out.extend(peer.channels.keys().cloned());
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Sends every pending change, one delta per channel to every linked peer.
+    pub fn flush(&mut self) {
+        let linked: Vec<NodeId> =
+            self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| id.clone()).collect();
+        let mut emptied = Vec::new();
+        for (channel, own) in &mut self.own {
+            let Some(prev) = own.pending_prev.take() else { continue };
+            let changes = std::mem::take(&mut own.pending);
+            let frame = PresenceFrame::Delta {
+                epoch: self.epoch,
+                as_of: self.version,
+                channel: channel.clone(),
+                prev,
+                version: own.version,
+                changes,
+            };
+            for peer in &linked {
+                self.transmit.push_back((peer.clone(), frame.clone()));
+            }
+            if own.members.is_empty() {
+                emptied.push(channel.clone());
+            }
+        }
+        for channel in emptied {
+            self.own.remove(&channel);
+        }
+    }
+
+    fn digest(&self) -> PresenceFrame {
+        let channels = self
+            .own
+            .iter()
+            .filter(|(_, o)| !o.members.is_empty())
+            .map(|(c, o)| (c.clone(), o.version))
+            .collect();
+        PresenceFrame::Digest { epoch: self.epoch, as_of: self.version, channels }
+    }
+
+    /// A link to `peer` came up: it gets this node's digest (and pending changes first).
+    pub fn handle_link_up(&mut self, now: Instant, peer: &NodeId) {
+        self.flush();
+        let digest = self.digest();
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        p.up = true;
+        p.down_since = None;
+        // Asked before the link dropped: ask again on this link.
+        for at in p.asked.values_mut() {
+            *at = now - self.config.retry;
+        }
+        self.transmit.push_back((peer.clone(), digest));
+        self.next_sync.get_or_insert(now + self.config.sync_interval);
+    }
+
+    /// The link to `peer` went down: its members stay for `down_after`.
+    pub fn handle_link_down(&mut self, now: Instant, peer: &NodeId) {
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if p.up {
+            p.up = false;
+            p.down_since = Some(now);
+        }
+    }
+
+    /// Timers: flushes pending changes, sends digests, asks again for states not received,
+    /// and ends the members of nodes down for `down_after`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.flush();
+        if self.next_sync.is_some_and(|at| at <= now) {
+            self.next_sync = Some(now + self.config.sync_interval);
+            let digest = self.digest();
+            for (id, p) in &self.peers {
+                if p.up {
+                    self.transmit.push_back((id.clone(), digest.clone()));
+                }
+            }
+        }
+        let ids: Vec<NodeId> = self.peers.keys().cloned().collect();
+        for id in ids {
+            let p = self.peers.get_mut(&id).unwrap();
+            if p.down_since.is_some_and(|t| now.duration_since(t) >= self.config.down_after) {
+                p.down_since = None;
+                p.asked.clear();
+                p.floor = p.floor.max(p.max_as_of);
+                let channels: Vec<ChannelName> = p.channels.keys().cloned().collect();
+                for channel in channels {
+                    self.replace(&id, &channel, BTreeMap::new(), 0);
+                }
+                continue;
+            }
+            if !p.up {
+                continue;
+            }
+            for (channel, at) in &mut p.asked {
+                if now.duration_since(*at) >= self.config.retry {
+                    *at = now;
+                    let ask = PresenceFrame::StateRequest { channel: channel.clone() };
+                    self.transmit.push_back((id.clone(), ask));
+                }
+            }
+        }
+    }
+
+    /// When [`Presence::handle_timeout`] wants to run next, at the latest.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut at = self.next_sync;
+        for p in self.peers.values() {
+            if let Some(t) = p.down_since {
+                let due = t + self.config.down_after;
+                at = Some(at.map_or(due, |a| a.min(due)));
+            }
+        }
+        at
+    }
+
+    /// The next frame to send, and to whom.
+    pub fn poll_transmit(&mut self) -> Option<(NodeId, PresenceFrame)> {
+        self.transmit.pop_front()
+    }
+
+    /// The next event for local subscribers.
+    pub fn poll_event(&mut self) -> Option<PresenceEvent> {
+        self.events.pop_front()
+    }
+
+    /// A frame from `from`.
+    pub fn handle_frame(&mut self, now: Instant, from: &NodeId, frame: PresenceFrame) {
+        if !self.peers.contains_key(from) {
+            return;
+        }
+        match frame {
+            PresenceFrame::StateRequest { channel } => {
+                self.flush();
+                let (version, members) = match self.own.get(&channel) {
+                    Some(o) if !o.members.is_empty() => {
+                        (o.version, o.members.iter().map(|(k, d)| (k.clone(), d.clone())).collect())
+                    }
+                    _ => (self.version, Vec::new()),
+                };
+                let state = PresenceFrame::State {
+                    epoch: self.epoch,
+                    as_of: self.version,
+                    channel,
+                    version,
+                    members,
+                };
+                self.transmit.push_back((from.clone(), state));
+            }
+            PresenceFrame::Digest { epoch, as_of, channels } => {
+                if !self.current(from, epoch, as_of) {
+                    return;
+                }
+                let p = self.peers.get_mut(from).unwrap();
+                let listed: BTreeMap<ChannelName, u64> = channels.into_iter().collect();
+                let mut dropped = Vec::new();
+                for (channel, r) in &p.channels {
+                    if !listed.contains_key(channel) && (r.old || r.version <= as_of) {
+                        dropped.push(channel.clone());
+                    }
+                }
+                for (channel, version) in listed {
+                    let behind =
+                        p.channels.get(&channel).is_none_or(|r| r.old || r.version < version);
+                    if behind && !p.asked.contains_key(&channel) {
+                        p.asked.insert(channel.clone(), now);
+                        let ask = PresenceFrame::StateRequest { channel };
+                        self.transmit.push_back((from.clone(), ask));
+                    }
+                }
+                if !dropped.is_empty() {
+                    p.floor = p.floor.max(as_of);
+                }
+                for channel in dropped {
+                    self.peers.get_mut(from).unwrap().asked.remove(&channel);
+                    self.replace(from, &channel, BTreeMap::new(), as_of);
+                }
+            }
+            PresenceFrame::Delta { epoch, as_of, channel, prev, version, changes } => {
+                if !self.current(from, epoch, as_of) {
+                    return;
+                }
+                let p = self.peers.get_mut(from).unwrap();
+                let applies = match p.channels.get(&channel) {
+                    Some(r) if r.old => false,
+                    Some(r) if version <= r.version => return,
+                    Some(r) => prev == r.version,
+                    None if version <= p.floor => return,
+                    None => prev == 0,
+                };
+                if !applies {
+                    if !p.asked.contains_key(&channel) {
+                        p.asked.insert(channel.clone(), now);
+                        let ask = PresenceFrame::StateRequest { channel };
+                        self.transmit.push_back((from.clone(), ask));
+                    }
+                    return;
+                }
+                let r = p.channels.entry(channel.clone()).or_default();
+                r.version = version;
+                let mut events = Vec::new();
+                for change in changes {
+                    match change {
+                        Change::Put { key, data } => {
+                            let action = match r.members.insert(key.clone(), data.clone()) {
+                                Some(d) if d == data => continue,
+                                Some(_) => Action::Update,
+                                None => Action::Enter,
+                            };
+                            events.push((action, key, data));
+                        }
+                        Change::Leave { key } => {
+                            if let Some(data) = r.members.remove(&key) {
+                                events.push((Action::Leave, key, data));
+                            }
+                        }
+                    }
+                }
+                if r.members.is_empty() {
+                    p.channels.remove(&channel);
+                    p.floor = p.floor.max(version);
+                }
+                for (action, key, data) in events {
+                    let owner = from.clone();
+                    let channel = channel.clone();
+                    self.events.push_back(PresenceEvent { channel, owner, action, key, data });
+                }
+            }
+            PresenceFrame::State { epoch, as_of, channel, version, members } => {
+                if !self.current(from, epoch, as_of) {
+                    return;
+                }
+                let p = self.peers.get_mut(from).unwrap();
+                match p.channels.get(&channel) {
+                    Some(r) if !r.old && version < r.version => return,
+                    // As new as what emptied it (or newer): it is accurate.
+                    None if as_of < p.floor => return,
+                    _ => {}
+                }
+                p.asked.remove(&channel);
+                self.replace(from, &channel, members.into_iter().collect(), version);
+                let p = self.peers.get_mut(from).unwrap();
+                if !p.channels.contains_key(&channel) {
+                    p.floor = p.floor.max(as_of);
+                }
+            }
+        }
+    }
+
+    /// Whether a frame of `epoch` from `from` is to be handled; a newer epoch makes every
+    /// member of the old one provisional (replaced as the new epoch's states arrive).
+    fn current(&mut self, from: &NodeId, epoch: Epoch, as_of: u64) -> bool {
+        let p = self.peers.get_mut(from).unwrap();
+        match p.epoch {
+            Some(e) if epoch < e => return false,
+            Some(e) if epoch == e => {}
+            _ => {
+                p.epoch = Some(epoch);
+                p.floor = 0;
+                p.max_as_of = 0;
+                p.asked.clear();
+                for r in p.channels.values_mut() {
+                    r.old = true;
+                }
+            }
+        }
+        p.max_as_of = p.max_as_of.max(as_of);
+        true
+    }
+
+    /// Sets `from`'s members of `channel`, reporting the difference.
+    fn replace(
+        &mut self,
+        from: &NodeId,
+        channel: &ChannelName,
+        members: BTreeMap<MemberKey, Bytes>,
+        version: u64,
+    ) {
+        let p = self.peers.get_mut(from).unwrap();
+        let old = p.channels.remove(channel).map(|r| r.members).unwrap_or_default();
+        let mut events = Vec::new();
+        for (key, data) in &old {
+            if !members.contains_key(key) {
+                events.push((Action::Leave, key.clone(), data.clone()));
+            }
+        }
+        for (key, data) in &members {
+            match old.get(key) {
+                Some(d) if d == data => {}
+                Some(_) => events.push((Action::Update, key.clone(), data.clone())),
+                None => events.push((Action::Enter, key.clone(), data.clone())),
+            }
+        }
+        if !members.is_empty() {
+            p.channels.insert(channel.clone(), Remote { version, old: false, members });
+        }
+        for (action, key, data) in events {
+            let (channel, owner) = (channel.clone(), from.clone());
+            self.events.push_back(PresenceEvent { channel, owner, action, key, data });
+        }
+    }
+}
