@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::certs::{self, CertError, TlsFiles};
-use crate::core::{self, Event, Frame, Replica};
+use crate::core::{self, Event, Frame, PresenceFrame, Replica};
 use crate::wire;
 
 /// A peer node.
@@ -392,7 +392,14 @@ struct LinkCtx {
 
 fn lane_of(frame: &Frame, lanes: usize) -> usize {
     let channel = match frame {
-        Frame::Hello { .. } | Frame::Heartbeat { .. } => return 0,
+        Frame::Hello { .. }
+        | Frame::Heartbeat { .. }
+        | Frame::Presence(PresenceFrame::Digest { .. }) => return 0,
+        Frame::Presence(
+            PresenceFrame::Delta { channel, .. }
+            | PresenceFrame::State { channel, .. }
+            | PresenceFrame::StateRequest { channel },
+        ) => channel,
         Frame::Data { channel, .. }
         | Frame::End { channel, .. }
         | Frame::HeadRequest { channel, .. }

@@ -7,7 +7,7 @@ use tern_proto::backbone::{self as pb, backbone_frame::Kind};
 use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::core::{Frame, Have, Want};
+use crate::core::{Change, Frame, Have, MemberKey, PresenceFrame, Want};
 
 /// Largest backbone frame accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -131,6 +131,7 @@ impl From<&Frame> for pb::BackboneFrame {
                 from: from.0,
                 to: to.0,
             }),
+            Frame::Presence(p) => Kind::Presence(presence_to_pb(p)),
             Frame::Gone { channel, epoch, through } => Kind::Gone(pb::Gone {
                 channel: channel.to_string(),
                 epoch: epoch.0,
@@ -218,6 +219,106 @@ fn convert(f: pb::BackboneFrame, names: &mut Names) -> Result<Frame, WireError> 
             epoch: Epoch(g.epoch),
             through: Seq(g.through),
         },
+        Kind::Presence(p) => Frame::Presence(presence_from_pb(p)?),
+    })
+}
+
+fn member_to_pb(key: &MemberKey, data: &Bytes) -> pb::PresenceMember {
+    pb::PresenceMember {
+        client_id: key.client_id.clone(),
+        connection_id: key.connection_id.clone(),
+        data: data.clone(),
+    }
+}
+
+fn member_from_pb(m: pb::PresenceMember) -> (MemberKey, Bytes) {
+    (MemberKey { client_id: m.client_id, connection_id: m.connection_id }, m.data)
+}
+
+fn presence_to_pb(f: &PresenceFrame) -> pb::PresenceFrame {
+    use pb::presence_frame::Kind as P;
+    let kind = match f {
+        PresenceFrame::Digest { epoch, as_of, channels } => P::Digest(pb::PresenceDigest {
+            epoch: epoch.0,
+            as_of: *as_of,
+            channels: channels
+                .iter()
+                .map(|(c, v)| pb::PresenceChannelVersion { channel: c.to_string(), version: *v })
+                .collect(),
+        }),
+        PresenceFrame::Delta { epoch, as_of, channel, prev, version, changes } => {
+            P::Delta(pb::PresenceDelta {
+                epoch: epoch.0,
+                as_of: *as_of,
+                channel: channel.to_string(),
+                prev: *prev,
+                version: *version,
+                changes: changes
+                    .iter()
+                    .map(|c| match c {
+                        Change::Put { key, data } => pb::PresenceChange {
+                            member: Some(member_to_pb(key, data)),
+                            leave: false,
+                        },
+                        Change::Leave { key } => pb::PresenceChange {
+                            member: Some(member_to_pb(key, &Bytes::new())),
+                            leave: true,
+                        },
+                    })
+                    .collect(),
+            })
+        }
+        PresenceFrame::State { epoch, as_of, channel, version, members } => {
+            P::State(pb::PresenceState {
+                epoch: epoch.0,
+                as_of: *as_of,
+                channel: channel.to_string(),
+                version: *version,
+                members: members.iter().map(|(k, d)| member_to_pb(k, d)).collect(),
+            })
+        }
+        PresenceFrame::StateRequest { channel } => {
+            P::StateRequest(pb::PresenceStateRequest { channel: channel.to_string() })
+        }
+    };
+    pb::PresenceFrame { kind: Some(kind) }
+}
+
+fn presence_from_pb(f: pb::PresenceFrame) -> Result<PresenceFrame, WireError> {
+    use pb::presence_frame::Kind as P;
+    Ok(match f.kind.ok_or(WireError::Unknown)? {
+        P::Digest(d) => PresenceFrame::Digest {
+            epoch: Epoch(d.epoch),
+            as_of: d.as_of,
+            channels: d
+                .channels
+                .into_iter()
+                .map(|c| Ok((channel(c.channel)?, c.version)))
+                .collect::<Result<_, WireError>>()?,
+        },
+        P::Delta(d) => PresenceFrame::Delta {
+            epoch: Epoch(d.epoch),
+            as_of: d.as_of,
+            channel: channel(d.channel)?,
+            prev: d.prev,
+            version: d.version,
+            changes: d
+                .changes
+                .into_iter()
+                .map(|c| {
+                    let (key, data) = member_from_pb(c.member.ok_or(WireError::Unknown)?);
+                    Ok(if c.leave { Change::Leave { key } } else { Change::Put { key, data } })
+                })
+                .collect::<Result<_, WireError>>()?,
+        },
+        P::State(s) => PresenceFrame::State {
+            epoch: Epoch(s.epoch),
+            as_of: s.as_of,
+            channel: channel(s.channel)?,
+            version: s.version,
+            members: s.members.into_iter().map(member_from_pb).collect(),
+        },
+        P::StateRequest(r) => PresenceFrame::StateRequest { channel: channel(r.channel)? },
     })
 }
 
@@ -297,6 +398,10 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_bad_names_are_refused() {
+        let member = |client: &str, conn: &str| MemberKey {
+            client_id: client.into(),
+            connection_id: conn.into(),
+        };
         let origin = NodeId::new(&RegionId::parse("eu").unwrap(), "a").unwrap();
         let ch = ChannelName::parse("chat:x").unwrap();
         let frames = [
@@ -326,7 +431,31 @@ mod tests {
             },
             Frame::Ack { channel: ch.clone(), epoch: Epoch(5), seq: Seq(3) },
             Frame::Nack { channel: ch.clone(), epoch: Epoch(5), from: Seq(1), to: Seq(2) },
-            Frame::Gone { channel: ch, epoch: Epoch(5), through: Seq(7) },
+            Frame::Gone { channel: ch.clone(), epoch: Epoch(5), through: Seq(7) },
+            Frame::Presence(PresenceFrame::Digest {
+                epoch: Epoch(5),
+                as_of: 40,
+                channels: vec![(ch.clone(), 39)],
+            }),
+            Frame::Presence(PresenceFrame::Delta {
+                epoch: Epoch(5),
+                as_of: 40,
+                channel: ch.clone(),
+                prev: 37,
+                version: 39,
+                changes: vec![
+                    Change::Put { key: member("alice", "7"), data: Bytes::from_static(b"{}") },
+                    Change::Leave { key: member("bob", "8") },
+                ],
+            }),
+            Frame::Presence(PresenceFrame::State {
+                epoch: Epoch(5),
+                as_of: 40,
+                channel: ch.clone(),
+                version: 39,
+                members: vec![(member("alice", "7"), Bytes::from_static(b"{}"))],
+            }),
+            Frame::Presence(PresenceFrame::StateRequest { channel: ch }),
         ];
         for f in frames {
             let bytes = encode(&f);
@@ -337,6 +466,9 @@ mod tests {
         };
         assert!(matches!(decode(&bad.encode_to_vec()), Err(WireError::Name(_))));
         assert!(matches!(decode(&[]), Err(WireError::Unknown)));
+        let empty_presence =
+            pb::BackboneFrame { kind: Some(Kind::Presence(pb::PresenceFrame { kind: None })) };
+        assert!(matches!(decode(&empty_presence.encode_to_vec()), Err(WireError::Unknown)));
         assert!(matches!(decode(&[0xff, 0xff]), Err(WireError::Decode(_))));
     }
 

@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use tern_proto::types::{ChannelName, Epoch, NodeId, Seq};
 
+use super::presence::PresenceFrame;
+
 /// What a receiver holds of one origin channel: used in `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Have {
@@ -153,4 +155,6 @@ pub enum Frame {
         /// Last sequence that is gone.
         through: Seq,
     },
+    /// Presence: handled by [`Presence`](super::Presence), not by the replica.
+    Presence(PresenceFrame),
 }

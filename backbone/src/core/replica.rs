@@ -1003,6 +1003,8 @@ impl Replica {
         }
         self.arm(now);
         match frame {
+            // The node hands these to its `Presence`.
+            Frame::Presence(_) => {}
             Frame::Hello { epoch, have, want } => self.on_hello(now, from, epoch, have, want),
             Frame::Heartbeat { epoch, greeted, caught_up } => {
                 self.on_peer_epoch(from, epoch);
