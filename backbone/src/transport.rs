@@ -32,7 +32,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::certs::{self, CertError, TlsFiles};
-use crate::core::{self, Event, Frame, PresenceFrame, Replica};
+use crate::core::{
+    self, Event, Frame, MemberKey, Presence, PresenceError, PresenceEvent, PresenceFrame, Replica,
+};
 use crate::wire;
 
 /// A peer node.
@@ -59,6 +61,8 @@ pub struct BackboneConfig {
     pub lane_queue: usize,
     /// Replication settings.
     pub core: core::Config,
+    /// Presence replication settings.
+    pub presence: core::PresenceConfig,
 }
 
 /// Where replicated messages go (the edge's channel hub).
@@ -87,6 +91,11 @@ pub trait Sink: Send + Sync + 'static {
     /// A node of another region acknowledged this node's messages of `channel` up to `seq`.
     fn replicated(&self, channel: &ChannelName, seq: Seq) {
         let _ = (channel, seq);
+    }
+    /// A member entered, changed or left: one of this node's own (after
+    /// [`Backbone::presence_put`] / [`Backbone::presence_leave`]) or a peer's.
+    fn presence(&self, event: PresenceEvent) {
+        let _ = event;
     }
     /// `peer` asks for the newest message of this node's `channel` it sequenced: answer with
     /// [`Backbone::answer_head`].
@@ -122,6 +131,8 @@ pub enum BackboneError {
 
 struct Shared {
     replica: Mutex<Replica>,
+    /// Locked after `replica` when both are held.
+    presence: Mutex<Presence>,
     wake: Notify,
 }
 
@@ -252,7 +263,12 @@ impl Backbone {
 
         let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id.clone()).collect();
         let replica = Replica::restore(me.clone(), epoch, &peer_ids, config.core.clone(), restored);
-        let shared = Arc::new(Shared { replica: Mutex::new(replica), wake: Notify::new() });
+        let presence = Presence::new(me.clone(), epoch, &peer_ids, config.presence.clone());
+        let shared = Arc::new(Shared {
+            replica: Mutex::new(replica),
+            presence: Mutex::new(presence),
+            wake: Notify::new(),
+        });
         // Inbound frames from every link; full means the driver is behind, and readers wait.
         let (inbound_tx, inbound_rx) = mpsc::channel(8192);
         // Link up/down events; few and small.
@@ -307,6 +323,30 @@ impl Backbone {
     /// The peers this node has a link with now.
     pub fn linked_peers(&self) -> Vec<NodeId> {
         lock(&self.shared.replica).linked()
+    }
+
+    /// Enters `key` on `channel` with `data`, or changes its data (see [`Presence::put`]);
+    /// replicated to the peers with the next driver turn, reported through
+    /// [`Sink::presence`].
+    pub fn presence_put(&self, channel: &ChannelName, key: MemberKey, data: Bytes) {
+        lock(&self.shared.presence).put(channel, key, data);
+        self.shared.wake.notify_one();
+    }
+
+    /// `key` leaves `channel` (see [`Presence::leave`]).
+    pub fn presence_leave(
+        &self,
+        channel: &ChannelName,
+        key: &MemberKey,
+    ) -> Result<(), PresenceError> {
+        lock(&self.shared.presence).leave(channel, key)?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Every member of `channel` this node knows of, with the node that owns it.
+    pub fn presence_members(&self, channel: &ChannelName) -> Vec<(NodeId, MemberKey, Bytes)> {
+        lock(&self.shared.presence).members(channel)
     }
 
     /// Replicates a local publish the node sequenced as `seq` (see [`Replica::publish`]).
@@ -430,6 +470,10 @@ async fn drive(
     let mut dropped = 0u64;
     loop {
         let deadline = lock(&shared.replica).poll_timeout();
+        let deadline = match (deadline, lock(&shared.presence).poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let sleep = async {
             match deadline {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -467,6 +511,7 @@ async fn drive(
                         }
                         writers.insert(peer.clone(), (conn, lanes));
                         r.handle_link_up(now, &peer);
+                        lock(&shared.presence).handle_link_up(now, &peer);
                     }
                     LinkEvent::Revoked(serials) => {
                         for (peer, q) in &quic {
@@ -483,6 +528,7 @@ async fn drive(
                             writers.remove(&peer);
                             quic.remove(&peer);
                             r.handle_link_down(now, &peer);
+                            lock(&shared.presence).handle_link_down(now, &peer);
                         }
                     }
                 }
@@ -490,6 +536,7 @@ async fn drive(
             _ = sleep => {}
         }
         let mut events = Vec::new();
+        let mut presence_events = Vec::new();
         {
             let now = Instant::now();
             let mut r = lock(&shared.replica);
@@ -500,9 +547,27 @@ async fn drive(
                 }
             }
             let received = !batch.is_empty();
+            let mut p = lock(&shared.presence);
             for (from, frame) in batch {
-                r.handle_frame(now, &from, frame);
+                match frame {
+                    Frame::Presence(f) => p.handle_frame(now, &from, f),
+                    frame => r.handle_frame(now, &from, frame),
+                }
             }
+            p.handle_timeout(now);
+            while let Some((peer, frame)) = p.poll_transmit() {
+                let Some((_, lanes)) = writers.get(&peer) else { continue };
+                let frame = Frame::Presence(frame);
+                let lane = lane_of(&frame, lanes.len() - 1);
+                // Dropped when full, like the replica's frames: the next digest repairs it.
+                if lanes[lane].try_send(wire::encode(&frame)).is_err() {
+                    dropped += 1;
+                }
+            }
+            while let Some(e) = p.poll_event() {
+                presence_events.push(e);
+            }
+            drop(p);
             if received {
                 r.send_acks();
             }
@@ -523,6 +588,9 @@ async fn drive(
         }
         // Outside the replica lock: the sink takes channel locks, and publishes take the
         // replica lock under a channel lock.
+        for e in presence_events {
+            sink.presence(e);
+        }
         for e in events {
             match e {
                 Event::Deliver { origin, channel, epoch, seq, payload } => {

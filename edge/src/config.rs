@@ -39,6 +39,8 @@ pub struct Config {
     pub regions: Vec<RegionUrl>,
     /// `[resume]`: how a reconnecting client continues its subscriptions.
     pub resume: ResumeConfig,
+    /// `[presence]`: members of channels, across nodes.
+    pub presence: PresenceSection,
     /// `[auth]`: who may connect and what they may do (see `crate::auth`).
     pub auth: crate::auth::AuthConfig,
     /// `[tls]`: serve clients over TLS (`wss://`, `https://`) on `listen.client`. Absent:
@@ -78,6 +80,23 @@ pub struct ResumeConfig {
     /// reads from the log, whatever `page` says: a connection's replay holds at most this
     /// much at a time.
     pub page_bytes: usize,
+}
+
+/// `[presence]`: who is on a channel. Each node replicates its own members to its peers
+/// (`tern_backbone::core::Presence`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSection {
+    /// A peer unreachable this long has all its members leave on this node (once); when it
+    /// comes back, its current members enter again. Shorter outages change nothing.
+    #[serde(with = "humantime_serde")]
+    pub down_after: Duration,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        Self { down_after: Duration::from_secs(30) }
+    }
 }
 
 impl Default for ResumeConfig {
@@ -800,6 +819,12 @@ impl Config {
         if self.timeouts.http_write.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "timeouts.http_write",
+                reason: "must be above 0".into(),
+            });
+        }
+        if self.presence.down_after.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "presence.down_after",
                 reason: "must be above 0".into(),
             });
         }

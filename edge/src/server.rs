@@ -459,6 +459,10 @@ impl Server {
                 tls: TlsFiles { ca: b.ca, cert: b.cert, key: b.key, crl: b.crl },
                 lanes: b.lanes,
                 lane_queue: b.lane_queue,
+                presence: tern_backbone::core::PresenceConfig {
+                    down_after: node.settings().config.presence.down_after,
+                    ..Default::default()
+                },
                 core: tern_backbone::core::Config {
                     retention: b.retention,
                     retention_bytes: b.retention_bytes,

@@ -592,3 +592,40 @@ async fn every_request_is_answered_while_a_subscription_waits_for_its_peers() {
     eu.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Presence over real QUIC links (the backbone's presence API, which the client protocol
+/// will drive): members entered on one node appear on the other with their owner, leaves
+/// follow, and when the owner stops, its members leave there after `presence.down_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_members_replicate_and_leave_with_their_node() {
+    use tern_backbone::core::MemberKey;
+    use tern_proto::types::ChannelName;
+    let c = cluster(&["eu-west", "us-east"], |_, cfg| {
+        cfg.presence.down_after = Duration::from_secs(1);
+    })
+    .await;
+    let mut nodes = c.nodes.into_iter();
+    let (eu, us) = (nodes.next().unwrap(), nodes.next().unwrap());
+    let room = ChannelName::parse("room:lobby").unwrap();
+    let key = |i: usize| MemberKey { client_id: format!("user-{i}"), connection_id: i.to_string() };
+    let eu_backbone = eu.node.hub().backbone().unwrap().clone();
+    for i in 0..100 {
+        eu_backbone.presence_put(&room, key(i), bytes::Bytes::from(format!("{{\"n\":{i}}}")));
+    }
+    for i in 0..50 {
+        eu_backbone.presence_leave(&room, &key(i)).unwrap();
+    }
+    let us_backbone = us.node.hub().backbone().unwrap().clone();
+    let seen = || {
+        let members = us_backbone.presence_members(&room);
+        let owners: Vec<_> = members.iter().map(|(o, _, _)| o.to_string()).collect();
+        (members.len(), owners.iter().all(|o| o == "eu-west/edge-1"))
+    };
+    assert!(eventually(|| seen() == (50, true)).await, "us sees eu's 50 members: {:?}", seen());
+    let members = us_backbone.presence_members(&room);
+    assert!(members.iter().any(|(_, k, d)| *k == key(99) && d.as_ref() == b"{\"n\":99}"));
+    eu.stop().await;
+    assert!(eventually(|| seen().0 == 0).await, "eu's members leave us once eu is gone");
+    us.stop().await;
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
