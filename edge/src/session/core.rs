@@ -60,6 +60,9 @@ pub enum Transmit {
     Ping,
     /// A server frame in the session's format, with what it keeps until written.
     Frame(Bytes, Option<Held>),
+    /// Messages to deliver, for a wire that writes them itself (see
+    /// [`Session::messages_apart`]).
+    Messages(Vec<Arc<EncodedMessage>>),
 }
 
 /// One client session's protocol state (see the module docs).
@@ -81,6 +84,8 @@ pub struct Session {
     batch: Vec<Arc<EncodedMessage>>,
     /// `websocket.max_batch_messages` and `max_batch_bytes`.
     batch_limits: (usize, usize),
+    /// Deliveries leave as [`Transmit::Messages`], not as `Deliver` frames.
+    messages_apart: bool,
     /// Acks waiting for their messages to reach the history log (store ticket, frame), in
     /// publish order.
     pub(super) acks: VecDeque<PendingAck>,
@@ -248,6 +253,7 @@ impl Session {
             ping: false,
             batch: Vec::new(),
             batch_limits: (cfg.websocket.max_batch_messages, cfg.websocket.max_batch_bytes),
+            messages_apart: false,
             acks: VecDeque::new(),
             committed,
             catchups: VecDeque::new(),
@@ -342,6 +348,9 @@ impl Session {
                         self.batch.push(m);
                     }
                 }
+                if self.messages_apart {
+                    return Some(Transmit::Messages(std::mem::take(&mut self.batch)));
+                }
                 let frame = codec::deliver_frame(self.batch.iter().map(|m| &**m), format);
                 self.batch.clear();
                 Transmit::Frame(frame, None)
@@ -353,6 +362,12 @@ impl Session {
                 Transmit::Frame(codec::encode_server(kind, format), Some(keep))
             }
         })
+    }
+
+    /// Deliveries leave as [`Transmit::Messages`] (the shared encoded messages), for a wire
+    /// that writes each message itself instead of `Deliver` frames (server-sent events).
+    pub fn messages_apart(&mut self) {
+        self.messages_apart = true;
     }
 
     /// Gives back the write queue's memory after a burst: an idle session keeps none.

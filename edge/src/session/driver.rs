@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_proto::close;
+use tern_proto::codec::{self, EncodedMessage};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -46,6 +47,20 @@ pub trait Wire: Send {
     }
     /// Queues one server frame for writing.
     fn feed(&mut self, frame: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Whether deliveries come as shared messages ([`Wire::feed_messages`]) rather than
+    /// `Deliver` frames: for a wire that writes each message in a form of its own.
+    fn messages_apart(&self) -> bool {
+        false
+    }
+    /// Queues messages to deliver (only for a wire whose [`Wire::messages_apart`] is true;
+    /// by default, as one `Deliver` frame in protobuf).
+    fn feed_messages(
+        &mut self,
+        messages: Vec<Arc<EncodedMessage>>,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        let frame = codec::deliver_frame(messages.iter().map(|m| &**m), codec::Format::Protobuf);
+        self.feed(frame)
+    }
     /// Queues a liveness probe.
     fn ping(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Sends what was queued.
@@ -131,6 +146,9 @@ async fn serve<W: Wire>(
     let (outbox, mut rx) =
         fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes, stop.clone());
     let mut session = Session::new(node.clone(), id, format, url_token, outbox);
+    if wire.messages_apart() {
+        session.messages_apart();
+    }
     // The replay step in flight, if any.
     let mut step: Option<StepFuture> = None;
     // A second watcher of the same value, to wait on in the loop below.
@@ -299,6 +317,12 @@ async fn serve<W: Wire>(
                         break;
                     }
                 }
+                Some(Transmit::Messages(ms)) => {
+                    written += ms.iter().map(|m| m.piece_len(codec::Format::Json)).sum::<usize>();
+                    if wire.feed_messages(ms).await.is_err() {
+                        break;
+                    }
+                }
                 Some(Transmit::Ping) => {}
                 None => break,
             }
@@ -326,6 +350,10 @@ async fn write<W: Wire>(
                     written += frame.len();
                     wire.feed(frame).await?;
                     drop(held);
+                }
+                Some(Transmit::Messages(ms)) => {
+                    written += ms.iter().map(|m| m.piece_len(codec::Format::Json)).sum::<usize>();
+                    wire.feed_messages(ms).await?;
                 }
             }
         }

@@ -24,7 +24,7 @@ use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tern_proto::client::{self, ErrorCode, client_frame, server_frame};
-use tern_proto::codec::{self, Format};
+use tern_proto::codec::{self, EncodedMessage, Format};
 use tern_proto::types::ChannelName;
 use tokio::sync::mpsc;
 
@@ -264,6 +264,23 @@ impl SseWire {
         self.buf.put_slice(b"\n\n");
     }
 
+    /// One message event: `json` is `m` in the JSON mapping; its id, the cursor after it.
+    fn message(&mut self, m: &client::Message, json: &[u8]) {
+        if let Some(ch) = self.channel(&m.channel) {
+            ch.position = m.position;
+            match ch.origins.iter_mut().find(|o| o.origin == m.origin) {
+                Some(o) => (o.epoch, o.seq) = (m.origin_epoch, m.origin_seq),
+                None => ch.origins.push(client::OriginPosition {
+                    origin: m.origin.clone(),
+                    epoch: m.origin_epoch,
+                    seq: m.origin_seq,
+                }),
+            }
+        }
+        let id = encode_cursor(&self.cursor);
+        self.event(None, Some(&id), json);
+    }
+
     fn channel(&mut self, name: &str) -> Option<&mut ChannelCursor> {
         self.cursor.channels.iter_mut().find(|c| c.channel == name)
     }
@@ -287,19 +304,7 @@ impl SseWire {
             }
             Kind::Deliver(d) => {
                 for m in d.messages {
-                    if let Some(ch) = self.channel(&m.channel) {
-                        ch.position = m.position;
-                        match ch.origins.iter_mut().find(|o| o.origin == m.origin) {
-                            Some(o) => (o.epoch, o.seq) = (m.origin_epoch, m.origin_seq),
-                            None => ch.origins.push(client::OriginPosition {
-                                origin: m.origin.clone(),
-                                epoch: m.origin_epoch,
-                                seq: m.origin_seq,
-                            }),
-                        }
-                    }
-                    let id = encode_cursor(&self.cursor);
-                    self.event(None, Some(&id), &json(&m));
+                    self.message(&m, &json(&m));
                 }
             }
             Kind::Discontinuity(d) => self.event(Some("discontinuity"), None, &json(&d)),
@@ -339,6 +344,22 @@ impl Wire for SseWire {
     async fn feed(&mut self, frame: Bytes) -> std::io::Result<()> {
         if let Ok(kind) = codec::decode_server(&frame, false) {
             self.on_frame(kind);
+        }
+        if self.buf.len() >= EVENTS_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn messages_apart(&self) -> bool {
+        true
+    }
+
+    /// Each message's JSON is the one every JSON subscriber shares (encoded once per
+    /// message); only its event id, the cursor, is this client's.
+    async fn feed_messages(&mut self, messages: Vec<Arc<EncodedMessage>>) -> std::io::Result<()> {
+        for m in &messages {
+            self.message(m.message(), m.piece(Format::Json));
         }
         if self.buf.len() >= EVENTS_CHUNK {
             self.flush().await?;
