@@ -192,11 +192,37 @@ struct Peer {
     /// The highest `as_of` heard in `epoch`.
     max_as_of: u64,
     channels: BTreeMap<ChannelName, Remote>,
-    /// States asked for, and when.
-    asked: BTreeMap<ChannelName, Instant>,
+    /// States asked for.
+    asked: BTreeMap<ChannelName, Asked>,
+}
+
+/// A state asked for.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// When it was last asked for.
+    at: Instant,
+    /// The peer's `floor` when first asked: a state older than that may be stale; a newer
+    /// one answers this request. (Kept per request, so that what empties other channels of
+    /// the owner meanwhile does not make the answer look stale.)
+    floor: u64,
 }
 
 impl Peer {
+    /// Asks `from` for its state of `channel`, unless that is already asked for.
+    fn ask(
+        &mut self,
+        transmit: &mut VecDeque<(NodeId, PresenceFrame)>,
+        from: &NodeId,
+        channel: ChannelName,
+        now: Instant,
+    ) {
+        if self.asked.contains_key(&channel) {
+            return;
+        }
+        self.asked.insert(channel.clone(), Asked { at: now, floor: self.floor });
+        transmit.push_back((from.clone(), PresenceFrame::StateRequest { channel }));
+    }
+
     fn new() -> Self {
         Self {
             up: false,
@@ -354,8 +380,8 @@ impl Presence {
         p.up = true;
         p.down_since = None;
         // Asked before the link dropped: ask again on this link.
-        for at in p.asked.values_mut() {
-            *at = now - self.config.retry;
+        for a in p.asked.values_mut() {
+            a.at = now.checked_sub(self.config.retry).unwrap_or(now);
         }
         self.transmit.push_back((peer.clone(), digest));
         self.next_sync.get_or_insert(now + self.config.sync_interval);
@@ -399,9 +425,9 @@ impl Presence {
             if !p.up {
                 continue;
             }
-            for (channel, at) in &mut p.asked {
-                if now.duration_since(*at) >= self.config.retry {
-                    *at = now;
+            for (channel, a) in &mut p.asked {
+                if now.duration_since(a.at) >= self.config.retry {
+                    a.at = now;
                     let ask = PresenceFrame::StateRequest { channel: channel.clone() };
                     self.transmit.push_back((id.clone(), ask));
                 }
@@ -412,10 +438,15 @@ impl Presence {
     /// When [`Presence::handle_timeout`] wants to run next, at the latest.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut at = self.next_sync;
+        let mut due = |t: Instant| at = Some(at.map_or(t, |a: Instant| a.min(t)));
         for p in self.peers.values() {
             if let Some(t) = p.down_since {
-                let due = t + self.config.down_after;
-                at = Some(at.map_or(due, |a| a.min(due)));
+                due(t + self.config.down_after);
+            }
+            if p.up {
+                for a in p.asked.values() {
+                    due(a.at + self.config.retry);
+                }
             }
         }
         at
@@ -469,10 +500,8 @@ impl Presence {
                 for (channel, version) in listed {
                     let behind =
                         p.channels.get(&channel).is_none_or(|r| r.old || r.version < version);
-                    if behind && !p.asked.contains_key(&channel) {
-                        p.asked.insert(channel.clone(), now);
-                        let ask = PresenceFrame::StateRequest { channel };
-                        self.transmit.push_back((from.clone(), ask));
+                    if behind {
+                        p.ask(&mut self.transmit, from, channel, now);
                     }
                 }
                 if !dropped.is_empty() {
@@ -492,15 +521,12 @@ impl Presence {
                     Some(r) if r.old => false,
                     Some(r) if version <= r.version => return,
                     Some(r) => prev == r.version,
-                    None if version <= p.floor => return,
+                    // Perhaps older than what emptied the owner's channels: ask.
+                    None if version <= p.floor => false,
                     None => prev == 0,
                 };
                 if !applies {
-                    if !p.asked.contains_key(&channel) {
-                        p.asked.insert(channel.clone(), now);
-                        let ask = PresenceFrame::StateRequest { channel };
-                        self.transmit.push_back((from.clone(), ask));
-                    }
+                    p.ask(&mut self.transmit, from, channel, now);
                     return;
                 }
                 let r = p.channels.entry(channel.clone()).or_default();
@@ -526,6 +552,10 @@ impl Presence {
                 if r.members.is_empty() {
                     p.channels.remove(&channel);
                     p.floor = p.floor.max(version);
+                    // A state asked for before this is older than it.
+                    if let Some(a) = p.asked.get_mut(&channel) {
+                        a.floor = a.floor.max(version);
+                    }
                 }
                 for (action, key, data) in events {
                     let owner = from.clone();
@@ -540,9 +570,13 @@ impl Presence {
                 let p = self.peers.get_mut(from).unwrap();
                 match p.channels.get(&channel) {
                     Some(r) if !r.old && version < r.version => return,
-                    // As new as what emptied it (or newer): it is accurate.
-                    None if as_of < p.floor => return,
-                    _ => {}
+                    Some(_) => {}
+                    // An answer to a request, as new as what was known when asking (or
+                    // newer): it is accurate. Anything else is a stale repeat.
+                    None => match p.asked.get(&channel) {
+                        Some(a) if as_of >= a.floor => {}
+                        _ => return,
+                    },
                 }
                 p.asked.remove(&channel);
                 self.replace(from, &channel, members.into_iter().collect(), version);
@@ -605,5 +639,74 @@ impl Presence {
             let (channel, owner) = (channel.clone(), from.clone());
             self.events.push_back(PresenceEvent { channel, owner, action, key, data });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::parse(s).unwrap()
+    }
+
+    fn key(n: u32) -> MemberKey {
+        MemberKey { client_id: format!("c{n}"), connection_id: n.to_string() }
+    }
+
+    /// Moves every frame `from` has for `to` (all of them, or those `keep` lets through;
+    /// the rest are returned).
+    fn deliver(
+        now: Instant,
+        from: (&mut Presence, &NodeId),
+        to: (&mut Presence, &NodeId),
+        keep: impl Fn(&PresenceFrame) -> bool,
+    ) -> Vec<PresenceFrame> {
+        let mut held = Vec::new();
+        while let Some((dest, f)) = from.0.poll_transmit() {
+            assert_eq!(&dest, to.1);
+            if keep(&f) {
+                to.0.handle_frame(now, from.1, f);
+            } else {
+                held.push(f);
+            }
+        }
+        held
+    }
+
+    /// A state answer overtaken by deltas that empty other channels of the owner (small
+    /// rooms coming and going on another lane) still answers the request.
+    #[test]
+    fn a_state_overtaken_by_churn_elsewhere_still_applies() {
+        let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
+        let now = Instant::now();
+        let config = PresenceConfig::default();
+        let mut a = Presence::new(a_id.clone(), Epoch(1), &[b_id.clone()], config.clone());
+        let mut b = Presence::new(b_id.clone(), Epoch(1), &[a_id.clone()], config);
+        let big = ChannelName::parse("room:big").unwrap();
+        a.put(&big, key(1), Bytes::from_static(b"x"));
+        a.flush();
+        // B links late: it asks for the big room's state from the digest.
+        b.handle_link_up(now, &a_id);
+        a.handle_link_up(now, &b_id);
+        let _ = deliver(now, (&mut b, &b_id), (&mut a, &a_id), |_| true);
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| true);
+        let requests = deliver(now, (&mut b, &b_id), (&mut a, &a_id), |_| false);
+        assert!(matches!(requests[..], [PresenceFrame::StateRequest { .. }]), "{requests:?}");
+        for r in requests {
+            a.handle_frame(now, &b_id, r);
+        }
+        let state = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| false);
+        // Meanwhile a small room fills and empties; its deltas arrive first.
+        let tiny = ChannelName::parse("room:tiny").unwrap();
+        a.put(&tiny, key(2), Bytes::new());
+        a.flush();
+        a.leave(&tiny, &key(2)).unwrap();
+        a.flush();
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| true);
+        for f in state {
+            b.handle_frame(now, &a_id, f);
+        }
+        assert_eq!(b.members(&big).len(), 1, "the big room's member arrived");
     }
 }
