@@ -238,14 +238,21 @@ fn member_from_pb(m: pb::PresenceMember) -> (MemberKey, Bytes) {
 fn presence_to_pb(f: &PresenceFrame) -> pb::PresenceFrame {
     use pb::presence_frame::Kind as P;
     let kind = match f {
-        PresenceFrame::Digest { epoch, as_of, channels } => P::Digest(pb::PresenceDigest {
-            epoch: epoch.0,
-            as_of: *as_of,
-            channels: channels
-                .iter()
-                .map(|(c, v)| pb::PresenceChannelVersion { channel: c.to_string(), version: *v })
-                .collect(),
-        }),
+        PresenceFrame::Digest { epoch, as_of, channels, after, until } => {
+            P::Digest(pb::PresenceDigest {
+                epoch: epoch.0,
+                as_of: *as_of,
+                channels: channels
+                    .iter()
+                    .map(|(c, v)| pb::PresenceChannelVersion {
+                        channel: c.to_string(),
+                        version: *v,
+                    })
+                    .collect(),
+                after: after.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                until: until.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+            })
+        }
         PresenceFrame::Delta { epoch, as_of, channel, prev, version, changes } => {
             P::Delta(pb::PresenceDelta {
                 epoch: epoch.0,
@@ -268,13 +275,15 @@ fn presence_to_pb(f: &PresenceFrame) -> pb::PresenceFrame {
                     .collect(),
             })
         }
-        PresenceFrame::State { epoch, as_of, channel, version, members } => {
+        PresenceFrame::State { epoch, as_of, channel, version, members, part, parts } => {
             P::State(pb::PresenceState {
                 epoch: epoch.0,
                 as_of: *as_of,
                 channel: channel.to_string(),
                 version: *version,
                 members: members.iter().map(|(k, d)| member_to_pb(k, d)).collect(),
+                part: *part,
+                parts: *parts,
             })
         }
         PresenceFrame::StateRequest { channel } => {
@@ -282,6 +291,11 @@ fn presence_to_pb(f: &PresenceFrame) -> pb::PresenceFrame {
         }
     };
     pb::PresenceFrame { kind: Some(kind) }
+}
+
+/// A digest's range bound: empty for none.
+fn bound(c: String) -> Result<Option<ChannelName>, WireError> {
+    if c.is_empty() { Ok(None) } else { channel(c).map(Some) }
 }
 
 fn presence_from_pb(f: pb::PresenceFrame) -> Result<PresenceFrame, WireError> {
@@ -295,6 +309,8 @@ fn presence_from_pb(f: pb::PresenceFrame) -> Result<PresenceFrame, WireError> {
                 .into_iter()
                 .map(|c| Ok((channel(c.channel)?, c.version)))
                 .collect::<Result<_, WireError>>()?,
+            after: bound(d.after)?,
+            until: bound(d.until)?,
         },
         P::Delta(d) => PresenceFrame::Delta {
             epoch: Epoch(d.epoch),
@@ -317,6 +333,8 @@ fn presence_from_pb(f: pb::PresenceFrame) -> Result<PresenceFrame, WireError> {
             channel: channel(s.channel)?,
             version: s.version,
             members: s.members.into_iter().map(member_from_pb).collect(),
+            part: s.part,
+            parts: s.parts,
         },
         P::StateRequest(r) => PresenceFrame::StateRequest { channel: channel(r.channel)? },
     })
@@ -436,6 +454,15 @@ mod tests {
                 epoch: Epoch(5),
                 as_of: 40,
                 channels: vec![(ch.clone(), 39)],
+                after: None,
+                until: None,
+            }),
+            Frame::Presence(PresenceFrame::Digest {
+                epoch: Epoch(5),
+                as_of: 40,
+                channels: vec![],
+                after: Some(ChannelName::parse("a").unwrap()),
+                until: Some(ch.clone()),
             }),
             Frame::Presence(PresenceFrame::Delta {
                 epoch: Epoch(5),
@@ -454,6 +481,8 @@ mod tests {
                 channel: ch.clone(),
                 version: 39,
                 members: vec![(member("alice", "7"), Bytes::from_static(b"{}"))],
+                part: 1,
+                parts: 3,
             }),
             Frame::Presence(PresenceFrame::StateRequest { channel: ch }),
         ];

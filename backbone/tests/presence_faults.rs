@@ -140,6 +140,8 @@ fn config() -> PresenceConfig {
         down_after: Duration::from_millis(DOWN_AFTER_MS),
         sync_interval: Duration::from_millis(200),
         retry: Duration::from_millis(100),
+        // Small, so that digests, deltas and states travel in many parts under faults.
+        frame_budget: 600,
     }
 }
 

@@ -38,8 +38,12 @@ pub struct PresenceConfig {
     pub down_after: Duration,
     /// How often each linked peer gets this node's digest (repairs lost deltas).
     pub sync_interval: Duration,
-    /// A state asked for and not received is asked for again after this long.
+    /// A state asked for and not received is asked for again after this long, then after
+    /// twice as long, and so on up to 8 times as long.
     pub retry: Duration,
+    /// The most bytes of members or channels one frame carries (about): larger digests,
+    /// deltas and states are split, each part well inside the backbone's frame limit.
+    pub frame_budget: usize,
 }
 
 impl Default for PresenceConfig {
@@ -48,6 +52,7 @@ impl Default for PresenceConfig {
             down_after: Duration::from_secs(30),
             sync_interval: Duration::from_secs(2),
             retry: Duration::from_millis(500),
+            frame_budget: 256 * 1024,
         }
     }
 }
@@ -82,14 +87,19 @@ pub enum Change {
 /// the owner's version when it sent the frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PresenceFrame {
-    /// The sender's channels with members and the version of each one's last change.
+    /// The sender's channels with members and the version of each one's last change, those
+    /// named after `after` and up to `until` (a large digest is sent in ranges).
     Digest {
         /// The sender's epoch.
         epoch: Epoch,
         /// The sender's version.
         as_of: u64,
-        /// Its channels with members, each with its last change's version.
+        /// Its channels with members in the range, each with its last change's version.
         channels: Vec<(ChannelName, u64)>,
+        /// The range starts after this channel (None: at the first).
+        after: Option<ChannelName>,
+        /// The range ends with this channel (None: at the last).
+        until: Option<ChannelName>,
     },
     /// Changes of the sender's members of `channel`, `prev` being the version of the
     /// channel's change before them (0: the channel had no members) and `version` the last.
@@ -117,8 +127,12 @@ pub enum PresenceFrame {
         channel: ChannelName,
         /// The version of the channel's last change (for no members: `as_of`).
         version: u64,
-        /// The members and their data.
+        /// The members and their data (of this part).
         members: Vec<(MemberKey, Bytes)>,
+        /// This part's number, from 0 (a large state is sent in parts, applied together).
+        part: u32,
+        /// How many parts the state has (0 or 1: one).
+        parts: u32,
     },
     /// Asks the recipient for its state of `channel`.
     StateRequest {
@@ -153,6 +167,18 @@ pub struct PresenceEvent {
     pub data: Bytes,
 }
 
+/// About the bytes a change takes in a frame.
+fn change_size(change: &Change) -> usize {
+    match change {
+        Change::Put { key, data } => member_size(key, data),
+        Change::Leave { key } => member_size(key, &Bytes::new()),
+    }
+}
+
+fn member_size(key: &MemberKey, data: &Bytes) -> usize {
+    key.client_id.len() + key.connection_id.len() + data.len() + 16
+}
+
 /// Errors of the local operations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PresenceError {
@@ -166,7 +192,8 @@ struct Own {
     version: u64,
     /// The version before the first change not yet sent (None: nothing pending).
     pending_prev: Option<u64>,
-    pending: Vec<Change>,
+    /// Changes not yet sent, each with its version.
+    pending: Vec<(u64, Change)>,
     members: BTreeMap<MemberKey, Bytes>,
 }
 
@@ -194,6 +221,21 @@ struct Peer {
     channels: BTreeMap<ChannelName, Remote>,
     /// States asked for.
     asked: BTreeMap<ChannelName, Asked>,
+    /// States arriving in parts, applied when the last part is in.
+    parts: BTreeMap<ChannelName, Parts>,
+    /// Counted as down (after `down_after`) and not linked since: frames still in flight
+    /// from it are ignored, so nothing it sent can outlive its leave.
+    gone: bool,
+}
+
+/// A state arriving in parts.
+#[derive(Debug)]
+struct Parts {
+    epoch: Epoch,
+    as_of: u64,
+    version: u64,
+    got: Vec<Option<Vec<(MemberKey, Bytes)>>>,
+    missing: usize,
 }
 
 /// A state asked for.
@@ -205,6 +247,14 @@ struct Asked {
     /// one answers this request. (Kept per request, so that what empties other channels of
     /// the owner meanwhile does not make the answer look stale.)
     floor: u64,
+    /// How often it was asked again (the wait doubles each time, up to 8 × `retry`).
+    tries: u32,
+}
+
+impl Asked {
+    fn due(&self, retry: Duration) -> Instant {
+        self.at + retry * (1u32 << self.tries.min(3))
+    }
 }
 
 impl Peer {
@@ -219,7 +269,7 @@ impl Peer {
         if self.asked.contains_key(&channel) {
             return;
         }
-        self.asked.insert(channel.clone(), Asked { at: now, floor: self.floor });
+        self.asked.insert(channel.clone(), Asked { at: now, floor: self.floor, tries: 0 });
         transmit.push_back((from.clone(), PresenceFrame::StateRequest { channel }));
     }
 
@@ -232,6 +282,8 @@ impl Peer {
             max_as_of: 0,
             channels: BTreeMap::new(),
             asked: BTreeMap::new(),
+            parts: BTreeMap::new(),
+            gone: false,
         }
     }
 }
@@ -285,7 +337,7 @@ impl Presence {
         own.pending_prev.get_or_insert(own.version);
         own.version = self.version;
         own.members.insert(key.clone(), data.clone());
-        own.pending.push(Change::Put { key: key.clone(), data: data.clone() });
+        own.pending.push((self.version, Change::Put { key: key.clone(), data: data.clone() }));
         let owner = self.me.clone();
         self.events.push_back(PresenceEvent { channel: channel.clone(), owner, action, key, data });
     }
@@ -297,7 +349,7 @@ impl Presence {
         self.version += 1;
         own.pending_prev.get_or_insert(own.version);
         own.version = self.version;
-        own.pending.push(Change::Leave { key: key.clone() });
+        own.pending.push((self.version, Change::Leave { key: key.clone() }));
         let (owner, key) = (self.me.clone(), key.clone());
         let event =
             PresenceEvent { channel: channel.clone(), owner, action: Action::Leave, key, data };
@@ -339,19 +391,33 @@ impl Presence {
         let linked: Vec<NodeId> =
             self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| id.clone()).collect();
         let mut emptied = Vec::new();
+        let budget = self.config.frame_budget;
         for (channel, own) in &mut self.own {
-            let Some(prev) = own.pending_prev.take() else { continue };
-            let changes = std::mem::take(&mut own.pending);
-            let frame = PresenceFrame::Delta {
-                epoch: self.epoch,
-                as_of: self.version,
-                channel: channel.clone(),
-                prev,
-                version: own.version,
-                changes,
-            };
-            for peer in &linked {
-                self.transmit.push_back((peer.clone(), frame.clone()));
+            let Some(mut prev) = own.pending_prev.take() else { continue };
+            // Split into deltas of at most `budget` bytes, each following the one before.
+            let mut changes = Vec::new();
+            let mut size = 0;
+            let mut pending = std::mem::take(&mut own.pending).into_iter().peekable();
+            while let Some((version, change)) = pending.next() {
+                size += change_size(&change);
+                changes.push(change);
+                let full = pending.peek().is_some_and(|(_, c)| size + change_size(c) > budget);
+                if !full && pending.peek().is_some() {
+                    continue;
+                }
+                let frame = PresenceFrame::Delta {
+                    epoch: self.epoch,
+                    as_of: self.version,
+                    channel: channel.clone(),
+                    prev,
+                    version,
+                    changes: std::mem::take(&mut changes),
+                };
+                prev = version;
+                size = 0;
+                for peer in &linked {
+                    self.transmit.push_back((peer.clone(), frame.clone()));
+                }
             }
             if own.members.is_empty() {
                 emptied.push(channel.clone());
@@ -362,14 +428,33 @@ impl Presence {
         }
     }
 
-    fn digest(&self) -> PresenceFrame {
-        let channels = self
-            .own
-            .iter()
-            .filter(|(_, o)| !o.members.is_empty())
-            .map(|(c, o)| (c.clone(), o.version))
-            .collect();
-        PresenceFrame::Digest { epoch: self.epoch, as_of: self.version, channels }
+    /// This node's digest, in ranges of at most `frame_budget` bytes.
+    fn digest(&self) -> Vec<PresenceFrame> {
+        let (epoch, as_of) = (self.epoch, self.version);
+        let mut out = Vec::new();
+        let mut after: Option<ChannelName> = None;
+        let mut channels = Vec::new();
+        let mut size = 0;
+        for (c, o) in self.own.iter().filter(|(_, o)| !o.members.is_empty()) {
+            let len = c.as_str().len() + 16;
+            if size + len > self.config.frame_budget && !channels.is_empty() {
+                let until: Option<ChannelName> = channels.last().map(|(c, _)| Clone::clone(c));
+                let channels = std::mem::take(&mut channels);
+                out.push(PresenceFrame::Digest {
+                    epoch,
+                    as_of,
+                    channels,
+                    after: after.clone(),
+                    until: until.clone(),
+                });
+                after = until;
+                size = 0;
+            }
+            size += len;
+            channels.push((c.clone(), o.version));
+        }
+        out.push(PresenceFrame::Digest { epoch, as_of, channels, after, until: None });
+        out
     }
 
     /// A link to `peer` came up: it gets this node's digest (and pending changes first).
@@ -378,12 +463,14 @@ impl Presence {
         let digest = self.digest();
         let Some(p) = self.peers.get_mut(peer) else { return };
         p.up = true;
+        p.gone = false;
         p.down_since = None;
         // Asked before the link dropped: ask again on this link.
         for a in p.asked.values_mut() {
+            a.tries = 0;
             a.at = now.checked_sub(self.config.retry).unwrap_or(now);
         }
-        self.transmit.push_back((peer.clone(), digest));
+        self.transmit.extend(digest.into_iter().map(|d| (peer.clone(), d)));
         self.next_sync.get_or_insert(now + self.config.sync_interval);
     }
 
@@ -405,7 +492,7 @@ impl Presence {
             let digest = self.digest();
             for (id, p) in &self.peers {
                 if p.up {
-                    self.transmit.push_back((id.clone(), digest.clone()));
+                    self.transmit.extend(digest.iter().map(|d| (id.clone(), d.clone())));
                 }
             }
         }
@@ -414,7 +501,9 @@ impl Presence {
             let p = self.peers.get_mut(&id).unwrap();
             if p.down_since.is_some_and(|t| now.duration_since(t) >= self.config.down_after) {
                 p.down_since = None;
+                p.gone = true;
                 p.asked.clear();
+                p.parts.clear();
                 p.floor = p.floor.max(p.max_as_of);
                 let channels: Vec<ChannelName> = p.channels.keys().cloned().collect();
                 for channel in channels {
@@ -426,8 +515,9 @@ impl Presence {
                 continue;
             }
             for (channel, a) in &mut p.asked {
-                if now.duration_since(a.at) >= self.config.retry {
+                if a.due(self.config.retry) <= now {
                     a.at = now;
+                    a.tries += 1;
                     let ask = PresenceFrame::StateRequest { channel: channel.clone() };
                     self.transmit.push_back((id.clone(), ask));
                 }
@@ -445,7 +535,7 @@ impl Presence {
             }
             if p.up {
                 for a in p.asked.values() {
-                    due(a.at + self.config.retry);
+                    due(a.due(self.config.retry));
                 }
             }
         }
@@ -464,7 +554,7 @@ impl Presence {
 
     /// A frame from `from`.
     pub fn handle_frame(&mut self, now: Instant, from: &NodeId, frame: PresenceFrame) {
-        if !self.peers.contains_key(from) {
+        if self.peers.get(from).is_none_or(|p| p.gone) {
             return;
         }
         match frame {
@@ -476,24 +566,46 @@ impl Presence {
                     }
                     _ => (self.version, Vec::new()),
                 };
-                let state = PresenceFrame::State {
-                    epoch: self.epoch,
-                    as_of: self.version,
-                    channel,
-                    version,
-                    members,
-                };
-                self.transmit.push_back((from.clone(), state));
+                let mut split: Vec<Vec<(MemberKey, Bytes)>> = vec![Vec::new()];
+                let mut size = 0;
+                for (key, data) in members {
+                    let len = member_size(&key, &data);
+                    if size + len > self.config.frame_budget && !split[split.len() - 1].is_empty() {
+                        split.push(Vec::new());
+                        size = 0;
+                    }
+                    size += len;
+                    split.last_mut().unwrap().push((key, data));
+                }
+                let parts = split.len() as u32;
+                for (part, members) in split.into_iter().enumerate() {
+                    let state = PresenceFrame::State {
+                        epoch: self.epoch,
+                        as_of: self.version,
+                        channel: channel.clone(),
+                        version,
+                        members,
+                        part: part as u32,
+                        parts,
+                    };
+                    self.transmit.push_back((from.clone(), state));
+                }
             }
-            PresenceFrame::Digest { epoch, as_of, channels } => {
+            PresenceFrame::Digest { epoch, as_of, channels, after, until } => {
                 if !self.current(from, epoch, as_of) {
                     return;
                 }
                 let p = self.peers.get_mut(from).unwrap();
                 let listed: BTreeMap<ChannelName, u64> = channels.into_iter().collect();
                 let mut dropped = Vec::new();
+                let in_range = |c: &ChannelName| {
+                    after.as_ref().is_none_or(|a| c > a) && until.as_ref().is_none_or(|u| c <= u)
+                };
                 for (channel, r) in &p.channels {
-                    if !listed.contains_key(channel) && (r.old || r.version <= as_of) {
+                    if in_range(channel)
+                        && !listed.contains_key(channel)
+                        && (r.old || r.version <= as_of)
+                    {
                         dropped.push(channel.clone());
                     }
                 }
@@ -563,11 +675,45 @@ impl Presence {
                     self.events.push_back(PresenceEvent { channel, owner, action, key, data });
                 }
             }
-            PresenceFrame::State { epoch, as_of, channel, version, members } => {
+            PresenceFrame::State { epoch, as_of, channel, version, members, part, parts } => {
                 if !self.current(from, epoch, as_of) {
                     return;
                 }
                 let p = self.peers.get_mut(from).unwrap();
+                let members = if parts > 1 {
+                    if part >= parts {
+                        return;
+                    }
+                    // Parts of one state share (epoch, as_of, version); a newer state's
+                    // parts replace an unfinished older one.
+                    let fresh = match p.parts.get(&channel) {
+                        Some(a) if a.epoch == epoch && a.as_of == as_of && a.version == version => {
+                            false
+                        }
+                        Some(a) if a.epoch == epoch && a.as_of > as_of => return,
+                        _ => true,
+                    };
+                    if fresh {
+                        let got = (0..parts).map(|_| None).collect();
+                        let assembly =
+                            Parts { epoch, as_of, version, got, missing: parts as usize };
+                        p.parts.insert(channel.clone(), assembly);
+                    }
+                    let a = p.parts.get_mut(&channel).unwrap();
+                    if a.got.len() != parts as usize || a.got[part as usize].is_some() {
+                        return;
+                    }
+                    a.got[part as usize] = Some(members);
+                    a.missing -= 1;
+                    if a.missing > 0 {
+                        return;
+                    }
+                    let a = p.parts.remove(&channel).unwrap();
+                    a.got.into_iter().flatten().flatten().collect()
+                } else {
+                    p.parts.remove(&channel);
+                    members
+                };
                 match p.channels.get(&channel) {
                     Some(r) if !r.old && version < r.version => return,
                     Some(_) => {}
@@ -600,6 +746,7 @@ impl Presence {
                 p.floor = 0;
                 p.max_as_of = 0;
                 p.asked.clear();
+                p.parts.clear();
                 for r in p.channels.values_mut() {
                     r.old = true;
                 }
@@ -660,7 +807,7 @@ mod tests {
         now: Instant,
         from: (&mut Presence, &NodeId),
         to: (&mut Presence, &NodeId),
-        keep: impl Fn(&PresenceFrame) -> bool,
+        mut keep: impl FnMut(&PresenceFrame) -> bool,
     ) -> Vec<PresenceFrame> {
         let mut held = Vec::new();
         while let Some((dest, f)) = from.0.poll_transmit() {
@@ -681,8 +828,8 @@ mod tests {
         let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
         let now = Instant::now();
         let config = PresenceConfig::default();
-        let mut a = Presence::new(a_id.clone(), Epoch(1), &[b_id.clone()], config.clone());
-        let mut b = Presence::new(b_id.clone(), Epoch(1), &[a_id.clone()], config);
+        let mut a = Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
+        let mut b = Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config);
         let big = ChannelName::parse("room:big").unwrap();
         a.put(&big, key(1), Bytes::from_static(b"x"));
         a.flush();
@@ -708,5 +855,87 @@ mod tests {
             b.handle_frame(now, &a_id, f);
         }
         assert_eq!(b.members(&big).len(), 1, "the big room's member arrived");
+    }
+
+    /// Digests, deltas and states larger than `frame_budget` travel in parts: a digest's
+    /// ranges drop nothing the other ranges list, a state applies only when all its parts
+    /// are in (a lost part is asked for again), and nobody flaps.
+    #[test]
+    fn large_digests_deltas_and_states_travel_in_parts() {
+        let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
+        let mut now = Instant::now();
+        let config = PresenceConfig { frame_budget: 300, ..PresenceConfig::default() };
+        let mut a = Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
+        let mut b = Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config.clone());
+        let big = ChannelName::parse("room:big").unwrap();
+        for n in 0..100 {
+            a.put(&big, key(n), Bytes::from_static(b"data"));
+        }
+        for n in 0..60 {
+            a.put(
+                &ChannelName::parse(&format!("room:{n:03}")).unwrap(),
+                key(1000 + n),
+                Bytes::new(),
+            );
+        }
+        a.flush();
+        a.handle_link_up(now, &b_id);
+        b.handle_link_up(now, &a_id);
+        let digests = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| true);
+        assert!(digests.is_empty());
+        // B asked for 61 states; A answers, the big room in parts. One part is lost.
+        let _ = deliver(now, (&mut b, &b_id), (&mut a, &a_id), |_| true);
+        let mut parts = 0;
+        let mut lost = false;
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |f| match f {
+            PresenceFrame::State { parts: n, part, .. } if *n > 1 => {
+                parts = *n;
+                lost |= *part == 1;
+                *part != 1
+            }
+            _ => true,
+        });
+        assert!(parts > 1 && lost, "the big room's state came in {parts} parts");
+        assert_eq!(b.members(&big).len(), 0, "an incomplete state is not applied");
+        assert_eq!(b.channels().len(), 60);
+        // Asked again: the state arrives whole.
+        now += config.retry;
+        b.handle_timeout(now);
+        let _ = deliver(now, (&mut b, &b_id), (&mut a, &a_id), |_| true);
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| true);
+        assert_eq!(b.members(&big).len(), 100);
+        // Later digests (in ranges) keep everything; a large delta arrives in parts.
+        for n in 100..200 {
+            a.put(&big, key(n), Bytes::from_static(b"more"));
+        }
+        a.flush();
+        let mut deltas = 0;
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |f| {
+            deltas += matches!(f, PresenceFrame::Delta { .. }) as usize;
+            true
+        });
+        assert!(deltas > 1, "{deltas} deltas");
+        now += config.sync_interval;
+        a.handle_timeout(now);
+        let mut ranges = 0;
+        let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |f| {
+            ranges += matches!(f, PresenceFrame::Digest { .. }) as usize;
+            true
+        });
+        assert!(ranges > 1, "the digest came in {ranges} ranges");
+        b.handle_timeout(now);
+        while let Some((_, f)) = b.poll_transmit() {
+            assert!(
+                matches!(f, PresenceFrame::Digest { .. }),
+                "B is up to date, asks nothing: {f:?}"
+            );
+        }
+        assert_eq!(b.members(&big).len(), 200);
+        assert_eq!(b.channels().len(), 61);
+        let mut leaves = 0;
+        while let Some(e) = b.poll_event() {
+            leaves += (e.action == Action::Leave) as usize;
+        }
+        assert_eq!(leaves, 0, "nobody left");
     }
 }
