@@ -94,6 +94,11 @@ pub trait Sink: Send + Sync + 'static {
     }
     /// A member entered, changed or left: one of this node's own (after
     /// [`Backbone::presence_put`] / [`Backbone::presence_leave`]) or a peer's.
+    ///
+    /// Called with the presence state locked, so that events reach their watchers in the
+    /// order of the changes, with nothing between a snapshot read under that lock (see
+    /// [`Backbone::with_presence`]) and the events after it: it must not block, nor take a
+    /// lock that is held while calling into the backbone.
     fn presence(&self, event: PresenceEvent) {
         let _ = event;
     }
@@ -344,6 +349,15 @@ impl Backbone {
         Ok(())
     }
 
+    /// Runs `f` on the presence state, locked (events a change makes can be taken there
+    /// with [`Presence::poll_event`]; the driver hands those left to [`Sink::presence`]),
+    /// then wakes the driver to replicate what changed.
+    pub fn with_presence<R>(&self, f: impl FnOnce(&mut Presence) -> R) -> R {
+        let out = f(&mut lock(&self.shared.presence));
+        self.shared.wake.notify_one();
+        out
+    }
+
     /// Every member of `channel` this node knows of, with the node that owns it.
     pub fn presence_members(&self, channel: &ChannelName) -> Vec<(NodeId, MemberKey, Bytes)> {
         lock(&self.shared.presence).members(channel)
@@ -536,7 +550,6 @@ async fn drive(
             _ = sleep => {}
         }
         let mut events = Vec::new();
-        let mut presence_events = Vec::new();
         {
             let now = Instant::now();
             let mut r = lock(&shared.replica);
@@ -564,8 +577,9 @@ async fn drive(
                     dropped += 1;
                 }
             }
+            // Under the presence lock (see `Sink::presence`).
             while let Some(e) = p.poll_event() {
-                presence_events.push(e);
+                sink.presence(e);
             }
             drop(p);
             if received {
@@ -588,9 +602,6 @@ async fn drive(
         }
         // Outside the replica lock: the sink takes channel locks, and publishes take the
         // replica lock under a channel lock.
-        for e in presence_events {
-            sink.presence(e);
-        }
         for e in events {
             match e {
                 Event::Deliver { origin, channel, epoch, seq, payload } => {

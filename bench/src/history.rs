@@ -131,7 +131,13 @@ impl Raw {
         channel: &str,
         resume: Option<Resume>,
     ) -> anyhow::Result<()> {
-        let frame = Subscribe { request_id: 1, channel: channel.into(), rewind: None, resume };
+        let frame = Subscribe {
+            request_id: 1,
+            channel: channel.into(),
+            rewind: None,
+            resume,
+            presence: false,
+        };
         self.send(client_frame::Kind::Subscribe(frame)).await?;
         loop {
             if let server_frame::Kind::Subscribed(_) = self.recv().await? {

@@ -150,6 +150,7 @@ impl Target {
                 channel: channel.into(),
                 rewind: None,
                 resume: None,
+                presence: false,
             });
             for kind in [connect, sub] {
                 let frame = ClientFrame { kind: Some(kind) }.encode_to_vec();
@@ -203,6 +204,7 @@ impl Target {
                     channel: channel.into(),
                     rewind: None,
                     resume: None,
+                    presence: false,
                 };
                 tern_send(&mut ws, client_frame::Kind::Subscribe(sub)).await?;
                 tern_expect(&mut ws, |k| matches!(k, server_frame::Kind::Subscribed(_))).await?;

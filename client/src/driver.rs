@@ -494,7 +494,7 @@ impl Driver {
             } else {
                 entry.resume()
             };
-            let frame = Subscribe { request_id, channel, rewind: None, resume };
+            let frame = Subscribe { request_id, channel, rewind: None, resume, presence: false };
             link.send(client_frame::Kind::Subscribe(frame)).await?;
         }
         // Unacknowledged publishes go again, paced, from the serve loop.
@@ -598,7 +598,8 @@ impl Driver {
                 }
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
-                let frame = Subscribe { request_id, channel, rewind, resume: None };
+                let frame =
+                    Subscribe { request_id, channel, rewind, resume: None, presence: false };
                 self.write(link, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Publish { mut frame, reply } => {
@@ -824,7 +825,10 @@ impl Driver {
             | Kind::Heartbeat(_)
             | Kind::Connected(_)
             | Kind::Session(_)
-            | Kind::Close(_) => {}
+            | Kind::Close(_)
+            // (This SDK does not ask for presence yet.)
+            | Kind::Presence(_)
+            | Kind::PresenceReply(_) => {}
         }
         Flow::Continue
     }

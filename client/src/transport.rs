@@ -749,7 +749,7 @@ mod tests {
         let mut buf = BytesMut::from(&[3u8, 1, 2, 3, 0, 2, 9][..]);
         out.clear();
         split(&mut buf, Format::Protobuf, &mut out).unwrap();
-        assert!(matches!(&out[..], [Down::Frame(f), Down::Alive] if &f[..] == [1, 2, 3]));
+        assert!(matches!(&out[..], [Down::Frame(f), Down::Alive] if f[..] == [1, 2, 3]));
         assert_eq!(&buf[..], [2, 9], "a partial frame waits");
         let mut bad = BytesMut::from(&[0xff; 12][..]);
         assert!(split(&mut bad, Format::Protobuf, &mut out).is_err());

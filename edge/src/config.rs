@@ -91,11 +91,53 @@ pub struct PresenceSection {
     /// comes back, its current members enter again. Shorter outages change nothing.
     #[serde(with = "humantime_serde")]
     pub down_after: Duration,
+    /// A connection that ends without leaving keeps its members this long: a client that
+    /// reconnects to this node within it (`Connect.recover`) keeps them, and nobody sees
+    /// them leave and enter again. Then they leave. At most `resume.window`.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Most members one channel's presence set holds (over all nodes, as this node knows
+    /// them); an enter beyond it is refused with `CHANNEL_FULL`.
+    pub max_members: usize,
+    /// Most channels one connection is a member of; beyond it an enter is refused with
+    /// `TOO_MANY_CHANNELS`.
+    pub max_channels_per_connection: usize,
+    /// Largest member data (text or binary), in bytes; beyond it `MESSAGE_TOO_LARGE`.
+    pub max_data_bytes: usize,
+    /// Presence requests (enter, update, leave, get) per second one connection may make;
+    /// beyond it `RATE_LIMITED`.
+    pub rate: u32,
+    /// The burst of that rate.
+    pub burst: u32,
+    /// Most members in one `get` page or snapshot frame (a frame also stays within
+    /// `limits.max_frame_bytes`).
+    pub page_size: usize,
+    /// Namespaces whose presence the `subscribe` capability may read (events on subscribe
+    /// and `get`), not only `presence`; `"*"` for every namespace. Dev mode allows all.
+    pub subscribe_reads: Vec<String>,
 }
 
 impl Default for PresenceSection {
     fn default() -> Self {
-        Self { down_after: Duration::from_secs(30) }
+        Self {
+            down_after: Duration::from_secs(30),
+            grace: Duration::from_secs(15),
+            max_members: 100_000,
+            max_channels_per_connection: 100,
+            max_data_bytes: 1024,
+            rate: 20,
+            burst: 40,
+            page_size: 1000,
+            subscribe_reads: Vec::new(),
+        }
+    }
+}
+
+impl PresenceSection {
+    /// Whether `subscribe` may read the presence of `channel`.
+    pub fn subscribe_reads(&self, channel: &str) -> bool {
+        let ns = tern_proto::types::namespace_of(channel);
+        self.subscribe_reads.iter().any(|n| n == "*" || n == ns)
     }
 }
 
@@ -826,6 +868,33 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "presence.down_after",
                 reason: "must be above 0".into(),
+            });
+        }
+        if self.presence.grace > self.resume.window {
+            return Err(ConfigError::Invalid {
+                field: "presence.grace",
+                reason: format!("must be at most resume.window ({:?})", self.resume.window),
+            });
+        }
+        for (field, value) in [
+            ("presence.max_members", self.presence.max_members),
+            ("presence.max_channels_per_connection", self.presence.max_channels_per_connection),
+            ("presence.page_size", self.presence.page_size),
+            ("presence.rate", self.presence.rate as usize),
+            ("presence.burst", self.presence.burst as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { field, reason: "must be above 0".into() });
+            }
+        }
+        // A member with the most data fits a frame with room to spare (both encodings).
+        if self.presence.max_data_bytes > self.limits.max_frame_bytes / 2 {
+            return Err(ConfigError::Invalid {
+                field: "presence.max_data_bytes",
+                reason: format!(
+                    "must be at most half of limits.max_frame_bytes ({})",
+                    self.limits.max_frame_bytes
+                ),
             });
         }
         if self.timeouts.http_body.is_zero() {

@@ -30,6 +30,7 @@ pub mod fanout;
 pub mod fuzzing;
 pub mod http;
 pub mod node;
+pub mod presence;
 pub mod publish;
 pub mod resume;
 pub mod server;

@@ -16,6 +16,7 @@ use crate::config::Settings;
 pub struct Node {
     settings: Settings,
     hub: Hub,
+    presence: Arc<crate::presence::PresenceHub>,
     connections: AtomicUsize,
     next_connection: AtomicU64,
     shutdown: CancellationToken,
@@ -100,9 +101,11 @@ impl Node {
             None => epoch,
         };
         let hub = Hub::new(settings.node.clone(), epoch, log_epoch, hub_limits, store);
+        let presence = Arc::new(crate::presence::PresenceHub::new(settings.node.clone(), epoch));
         Ok(Arc::new(Self {
             settings,
             hub,
+            presence,
             connections: AtomicUsize::new(0),
             next_connection: AtomicU64::new(1),
             shutdown,
@@ -152,7 +155,12 @@ impl Node {
         &self.settings
     }
 
-    /// The channel registry.
+    /// Who is on which channel.
+    pub fn presence(&self) -> &Arc<crate::presence::PresenceHub> {
+        &self.presence
+    }
+
+    /// The channel hub.
     pub fn hub(&self) -> &Hub {
         &self.hub
     }

@@ -285,6 +285,12 @@ impl tokio::io::AsyncWrite for Counted {
 struct HubSink(Weak<Node>);
 
 impl Sink for HubSink {
+    fn presence(&self, event: tern_backbone::core::PresenceEvent) {
+        if let Some(node) = self.0.upgrade() {
+            node.presence().fan_out(event);
+        }
+    }
+
     fn deliver(
         &self,
         origin: &NodeId,

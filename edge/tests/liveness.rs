@@ -95,6 +95,7 @@ async fn a_stalled_subscriber_is_cut_off_with_4001_while_others_get_everything()
             channel: "feed:x".into(),
             rewind: None,
             resume: None,
+            presence: false,
         })))
         .await
         .unwrap();

@@ -55,7 +55,7 @@ impl DecodeError {
 }
 
 const CLIENT_KINDS: &[&str] =
-    &["connect", "subscribe", "unsubscribe", "publish", "heartbeat", "history", "auth"];
+    &["connect", "subscribe", "unsubscribe", "publish", "heartbeat", "history", "auth", "presence"];
 const SERVER_KINDS: &[&str] = &[
     "connected",
     "subscribed",
@@ -70,11 +70,14 @@ const SERVER_KINDS: &[&str] = &[
     "authRenewed",
     "session",
     "close",
+    "presence",
+    "presenceReply",
 ];
 
 /// The client frames that are requests (they carry `requestId`, field 1 of each, and most
 /// a `channel`, field 2).
-const REQUEST_KINDS: &[&str] = &["subscribe", "unsubscribe", "publish", "history", "auth"];
+const REQUEST_KINDS: &[&str] =
+    &["subscribe", "unsubscribe", "publish", "history", "auth", "presence"];
 
 /// What can be read of a client request that did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -123,6 +126,7 @@ pub fn request_of(payload: &[u8], text: bool) -> Option<RequestOf> {
             (&frame.publish, "publish"),
             (&frame.history, "history"),
             (&frame.auth, "auth"),
+            (&frame.presence, "presence"),
         ]
         .into_iter()
         .find_map(|(b, kind)| b.as_ref().map(|b| (b, kind)))?;
@@ -150,6 +154,8 @@ struct RawClientFrame {
     history: Option<Vec<u8>>,
     #[prost(bytes = "vec", optional, tag = "8")]
     auth: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "7")]
+    presence: Option<Vec<u8>>,
 }
 
 /// The fields every request starts with.
@@ -476,7 +482,8 @@ mod tests {
                 request_id: 3,
                 channel: "a:b".into(),
                 rewind: None,
-                resume: None
+                resume: None,
+                presence: false
             }))
         );
     }
@@ -490,9 +497,9 @@ mod tests {
 
     #[test]
     fn unknown_protobuf_field_is_unknown_frame() {
-        // Field 7 (reserved for presence), empty length-delimited.
+        // Field 15, unknown, empty length-delimited.
         assert_eq!(
-            decode_client(&[0x3a, 0x00], false),
+            decode_client(&[0x7a, 0x00], false),
             Err(DecodeError::UnknownFrame("(none)".into()))
         );
         assert!(matches!(

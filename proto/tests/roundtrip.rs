@@ -68,6 +68,28 @@ fn origins() -> impl Strategy<Value = Vec<OriginPosition>> {
     proptest::collection::vec(origin(), 0..3)
 }
 
+fn presence_request_data() -> impl Strategy<Value = Option<presence_request::Data>> {
+    prop_oneof![
+        Just(None),
+        s().prop_map(|t| Some(presence_request::Data::Text(t))),
+        bin().prop_map(|b| Some(presence_request::Data::Binary(b)))
+    ]
+}
+
+fn member() -> impl Strategy<Value = PresenceMember> {
+    let data = prop_oneof![
+        Just(None),
+        s().prop_map(|t| Some(presence_member::Data::Text(t))),
+        bin().prop_map(|b| Some(presence_member::Data::Binary(b)))
+    ];
+    (s(), s(), s(), data).prop_map(|(client_id, connection_id, node, data)| PresenceMember {
+        client_id,
+        connection_id,
+        node,
+        data,
+    })
+}
+
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
     use client_frame::Kind;
     let publish_data = prop_oneof![
@@ -76,23 +98,36 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
         bin().prop_map(|b| Some(publish::Data::Binary(b)))
     ];
     prop_oneof![
-        (any::<u32>(), s(), s(), s(), s()).prop_map(
-            |(protocol, client_id, token, resume_token, agent)| {
-                Kind::Connect(Connect { protocol, client_id, token, resume_token, agent })
+        (any::<u32>(), s(), s(), s(), s(), s()).prop_map(
+            |(protocol, client_id, token, resume_token, agent, recover)| {
+                Kind::Connect(Connect { protocol, client_id, token, resume_token, agent, recover })
             }
         ),
         (
             any::<u32>(),
             s(),
             proptest::option::of((any::<u32>(), any::<u64>())),
-            proptest::option::of((s(), position(), origins()))
+            proptest::option::of((s(), position(), origins())),
+            any::<bool>()
         )
-            .prop_map(|(request_id, channel, rewind, resume)| Kind::Subscribe(Subscribe {
-                request_id,
-                channel,
-                rewind: rewind.map(|(count, since_ms)| Rewind { count, since_ms }),
-                resume: resume.map(|(node, position, origins)| Resume { node, position, origins }),
-            })),
+            .prop_map(|(request_id, channel, rewind, resume, presence)| Kind::Subscribe(
+                Subscribe {
+                    request_id,
+                    channel,
+                    rewind: rewind.map(|(count, since_ms)| Rewind { count, since_ms }),
+                    resume: resume.map(|(node, position, origins)| Resume {
+                        node,
+                        position,
+                        origins
+                    }),
+                    presence,
+                }
+            )),
+        (any::<u32>(), s(), 0..5i32, presence_request_data(), any::<u32>(), s()).prop_map(
+            |(request_id, channel, action, data, limit, after)| {
+                Kind::Presence(PresenceRequest { request_id, channel, action, data, limit, after })
+            }
+        ),
         (
             (any::<u32>(), s(), any::<u32>(), any::<bool>()),
             (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
@@ -195,6 +230,20 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             request_id,
             channel
         })),
+        (s(), proptest::collection::vec((1..4i32, member()), 0..3)).prop_map(
+            |(channel, events)| {
+                let events = events
+                    .into_iter()
+                    .map(|(action, member)| PresenceEvent { action, member: Some(member) })
+                    .collect();
+                Kind::Presence(PresenceEvents { channel, events })
+            }
+        ),
+        (any::<u32>(), s(), proptest::collection::vec(member(), 0..3), s()).prop_map(
+            |(request_id, channel, members, next)| {
+                Kind::PresenceReply(PresenceReply { request_id, channel, members, next })
+            }
+        ),
         (
             (any::<u32>(), s(), s(), any::<u64>(), position()),
             (any::<u64>(), any::<bool>(), s(), any::<u64>())

@@ -375,6 +375,22 @@ impl Presence {
         out
     }
 
+    /// How many members of `channel` this node knows of, its own and its peers'.
+    pub fn member_count(&self, channel: &ChannelName) -> usize {
+        self.own.get(channel).map_or(0, |o| o.members.len())
+            + self
+                .peers
+                .values()
+                .filter_map(|p| p.channels.get(channel))
+                .map(|r| r.members.len())
+                .sum::<usize>()
+    }
+
+    /// Whether `key` is one of this node's own members of `channel`.
+    pub fn is_member(&self, channel: &ChannelName, key: &MemberKey) -> bool {
+        self.own.get(channel).is_some_and(|o| o.members.contains_key(key))
+    }
+
     /// The channels this node knows members of.
     pub fn channels(&self) -> Vec<ChannelName> {
         let mut out: Vec<ChannelName> = self.own.keys().cloned().collect();
@@ -828,7 +844,8 @@ mod tests {
         let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
         let now = Instant::now();
         let config = PresenceConfig::default();
-        let mut a = Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
+        let mut a =
+            Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
         let mut b = Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config);
         let big = ChannelName::parse("room:big").unwrap();
         a.put(&big, key(1), Bytes::from_static(b"x"));
@@ -865,8 +882,10 @@ mod tests {
         let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
         let mut now = Instant::now();
         let config = PresenceConfig { frame_budget: 300, ..PresenceConfig::default() };
-        let mut a = Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
-        let mut b = Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config.clone());
+        let mut a =
+            Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
+        let mut b =
+            Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config.clone());
         let big = ChannelName::parse("room:big").unwrap();
         for n in 0..100 {
             a.put(&big, key(n), Bytes::from_static(b"data"));

@@ -117,6 +117,15 @@ pub struct Session {
     /// head without asking again (bounded).
     synced: Vec<(String, client::OriginPosition)>,
     order_blocks: Vec<OrderBlock>,
+    /// The connection id this connection's members carry: its own, or that of the ended
+    /// connection whose members it recovered (`Connect.recover`).
+    member_id: String,
+    /// Channels this connection is a member of.
+    present: HashSet<ChannelName>,
+    /// Channels whose presence this connection watches (`Subscribe.presence`).
+    watching: HashSet<ChannelName>,
+    /// Presence requests take a token here (`presence.rate`).
+    presence_ops: TokenBucket,
 }
 
 /// A publish waiting for its publisher's order.
@@ -268,6 +277,10 @@ impl Session {
             parked: VecDeque::new(),
             synced: Vec::new(),
             order_blocks: Vec::new(),
+            member_id: id.to_string(),
+            present: HashSet::new(),
+            watching: HashSet::new(),
+            presence_ops: TokenBucket::new(cfg.presence.rate, cfg.presence.burst),
             node,
         }
     }
@@ -443,6 +456,7 @@ impl Session {
             Kind::Heartbeat(h) => self.reply(server_frame::Kind::Heartbeat(h)),
             Kind::History(h) => self.history(h),
             Kind::Auth(a) => self.renew(a, &client_id),
+            Kind::Presence(p) => self.presence(p, &client_id),
         }
         Ok(())
     }
@@ -534,6 +548,15 @@ impl Session {
             protocol: tern_proto::PROTOCOL_VERSION,
             resume_window_ms: u32::try_from(cfg.resume.window.as_millis()).unwrap_or(u32::MAX),
         };
+        if !c.recover.is_empty() {
+            // The members of this client's ended connection, if they still linger.
+            if let Some((member_id, channels)) =
+                self.node.presence().recover(&client_id, &c.recover)
+            {
+                self.member_id = member_id;
+                self.present = channels.into_iter().collect();
+            }
+        }
         self.client_id = Some(client_id);
         self.reply(server_frame::Kind::Connected(connected));
         Ok(())
@@ -584,6 +607,9 @@ impl Session {
             .collect();
         for channel in revoked {
             self.channels.remove(&channel);
+            if self.watching.remove(&channel) {
+                self.node.presence().unwatch(&channel, self.id);
+            }
             self.catchups.retain(|c| c.channel != channel);
             let error = server_frame::Kind::Error(client::Error {
                 request_id: 0,
@@ -627,6 +653,10 @@ impl Session {
         }
         if !self.allowed(Operation::Subscribe, &s.channel) {
             let reason = Self::forbidden(Operation::Subscribe, &s.channel);
+            return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
+        }
+        if s.presence && !self.reads_presence(&s.channel) {
+            let reason = Self::forbidden(Operation::Presence, &s.channel);
             return self.error(s.request_id, ErrorCode::Forbidden, reason, s.channel);
         }
         let max = self.cfg().limits.max_channels_per_connection;
@@ -679,6 +709,16 @@ impl Session {
                 None
             }
         };
+        if s.presence {
+            let budget = self.presence_budget(&channel);
+            let page = self.cfg().presence.page_size;
+            let backbone = hub.backbone();
+            let presence = self.node.presence();
+            presence.watch(backbone, &channel, self.id, &self.outbox, s.request_id, (page, budget));
+            self.watching.insert(channel.clone());
+        } else if self.watching.remove(&channel) {
+            self.node.presence().unwatch(&channel, self.id);
+        }
         self.channels.insert(channel);
         // `None`: the hub queued `Subscribed` itself, under the channel's lock.
         if let Some(subscribed) = subscribed {
@@ -800,6 +840,10 @@ impl Session {
             request_id: u.request_id,
             channel: u.channel,
         });
+        // No presence event after `Unsubscribed`.
+        if self.watching.remove(&channel) {
+            self.node.presence().unwatch(&channel, self.id);
+        }
         if let Some(i) = self.catchups.iter().position(|c| c.channel == channel) {
             // Not live yet: nothing of it is queued.
             self.catchups.remove(i);
@@ -1231,9 +1275,123 @@ impl Session {
         for w in std::mem::take(&mut self.parked) {
             self.node.hub().forget_probe_opt(w.probe);
         }
+        for channel in self.watching.drain() {
+            self.node.presence().unwatch(&channel, self.id);
+        }
         for channel in self.channels.drain() {
             self.node.hub().unsubscribe(&channel, self.id, None);
         }
+        // Its members stay for `presence.grace` (a reconnect can recover them).
+        if let Some(client_id) = self.client_id.clone() {
+            let channels: Vec<ChannelName> = self.present.drain().collect();
+            let grace = self.cfg().presence.grace;
+            let member_id = std::mem::take(&mut self.member_id);
+            let node = self.node.clone();
+            node.presence().linger(&node, client_id, self.id, member_id, channels, grace);
+        }
+    }
+
+    /// Whether the connection may read `channel`'s presence: with `presence`, or with
+    /// `subscribe` on a namespace listed in `presence.subscribe_reads`.
+    fn reads_presence(&self, channel: &str) -> bool {
+        use crate::auth::Operation;
+        self.allowed(Operation::Presence, channel)
+            || (self.allowed(Operation::Subscribe, channel)
+                && self.cfg().presence.subscribe_reads(channel))
+    }
+
+    /// Bytes of members a presence page of `channel` may hold in one frame.
+    fn presence_budget(&self, channel: &ChannelName) -> usize {
+        const FRAME_FIELDS: usize = 256;
+        self.cfg().limits.max_frame_bytes.saturating_sub(FRAME_FIELDS + channel.as_str().len())
+    }
+
+    /// A presence request: enter, update, leave or get.
+    fn presence(&mut self, p: client::PresenceRequest, client_id: &str) {
+        use crate::auth::Operation;
+        use client::PresenceAction;
+        let (request_id, name) = (p.request_id, p.channel.clone());
+        let channel = match ChannelName::parse(&p.channel) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.error(request_id, ErrorCode::InvalidChannel, e.to_string(), name);
+            }
+        };
+        let action = match PresenceAction::try_from(p.action) {
+            Ok(a) if a != PresenceAction::Unspecified => a,
+            _ => {
+                let reason = "action: ENTER, UPDATE, LEAVE or GET".to_owned();
+                return self.error(request_id, ErrorCode::InvalidArgument, reason, name);
+            }
+        };
+        let cfg = &self.node.settings().config.presence;
+        let data = crate::presence::data_to_bytes(p.data);
+        let data_len = data.len().saturating_sub(1);
+        if data_len > cfg.max_data_bytes {
+            let reason = format!(
+                "presence data is {data_len} bytes; the limit is {} (presence.max_data_bytes)",
+                cfg.max_data_bytes
+            );
+            return self.error(request_id, ErrorCode::MessageTooLarge, reason, name);
+        }
+        let allowed = match action {
+            PresenceAction::Get => self.reads_presence(&name),
+            _ => self.allowed(Operation::Presence, &name),
+        };
+        if !allowed {
+            let reason = Self::forbidden(Operation::Presence, &name);
+            return self.error(request_id, ErrorCode::Forbidden, reason, name);
+        }
+        if self.presence_ops.take(std::time::Instant::now()).is_err() {
+            let reason = format!(
+                "more than {} presence requests/s (burst {}; presence.rate)",
+                cfg.rate, cfg.burst
+            );
+            return self.error(request_id, ErrorCode::RateLimited, reason, name);
+        }
+        let presence = self.node.presence().clone();
+        let backbone = self.node.hub().backbone();
+        let key = tern_backbone::core::MemberKey {
+            client_id: client_id.to_owned(),
+            connection_id: self.member_id.clone(),
+        };
+        let mut reply =
+            client::PresenceReply { request_id, channel: name.clone(), ..Default::default() };
+        match action {
+            PresenceAction::Enter | PresenceAction::Update => {
+                let max = cfg.max_channels_per_connection;
+                if !self.present.contains(&channel) && self.present.len() >= max {
+                    let reason = format!(
+                        "this connection is a member of {max} channels, the limit \
+                         (presence.max_channels_per_connection)"
+                    );
+                    return self.error(request_id, ErrorCode::TooManyChannels, reason, name);
+                }
+                if let Err(crate::presence::Refused::Full(n)) =
+                    presence.put(backbone, &channel, key, data, cfg.max_members)
+                {
+                    let reason = format!(
+                        "the channel's presence set holds {n} members, the limit \
+                         (presence.max_members)"
+                    );
+                    return self.error(request_id, ErrorCode::ChannelFull, reason, name);
+                }
+                self.present.insert(channel);
+            }
+            PresenceAction::Leave => {
+                presence.leave(backbone, &channel, &key);
+                self.present.remove(&channel);
+            }
+            PresenceAction::Get | PresenceAction::Unspecified => {
+                let page = cfg.page_size;
+                let limit = if p.limit == 0 { page } else { (p.limit as usize).min(page) };
+                let budget = self.presence_budget(&channel);
+                let (members, next) = presence.get(backbone, &channel, &p.after, limit, budget);
+                reply.members = members;
+                reply.next = next;
+            }
+        }
+        self.reply(server_frame::Kind::PresenceReply(reply));
     }
 }
 

@@ -205,6 +205,7 @@ pub async fn open(node: Arc<Node>, ip: Option<IpAddr>, req: Request) -> Response
             channel: channel.clone(),
             rewind,
             resume,
+            presence: false,
         };
         pending.push_back(frame(client_frame::Kind::Subscribe(subscribe)));
     }

@@ -62,6 +62,7 @@ pub struct Raw {
     inner: Inner,
 }
 
+#[allow(clippy::large_enum_variant)] // one per test client
 enum Inner {
     Ws(Ws),
     Http(HttpSession),
