@@ -593,39 +593,103 @@ async fn every_request_is_answered_while_a_subscription_waits_for_its_peers() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Presence over real QUIC links (the backbone's presence API, which the client protocol
-/// will drive): members entered on one node appear on the other with their owner, leaves
-/// follow, and when the owner stops, its members leave there after `presence.down_after`.
+/// Presence over real QUIC links, driven by clients: members entered on each node appear on
+/// the other with their node (a watcher's snapshot, then events, add up to the same set),
+/// leaves follow, and when a node stops, its members leave on the other after
+/// `presence.down_after`, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_members_replicate_and_leave_with_their_node() {
-    use tern_backbone::core::MemberKey;
-    use tern_proto::types::ChannelName;
+    use common::transport::{Raw, Transport};
+    use serde_json::{Value, json};
     let c = cluster(&["eu-west", "us-east"], |_, cfg| {
         cfg.presence.down_after = Duration::from_secs(1);
     })
     .await;
     let mut nodes = c.nodes.into_iter();
     let (eu, us) = (nodes.next().unwrap(), nodes.next().unwrap());
-    let room = ChannelName::parse("room:lobby").unwrap();
-    let key = |i: usize| MemberKey { client_id: format!("user-{i}"), connection_id: i.to_string() };
-    let eu_backbone = eu.node.hub().backbone().unwrap().clone();
-    for i in 0..100 {
-        eu_backbone.presence_put(&room, key(i), bytes::Bytes::from(format!("{{\"n\":{i}}}")));
-    }
-    for i in 0..50 {
-        eu_backbone.presence_leave(&room, &key(i)).unwrap();
-    }
-    let us_backbone = us.node.hub().backbone().unwrap().clone();
-    let seen = || {
-        let members = us_backbone.presence_members(&room);
-        let owners: Vec<_> = members.iter().map(|(o, _, _)| o.to_string()).collect();
-        (members.len(), owners.iter().all(|o| o == "eu-west/edge-1"))
+    let open = |addr, id: String| async move {
+        let mut c = Raw::open(addr, Transport::WebSocket, false).await;
+        c.send(&json!({"connect": {"protocol": 1, "clientId": id}}).to_string()).await;
+        assert!(c.recv().await.get("connected").is_some());
+        c
     };
-    assert!(eventually(|| seen() == (50, true)).await, "us sees eu's 50 members: {:?}", seen());
-    let members = us_backbone.presence_members(&room);
-    assert!(members.iter().any(|(_, k, d)| *k == key(99) && d.as_ref() == b"{\"n\":99}"));
+    let enter = |i: usize, action: &'static str| {
+        json!({"presence": {"requestId": i, "channel": "room:lobby", "action": action,
+                            "text": format!("{{\"n\":{i}}}")}})
+        .to_string()
+    };
+    // A watcher on us-east from the start, and one that joins once everyone entered.
+    let mut early = open(us.addr, "early".into()).await;
+    early.send(r#"{"subscribe":{"requestId":1,"channel":"room:lobby","presence":true}}"#).await;
+    // 20 members on eu-west, 5 on us-east; 10 of eu-west's leave again.
+    let mut members = Vec::new();
+    for i in 0..25 {
+        let addr = if i < 20 { eu.addr } else { us.addr };
+        let mut m = open(addr, format!("user-{i}")).await;
+        m.send(&enter(i, "PRESENCE_ACTION_ENTER")).await;
+        assert!(m.recv().await.get("presenceReply").is_some());
+        members.push(m);
+    }
+    for (i, m) in members.iter_mut().enumerate().take(10) {
+        m.send(&enter(i, "PRESENCE_ACTION_LEAVE")).await;
+        assert!(m.recv().await.get("presenceReply").is_some());
+    }
+    // What the early watcher saw adds up to the 15 members left, each with its node.
+    let mut set: HashMap<String, String> = HashMap::new();
+    let apply = |set: &mut HashMap<String, String>, f: &Value| {
+        if let Some(r) = f.get("presenceReply") {
+            for m in r["members"].as_array().into_iter().flatten() {
+                set.insert(
+                    m["clientId"].as_str().unwrap().into(),
+                    m["node"].as_str().unwrap().into(),
+                );
+            }
+        }
+        if let Some(e) = f.get("presence") {
+            for ev in e["events"].as_array().unwrap() {
+                let id = ev["member"]["clientId"].as_str().unwrap().to_owned();
+                match ev["action"].as_str().unwrap() {
+                    "PRESENCE_ACTION_LEAVE" => {
+                        assert!(set.remove(&id).is_some(), "{id} left twice")
+                    }
+                    "PRESENCE_ACTION_ENTER" => {
+                        let node = ev["member"]["node"].as_str().unwrap().to_owned();
+                        assert!(set.insert(id.clone(), node).is_none(), "{id} entered twice");
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }
+    };
+    let expected = |set: &HashMap<String, String>| {
+        set.len() == 15
+            && (10..25).all(|i| {
+                let node = if i < 20 { "eu-west/edge-1" } else { "us-east/edge-1" };
+                set.get(&format!("user-{i}")).map(String::as_str) == Some(node)
+            })
+    };
+    while !expected(&set) {
+        let f = early.recv().await;
+        apply(&mut set, &f);
+    }
+    // A late watcher on eu-west gets the same set as its snapshot.
+    let mut late = open(eu.addr, "late".into()).await;
+    let mut snapshot = HashMap::new();
+    late.send(r#"{"subscribe":{"requestId":2,"channel":"room:lobby","presence":true}}"#).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !expected(&snapshot) && tokio::time::Instant::now() < deadline {
+        let f = late.recv().await;
+        apply(&mut snapshot, &f);
+    }
+    assert!(expected(&snapshot), "{snapshot:?}");
+    // eu-west stops: its 10 members leave on us-east, once each; us-east's stay.
+    drop(members);
     eu.stop().await;
-    assert!(eventually(|| seen().0 == 0).await, "eu's members leave us once eu is gone");
+    while set.len() > 5 {
+        let f = early.recv().await;
+        apply(&mut set, &f);
+    }
+    assert!((20..25).all(|i| set.contains_key(&format!("user-{i}"))), "{set:?}");
     us.stop().await;
     let _ = std::fs::remove_dir_all(&c.dir);
 }
