@@ -33,7 +33,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
         // `{channel}/messages`, where the channel may hold `/` (encoded or not).
-        .route("/v1/channels/{*path}", post(http_publish).get(http_history))
+        .route("/v1/channels/{*path}", post(http_publish).get(http_get))
         .route("/v1/sse", get(plain_sse))
         .route("/v1/sessions", get(session_open))
         .route("/v1/sessions/{id}", post(session_post).delete(session_delete))
@@ -263,15 +263,83 @@ struct HistoryQuery {
 /// `direction=backwards` (default, newest first) or `forwards`; `from`/`to` offsets
 /// (inclusive, in the direction of travel); `since`/`until` unix ms; `limit` (default 100,
 /// at most 1000). The answer's `next` holds the `from` of the following page, or null.
-async fn http_history(
+async fn http_get(
     State(node): State<Arc<Node>>,
     Path(path): Path<String>,
     headers: HeaderMap,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    uri: axum::http::Uri,
 ) -> Response {
+    if let Some(channel) = path.strip_suffix("/presence") {
+        let query = Query::<PresenceQuery>::try_from_uri(&uri);
+        return http_presence(&node, channel, &headers, query);
+    }
     let Some(channel) = channel_of(path) else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
+    http_history(node, channel, headers, Query::<HistoryQuery>::try_from_uri(&uri)).await
+}
+
+#[derive(Deserialize)]
+struct PresenceQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// `GET /v1/channels/{channel}/presence`: a page of the channel's members, as the
+/// `presence` request's `GET` (same order, `limit` up to `presence.page_size`, `after` the
+/// `next` of the page before), with the same capability rule.
+fn http_presence(
+    node: &Node,
+    channel: &str,
+    headers: &HeaderMap,
+    query: Result<Query<PresenceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let caller = match authenticate(node, headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let Ok(Query(q)) = query else {
+        let reason = "bad query: limit is an unsigned integer, after a string";
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, reason.into());
+    };
+    let name = match tern_proto::types::ChannelName::parse(channel) {
+        Ok(n) => n,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidChannel,
+                e.to_string(),
+            );
+        }
+    };
+    let cfg = &node.settings().config;
+    let reads = caller.allow(crate::auth::Operation::Presence, channel).is_ok()
+        || (caller.allow(crate::auth::Operation::Subscribe, channel).is_ok()
+            && cfg.presence.subscribe_reads(channel));
+    if !reads {
+        if let Err(r) = caller.allow(crate::auth::Operation::Presence, channel) {
+            return *r;
+        }
+    }
+    let page = cfg.presence.page_size;
+    let limit = q.limit.filter(|l| *l > 0).map_or(page, |l| l.min(page));
+    let budget = cfg.limits.max_frame_bytes.saturating_sub(256 + channel.len());
+    let after = q.after.unwrap_or_default();
+    let (members, next) = node.presence().get(node.hub().backbone(), &name, &after, limit, budget);
+    let body = serde_json::json!({
+        "channel": channel,
+        "members": members,
+        "next": Some(next).filter(|n| !n.is_empty()),
+    });
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn http_history(
+    node: Arc<Node>,
+    channel: String,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let caller = match authenticate(&node, &headers) {
         Ok(c) => c,
         Err(r) => return *r,

@@ -323,6 +323,9 @@ async fn presence_needs_its_capability() {
         let members = page["presenceReply"]["members"].as_array().cloned().unwrap_or_default();
         assert!(members.iter().any(|x| x["clientId"] == "m"), "{t:?}: {page}");
         assert!(!watch(&mut r, 6, "lobby:a").await.is_empty(), "{t:?}");
+        if t == EVERY[0] {
+            http_presence(node.addr, &member, &reader).await;
+        }
         // The member leaves (the next transport starts clean).
         for channel in ["chat:a", "lobby:a"] {
             request(&mut m, json!({"requestId": 7, "channel": channel, "action": LEAVE})).await;
@@ -429,4 +432,39 @@ async fn one_connection_entering_100k_channels_is_bounded() {
     c.send(r#"{"heartbeat":{"nonce":"2"}}"#).await;
     assert_eq!(c.recv().await["heartbeat"]["nonce"], "2");
     node.stop().await;
+}
+
+/// `GET /v1/channels/{channel}/presence`: the same members, paging and capability rule as
+/// the `presence` request's `GET`.
+async fn http_presence(addr: std::net::SocketAddr, member: &str, reader: &str) {
+    let get = |path: String, token: &str| {
+        let auth = if token.is_empty() {
+            String::new()
+        } else {
+            format!("Authorization: Bearer {token}\r\n")
+        };
+        async move {
+            let (status, _, body) =
+                common::http_request(addr, "GET", &path, &format!("Host: t\r\n{auth}"), b"").await;
+            (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = get("/v1/channels/chat:a/presence".into(), member).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["channel"], "chat:a", "{body}");
+    assert_eq!(body["members"][0]["clientId"], "m", "{body}");
+    assert!(body["next"].is_null(), "{body}");
+    let (status, body) = get("/v1/channels/lobby:a/presence?limit=1".into(), reader).await;
+    assert_eq!(status, 200, "subscribe reads lobby: {body}");
+    assert_eq!(body["members"].as_array().map(Vec::len), Some(1), "{body}");
+    for (path, token, expected, code) in [
+        ("/v1/channels/chat:a/presence", reader, 403, "ERROR_CODE_FORBIDDEN"),
+        ("/v1/channels/chat:a/presence", "", 401, "ERROR_CODE_UNAUTHORIZED"),
+        ("/v1/channels/chat:a/presence?limit=many", member, 400, "ERROR_CODE_BAD_FRAME"),
+        ("/v1/channels/bad%20name/presence", member, 400, "ERROR_CODE_INVALID_CHANNEL"),
+    ] {
+        let (status, body) = get(path.into(), token).await;
+        assert_eq!(status, expected, "{path}: {body}");
+        assert_eq!(body["code"], code, "{path}: {body}");
+    }
 }
