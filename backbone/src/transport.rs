@@ -99,8 +99,9 @@ pub trait Sink: Send + Sync + 'static {
     /// order of the changes, with nothing between a snapshot read under that lock (see
     /// [`Backbone::with_presence`]) and the events after it: it must not block, nor take a
     /// lock that is held while calling into the backbone.
-    fn presence(&self, event: PresenceEvent) {
-        let _ = event;
+    /// `members`: how many members the event's channel has now.
+    fn presence(&self, event: PresenceEvent, members: usize) {
+        let _ = (event, members);
     }
     /// `peer` asks for the newest message of this node's `channel` it sequenced: answer with
     /// [`Backbone::answer_head`].
@@ -579,7 +580,8 @@ async fn drive(
             }
             // Under the presence lock (see `Sink::presence`).
             while let Some(e) = p.poll_event() {
-                sink.presence(e);
+                let members = p.member_count(&e.channel);
+                sink.presence(e, members);
             }
             drop(p);
             if received {

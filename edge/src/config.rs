@@ -109,9 +109,15 @@ pub struct PresenceSection {
     pub rate: u32,
     /// The burst of that rate.
     pub burst: u32,
-    /// Most members in one `get` page or snapshot frame (a frame also stays within
-    /// `limits.max_frame_bytes`).
+    /// Most members in one `get` page or snapshot frame, and events in one `presence`
+    /// frame (a frame also stays within `limits.max_frame_bytes`).
     pub page_size: usize,
+    /// On a channel of more than this many members, events are sent in batches, every
+    /// `batch_interval`: one frame with many events instead of a frame each.
+    pub batch_over: usize,
+    /// How often batched events are sent.
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
     /// Namespaces whose presence the `subscribe` capability may read (events on subscribe
     /// and `get`), not only `presence`; `"*"` for every namespace. Dev mode allows all.
     pub subscribe_reads: Vec<String>,
@@ -128,6 +134,8 @@ impl Default for PresenceSection {
             rate: 20,
             burst: 40,
             page_size: 1000,
+            batch_over: 100,
+            batch_interval: Duration::from_millis(100),
             subscribe_reads: Vec::new(),
         }
     }
@@ -880,6 +888,7 @@ impl Config {
             ("presence.max_members", self.presence.max_members),
             ("presence.max_channels_per_connection", self.presence.max_channels_per_connection),
             ("presence.page_size", self.presence.page_size),
+            ("presence.batch_interval", self.presence.batch_interval.as_millis() as usize),
             ("presence.rate", self.presence.rate as usize),
             ("presence.burst", self.presence.burst as usize),
         ] {

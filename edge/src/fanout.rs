@@ -44,6 +44,43 @@ pub enum Outgoing {
     /// A frame that holds a resource until it is written or dropped (a history page holds
     /// its connection's read slot).
     Held(Box<(server_frame::Kind, Held)>),
+    /// A frame many connections get (presence events, snapshot pages), encoded at most
+    /// once per wire format.
+    Shared(Arc<SharedFrame>),
+}
+
+/// A server frame shared by many connections, encoded once per format on first use.
+#[derive(Debug)]
+pub struct SharedFrame {
+    kind: server_frame::Kind,
+    /// Its protobuf size: what it costs in a send queue.
+    len: usize,
+    json: std::sync::OnceLock<bytes::Bytes>,
+    protobuf: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl SharedFrame {
+    /// `kind`, to be shared.
+    pub fn new(kind: server_frame::Kind) -> Arc<Self> {
+        let frame = tern_proto::client::ServerFrame { kind: Some(kind) };
+        let len = prost::Message::encoded_len(&frame);
+        let kind = frame.kind.unwrap_or(server_frame::Kind::Heartbeat(Default::default()));
+        Arc::new(Self {
+            kind,
+            len,
+            json: std::sync::OnceLock::new(),
+            protobuf: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The frame in `format`.
+    pub fn encoded(&self, format: tern_proto::codec::Format) -> bytes::Bytes {
+        let cell = match format {
+            tern_proto::codec::Format::Json => &self.json,
+            tern_proto::codec::Format::Protobuf => &self.protobuf,
+        };
+        cell.get_or_init(|| tern_proto::codec::encode_server(self.kind.clone(), format)).clone()
+    }
 }
 
 /// Whatever an [`Outgoing::Held`] frame keeps until it leaves: dropped with the frame.
@@ -73,6 +110,7 @@ impl Outgoing {
             Self::Message(m) => OVERHEAD + message_bytes(m.message()),
             Self::Frame(_) => OVERHEAD,
             Self::Encoded(b) => OVERHEAD + b.len(),
+            Self::Shared(f) => OVERHEAD + f.len,
             Self::Held(h) => {
                 OVERHEAD
                     + match &h.0 {

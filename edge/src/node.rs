@@ -101,7 +101,15 @@ impl Node {
             None => epoch,
         };
         let hub = Hub::new(settings.node.clone(), epoch, log_epoch, hub_limits, store);
-        let presence = Arc::new(crate::presence::PresenceHub::new(settings.node.clone(), epoch));
+        let p = &settings.config.presence;
+        let batching = crate::presence::Batching {
+            over: p.batch_over,
+            page_size: p.page_size,
+            // Room for the frame's other fields.
+            budget: settings.config.limits.max_frame_bytes.saturating_sub(512),
+        };
+        let presence =
+            Arc::new(crate::presence::PresenceHub::new(settings.node.clone(), epoch, batching));
         Ok(Arc::new(Self {
             settings,
             hub,

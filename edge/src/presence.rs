@@ -31,7 +31,7 @@ use tern_proto::client::{
 };
 use tern_proto::types::{ChannelName, ConnectionId, Epoch, NodeId};
 
-use crate::fanout::{Outbox, Outgoing};
+use crate::fanout::{Outbox, Outgoing, SharedFrame};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -126,12 +126,33 @@ struct Lingering {
     serial: u64,
 }
 
+/// A channel's watchers, and its events waiting to be sent to them in one batch.
+#[derive(Default)]
+struct Watched {
+    watchers: HashMap<ConnectionId, Outbox>,
+    pending: Vec<client::PresenceEvent>,
+}
+
+/// How events are framed.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Channels with more members than this get their events in batches.
+    pub over: usize,
+    /// Most events (and snapshot members) per frame.
+    pub page_size: usize,
+    /// Most bytes of members per frame.
+    pub budget: usize,
+}
+
 /// The node's presence (see the module docs).
 pub struct PresenceHub {
     me: NodeId,
+    batching: Batching,
     /// The node's own state, when no backbone runs.
     local: Mutex<Presence>,
-    watchers: Mutex<HashMap<ChannelName, HashMap<ConnectionId, Outbox>>>,
+    watchers: Mutex<HashMap<ChannelName, Watched>>,
+    /// Some channel has events waiting for the next batch.
+    batched: std::sync::atomic::AtomicBool,
     /// (client id, ended connection id) → its members, until recovered or `grace` passed.
     lingering: Mutex<HashMap<(String, String), Lingering>>,
     next_serial: std::sync::atomic::AtomicU64,
@@ -145,10 +166,12 @@ impl std::fmt::Debug for PresenceHub {
 
 impl PresenceHub {
     /// Presence for node `me` in `epoch`.
-    pub fn new(me: NodeId, epoch: Epoch) -> Self {
+    pub fn new(me: NodeId, epoch: Epoch, batching: Batching) -> Self {
         Self {
             local: Mutex::new(Presence::new(me.clone(), epoch, &[], PresenceConfig::default())),
             me,
+            batching,
+            batched: std::sync::atomic::AtomicBool::new(false),
             watchers: Mutex::new(HashMap::new()),
             lingering: Mutex::new(HashMap::new()),
             next_serial: std::sync::atomic::AtomicU64::new(1),
@@ -161,7 +184,8 @@ impl PresenceHub {
         let run = |p: &mut Presence| {
             let out = f(p);
             while let Some(e) = p.poll_event() {
-                self.fan_out(e);
+                let members = p.member_count(&e.channel);
+                self.fan_out(e, members);
             }
             out
         };
@@ -172,29 +196,91 @@ impl PresenceHub {
     }
 
     /// Hands `event` to the channel's watchers (called with the presence state locked: by
-    /// [`PresenceHub::with`], and by the backbone's driver through its sink).
-    pub fn fan_out(&self, event: PresenceEvent) {
+    /// [`PresenceHub::with`], and by the backbone's driver through its sink). On a channel
+    /// of more than `batching.over` members it waits for the next batch
+    /// ([`PresenceHub::flush`]).
+    pub fn fan_out(&self, event: PresenceEvent, members: usize) {
         let mut watchers = lock(&self.watchers);
-        let Some(list) = watchers.get_mut(&event.channel) else { return };
+        let Some(watched) = watchers.get_mut(&event.channel) else { return };
         let action = match event.action {
             Action::Enter => PresenceAction::Enter,
             Action::Update => PresenceAction::Update,
             Action::Leave => PresenceAction::Leave,
         };
-        let frame = client::PresenceEvents {
-            channel: event.channel.to_string(),
-            events: vec![client::PresenceEvent {
-                action: action as i32,
-                member: Some(member(&event.owner, &event.key, &event.data)),
-            }],
+        let event_pb = client::PresenceEvent {
+            action: action as i32,
+            member: Some(member(&event.owner, &event.key, &event.data)),
         };
-        // A watcher whose queue overflowed is dropped; its session closes (slow consumer).
-        list.retain(|_, outbox| {
-            outbox.push(Outgoing::Frame(Box::new(server_frame::Kind::Presence(frame.clone()))))
-        });
-        if list.is_empty() {
+        watched.pending.push(event_pb);
+        if members > self.batching.over && watched.pending.len() < self.batching.page_size {
+            self.batched.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        self.send(&event.channel, watched);
+        if watched.watchers.is_empty() {
             watchers.remove(&event.channel);
         }
+    }
+
+    /// Sends `watched`'s pending events, in frames of at most `page_size` events and about
+    /// `budget` bytes, each encoded once per format for all its watchers.
+    fn send(&self, channel: &ChannelName, watched: &mut Watched) {
+        let pending = std::mem::take(&mut watched.pending);
+        let mut frames = Vec::new();
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        for e in pending {
+            let len = e.member.as_ref().map_or(64, |m| {
+                let data = match &m.data {
+                    Some(presence_member::Data::Text(t)) => t.len(),
+                    Some(presence_member::Data::Binary(b)) => b.len() * 4 / 3,
+                    None => 0,
+                };
+                64 + m.client_id.len() + m.connection_id.len() + m.node.len() + data
+            });
+            if !events.is_empty()
+                && (events.len() >= self.batching.page_size || bytes + len > self.batching.budget)
+            {
+                frames.push(std::mem::take(&mut events));
+                bytes = 0;
+            }
+            bytes += len;
+            events.push(e);
+        }
+        if !events.is_empty() {
+            frames.push(events);
+        }
+        for events in frames {
+            let frame = client::PresenceEvents { channel: channel.to_string(), events };
+            let shared = SharedFrame::new(server_frame::Kind::Presence(frame));
+            // A watcher whose queue overflowed is dropped; its session closes (slow
+            // consumer).
+            watched.watchers.retain(|_, outbox| outbox.push(Outgoing::Shared(shared.clone())));
+        }
+    }
+
+    /// Sends the events waiting for their batch (every `presence.batch_interval`).
+    pub fn flush(&self, backbone: Option<&Backbone>) {
+        if !self.batched.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // Under the presence lock, as events are made: nothing overtakes them.
+        self.with(backbone, |_| {
+            let mut watchers = lock(&self.watchers);
+            let channels: Vec<ChannelName> = watchers
+                .iter()
+                .filter(|(_, w)| !w.pending.is_empty())
+                .map(|(c, _)| c.clone())
+                .collect();
+            for channel in channels {
+                if let Some(watched) = watchers.get_mut(&channel) {
+                    self.send(&channel, watched);
+                    if watched.watchers.is_empty() {
+                        watchers.remove(&channel);
+                    }
+                }
+            }
+        });
     }
 
     /// Enters `key` on `channel` with `data`, or changes its data. Refused when the channel
@@ -254,6 +340,13 @@ impl PresenceHub {
         (page_size, budget): (usize, usize),
     ) {
         self.with(backbone, |p| {
+            // Events waiting for their batch go to the watchers before: the snapshot
+            // already holds them.
+            let mut watchers = lock(&self.watchers);
+            if let Some(watched) = watchers.get_mut(channel) {
+                self.send(channel, watched);
+            }
+            drop(watchers);
             let all = sorted(p, channel);
             let ends = pages(&all, page_size, budget);
             let mut start = 0;
@@ -268,16 +361,17 @@ impl PresenceHub {
                     reply,
                 ))));
             }
-            lock(&self.watchers).entry(channel.clone()).or_default().insert(conn, outbox.clone());
+            let mut watchers = lock(&self.watchers);
+            watchers.entry(channel.clone()).or_default().watchers.insert(conn, outbox.clone());
         });
     }
 
     /// `conn` no longer watches `channel`.
     pub fn unwatch(&self, channel: &ChannelName, conn: ConnectionId) {
         let mut watchers = lock(&self.watchers);
-        if let Some(list) = watchers.get_mut(channel) {
-            list.remove(&conn);
-            if list.is_empty() {
+        if let Some(watched) = watchers.get_mut(channel) {
+            watched.watchers.remove(&conn);
+            if watched.watchers.is_empty() {
                 watchers.remove(channel);
             }
         }

@@ -285,9 +285,9 @@ impl tokio::io::AsyncWrite for Counted {
 struct HubSink(Weak<Node>);
 
 impl Sink for HubSink {
-    fn presence(&self, event: tern_backbone::core::PresenceEvent) {
+    fn presence(&self, event: tern_backbone::core::PresenceEvent, members: usize) {
         if let Some(node) = self.0.upgrade() {
-            node.presence().fan_out(event);
+            node.presence().fan_out(event, members);
         }
     }
 
@@ -530,6 +530,21 @@ impl Server {
             node.tracker().spawn(drain_backbone(node.clone(), backbone_stop));
             node.hub().set_backbone(backbone);
         }
+        // Presence events of large channels go out in batches.
+        let (weak, every) = (Arc::downgrade(&node), node.settings().config.presence.batch_interval);
+        let stop = node.shutdown().clone();
+        node.tracker().spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let Some(node) = weak.upgrade() else { break };
+                node.presence().flush(node.hub().backbone());
+            }
+        });
         Ok(Self { node, listener, tls })
     }
 

@@ -468,3 +468,61 @@ async fn http_presence(addr: std::net::SocketAddr, member: &str, reader: &str) {
         assert_eq!(body["code"], code, "{path}: {body}");
     }
 }
+
+/// On a channel of more than `presence.batch_over` members, events come in batches: one
+/// frame of up to `page_size` events (or what waited `batch_interval`); a watcher that
+/// joins meanwhile gets a snapshot that the earlier watchers' events add up to, with
+/// nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_large_channels_come_in_batches() {
+    let node = TestNode::start(|cfg| {
+        cfg.presence.batch_over = 5;
+        cfg.presence.page_size = 10;
+        // Only full batches and new watchers send them, in this first part.
+        cfg.presence.batch_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let ws = (Transport::WebSocket, false);
+    let (mut early, _) = connect(node.addr, ws, "early").await;
+    assert!(watch(&mut early, 1, "room:big").await.is_empty());
+    let mut members = Vec::new();
+    for i in 0..30 {
+        let (mut m, _) = connect(node.addr, ws, &format!("m{i:02}")).await;
+        request(&mut m, json!({"requestId": 1, "channel": "room:big", "action": ENTER})).await;
+        members.push(m);
+    }
+    // 5 events one by one (up to batch_over members), then two full batches of 10.
+    let mut sizes = Vec::new();
+    while sizes.iter().sum::<usize>() < 25 {
+        sizes.push(events(&mut early).await["events"].as_array().unwrap().len());
+    }
+    assert_eq!(sizes, [1, 1, 1, 1, 1, 10, 10]);
+    // 5 more wait for their batch; a new watcher sends them on first, then gets all 30.
+    let (mut late, _) = connect(node.addr, ws, "late").await;
+    assert_eq!(watch(&mut late, 1, "room:big").await.len(), 30);
+    assert_eq!(events(&mut early).await["events"].as_array().unwrap().len(), 5);
+    // Leaves are batched too; both watchers see the same.
+    for m in members.iter_mut().take(10) {
+        request(m, json!({"requestId": 2, "channel": "room:big", "action": LEAVE})).await;
+    }
+    for w in [&mut early, &mut late] {
+        let e = events(w).await;
+        let leaves = e["events"].as_array().unwrap();
+        assert_eq!(leaves.len(), 10, "{e}");
+        assert!(leaves.iter().all(|l| l["action"] == LEAVE), "{e}");
+    }
+    node.stop().await;
+
+    // With a short interval, a batch goes out on its own.
+    let node = TestNode::start(|cfg| {
+        cfg.presence.batch_over = 0;
+        cfg.presence.batch_interval = Duration::from_millis(50);
+    })
+    .await;
+    let (mut w, _) = connect(node.addr, ws, "w").await;
+    assert!(watch(&mut w, 1, "room:b").await.is_empty());
+    let (mut m, _) = connect(node.addr, ws, "m").await;
+    request(&mut m, json!({"requestId": 1, "channel": "room:b", "action": ENTER})).await;
+    assert_eq!(events(&mut w).await["events"][0]["action"], ENTER);
+    node.stop().await;
+}

@@ -370,6 +370,7 @@ impl Session {
             }
             Outgoing::Frame(kind) => Transmit::Frame(codec::encode_server(*kind, format), None),
             Outgoing::Encoded(bytes) => Transmit::Frame(bytes, None),
+            Outgoing::Shared(f) => Transmit::Frame(f.encoded(format), None),
             Outgoing::Held(h) => {
                 let (kind, keep) = *h;
                 Transmit::Frame(codec::encode_server(kind, format), Some(keep))
