@@ -483,6 +483,9 @@ async fn drive(
     let mut quic: HashMap<NodeId, quinn::Connection> = HashMap::new();
     let mut rtt_at = Instant::now();
     let mut dropped = 0u64;
+    // When each peer was last heard from: a peer's members count as down from then, not
+    // from when QUIC gave up on the link (its idle timeout later).
+    let mut heard: HashMap<NodeId, Instant> = HashMap::new();
     loop {
         let deadline = lock(&shared.replica).poll_timeout();
         let deadline = match (deadline, lock(&shared.presence).poll_timeout()) {
@@ -543,7 +546,8 @@ async fn drive(
                             writers.remove(&peer);
                             quic.remove(&peer);
                             r.handle_link_down(now, &peer);
-                            lock(&shared.presence).handle_link_down(now, &peer);
+                            let since = heard.get(&peer).copied().unwrap_or(now).min(now);
+                            lock(&shared.presence).handle_link_down(since, &peer);
                         }
                     }
                 }
@@ -563,6 +567,12 @@ async fn drive(
             let received = !batch.is_empty();
             let mut p = lock(&shared.presence);
             for (from, frame) in batch {
+                match heard.get_mut(&from) {
+                    Some(at) => *at = now,
+                    None => {
+                        heard.insert(from.clone(), now);
+                    }
+                }
                 match frame {
                     Frame::Presence(f) => p.handle_frame(now, &from, f),
                     frame => r.handle_frame(now, &from, frame),

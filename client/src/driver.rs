@@ -6,8 +6,9 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use tern_proto::client::{
-    Ack, Connected, ErrorCode, Message, OriginPosition, Position, Publish, Resume, Subscribe,
-    Unsubscribe, client_frame, server_frame,
+    Ack, Connected, ErrorCode, Message, OriginPosition, Position, PresenceAction, PresenceMember,
+    PresenceReply, PresenceRequest, Publish, Resume, Subscribe, Unsubscribe, client_frame,
+    presence_request, server_frame,
 };
 use tern_proto::codec::Format;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -15,6 +16,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
 use crate::options::{ClientOptions, Transport};
+use crate::presence::{MemberId, PresenceChange, PresenceWatch};
 use crate::subscription::{Event, Subscription};
 use crate::transport::{Failure, Link, Received};
 use crate::{ClientError, ConnectionState};
@@ -59,6 +61,28 @@ pub enum Command {
         token: String,
         /// Where the node's answer goes.
         reply: oneshot::Sender<Result<tern_proto::client::AuthRenewed, ClientError>>,
+    },
+    /// A presence request (enter, update, leave, get); the request id is assigned by the
+    /// driver.
+    Presence {
+        /// The request.
+        request: PresenceRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<PresenceReply, ClientError>>,
+    },
+    /// Watch a channel's presence.
+    Watch {
+        /// Channel name.
+        channel: String,
+        /// Where the watch goes.
+        reply: oneshot::Sender<Result<PresenceWatch, ClientError>>,
+    },
+    /// A presence watch was dropped.
+    Unwatch {
+        /// Its channel.
+        channel: String,
+        /// Its id.
+        id: u64,
     },
     /// Close for good.
     Close {
@@ -129,15 +153,16 @@ async fn open(
     fallback: &mut Fallback,
     options: &ClientOptions,
     token: Option<&str>,
+    recover: &str,
     first: bool,
 ) -> Result<(Link, Connected), ClientError> {
     if options.transport != Transport::Auto {
-        let opened = crate::transport::open(url, options.transport, options, token).await;
+        let opened = crate::transport::open(url, options.transport, options, token, recover).await;
         return opened.map_err(|e| e.error);
     }
     let mut errors: Vec<(Transport, ClientError)> = Vec::new();
     for (i, &transport) in AUTO.iter().enumerate().skip(fallback.start()) {
-        match crate::transport::open(url, transport, options, token).await {
+        match crate::transport::open(url, transport, options, token, recover).await {
             Ok(opened) => {
                 fallback.failures[i] = 0;
                 if i > 0 && fallback.level != i {
@@ -184,7 +209,7 @@ pub(crate) async fn start(
     let mut last_err = ClientError::InvalidUrl("no URL given".into());
     let mut fallback = vec![Fallback::default(); urls.len()];
     for (i, url) in urls.iter().enumerate() {
-        match open(url, &mut fallback[i], &options, options.token.as_deref(), true).await {
+        match open(url, &mut fallback[i], &options, options.token.as_deref(), "", true).await {
             Ok(c) => {
                 first = Some((i, c));
                 break;
@@ -221,6 +246,10 @@ pub(crate) async fn start(
         unsent: std::collections::VecDeque::new(),
         send_at: None,
         acked: HashMap::new(),
+        connection_id: connected.connection_id.clone(),
+        presence_requests: HashMap::new(),
+        entered: BTreeMap::new(),
+        snapshots: HashMap::new(),
     };
     tokio::spawn(driver.run(link, cmd_rx));
     Ok((cmd_tx, state_rx))
@@ -255,6 +284,12 @@ struct ChannelSubs {
     vector: Vec<OriginPosition>,
     /// Whether `vector` is known (the channel was confirmed at least once).
     resumable: bool,
+    /// Presence watches of the channel (the subscription asks for presence while any).
+    watchers: Vec<(u64, mpsc::Sender<PresenceChange>)>,
+    /// The channel's members, as the node's snapshot and events after it say.
+    roster: BTreeMap<MemberId, PresenceMember>,
+    /// Whether `roster` holds a snapshot (a later watch starts from it).
+    roster_live: bool,
     /// Ids of the messages delivered within the dedupe window: a publish retried after a
     /// failover or an origin's crash can come again as a new message with the same id
     /// (its first copy was delivered but its ack lost), possibly much later on a busy
@@ -376,6 +411,26 @@ struct Driver {
     /// Per channel, this client's last acknowledged message (origin, epoch, sequence):
     /// every publish carries it as `after`, so a node this client moves to keeps its order.
     acked: HashMap<String, OriginPosition>,
+    /// The current (or last) connection's id: a reconnect to the same node presents it
+    /// (`Connect.recover`), so this client's presence members stay.
+    connection_id: String,
+    /// Presence requests in flight on the current connection: the channel, what `entered`
+    /// held for it before (restored when the node refuses), and where the answer goes.
+    presence_requests: HashMap<u32, PresenceInFlight>,
+    /// This client's members, by channel, with their data: entered again after every
+    /// reconnect (no event when the node kept them).
+    entered: BTreeMap<String, Option<presence_request::Data>>,
+    /// Presence snapshots arriving in pages, by subscribe request id.
+    snapshots: HashMap<u32, (String, BTreeMap<MemberId, PresenceMember>)>,
+}
+
+type PresenceReplyTo = oneshot::Sender<Result<PresenceReply, ClientError>>;
+
+struct PresenceInFlight {
+    channel: String,
+    /// `Some(before)` for enter, update and leave: `entered`'s value before.
+    before: Option<Option<Option<presence_request::Data>>>,
+    reply: Option<PresenceReplyTo>,
 }
 
 enum Flow {
@@ -407,8 +462,11 @@ impl Driver {
             let _ = self.state.send(ConnectionState::Connecting);
             self.set_transport(None);
             self.lost_at = Some(Instant::now());
-            // Their answers would have come on the lost connection: the callers see Closed.
+            // Their answers would have come on the lost connection: the callers see Closed
+            // (members asked for are entered again on the next connection).
             self.history.clear();
+            self.presence_requests.clear();
+            self.snapshots.clear();
             // Unconfirmed, the new token is still the better one for the reconnect (the old
             // one is about to expire); the caller learns the link dropped.
             if let Some((_, token, reply)) = self.renewing.take() {
@@ -440,11 +498,15 @@ impl Driver {
             }
             // Two tries per URL, then the next one (failover to the next-nearest edge).
             let idx = (self.current + (attempt as usize - 1) / 2) % self.urls.len();
+            // The same node keeps this client's members for its presence grace.
+            let recover =
+                if idx == self.current { self.connection_id.clone() } else { String::new() };
             let opened = open(
                 &self.urls[idx],
                 &mut self.fallback[idx],
                 &self.options,
                 self.token.as_deref(),
+                &recover,
                 false,
             )
             .await;
@@ -456,6 +518,7 @@ impl Driver {
                         self.current = idx;
                     }
                     self.node = c.node.clone();
+                    self.connection_id = c.connection_id.clone();
                     self.resume_window = resume_window(&c);
                     self.pacer = crate::pacer::Pacer::new(c.limits.as_ref());
                     let _ = self.state.send(ConnectionState::Connected(c));
@@ -494,8 +557,27 @@ impl Driver {
             } else {
                 entry.resume()
             };
-            let frame = Subscribe { request_id, channel, rewind: None, resume, presence: false };
+            let presence = !entry.watchers.is_empty();
+            if presence {
+                self.snapshots.insert(request_id, (channel.clone(), BTreeMap::new()));
+            }
+            let frame = Subscribe { request_id, channel, rewind: None, resume, presence };
             link.send(client_frame::Kind::Subscribe(frame)).await?;
+        }
+        // This client's members, entered again (unchanged when the node kept them).
+        let entered: Vec<_> = self.entered.iter().map(|(c, d)| (c.clone(), d.clone())).collect();
+        for (channel, data) in entered {
+            let request_id = self.request_id();
+            let request = PresenceRequest {
+                request_id,
+                channel: channel.clone(),
+                action: PresenceAction::Enter as i32,
+                data,
+                ..Default::default()
+            };
+            let pending = PresenceInFlight { channel, before: None, reply: None };
+            self.presence_requests.insert(request_id, pending);
+            link.send(client_frame::Kind::Presence(request)).await?;
         }
         // Unacknowledged publishes go again, paced, from the serve loop.
         self.unsent = self.publishes.keys().copied().collect();
@@ -634,7 +716,7 @@ impl Driver {
             Command::Drop { channel, id } => {
                 let Some(entry) = self.channels.get_mut(&channel) else { return Flow::Continue };
                 entry.sinks.retain(|(sid, _)| *sid != id);
-                if entry.sinks.is_empty() && entry.waiting.is_empty() {
+                if entry.sinks.is_empty() && entry.waiting.is_empty() && entry.watchers.is_empty() {
                     self.channels.remove(&channel);
                     let request_id = self.request_id();
                     return self
@@ -658,6 +740,70 @@ impl Driver {
                 self.renewing = Some((request_id, token.clone(), reply));
                 let frame = tern_proto::client::Auth { request_id, token };
                 self.write(Some(link), client_frame::Kind::Auth(frame)).await
+            }
+            Command::Presence { mut request, reply } => {
+                request.request_id = self.request_id();
+                let channel = request.channel.clone();
+                let before = match PresenceAction::try_from(request.action) {
+                    Ok(PresenceAction::Enter | PresenceAction::Update) => {
+                        Some(self.entered.insert(channel.clone(), request.data.clone()))
+                    }
+                    Ok(PresenceAction::Leave) => Some(self.entered.remove(&channel)),
+                    _ => None,
+                };
+                let pending = PresenceInFlight { channel, before, reply: Some(reply) };
+                self.presence_requests.insert(request.request_id, pending);
+                self.write(link, client_frame::Kind::Presence(request)).await
+            }
+            Command::Watch { channel, reply } => {
+                self.next_sub += 1;
+                let id = self.next_sub;
+                let buffer = self.options.subscription_buffer.max(1);
+                let entry = self.channels.entry(channel.clone()).or_default();
+                let (tx, rx) = mpsc::channel(buffer.max(entry.roster.len() + 1));
+                if entry.roster_live {
+                    // A later watch starts from the members known.
+                    for m in entry.roster.values() {
+                        let change =
+                            PresenceChange { action: PresenceAction::Enter, member: m.clone() };
+                        let _ = tx.try_send(change);
+                    }
+                }
+                let first = entry.watchers.is_empty();
+                entry.watchers.push((id, tx));
+                let resume = entry.resume();
+                let cmd = self.cmd_weak.upgrade().unwrap_or_else(|| mpsc::channel(1).0);
+                let _ = reply.send(Ok(PresenceWatch { channel: channel.clone(), id, rx, cmd }));
+                if !first {
+                    return Flow::Continue;
+                }
+                let request_id = self.request_id();
+                self.sub_requests.insert(request_id, channel.clone());
+                self.snapshots.insert(request_id, (channel.clone(), BTreeMap::new()));
+                let frame = Subscribe { request_id, channel, rewind: None, resume, presence: true };
+                self.write(link, client_frame::Kind::Subscribe(frame)).await
+            }
+            Command::Unwatch { channel, id } => {
+                let Some(entry) = self.channels.get_mut(&channel) else { return Flow::Continue };
+                entry.watchers.retain(|(wid, _)| *wid != id);
+                if !entry.watchers.is_empty() {
+                    return Flow::Continue;
+                }
+                entry.roster.clear();
+                entry.roster_live = false;
+                let alone = entry.sinks.is_empty() && entry.waiting.is_empty();
+                let resume = entry.resume();
+                let request_id = self.request_id();
+                if alone {
+                    self.channels.remove(&channel);
+                    let frame = Unsubscribe { request_id, channel };
+                    return self.write(link, client_frame::Kind::Unsubscribe(frame)).await;
+                }
+                // Still subscribed to its messages: subscribe again, without presence.
+                self.sub_requests.insert(request_id, channel.clone());
+                let frame =
+                    Subscribe { request_id, channel, rewind: None, resume, presence: false };
+                self.write(link, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Close { done } => {
                 if let Some(link) = link {
@@ -787,7 +933,37 @@ impl Driver {
             }
             Kind::Error(e) => {
                 let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                if let Some(channel) = self.sub_requests.remove(&e.request_id) {
+                if let Some((channel, _)) = self.snapshots.remove(&e.request_id) {
+                    // A presence watch refused: the watches end, the messages go on.
+                    self.sub_requests.remove(&e.request_id);
+                    warn!(%channel, ?code, reason = %e.reason, "presence watch refused");
+                    if let Some(entry) = self.channels.get_mut(&channel) {
+                        entry.watchers.clear();
+                        if entry.sinks.is_empty() && entry.waiting.is_empty() && !entry.confirmed {
+                            self.channels.remove(&channel);
+                        }
+                    }
+                } else if let Some(p) = self.presence_requests.remove(&e.request_id) {
+                    // Refused: this client's member is as it was before.
+                    match p.before {
+                        Some(Some(data)) => {
+                            self.entered.insert(p.channel, data);
+                        }
+                        Some(None) => {
+                            self.entered.remove(&p.channel);
+                        }
+                        None => {}
+                    }
+                    match p.reply {
+                        Some(reply) => {
+                            let _ =
+                                reply.send(Err(ClientError::Refused { code, reason: e.reason }));
+                        }
+                        None => {
+                            warn!(?code, reason = %e.reason, "entering again after a reconnect was refused")
+                        }
+                    }
+                } else if let Some(channel) = self.sub_requests.remove(&e.request_id) {
                     if let Some(entry) = self.channels.remove(&channel) {
                         for (_, _, _, reply) in entry.waiting {
                             let _ = reply
@@ -825,10 +1001,55 @@ impl Driver {
             | Kind::Heartbeat(_)
             | Kind::Connected(_)
             | Kind::Session(_)
-            | Kind::Close(_)
-            // (This SDK does not ask for presence yet.)
-            | Kind::Presence(_)
-            | Kind::PresenceReply(_) => {}
+            | Kind::Close(_) => {}
+            Kind::PresenceReply(r) => {
+                if let Some((channel, mut set)) = self.snapshots.remove(&r.request_id) {
+                    for m in r.members {
+                        set.insert(crate::presence::id_of(&m), m);
+                    }
+                    if !r.next.is_empty() {
+                        self.snapshots.insert(r.request_id, (channel, set));
+                    } else if let Some(entry) = self.channels.get_mut(&channel) {
+                        // Only what changed since the set this client had (none when
+                        // members stayed through a reconnect).
+                        let changes = crate::presence::diff(&entry.roster, &set);
+                        entry.roster = set;
+                        entry.roster_live = true;
+                        for change in changes {
+                            for (_, w) in &entry.watchers {
+                                let _ = w.send(change.clone()).await;
+                            }
+                        }
+                    }
+                } else if let Some(p) = self.presence_requests.remove(&r.request_id) {
+                    if let Some(reply) = p.reply {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+            }
+            Kind::Presence(ev) => {
+                if let Some(entry) = self.channels.get_mut(&ev.channel) {
+                    for e in ev.events {
+                        let Some(member) = e.member else { continue };
+                        let action = PresenceAction::try_from(e.action)
+                            .unwrap_or(PresenceAction::Unspecified);
+                        let id = crate::presence::id_of(&member);
+                        match action {
+                            PresenceAction::Leave => {
+                                entry.roster.remove(&id);
+                            }
+                            PresenceAction::Enter | PresenceAction::Update => {
+                                entry.roster.insert(id, member.clone());
+                            }
+                            _ => continue,
+                        }
+                        let change = PresenceChange { action, member };
+                        for (_, w) in &entry.watchers {
+                            let _ = w.send(change.clone()).await;
+                        }
+                    }
+                }
+            }
         }
         Flow::Continue
     }

@@ -31,6 +31,7 @@ pub mod driver;
 pub mod nearest;
 pub mod options;
 mod pacer;
+pub mod presence;
 pub mod subscription;
 mod transport;
 
@@ -42,8 +43,10 @@ use tern_proto::client::{Ack, Connected, ErrorCode, Publish, publish};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use options::{ClientOptions, ReconnectPolicy, Transport};
+pub use presence::{PresenceChange, PresenceWatch};
 pub use subscription::{Event, Subscription};
 pub use tern_proto::client::{Durability, HistoryPage, HistoryRequest, Message};
+pub use tern_proto::client::{PresenceAction, PresenceMember};
 pub use tern_proto::codec::Format;
 
 use driver::Command;
@@ -298,6 +301,89 @@ impl Client {
     ) -> Result<tern_proto::client::AuthRenewed, ClientError> {
         let token = token.into();
         self.request(|reply| Command::Renew { token, reply }).await
+    }
+
+    async fn presence_request(
+        &self,
+        channel: &str,
+        action: tern_proto::client::PresenceAction,
+        data: Option<Payload>,
+        page: (u32, String),
+    ) -> Result<tern_proto::client::PresenceReply, ClientError> {
+        use tern_proto::client::presence_request::Data;
+        let request = tern_proto::client::PresenceRequest {
+            request_id: 0,
+            channel: channel.to_owned(),
+            action: action as i32,
+            data: data.map(|d| match d {
+                Payload::Text(t) => Data::Text(t),
+                Payload::Binary(b) => Data::Binary(b),
+            }),
+            limit: page.0,
+            after: page.1,
+        };
+        self.request(|reply| Command::Presence { request, reply }).await
+    }
+
+    /// Enters this connection's member of `channel` with `data` (or changes its data). The
+    /// client enters it again after every reconnect; on the same node within its presence
+    /// grace, the member simply stays (nobody sees it leave and enter). Needs the
+    /// `presence` capability.
+    pub async fn presence_enter(
+        &self,
+        channel: &str,
+        data: Option<Payload>,
+    ) -> Result<(), ClientError> {
+        self.presence_request(channel, PresenceAction::Enter, data, (0, String::new()))
+            .await
+            .map(drop)
+    }
+
+    /// Changes the member's data (entering it when absent).
+    pub async fn presence_update(
+        &self,
+        channel: &str,
+        data: Option<Payload>,
+    ) -> Result<(), ClientError> {
+        self.presence_request(channel, PresenceAction::Update, data, (0, String::new()))
+            .await
+            .map(drop)
+    }
+
+    /// The member leaves `channel` (and is no longer entered after reconnects).
+    pub async fn presence_leave(&self, channel: &str) -> Result<(), ClientError> {
+        self.presence_request(channel, PresenceAction::Leave, None, (0, String::new()))
+            .await
+            .map(drop)
+    }
+
+    /// Every member of `channel` the node knows of, read page by page (members that come
+    /// and go meanwhile may be missed or seen twice: [`Client::watch_presence`] is
+    /// consistent).
+    pub async fn presence_members(
+        &self,
+        channel: &str,
+    ) -> Result<Vec<PresenceMember>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page =
+                self.presence_request(channel, PresenceAction::Get, None, (0, after)).await?;
+            out.extend(page.members);
+            if page.next.is_empty() {
+                return Ok(out);
+            }
+            after = page.next;
+        }
+    }
+
+    /// Watches `channel`'s presence: the stream yields an `Enter` for each member of the
+    /// node's snapshot, then every change. After a reconnect the client compares the new
+    /// snapshot with the members it had and yields only the differences. Needs `presence`,
+    /// or `subscribe` where the node lets it read presence.
+    pub async fn watch_presence(&self, channel: &str) -> Result<PresenceWatch, ClientError> {
+        let channel = channel.to_owned();
+        self.request(|reply| Command::Watch { channel, reply }).await
     }
 
     /// Closes the connection (close code 1000) and stops reconnecting.

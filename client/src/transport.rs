@@ -96,6 +96,7 @@ pub(crate) async fn open(
     transport: Transport,
     options: &ClientOptions,
     token: Option<&str>,
+    recover: &str,
 ) -> Result<(Link, Connected), OpenError> {
     let attempt = async {
         let inner = match transport {
@@ -112,6 +113,7 @@ pub(crate) async fn open(
             client_id: options.client_id.clone().unwrap_or_default(),
             token: token.unwrap_or_default().to_owned(),
             agent: concat!("tern-rust/", env!("CARGO_PKG_VERSION")).into(),
+            recover: recover.to_owned(),
             ..Default::default()
         };
         link.send(client_frame::Kind::Connect(connect))
