@@ -693,3 +693,49 @@ async fn presence_members_replicate_and_leave_with_their_node() {
     us.stop().await;
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// 100,000 members in one channel: entered on one node (through the presence hub, as
+/// sessions do), they reach the other over real QUIC (digest, states and deltas split into
+/// frames well under the backbone's limit), and a watcher there gets all of them as a
+/// snapshot in pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_of_100k_members_replicates_and_snapshots() {
+    use common::transport::{Raw, Transport};
+    use tern_backbone::core::MemberKey;
+    use tern_proto::types::ChannelName;
+    const N: usize = 100_000;
+    let c = cluster(&["eu-west", "us-east"], |_, _| {}).await;
+    let mut nodes = c.nodes.into_iter();
+    let (eu, us) = (nodes.next().unwrap(), nodes.next().unwrap());
+    let room = ChannelName::parse("room:stadium").unwrap();
+    let hub = eu.node.presence().clone();
+    for i in 0..N {
+        let key = MemberKey { client_id: format!("fan-{i:06}"), connection_id: i.to_string() };
+        let data = bytes::Bytes::from(format!("\u{1}{{\"seat\":{i}}}"));
+        hub.put(eu.node.hub().backbone(), &room, key, data, usize::MAX).unwrap();
+    }
+    let count = || us.node.presence().counts(us.node.hub().backbone()).get(&room).copied();
+    assert!(eventually(|| count() == Some(N)).await, "us-east holds {:?}", count());
+    let mut w = Raw::open(us.addr, Transport::WebSocket, true).await;
+    w.send(r#"{"connect":{"protocol":1}}"#).await;
+    assert!(w.recv().await.get("connected").is_some());
+    w.send(r#"{"subscribe":{"requestId":1,"channel":"room:stadium","presence":true}}"#).await;
+    let (mut members, mut pages) = (std::collections::HashSet::new(), 0);
+    loop {
+        let f = w.recv().await;
+        let Some(r) = f.get("presenceReply") else { continue };
+        pages += 1;
+        for m in r["members"].as_array().unwrap() {
+            assert_eq!(m["node"], "eu-west/edge-1");
+            members.insert(m["clientId"].as_str().unwrap().to_owned());
+        }
+        if r["next"].as_str().unwrap_or_default().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(members.len(), N);
+    assert!(pages >= N / 1000, "{pages} pages");
+    eu.stop().await;
+    us.stop().await;
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
