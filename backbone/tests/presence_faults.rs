@@ -1,10 +1,12 @@
 //! Deterministic fault suite for presence replication ([`Presence`]).
 //!
-//! A seeded in-memory network of 3–4 nodes drops, duplicates, delays and reorders presence
-//! frames, partitions and heals links (for less and for more than `down_after`), crashes
+//! A seeded in-memory network of 3–4 nodes drops, duplicates, delays (some far longer than
+//! the rest) and reorders presence frames, partitions and heals links (for less and for more than `down_after`), crashes
 //! nodes and restarts them with a new epoch and none of their members, and links nodes that
 //! already hold hundreds of members each for the first time; meanwhile the nodes' clients
-//! enter, update and leave at random. After every run, with the network healed and quiet:
+//! enter, update and leave at random (and, in two scenarios, connections that left enter
+//! again). Frames are split at a 600-byte budget, so digests, deltas and states travel in
+//! many parts. After every run, with the network healed and quiet:
 //! - every live node's members of every channel equal the union of the live nodes' own
 //!   members (no ghost of a crashed or restarted node, nothing missing);
 //! - every observer saw each member's events alternate (enter, then updates, then leave;
@@ -61,6 +63,11 @@ struct Scenario {
     initial: usize,
     /// Chance per tick and node of a client operation.
     ops: f64,
+    /// Chance that a frame is held far longer than usual (200–800 ms: past digests sent
+    /// after it).
+    tail: f64,
+    /// Connections enter again after they left (the same member key).
+    reenter: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -74,6 +81,8 @@ const SCENARIOS: &[Scenario] = &[
         first_link: false,
         initial: 0,
         ops: 0.3,
+        tail: 0.0,
+        reenter: false,
     },
     Scenario {
         name: "partitions",
@@ -85,6 +94,8 @@ const SCENARIOS: &[Scenario] = &[
         first_link: false,
         initial: 0,
         ops: 0.3,
+        tail: 0.0,
+        reenter: false,
     },
     Scenario {
         name: "crashes",
@@ -96,6 +107,8 @@ const SCENARIOS: &[Scenario] = &[
         first_link: false,
         initial: 0,
         ops: 0.3,
+        tail: 0.0,
+        reenter: false,
     },
     Scenario {
         name: "first_link",
@@ -107,6 +120,8 @@ const SCENARIOS: &[Scenario] = &[
         first_link: true,
         initial: 300,
         ops: 0.2,
+        tail: 0.0,
+        reenter: false,
     },
     Scenario {
         name: "everything",
@@ -118,6 +133,21 @@ const SCENARIOS: &[Scenario] = &[
         first_link: false,
         initial: 20,
         ops: 0.4,
+        tail: 0.02,
+        reenter: true,
+    },
+    Scenario {
+        name: "churn",
+        nodes: 3,
+        loss: 0.1,
+        dup: 0.1,
+        partitions: 0.002,
+        crashes: 0.0,
+        first_link: false,
+        initial: 50,
+        ops: 0.9,
+        tail: 0.05,
+        reenter: true,
     },
 ];
 
@@ -181,6 +211,10 @@ struct Sim {
     next_conn: u64,
     /// (owner, channel, key) entered at the start and never left.
     stable: Vec<(usize, ChannelName, MemberKey)>,
+    /// Members that left, by (owner, owner's incarnation, channel).
+    left: BTreeMap<(usize, u64, ChannelName), Vec<MemberKey>>,
+    /// (owner, channel, key) of members that entered again after leaving.
+    reentered: BTreeSet<(usize, ChannelName, MemberKey)>,
     all_cut: bool,
 }
 
@@ -207,6 +241,8 @@ impl Sim {
             next_flight: 0,
             next_conn: 0,
             stable: Vec::new(),
+            left: BTreeMap::new(),
+            reentered: BTreeSet::new(),
             all_cut: s.first_link,
         };
         for i in 0..s.nodes {
@@ -303,6 +339,17 @@ impl Sim {
             .map(|(k, _)| k)
             .filter(|k| !stable.contains(k))
             .collect();
+        let inc = self.incarnations[i];
+        let gone = self.left.get(&(i, inc, ch.clone())).cloned().unwrap_or_default();
+        if self.s.reenter && !gone.is_empty() && self.rng.chance(0.2) {
+            // A connection that left enters again.
+            let key = gone[self.rng.below(gone.len() as u64) as usize].clone();
+            let data = self.data();
+            self.left.get_mut(&(i, inc, ch.clone())).unwrap().retain(|k| *k != key);
+            self.reentered.insert((i, ch.clone(), key.clone()));
+            self.nodes[i].as_mut().unwrap().presence.put(&ch, key, data);
+            return;
+        }
         let choice = self.rng.below(3);
         if own.is_empty() || choice == 0 {
             let key = self.key(i);
@@ -315,6 +362,7 @@ impl Sim {
                 self.nodes[i].as_mut().unwrap().presence.put(&ch, key, data);
             } else {
                 self.nodes[i].as_mut().unwrap().presence.leave(&ch, &key).unwrap();
+                self.left.entry((i, inc, ch)).or_default().push(key);
             }
         }
     }
@@ -325,7 +373,13 @@ impl Sim {
         }
         let copies = if faults && self.rng.chance(self.s.dup) { 2 } else { 1 };
         for _ in 0..copies {
-            let delay = if faults { 1 + self.rng.below(40) } else { 1 + self.rng.below(5) };
+            let delay = if faults && self.rng.chance(self.s.tail) {
+                200 + self.rng.below(600)
+            } else if faults {
+                1 + self.rng.below(40)
+            } else {
+                1 + self.rng.below(5)
+            };
             let id = self.next_flight;
             self.next_flight += 1;
             let flight = InFlight {
@@ -503,7 +557,9 @@ impl Sim {
             for e in &n.events {
                 let owner = (0..self.s.nodes).find(|&j| node_id(j) == e.owner).unwrap();
                 let k = (e.owner.clone(), e.channel.clone(), e.key.clone());
-                let outage = owner == i || self.long_outage.contains(&pair(i, owner));
+                let outage = owner == i
+                    || self.long_outage.contains(&pair(i, owner))
+                    || self.reentered.contains(&(owner, e.channel.clone(), e.key.clone()));
                 if e.action == Action::Enter && entered.contains_key(&k) && !outage {
                     return Err(format!("node {i}: {e:?} came back after it left"));
                 }
@@ -561,7 +617,7 @@ impl Sim {
 }
 
 fn seeds() -> u64 {
-    std::env::var("TERN_PRESENCE_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(420)
+    std::env::var("TERN_PRESENCE_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(350)
 }
 
 #[test]

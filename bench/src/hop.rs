@@ -77,65 +77,81 @@ pub async fn measure(
     Ok(HopReport { local, remote, link, cpu_per_message_us })
 }
 
-/// Two `tern edge` processes joined by the backbone, with development certificates in a
-/// temporary directory.
+/// `tern edge` processes joined by the backbone (a full mesh), with development
+/// certificates in a temporary directory.
 pub struct TernPair {
-    /// The two nodes.
-    pub nodes: [TernServer; 2],
+    /// The nodes.
+    pub nodes: Vec<TernServer>,
     dir: PathBuf,
 }
 
 impl TernPair {
-    /// Starts the pair.
+    /// Starts two nodes.
     pub async fn spawn() -> anyhow::Result<Self> {
         Self::spawn_with(|_| String::new()).await
     }
 
-    /// Starts the pair, appending `extra(i, dir)` to node `i`'s configuration.
+    /// Starts two nodes, appending `extra(i)` to node `i`'s configuration.
     pub async fn spawn_with(extra: impl Fn(usize) -> String) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("tern-bench-pair-{}", std::process::id()));
+        Self::mesh(2, "", extra).await
+    }
+
+    /// Starts `n` nodes (regions `bench-a`, `bench-b`, …), with `limits` added to their
+    /// `[limits]` and `extra(i)` appended to node `i`'s configuration.
+    pub async fn mesh(
+        n: usize,
+        limits: &str,
+        extra: impl Fn(usize) -> String,
+    ) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tern-bench-mesh-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         tern_backbone::certs::init_ca(&dir)?;
-        let ids = [NodeId::parse("bench-a/edge-1")?, NodeId::parse("bench-b/edge-1")?];
+        let ids: Vec<NodeId> = (0..n)
+            .map(|i| NodeId::parse(&format!("bench-{}/edge-1", (b'a' + i as u8) as char)))
+            .collect::<Result<_, _>>()?;
         let free_udp =
             || -> anyhow::Result<SocketAddr> { Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?) };
         let free_tcp = || -> anyhow::Result<SocketAddr> {
             Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
-        let udp = [free_udp()?, free_udp()?];
+        let udp: Vec<SocketAddr> = (0..n).map(|_| free_udp()).collect::<Result<_, _>>()?;
         let mut configs = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let (cert, key) = tern_backbone::certs::issue_node(&dir, id)?;
-            let other = 1 - i;
-            let toml = format!(
+            let mut toml = format!(
                 "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n\
                  {}[backbone]\nlisten = \"{}\"\n\
-                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[[backbone.peers]]\nid = \"{}\"\naddr = \"{}\"\n",
+                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 id.region(),
                 id.name(),
                 free_tcp()?,
-                crate::process::LOAD_LIMITS,
+                format!("{}{limits}", crate::process::LOAD_LIMITS),
                 udp[i],
                 dir.join("ca.pem").display(),
                 cert.display(),
                 key.display(),
-                ids[other],
-                udp[other],
             );
+            for (j, other) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+                toml += &format!("[[backbone.peers]]\nid = \"{other}\"\naddr = \"{}\"\n", udp[j]);
+            }
             let path = dir.join(format!("{}.toml", id.region()));
             std::fs::write(&path, toml + &extra(i))?;
             configs.push(path);
         }
-        let a = TernServer::spawn_with(&["--config", configs[0].to_str().context("path")?]).await?;
-        let b = TernServer::spawn_with(&["--config", configs[1].to_str().context("path")?]).await?;
-        Ok(Self { nodes: [a, b], dir })
+        let mut nodes = Vec::new();
+        for config in &configs {
+            nodes.push(
+                TernServer::spawn_with(&["--config", config.to_str().context("path")?]).await?,
+            );
+        }
+        Ok(Self { nodes, dir })
     }
 
-    /// Stops both nodes and removes the certificates.
+    /// Stops the nodes and removes the certificates.
     pub async fn stop(self) {
-        let [a, b] = self.nodes;
-        a.stop().await;
-        b.stop().await;
+        for node in self.nodes {
+            node.stop().await;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -26,7 +26,7 @@ pub struct IdleReport {
 
 /// Client source addresses: 127.0.0.1, then .2, .3… every `per_ip` connections, so large
 /// runs do not exhaust one address's ephemeral ports.
-fn local_ip(i: usize, per_ip: usize) -> IpAddr {
+pub(crate) fn local_ip(i: usize, per_ip: usize) -> IpAddr {
     let n = (i / per_ip) as u32 + 1;
     IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n.min(250)))
 }

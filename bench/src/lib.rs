@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod history;
 pub mod hop;
 pub mod idle;
+pub mod presence;
 pub mod process;
 pub mod reads;
 pub mod target;
@@ -101,6 +102,13 @@ enum BenchKind {
     /// The durable log: publish ack latency and throughput on history channels, per sync
     /// policy, beside a channel without history.
     History,
+    /// Presence at scale: members entering one channel on one node of three; how soon all
+    /// agree, frames and bytes per watcher with and without batching, memory per member.
+    Presence {
+        /// Members to enter.
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+    },
     /// A read storm: history pages of big messages read by 64 readers at once; the node's
     /// memory and a bystander's latency.
     Reads {
@@ -184,6 +192,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if matches!(kind, BenchKind::History) {
         return history::run(c.hop_rate.min(1_000), c.duration, 32).await;
+    }
+    if let BenchKind::Presence { members } = &kind {
+        return presence::run(*members).await;
     }
     if let BenchKind::Reads { config } = &kind {
         return reads::run(config).await;

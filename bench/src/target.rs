@@ -176,6 +176,11 @@ impl Target {
         Ok(Subscriber { ws: None, nats: None, http: Some(down) })
     }
 
+    /// A WebSocket to `base` (from the source address `local`), not yet connected.
+    pub(crate) async fn open_from(&self, base: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
+        self.open(base, local).await
+    }
+
     async fn open(&self, base: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
         let stream = Self::tcp(base, local).await?;
         // Small read buffer: the library zero-fills it on every read (default 128 KiB).

@@ -325,7 +325,13 @@ fn http_presence(
     let limit = q.limit.filter(|l| *l > 0).map_or(page, |l| l.min(page));
     let budget = cfg.limits.max_frame_bytes.saturating_sub(256 + channel.len());
     let after = q.after.unwrap_or_default();
-    let (members, next) = node.presence().get(node.hub().backbone(), &name, &after, limit, budget);
+    let (members, next) =
+        match node.presence().get(node.hub().backbone(), &name, &after, limit, budget) {
+            Ok(page) => page,
+            Err(reason) => {
+                return error_response(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason);
+            }
+        };
     let body = serde_json::json!({
         "channel": channel,
         "members": members,

@@ -71,10 +71,14 @@ pub fn member(owner: &NodeId, key: &MemberKey, data: &Bytes) -> PresenceMember {
     }
 }
 
-/// About the bytes a member takes in a frame, in either encoding (base64 for binary data
-/// in JSON, field names).
+/// About the bytes a member takes in a frame, in either encoding: base64 for binary data
+/// in JSON, escapes for text (up to 6 bytes a character, `\u0001`), field names.
 fn member_len(owner: &NodeId, key: &MemberKey, data: &Bytes) -> usize {
-    64 + owner.as_str().len() + key.client_id.len() + key.connection_id.len() + data.len() * 4 / 3
+    let data = match data.first() {
+        Some(1) => (data.len() - 1) * 6,
+        _ => data.len() * 4 / 3,
+    };
+    64 + owner.as_str().len() + (key.client_id.len() + key.connection_id.len()) * 6 + data
 }
 
 /// Pages order members by (client id, connection id, node); `next` names the last one a
@@ -83,32 +87,30 @@ fn cursor(owner: &NodeId, key: &MemberKey) -> String {
     format!("{}\u{1f}{}\u{1f}{}", key.client_id, key.connection_id, owner)
 }
 
-type Sorted = Vec<(String, NodeId, MemberKey, Bytes)>;
-
-fn sorted(p: &Presence, channel: &ChannelName) -> Sorted {
-    let mut all: Sorted =
-        p.members(channel).into_iter().map(|(n, k, d)| (cursor(&n, &k), n, k, d)).collect();
-    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    all
+/// The member a cursor names.
+fn parse_cursor(s: &str) -> Option<(MemberKey, NodeId)> {
+    let mut parts = s.split('\u{1f}');
+    let (client_id, connection_id, node) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let key = MemberKey { client_id: client_id.into(), connection_id: connection_id.into() };
+    Some((key, NodeId::parse(node).ok()?))
 }
 
-/// Splits `members` into pages of at most `max` members and `budget` bytes (at least one
-/// member each).
-fn pages(members: &[(String, NodeId, MemberKey, Bytes)], max: usize, budget: usize) -> Vec<usize> {
-    let mut ends = Vec::new();
-    let (mut n, mut bytes) = (0usize, 0usize);
-    for (i, (_, owner, key, data)) in members.iter().enumerate() {
-        let len = member_len(owner, key, data);
-        if n > 0 && (n == max || bytes + len > budget) {
-            ends.push(i);
-            n = 0;
-            bytes = 0;
+type Members = Vec<(NodeId, MemberKey, Bytes)>;
+
+/// How many of `members` make the first page: at most `max` members and `budget` bytes (at
+/// least one member).
+fn page_len(members: &[(NodeId, MemberKey, Bytes)], max: usize, budget: usize) -> usize {
+    let mut bytes = 0usize;
+    for (n, (owner, key, data)) in members.iter().enumerate() {
+        bytes += member_len(owner, key, data);
+        if n > 0 && (n == max || bytes > budget) {
+            return n;
         }
-        n += 1;
-        bytes += len;
     }
-    ends.push(members.len());
-    ends
+    members.len()
 }
 
 /// Why a presence change was refused.
@@ -232,11 +234,11 @@ impl PresenceHub {
         for e in pending {
             let len = e.member.as_ref().map_or(64, |m| {
                 let data = match &m.data {
-                    Some(presence_member::Data::Text(t)) => t.len(),
+                    Some(presence_member::Data::Text(t)) => t.len() * 6,
                     Some(presence_member::Data::Binary(b)) => b.len() * 4 / 3,
                     None => 0,
                 };
-                64 + m.client_id.len() + m.connection_id.len() + m.node.len() + data
+                64 + (m.client_id.len() + m.connection_id.len()) * 6 + m.node.len() + data
             });
             if !events.is_empty()
                 && (events.len() >= self.batching.page_size || bytes + len > self.batching.budget)
@@ -311,6 +313,7 @@ impl PresenceHub {
 
     /// A page of `channel`'s members after `after` (a page's `next`; empty: from the
     /// first), at most `limit` members and `budget` bytes.
+    /// An `after` that is not a page's `next` is refused.
     pub fn get(
         &self,
         backbone: Option<&Backbone>,
@@ -318,14 +321,22 @@ impl PresenceHub {
         after: &str,
         limit: usize,
         budget: usize,
-    ) -> (Vec<PresenceMember>, String) {
-        let all = self.with(backbone, |p| sorted(p, channel));
-        let start = all.partition_point(|m| !after.is_empty() && m.0.as_str() <= after);
-        let rest = &all[start..];
-        let end = pages(rest, limit, budget)[0];
-        let members = rest[..end].iter().map(|(_, n, k, d)| member(n, k, d)).collect();
-        let next = if end < rest.len() { rest[end - 1].0.clone() } else { String::new() };
-        (members, next)
+    ) -> Result<(Vec<PresenceMember>, String), String> {
+        let after = match after {
+            "" => None,
+            s => Some(parse_cursor(s).ok_or("after: not the next of a presence page")?),
+        };
+        // Read in order from the owners' sorted sets: the lock is held for the page only.
+        let page: Members = self.with(backbone, |p| {
+            p.page(channel, after.as_ref().map(|(k, o)| (k, o)), limit.saturating_add(1))
+        });
+        let end = page_len(&page, limit, budget);
+        let members = page[..end].iter().map(|(n, k, d)| member(n, k, d)).collect();
+        let next = match end < page.len() {
+            true => cursor(&page[end - 1].0, &page[end - 1].1),
+            false => String::new(),
+        };
+        Ok((members, next))
     }
 
     /// `conn` watches `channel`: its outbox gets the channel's members now (PresenceReply
@@ -347,19 +358,26 @@ impl PresenceHub {
                 self.send(channel, watched);
             }
             drop(watchers);
-            let all = sorted(p, channel);
-            let ends = pages(&all, page_size, budget);
-            let mut start = 0;
-            for (i, &end) in ends.iter().enumerate() {
-                let members = all[start..end].iter().map(|(_, n, k, d)| member(n, k, d)).collect();
-                let next = if i + 1 < ends.len() { all[end - 1].0.clone() } else { String::new() };
-                start = end;
+            let all = p.page(channel, None, usize::MAX);
+            let mut rest = &all[..];
+            loop {
+                let end = page_len(rest, page_size, budget);
+                let members = rest[..end].iter().map(|(n, k, d)| member(n, k, d)).collect();
+                let next = match end < rest.len() {
+                    true => cursor(&rest[end - 1].0, &rest[end - 1].1),
+                    false => String::new(),
+                };
+                let last = next.is_empty();
+                rest = &rest[end..];
                 let reply =
                     PresenceReply { request_id, channel: channel.to_string(), members, next };
-                // A snapshot is bounded by `presence.max_members`.
-                outbox.push_replay(Outgoing::Frame(Box::new(server_frame::Kind::PresenceReply(
-                    reply,
-                ))));
+                // Charged its size (the session stops reading requests while it waits to
+                // be written); bounded by `presence.max_members`.
+                let frame = SharedFrame::new(server_frame::Kind::PresenceReply(reply));
+                outbox.push_replay(Outgoing::Shared(frame));
+                if last {
+                    break;
+                }
             }
             let mut watchers = lock(&self.watchers);
             watchers.entry(channel.clone()).or_default().watchers.insert(conn, outbox.clone());

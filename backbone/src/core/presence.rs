@@ -375,6 +375,55 @@ impl Presence {
         out
     }
 
+    /// Up to `limit` members of `channel` (this node's and its peers') in the order of
+    /// (member key, owner), starting after `after`: a page, read in O(limit · owners) plus
+    /// a lookup per owner.
+    pub fn page(
+        &self,
+        channel: &ChannelName,
+        after: Option<(&MemberKey, &NodeId)>,
+        limit: usize,
+    ) -> Vec<(NodeId, MemberKey, Bytes)> {
+        use std::ops::Bound;
+        let mut owners: Vec<(&NodeId, &BTreeMap<MemberKey, Bytes>)> = Vec::new();
+        if let Some(own) = self.own.get(channel) {
+            owners.push((&self.me, &own.members));
+        }
+        for (id, peer) in &self.peers {
+            if let Some(r) = peer.channels.get(channel) {
+                owners.push((id, &r.members));
+            }
+        }
+        let mut sources: Vec<_> = owners
+            .into_iter()
+            .map(|(id, members)| {
+                let start = match after {
+                    None => Bound::Unbounded,
+                    // The same key of a later owner still comes after.
+                    Some((key, owner)) if id > owner => Bound::Included(key),
+                    Some((key, _)) => Bound::Excluded(key),
+                };
+                (id, members.range::<MemberKey, _>((start, Bound::Unbounded)).peekable())
+            })
+            .collect();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            // The smallest (key, owner) of the owners' next members.
+            let mut best: Option<(usize, &MemberKey, &NodeId)> = None;
+            for (i, (id, it)) in sources.iter_mut().enumerate() {
+                let Some((key, _)) = it.peek() else { continue };
+                if best.is_none_or(|(_, k, o)| (*key, *id) < (k, o)) {
+                    best = Some((i, key, id));
+                }
+            }
+            let Some((i, _, _)) = best else { break };
+            let (id, it) = &mut sources[i];
+            let Some((key, data)) = it.next() else { break };
+            out.push(((*id).clone(), key.clone(), data.clone()));
+        }
+        out
+    }
+
     /// How many members of `channel` this node knows of, its own and its peers'.
     pub fn member_count(&self, channel: &ChannelName) -> usize {
         self.own.get(channel).map_or(0, |o| o.members.len())
@@ -956,5 +1005,56 @@ mod tests {
             leaves += (e.action == Action::Leave) as usize;
         }
         assert_eq!(leaves, 0, "nobody left");
+    }
+
+    /// Pages merge the owners' members in (key, owner) order, the same key of two owners
+    /// included, each member once across pages.
+    #[test]
+    fn pages_merge_owners_in_order() {
+        let (a_id, b_id) = (id("r0/edge-1"), id("r1/edge-1"));
+        let now = Instant::now();
+        let config = PresenceConfig::default();
+        let mut a =
+            Presence::new(a_id.clone(), Epoch(1), std::slice::from_ref(&b_id), config.clone());
+        let mut b = Presence::new(b_id.clone(), Epoch(1), std::slice::from_ref(&a_id), config);
+        let room = ChannelName::parse("room:p").unwrap();
+        for n in [1, 3, 5, 7] {
+            a.put(&room, key(n), Bytes::new());
+        }
+        for n in [2, 3, 6] {
+            b.put(&room, key(n), Bytes::new());
+        }
+        a.flush();
+        b.flush();
+        a.handle_link_up(now, &b_id);
+        b.handle_link_up(now, &a_id);
+        for _ in 0..3 {
+            let _ = deliver(now, (&mut a, &a_id), (&mut b, &b_id), |_| true);
+            let _ = deliver(now, (&mut b, &b_id), (&mut a, &a_id), |_| true);
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<(MemberKey, NodeId)> = None;
+        loop {
+            let page = a.page(&room, after.as_ref().map(|(k, o)| (k, o)), 2);
+            if page.is_empty() {
+                break;
+            }
+            let (o, k, _) = page.last().unwrap().clone();
+            after = Some((k, o));
+            seen.extend(page.into_iter().map(|(o, k, _)| (k.client_id, o.to_string())));
+        }
+        let expected: Vec<(String, String)> = [
+            ("c1", "r0"),
+            ("c2", "r1"),
+            ("c3", "r0"),
+            ("c3", "r1"),
+            ("c5", "r0"),
+            ("c6", "r1"),
+            ("c7", "r0"),
+        ]
+        .iter()
+        .map(|(c, r)| (c.to_string(), format!("{r}/edge-1")))
+        .collect();
+        assert_eq!(seen, expected);
     }
 }

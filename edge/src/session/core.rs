@@ -1343,6 +1343,16 @@ impl Session {
             let reason = Self::forbidden(Operation::Presence, &name);
             return self.error(request_id, ErrorCode::Forbidden, reason, name);
         }
+        // The connection's limits, then its rate (the order of "Error codes").
+        let max = cfg.max_channels_per_connection;
+        let entering = matches!(action, PresenceAction::Enter | PresenceAction::Update);
+        if entering && !self.present.contains(&channel) && self.present.len() >= max {
+            let reason = format!(
+                "this connection is a member of {max} channels, the limit \
+                 (presence.max_channels_per_connection)"
+            );
+            return self.error(request_id, ErrorCode::TooManyChannels, reason, name);
+        }
         if self.presence_ops.take(std::time::Instant::now()).is_err() {
             let reason = format!(
                 "more than {} presence requests/s (burst {}; presence.rate)",
@@ -1360,14 +1370,6 @@ impl Session {
             client::PresenceReply { request_id, channel: name.clone(), ..Default::default() };
         match action {
             PresenceAction::Enter | PresenceAction::Update => {
-                let max = cfg.max_channels_per_connection;
-                if !self.present.contains(&channel) && self.present.len() >= max {
-                    let reason = format!(
-                        "this connection is a member of {max} channels, the limit \
-                         (presence.max_channels_per_connection)"
-                    );
-                    return self.error(request_id, ErrorCode::TooManyChannels, reason, name);
-                }
                 if let Err(crate::presence::Refused::Full(n)) =
                     presence.put(backbone, &channel, key, data, cfg.max_members)
                 {
@@ -1387,9 +1389,15 @@ impl Session {
                 let page = cfg.page_size;
                 let limit = if p.limit == 0 { page } else { (p.limit as usize).min(page) };
                 let budget = self.presence_budget(&channel);
-                let (members, next) = presence.get(backbone, &channel, &p.after, limit, budget);
-                reply.members = members;
-                reply.next = next;
+                match presence.get(backbone, &channel, &p.after, limit, budget) {
+                    Ok((members, next)) => {
+                        reply.members = members;
+                        reply.next = next;
+                    }
+                    Err(reason) => {
+                        return self.error(request_id, ErrorCode::InvalidArgument, reason, name);
+                    }
+                }
             }
         }
         self.reply(server_frame::Kind::PresenceReply(reply));
