@@ -32,9 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::certs::{self, CertError, TlsFiles};
-use crate::core::{
-    self, Event, Frame, MemberKey, Presence, PresenceError, PresenceEvent, PresenceFrame, Replica,
-};
+use crate::core::{self, Event, Frame, MemberKey, Presence, PresenceEvent, PresenceFrame, Replica};
 use crate::wire;
 
 /// A peer node.
@@ -92,8 +90,8 @@ pub trait Sink: Send + Sync + 'static {
     fn replicated(&self, channel: &ChannelName, seq: Seq) {
         let _ = (channel, seq);
     }
-    /// A member entered, changed or left: one of this node's own (after
-    /// [`Backbone::presence_put`] / [`Backbone::presence_leave`]) or a peer's.
+    /// A member entered, changed or left: one of this node's own (made through
+    /// [`Backbone::with_presence`]) or a peer's.
     ///
     /// Called with the presence state locked, so that events reach their watchers in the
     /// order of the changes, with nothing between a snapshot read under that lock (see
@@ -331,25 +329,6 @@ impl Backbone {
         lock(&self.shared.replica).linked()
     }
 
-    /// Enters `key` on `channel` with `data`, or changes its data (see [`Presence::put`]);
-    /// replicated to the peers with the next driver turn, reported through
-    /// [`Sink::presence`].
-    pub fn presence_put(&self, channel: &ChannelName, key: MemberKey, data: Bytes) {
-        lock(&self.shared.presence).put(channel, key, data);
-        self.shared.wake.notify_one();
-    }
-
-    /// `key` leaves `channel` (see [`Presence::leave`]).
-    pub fn presence_leave(
-        &self,
-        channel: &ChannelName,
-        key: &MemberKey,
-    ) -> Result<(), PresenceError> {
-        lock(&self.shared.presence).leave(channel, key)?;
-        self.shared.wake.notify_one();
-        Ok(())
-    }
-
     /// Runs `f` on the presence state, locked (events a change makes can be taken there
     /// with [`Presence::poll_event`]; the driver hands those left to [`Sink::presence`]),
     /// then wakes the driver to replicate what changed.
@@ -528,6 +507,7 @@ async fn drive(
                             }
                         }
                         writers.insert(peer.clone(), (conn, lanes));
+                        heard.insert(peer.clone(), now);
                         r.handle_link_up(now, &peer);
                         lock(&shared.presence).handle_link_up(now, &peer);
                     }

@@ -120,12 +120,12 @@ impl TernPair {
             let (cert, key) = tern_backbone::certs::issue_node(&dir, id)?;
             let mut toml = format!(
                 "[node]\nregion = \"{}\"\nname = \"{}\"\n[listen]\nclient = \"{}\"\n\
-                 {}[backbone]\nlisten = \"{}\"\n\
+                 {}{limits}[backbone]\nlisten = \"{}\"\n\
                  ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 id.region(),
                 id.name(),
                 free_tcp()?,
-                format!("{}{limits}", crate::process::LOAD_LIMITS),
+                crate::process::LOAD_LIMITS,
                 udp[i],
                 dir.join("ca.pem").display(),
                 cert.display(),

@@ -678,10 +678,15 @@ impl Driver {
                 if !first {
                     return Flow::Continue;
                 }
+                // Watched already: the subscribe keeps asking for presence (one without it
+                // would end the watch).
+                let presence = !entry.watchers.is_empty();
                 let request_id = self.request_id();
                 self.sub_requests.insert(request_id, channel.clone());
-                let frame =
-                    Subscribe { request_id, channel, rewind, resume: None, presence: false };
+                if presence {
+                    self.snapshots.insert(request_id, (channel.clone(), BTreeMap::new()));
+                }
+                let frame = Subscribe { request_id, channel, rewind, resume: None, presence };
                 self.write(link, client_frame::Kind::Subscribe(frame)).await
             }
             Command::Publish { mut frame, reply } => {
@@ -771,7 +776,9 @@ impl Driver {
                 }
                 let first = entry.watchers.is_empty();
                 entry.watchers.push((id, tx));
-                let resume = entry.resume();
+                // Live on this connection: a fresh subscribe (its `subscribed` comes behind the
+                // deliveries in flight); else continue where the channel left off.
+                let resume = if entry.confirmed { None } else { entry.resume() };
                 let cmd = self.cmd_weak.upgrade().unwrap_or_else(|| mpsc::channel(1).0);
                 let _ = reply.send(Ok(PresenceWatch { channel: channel.clone(), id, rx, cmd }));
                 if !first {
@@ -792,7 +799,7 @@ impl Driver {
                 entry.roster.clear();
                 entry.roster_live = false;
                 let alone = entry.sinks.is_empty() && entry.waiting.is_empty();
-                let resume = entry.resume();
+                let resume = if entry.confirmed { None } else { entry.resume() };
                 let request_id = self.request_id();
                 if alone {
                     self.channels.remove(&channel);
@@ -807,6 +814,19 @@ impl Driver {
             }
             Command::Close { done } => {
                 if let Some(link) = link {
+                    // Members leave at once (not after the node's presence grace).
+                    for channel in std::mem::take(&mut self.entered).into_keys() {
+                        let request_id = self.request_id();
+                        let leave = PresenceRequest {
+                            request_id,
+                            channel,
+                            action: PresenceAction::Leave as i32,
+                            ..Default::default()
+                        };
+                        if link.send(client_frame::Kind::Presence(leave)).await.is_err() {
+                            break;
+                        }
+                    }
                     link.close().await;
                 }
                 let _ = self.state.send(ConnectionState::Closed);
@@ -843,7 +863,11 @@ impl Driver {
                         }
                     }
                     entry.sinks = live;
-                    if entry.sinks.is_empty() && entry.waiting.is_empty() && entry.confirmed {
+                    if entry.sinks.is_empty()
+                        && entry.waiting.is_empty()
+                        && entry.watchers.is_empty()
+                        && entry.confirmed
+                    {
                         let channel = m.channel.clone();
                         self.channels.remove(&channel);
                         let request_id = self.request_id();
@@ -934,15 +958,31 @@ impl Driver {
             Kind::Error(e) => {
                 let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
                 if let Some((channel, _)) = self.snapshots.remove(&e.request_id) {
-                    // A presence watch refused: the watches end, the messages go on.
+                    // A subscribe with presence refused (the node refuses it whole): the
+                    // watches end; message subscriptions of the channel subscribe again
+                    // without presence, or end with the error when that was their subscribe.
                     self.sub_requests.remove(&e.request_id);
                     warn!(%channel, ?code, reason = %e.reason, "presence watch refused");
-                    if let Some(entry) = self.channels.get_mut(&channel) {
-                        entry.watchers.clear();
-                        if entry.sinks.is_empty() && entry.waiting.is_empty() && !entry.confirmed {
-                            self.channels.remove(&channel);
-                        }
+                    let Some(entry) = self.channels.get_mut(&channel) else {
+                        return Flow::Continue;
+                    };
+                    entry.watchers.clear();
+                    entry.roster.clear();
+                    entry.roster_live = false;
+                    if !entry.waiting.is_empty() || !entry.sinks.is_empty() {
+                        let resume = entry.resume();
+                        let request_id = self.request_id();
+                        self.sub_requests.insert(request_id, channel.clone());
+                        let frame = Subscribe {
+                            request_id,
+                            channel,
+                            rewind: None,
+                            resume,
+                            presence: false,
+                        };
+                        return self.write(Some(link), client_frame::Kind::Subscribe(frame)).await;
                     }
+                    self.channels.remove(&channel);
                 } else if let Some(p) = self.presence_requests.remove(&e.request_id) {
                     // Refused: this client's member is as it was before.
                     match p.before {
@@ -1028,7 +1068,13 @@ impl Driver {
                 }
             }
             Kind::Presence(ev) => {
-                if let Some(entry) = self.channels.get_mut(&ev.channel) {
+                // Events before the snapshot they follow (or after the last watch ended)
+                // are not applied: the next snapshot holds them.
+                if let Some(entry) = self
+                    .channels
+                    .get_mut(&ev.channel)
+                    .filter(|e| e.roster_live && !e.watchers.is_empty())
+                {
                     for e in ev.events {
                         let Some(member) = e.member else { continue };
                         let action = PresenceAction::try_from(e.action)

@@ -107,7 +107,8 @@ pub struct PresenceSection {
     /// Presence requests (enter, update, leave, get) per second one connection may make;
     /// beyond it `RATE_LIMITED`.
     pub rate: u32,
-    /// The burst of that rate.
+    /// The burst of that rate: at least `max_channels_per_connection`, so that a client
+    /// that reconnects can enter all its members again at once.
     pub burst: u32,
     /// Most members in one `get` page or snapshot frame, and events in one `presence`
     /// frame (a frame also stays within `limits.max_frame_bytes`).
@@ -132,7 +133,7 @@ impl Default for PresenceSection {
             max_channels_per_connection: 100,
             max_data_bytes: 1024,
             rate: 20,
-            burst: 40,
+            burst: 120,
             page_size: 1000,
             batch_over: 100,
             batch_interval: Duration::from_millis(100),
@@ -895,6 +896,16 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid { field, reason: "must be above 0".into() });
             }
+        }
+        if (self.presence.burst as usize) < self.presence.max_channels_per_connection {
+            return Err(ConfigError::Invalid {
+                field: "presence.burst",
+                reason: format!(
+                    "must be at least presence.max_channels_per_connection ({}): a client \
+                     that reconnects enters all its members again at once",
+                    self.presence.max_channels_per_connection
+                ),
+            });
         }
         // A member with the most data fits a frame with room to spare (both encodings).
         if self.presence.max_data_bytes > self.limits.max_frame_bytes / 2 {

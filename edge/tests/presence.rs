@@ -258,6 +258,7 @@ async fn presence_rate_limit_over_every_transport() {
     let node = TestNode::start(|cfg| {
         cfg.presence.rate = 1;
         cfg.presence.burst = 2;
+        cfg.presence.max_channels_per_connection = 2;
     })
     .await;
     for t in EVERY {
@@ -524,5 +525,48 @@ async fn events_of_large_channels_come_in_batches() {
     let (mut m, _) = connect(node.addr, ws, "m").await;
     request(&mut m, json!({"requestId": 1, "channel": "room:b", "action": ENTER})).await;
     assert_eq!(events(&mut w).await["events"][0]["action"], ENTER);
+    node.stop().await;
+}
+
+/// A renewed token without `presence` ends the connection's presence: its member leaves and
+/// its watch ends, each with a FORBIDDEN error naming the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_without_presence_ends_it() {
+    use tern_edge::auth::Operation::{Presence, Subscribe};
+    let node = TestNode::start(|cfg| {
+        cfg.auth.mode = tern_edge::auth::AuthMode::Token;
+        cfg.auth.hs256_secret = Some(SECRET.into());
+    })
+    .await;
+    let ws = (Transport::WebSocket, false);
+    let open = |token: String| async move {
+        let mut c = Raw::open(node.addr, ws.0, ws.1).await;
+        c.send(&json!({"connect": {"protocol": 1, "token": token}}).to_string()).await;
+        assert!(c.recv().await.get("connected").is_some());
+        c
+    };
+    let full = token("u", &[("chat:*", &[Subscribe, Presence])]);
+    let mut other = open(token("o", &[("chat:*", &[Subscribe, Presence])])).await;
+    assert!(watch(&mut other, 1, "chat:a").await.is_empty());
+    let mut u = open(full).await;
+    request(&mut u, json!({"requestId": 1, "channel": "chat:a", "action": ENTER})).await;
+    assert_eq!(events(&mut other).await["events"][0]["action"], ENTER);
+    assert_eq!(watch(&mut u, 2, "chat:a").await.len(), 1);
+    let reduced = token("u", &[("chat:*", &[Subscribe])]);
+    u.send(&json!({"auth": {"requestId": 3, "token": reduced}}).to_string()).await;
+    let mut errors = Vec::new();
+    while errors.len() < 2 {
+        let f = u.recv().await;
+        if f.get("error").is_some() {
+            assert_eq!(code(&f), "ERROR_CODE_FORBIDDEN", "{f}");
+            assert_eq!(f["error"]["channel"], "chat:a", "{f}");
+            errors.push(f);
+        } else {
+            assert!(f.get("authRenewed").is_some() || f.get("presence").is_some(), "{f}");
+        }
+    }
+    let e = events(&mut other).await;
+    assert_eq!(e["events"][0]["action"], LEAVE, "{e}");
+    assert_eq!(e["events"][0]["member"]["clientId"], "u", "{e}");
     node.stop().await;
 }

@@ -167,6 +167,10 @@ pub struct PresenceEvent {
     pub data: Bytes,
 }
 
+/// Most parts a state may come in (a peer's frame is not trusted to size an allocation):
+/// far more than a channel of `presence.max_members` members needs at `frame_budget`.
+const MAX_PARTS: u32 = 65_536;
+
 /// About the bytes a change takes in a frame.
 fn change_size(change: &Change) -> usize {
     match change {
@@ -746,7 +750,7 @@ impl Presence {
                 }
                 let p = self.peers.get_mut(from).unwrap();
                 let members = if parts > 1 {
-                    if part >= parts {
+                    if part >= parts || parts > MAX_PARTS {
                         return;
                     }
                     // Parts of one state share (epoch, as_of, version); a newer state's

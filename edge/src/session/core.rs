@@ -554,8 +554,20 @@ impl Session {
             if let Some((member_id, channels)) =
                 self.node.presence().recover(&client_id, &c.recover)
             {
+                // Members of channels this connection's token does not allow leave now.
+                let key = tern_backbone::core::MemberKey {
+                    client_id: client_id.clone(),
+                    connection_id: member_id.clone(),
+                };
+                let backbone = self.node.hub().backbone();
+                for channel in channels {
+                    if self.allowed(crate::auth::Operation::Presence, channel.as_str()) {
+                        self.present.insert(channel);
+                    } else {
+                        self.node.presence().leave(backbone, &channel, &key);
+                    }
+                }
                 self.member_id = member_id;
-                self.present = channels.into_iter().collect();
             }
         }
         self.client_id = Some(client_id);
@@ -621,6 +633,35 @@ impl Session {
                 channel: channel.to_string(),
             });
             self.node.hub().unsubscribe(&channel, self.id, Some(Outgoing::Frame(Box::new(error))));
+        }
+        // Presence the new token no longer allows: its watches end, its members leave, each
+        // with a FORBIDDEN error for the channel.
+        let unwatched: Vec<ChannelName> =
+            self.watching.iter().filter(|c| !self.reads_presence(c.as_str())).cloned().collect();
+        for channel in unwatched {
+            self.watching.remove(&channel);
+            self.node.presence().unwatch(&channel, self.id);
+            let reason = format!(
+                "the renewed token does not allow reading presence on {channel}: its events end"
+            );
+            self.error(0, ErrorCode::Forbidden, reason, channel.to_string());
+        }
+        let left: Vec<ChannelName> = self
+            .present
+            .iter()
+            .filter(|c| !self.allowed(crate::auth::Operation::Presence, c.as_str()))
+            .cloned()
+            .collect();
+        let key = tern_backbone::core::MemberKey {
+            client_id: client_id.to_owned(),
+            connection_id: self.member_id.clone(),
+        };
+        for channel in left {
+            self.present.remove(&channel);
+            self.node.presence().leave(self.node.hub().backbone(), &channel, &key);
+            let reason =
+                format!("the renewed token does not allow presence on {channel}: the member left");
+            self.error(0, ErrorCode::Forbidden, reason, channel.to_string());
         }
     }
 
