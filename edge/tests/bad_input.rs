@@ -342,6 +342,47 @@ fn frame_cases() -> Vec<(&'static str, String, &'static str)> {
             r#"{"history":{"requestId":1,"channel":"log:a","forwards":true,"from":"18446744073709551615","limit":1000}}"#.into(),
             "history",
         ),
+        // Presence (mallory's token has no `presence`): the request's own faults first, then
+        // the capability. (One connection entering 100,000 channels and another client's
+        // member: edge/tests/presence.rs.)
+        (
+            "presence enter without the capability",
+            r#"{"presence":{"requestId":1,"channel":"chat:a","action":"PRESENCE_ACTION_ENTER"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "presence get without the capability",
+            r#"{"presence":{"requestId":1,"channel":"chat:a","action":"PRESENCE_ACTION_GET"}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "subscribe with presence without the capability",
+            r#"{"subscribe":{"requestId":1,"channel":"chat:p","presence":true}}"#.into(),
+            "error:FORBIDDEN",
+        ),
+        (
+            "presence data over presence.max_data_bytes",
+            format!(
+                r#"{{"presence":{{"requestId":1,"channel":"chat:a","action":"PRESENCE_ACTION_ENTER","text":"{}"}}}}"#,
+                "d".repeat(1025)
+            ),
+            "error:MESSAGE_TOO_LARGE",
+        ),
+        (
+            "presence without an action",
+            r#"{"presence":{"requestId":1,"channel":"chat:a"}}"#.into(),
+            "error:INVALID_ARGUMENT",
+        ),
+        (
+            "presence with an unknown action",
+            r#"{"presence":{"requestId":1,"channel":"chat:a","action":"PRESENCE_ACTION_FLY"}}"#.into(),
+            "error:BAD_FRAME",
+        ),
+        (
+            "presence on a malformed channel",
+            r#"{"presence":{"requestId":1,"channel":"chat a","action":"PRESENCE_ACTION_ENTER"}}"#.into(),
+            "error:INVALID_CHANNEL",
+        ),
         (
             "history at the largest times",
             r#"{"history":{"requestId":1,"channel":"log:a","sinceMs":"18446744073709551615","untilMs":"18446744073709551615","to":"18446744073709551615"}}"#.into(),

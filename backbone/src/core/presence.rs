@@ -167,6 +167,10 @@ pub struct PresenceEvent {
     pub data: Bytes,
 }
 
+/// Queue slots kept once a queue is drained: a burst's (say 100,000 members entering at once)
+/// is given back, not held for good.
+const QUEUE_KEPT: usize = 1024;
+
 /// Most parts a state may come in (a peer's frame is not trusted to size an allocation):
 /// far more than a channel of `presence.max_members` members needs at `frame_budget`.
 const MAX_PARTS: u32 = 65_536;
@@ -613,12 +617,21 @@ impl Presence {
 
     /// The next frame to send, and to whom.
     pub fn poll_transmit(&mut self) -> Option<(NodeId, PresenceFrame)> {
-        self.transmit.pop_front()
+        let next = self.transmit.pop_front();
+        if next.is_none() && self.transmit.capacity() > QUEUE_KEPT {
+            // A burst's queue is given back once drained.
+            self.transmit = VecDeque::new();
+        }
+        next
     }
 
     /// The next event for local subscribers.
     pub fn poll_event(&mut self) -> Option<PresenceEvent> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        if next.is_none() && self.events.capacity() > QUEUE_KEPT {
+            self.events = VecDeque::new();
+        }
+        next
     }
 
     /// A frame from `from`.
