@@ -358,7 +358,7 @@ impl Client {
     }
 
     /// Every member of `channel` the node knows of, read page by page (members that come
-    /// and go meanwhile may be missed or seen twice: [`Client::watch_presence`] is
+    /// and go meanwhile may be missed: [`Client::watch_presence`] is
     /// consistent).
     pub async fn presence_members(
         &self,

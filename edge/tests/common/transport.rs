@@ -333,10 +333,7 @@ impl Raw {
         }
         match &mut self.inner {
             Inner::Ws(ws) => ws.send(WsMessage::Text(text.into())).await.unwrap(),
-            Inner::Http(h) => {
-                let (status, _, body) = h.post(Bytes::from(format!("{text}\n"))).await;
-                assert_eq!(status, 202, "POST answered {status}: {body:?}");
-            }
+            Inner::Http(h) => h.post_frames(Bytes::from(format!("{text}\n"))).await,
         }
     }
 
@@ -348,8 +345,7 @@ impl Raw {
                 let mut body = BytesMut::new();
                 prost::encoding::encode_varint(frame.len() as u64, &mut body);
                 body.extend_from_slice(&frame);
-                let (status, _, text) = h.post(body.freeze()).await;
-                assert_eq!(status, 202, "POST answered {status}: {text:?}");
+                h.post_frames(body.freeze()).await;
             }
         }
     }
@@ -412,6 +408,21 @@ impl Raw {
 
 impl HttpSession {
     /// POSTs `body` to the session with its secret; returns the answer.
+    /// POSTs frames as a well-behaved client does: a 429 (the session has posts waiting
+    /// still, on a loaded machine) is retried after a pause, as docs/protocol.md says.
+    pub async fn post_frames(&mut self, body: Bytes) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, _, text) = self.post(body.clone()).await;
+            if status == 429 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+            assert_eq!(status, 202, "POST answered {status}: {text:?}");
+            return;
+        }
+    }
+
     pub async fn post(&mut self, body: Bytes) -> (u16, hyper::HeaderMap, Bytes) {
         self.post_with(body, &self.secret.clone()).await
     }
