@@ -93,7 +93,8 @@ pub struct PresenceSection {
     pub down_after: Duration,
     /// A connection that ends without leaving keeps its members this long: a client that
     /// reconnects to this node within it (`Connect.recover`) keeps them, and nobody sees
-    /// them leave and enter again. Then they leave. At most `resume.window`.
+    /// them leave and enter again. Then they leave. The smaller of this and `resume.window`
+    /// applies.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
     /// Most members one channel's presence set holds (over all nodes, as this node knows
@@ -877,12 +878,6 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "presence.down_after",
                 reason: "must be above 0".into(),
-            });
-        }
-        if self.presence.grace > self.resume.window {
-            return Err(ConfigError::Invalid {
-                field: "presence.grace",
-                reason: format!("must be at most resume.window ({:?})", self.resume.window),
             });
         }
         for (field, value) in [

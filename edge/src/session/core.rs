@@ -1326,7 +1326,7 @@ impl Session {
         // Its members stay for `presence.grace` (a reconnect can recover them).
         if let Some(client_id) = self.client_id.clone() {
             let channels: Vec<ChannelName> = self.present.drain().collect();
-            let grace = self.cfg().presence.grace;
+            let grace = self.cfg().presence.grace.min(self.cfg().resume.window);
             let member_id = std::mem::take(&mut self.member_id);
             let node = self.node.clone();
             node.presence().linger(&node, client_id, self.id, member_id, channels, grace);
