@@ -8,14 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-50}"
 first="${2:-$(( (RANDOM << 16) | RANDOM ))}"
-bin=$(cargo test --test chaos --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*chaos[^"]*\)".*/\1/p' | tail -1)
+bin=$(cargo test -p tern --test integration --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*integration[^"]*\)".*/\1/p' | tail -1)
 mkdir -p target/chaos-seeds
 passed=0
 failed=()
 for ((k = 0; k < n; k++)); do
     seed=$((first + k))
-    if out=$(TERN_CHAOS_SEED="$seed" RUST_BACKTRACE=0 "$bin" --nocapture 2>&1); then
+    if out=$(TERN_CHAOS_SEED="$seed" RUST_BACKTRACE=0 "$bin" chaos:: --nocapture 2>&1); then
         echo "$out" | grep "^chaos seed $seed:" || true
         passed=$((passed + 1))
     else
@@ -27,6 +27,6 @@ for ((k = 0; k < n; k++)); do
 done
 echo "$passed of $n seeds passed (seeds $first..$((first + n - 1)))"
 if ((${#failed[@]} > 0)); then
-    echo "failed: ${failed[*]} (logs in target/chaos-seeds/; replay: TERN_CHAOS_SEED=SEED cargo test --test chaos -- --nocapture)"
+    echo "failed: ${failed[*]} (logs in target/chaos-seeds/; replay: TERN_CHAOS_SEED=SEED cargo test --test integration chaos:: -- --nocapture)"
     exit 1
 fi

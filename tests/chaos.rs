@@ -15,7 +15,7 @@
 //! carry on over HTTP streaming and long polling.
 //! `TERN_CHAOS_SEED=N` replays a run's choices (timing still varies).
 
-mod common;
+use crate::common;
 
 use common::plain::{Plain, PlainError, PlainState, log_of};
 use common::proxy::{Gate, Proxy};

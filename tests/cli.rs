@@ -1,6 +1,6 @@
 //! The `tern` binary end to end: `tern edge`, `tern sub`, `tern pub`, SIGTERM, bad config.
 
-mod common;
+use crate::common;
 
 use common::tern;
 

@@ -1,7 +1,7 @@
 //! A three-region cluster of real `tern edge` processes joined by the QUIC backbone: one node
 //! is SIGKILLed mid-stream and restarted.
 
-mod common;
+use crate::common;
 
 use common::ProcessCluster;
 

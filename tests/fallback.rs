@@ -4,7 +4,7 @@
 //! proxies resetting the clients' connections mid-chat, ends with every message once, in
 //! order, on both sides.
 
-mod common;
+use crate::common;
 
 use common::ProcessCluster;
 use common::proxy::{Gate, Proxy};

@@ -1,7 +1,7 @@
 //! A real `tern edge` process with durable history is SIGKILLed right after its last ack:
 //! everything it acknowledged is there after the restart, with the same log epoch, and new messages continue the offsets.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! is cut reconnects to its node within `presence.grace` and keeps its member: nobody sees
 //! it leave or enter.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

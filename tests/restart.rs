@@ -12,7 +12,7 @@
 //! - D: a third region that gets a moved publisher's new messages before its earlier ones
 //!   holds the new ones until the earlier arrive.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

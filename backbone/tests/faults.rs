@@ -21,7 +21,7 @@
 //!   restarted origin's previous epoch and its `End`, then the new epoch.
 //!
 //! A failure prints its scenario and seed. Replay one with
-//! `TERN_FAULT_SEED=scenario:seed cargo test -p tern-backbone --test faults -- --nocapture`;
+//! `TERN_FAULT_SEED=scenario:seed cargo test -p tern-backbone --test integration faults:: -- --nocapture`;
 //! scale the number of seeds with `TERN_FAULT_SEEDS=N` (per scenario).
 
 use std::cmp::Reverse;
@@ -648,7 +648,7 @@ fn fault_suite() {
                     counts.ready += c.ready;
                 }
                 Err(e) => panic!(
-                    "scenario {} seed {seed} failed: {e}\nreplay: TERN_FAULT_SEED={}:{seed} cargo test -p tern-backbone --test faults -- --nocapture",
+                    "scenario {} seed {seed} failed: {e}\nreplay: TERN_FAULT_SEED={}:{seed} cargo test -p tern-backbone --test integration faults:: -- --nocapture",
                     s.name, s.name
                 ),
             }

@@ -16,7 +16,7 @@
 //!   there and never left: no flapping through loss, repeats, reordering or short cuts.
 //!
 //! A failure prints its scenario and seed. Replay one with
-//! `TERN_PRESENCE_SEED=scenario:seed cargo test -p tern-backbone --test presence_faults -- --nocapture`;
+//! `TERN_PRESENCE_SEED=scenario:seed cargo test -p tern-backbone --test integration presence_faults:: -- --nocapture`;
 //! scale the number of seeds with `TERN_PRESENCE_SEEDS=N` (per scenario).
 
 use std::cmp::Reverse;

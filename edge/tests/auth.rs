@@ -2,7 +2,7 @@
 //! expiry and capabilities; every refusal has its documented code, and an operation outside
 //! the capabilities leaves the connection usable.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,6 +1,6 @@
 //! Three real nodes joined by the QUIC backbone (mutual TLS with a cluster CA) on loopback.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! joined by the backbone run it in token mode, while a well-behaved publisher on one node
 //! and a subscriber on the other exchange a steady stream that must arrive whole, in order.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! preflights answered and CORS headers on every answer; any other browser origin is
 //! refused (403) before anything is done; requests without `Origin` (servers, SDKs) pass.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Fan-out through the Rust SDK over real loopback sockets: nothing lost, nothing
 //! duplicated, per-publisher order kept.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

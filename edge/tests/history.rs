@@ -1,7 +1,7 @@
 //! Durable history: `GET /v1/channels/{channel}/messages` pages in both directions, time
 //! filters, retention, and a restart that keeps the log, its epoch and its offsets.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! framing, lost poll answers, floods of idle sessions — each answered with its documented
 //! status, and a bystander's stream intact.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! pace, in frames within the limit the node announced, in both encodings; a client that
 //! stops reading is still cut off.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

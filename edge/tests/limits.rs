@@ -2,7 +2,7 @@
 //! connection flood from one IP are cut off at `limits.max_connections_per_ip`, while
 //! clients from other addresses connect normally.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Liveness and resource limits: idle clients are closed, slow consumers are cut off while
 //! everyone else carries on, shutdown says 1001, the connection limit holds.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

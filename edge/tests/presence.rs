@@ -5,7 +5,7 @@
 //! The bad-input cases: oversize data, one connection entering 100,000 channels, another
 //! client's member, presence without the capability.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! streaming, server-sent events, long polling) in both encodings where the transport
 //! carries them.
 
-mod common;
+use crate::common;
 
 use common::transport::{ALL, BINARY, EVERY, Raw, Transport};
 use common::{RawJson, TestNode, close_code, http};

@@ -3,7 +3,7 @@
 //! namespaces with limits of their own; a frame flood is closed with 4004 while a
 //! subscriber on another connection keeps receiving.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! log position, on another node by per-origin vector — or an explicit discontinuity when
 //! the log no longer holds it or it is older than the resume window.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

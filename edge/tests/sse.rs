@@ -3,7 +3,7 @@
 //! `Last-Event-ID`, as `EventSource` does, ends with every message once, in order — on the
 //! same node, across a restart of a node with a durable log, and on another region's node.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! certificate from its PEM files; the SDK verifies it (against a private CA here, the
 //! public roots by default) for the WebSocket and for nearest-region probing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

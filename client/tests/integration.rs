@@ -1,0 +1,6 @@
+//! Every integration test of this crate, built as one test binary (one link instead of
+//! one per file: see the README's note on CI time). Each file is a module; run one with
+//! `cargo test -p tern-client --test integration FILE::`.
+
+mod dedupe;
+mod liveness;

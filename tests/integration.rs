@@ -1,0 +1,13 @@
+//! Every integration test of this crate, built as one test binary (one link instead of
+//! one per file: see the README's note on CI time). Each file is a module; run one with
+//! `cargo test --test integration FILE::`.
+
+mod common;
+mod chaos;
+mod cli;
+mod cluster;
+mod fallback;
+mod fuzz_corpus;
+mod history_crash;
+mod presence;
+mod restart;
