@@ -2,10 +2,10 @@
 //! one per file: see the README's note on CI time). Each file is a module; run one with
 //! `cargo test --test integration FILE::`.
 
-mod common;
 mod chaos;
 mod cli;
 mod cluster;
+mod common;
 mod fallback;
 mod fuzz_corpus;
 mod history_crash;

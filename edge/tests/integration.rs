@@ -2,10 +2,10 @@
 //! one per file: see the README's note on CI time). Each file is a module; run one with
 //! `cargo test -p tern-edge --test integration FILE::`.
 
-mod common;
 mod auth;
 mod backbone;
 mod bad_input;
+mod common;
 mod cors;
 mod fanout;
 mod history;
