@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the JavaScript tests in js/ (today: the browser acceptance tests in js/test/browser/,
-# headless Chromium from Debian driven by playwright-core against a real `tern edge`).
+# Runs the JavaScript tests in js/: the TypeScript SDK's build check (bundle budget, the
+# demo's embedded copy current), lint, unit tests (vitest), the SDK in Node against a real
+# `tern edge`, and the browser acceptance tests in js/test/browser/ (headless Chromium from
+# Debian driven by playwright-core against real nodes).
 #
 # Assumes the tern binary is already built: `cargo build` (or `cargo test --workspace`, as
 # .ci/run does) makes target/debug/tern. The tests take TERN_BIN, else
@@ -83,4 +85,13 @@ say "node $NODE_VERSION, npm $(npm --version), $(/usr/bin/chromium --version 2>/
 
 cd "$JS"
 npm ci --no-audit --no-fund
+# The SDK: the bundle within its budget and the demo's copy current, lint and format,
+# unit tests, the SDK in Node against a real node, then Chromium.
+npm run check
+npm run lint
+npm run docs
+npm run test:unit
+# Node 20 has WebSocket behind a flag; 22 and later have it by default.
+if [ "$NODE_MAJOR" -lt 22 ]; then export NODE_OPTIONS="${NODE_OPTIONS:-} --experimental-websocket"; fi
+npm run test:node
 npm run test:browser

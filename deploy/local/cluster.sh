@@ -5,7 +5,8 @@
 #   deploy/local/cluster.sh
 #
 # Clients: ws://127.0.0.1:7400 (eu-west), ws://127.0.0.1:7410 (us-east),
-#          ws://127.0.0.1:7420 (ap-south). Development certificates are made on first run
+#          ws://127.0.0.1:7420 (ap-south); the demo chat at http://127.0.0.1:7400/demo/ (and
+#          7410, 7420: open two to chat across regions). Development certificates are made on first run
 # in deploy/local/certs/ (not committed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,4 +33,5 @@ for r in eu-west us-east ap-south; do
   pids+=("$!")
 done
 echo "cluster up: eu-west ws://127.0.0.1:7400, us-east ws://127.0.0.1:7410, ap-south ws://127.0.0.1:7420 (Ctrl-C stops)" >&2
+echo "demo chat: http://127.0.0.1:7400/demo/ (eu-west), http://127.0.0.1:7410/demo/ (us-east), http://127.0.0.1:7420/demo/ (ap-south)" >&2
 wait

@@ -584,6 +584,23 @@ impl CorsConfig {
     }
 }
 
+/// Whether `origin` is this node's own origin on this machine: its host is `localhost` or
+/// a loopback address and it is the origin the request was sent to (`host`, the `Host`
+/// header). A dev-mode node serves such pages (its own `/demo/`). DNS rebinding cannot
+/// pass for one: a foreign page's `Origin` and `Host` name the foreign host, not a loopback
+/// one; and a page on another local port has another origin.
+pub fn is_own_loopback_origin(origin: &str, host: &str) -> bool {
+    let Ok(o) = normalise_origin(origin) else { return false };
+    let Some((scheme, authority)) = o.split_once("://") else { return false };
+    let name = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    let loopback =
+        name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    loopback && normalise_origin(&format!("{scheme}://{host}")).is_ok_and(|h| h == o)
+}
+
 /// The browser origin of a (normalised) region URL: `wss://eu.example.com/x` is
 /// `https://eu.example.com`.
 fn origin_of_region_url(url: &str) -> Option<String> {

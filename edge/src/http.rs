@@ -38,6 +38,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sessions", get(session_open))
         .route("/v1/sessions/{id}", post(session_post).delete(session_delete))
         .route("/v1/sessions/{id}/poll", get(session_poll))
+        .route("/demo", get(|| async { axum::response::Redirect::permanent("/demo/") }))
+        .route("/demo/", get(|node: State<Arc<Node>>| demo_file(node, Path("index.html".into()))))
+        .route("/demo/{file}", get(demo_file))
         .layer(DefaultBodyLimit::max(body_limit))
         // The last layer is the outermost: `guard_origin` refuses a browser origin that is
         // not allowed before anything (its preflight too); then the CORS layer answers
@@ -83,7 +86,12 @@ async fn guard_origin(
 ) -> Response {
     let headers = req.headers();
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let allowed = origin.to_str().ok().is_some_and(|o| node.settings().config.cors.allows(o));
+        let dev = node.settings().auth.mode() == crate::auth::AuthMode::Dev;
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let allowed = origin.to_str().ok().is_some_and(|o| {
+            node.settings().config.cors.allows(o)
+                || (dev && host.is_some_and(|h| crate::config::is_own_loopback_origin(o, h)))
+        });
         if !allowed {
             let reason = format!(
                 "origin {:?} is not in cors.allowed_origins",
@@ -93,6 +101,35 @@ async fn guard_origin(
         }
     }
     next.run(req).await
+}
+
+/// The demo chat (edge/demo/: a page, its script and the TypeScript SDK's bundle, built
+/// from js/ by `npm run build`), embedded in the binary.
+const DEMO_FILES: [(&str, &str, &[u8]); 3] = [
+    ("index.html", "text/html; charset=utf-8", include_bytes!("../demo/index.html")),
+    ("demo.js", "text/javascript; charset=utf-8", include_bytes!("../demo/demo.js")),
+    ("tern.min.js", "text/javascript; charset=utf-8", include_bytes!("../demo/tern.min.js")),
+];
+
+/// `GET /demo/{file}`: the demo chat, on dev-mode nodes only (it connects anonymously;
+/// a token-mode node answers 404).
+async fn demo_file(State(node): State<Arc<Node>>, Path(file): Path<String>) -> Response {
+    let dev = node.settings().auth.mode() == crate::auth::AuthMode::Dev;
+    match DEMO_FILES.iter().find(|(name, _, _)| *name == file) {
+        Some((_, mime, body)) if dev => {
+            ([(header::CONTENT_TYPE, *mime), (header::CACHE_CONTROL, "no-cache")], *body)
+                .into_response()
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            if dev {
+                "no such demo file".into()
+            } else {
+                "the demo is served in dev mode only".into()
+            },
+        ),
+    }
 }
 
 /// `GET /readyz`: 200 once the node is ready for traffic, 503 (with `Retry-After: 1`) while

@@ -172,7 +172,9 @@ async fn the_default_is_the_clusters_own_origins_and_a_star_allows_every_origin(
         tokio_tungstenite::connect_async(req)
     };
     let (n, dir) = node(&[], &["wss://EU.edge.example/", "ws://us.edge.example:8080"]).await;
-    for refused in ["https://evil.example".to_owned(), format!("http://{}", n.addr)] {
+    // Another local page (another port); a rebound DNS name for this very node.
+    let rebound = format!("http://evil.example:{}", n.addr.port());
+    for refused in ["https://evil.example".to_owned(), "http://127.0.0.1:1".to_owned(), rebound] {
         match open(n.addr, Some(refused.clone())).await {
             Err(WsError::Http(res)) => assert_eq!(res.status(), 403, "{refused}"),
             r => panic!("{refused}: expected 403, got {:?}", r.map(|_| ())),
@@ -210,4 +212,66 @@ async fn the_default_is_the_clusters_own_origins_and_a_star_allows_every_origin(
     assert_eq!(header(&h, "access-control-allow-origin"), Some("https://anyone.example"));
     n.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A dev-mode node serves the demo chat at `/demo/` (embedded in the binary) and lets the
+/// page it served use it: its own loopback origin, the WebSocket and HTTP alike. Another
+/// local port, or a foreign name resolved to the node (DNS rebinding), stays refused; a
+/// token-mode node serves no demo.
+#[tokio::test]
+async fn a_dev_node_serves_the_demo_and_its_own_page_may_use_it() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (n, dir) = node(&[], &[]).await;
+    let host = n.addr.to_string();
+    let get = |path: &'static str| request(n.addr, "GET", path, &[("Host", "x")], b"");
+    let (status, h, _) = get("/demo").await;
+    assert_eq!((status, header(&h, "location")), (308, Some("/demo/")));
+    let (status, h, page) = get("/demo/").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "content-type"), Some("text/html; charset=utf-8"));
+    assert!(page.contains("<script type=\"module\" src=\"demo.js\">"), "{page}");
+    let (status, _, script) = get("/demo/demo.js").await;
+    assert_eq!(status, 200);
+    assert!(script.contains("from './tern.min.js'"));
+    let (status, h, sdk) = get("/demo/tern.min.js").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "content-type"), Some("text/javascript; charset=utf-8"));
+    assert!(sdk.contains("/v1/sessions?transport="), "the SDK bundle");
+    assert_eq!(get("/demo/../Cargo.toml").await.0, 404);
+    assert_eq!(get("/demo/nothing.js").await.0, 404);
+
+    let ws = |origin: String, host: String| {
+        let mut req = format!("ws://{}/v1/ws", n.addr).into_client_request().unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        req.headers_mut().insert("host", host.parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    let own = format!("http://{host}");
+    assert!(ws(own.clone(), host.clone()).await.is_ok(), "the page the node served");
+    let local = format!("http://localhost:{}", n.addr.port());
+    assert!(ws(local.clone(), format!("localhost:{}", n.addr.port())).await.is_ok());
+    let rebound = format!("evil.example:{}", n.addr.port());
+    assert!(ws(format!("http://{rebound}"), rebound).await.is_err(), "DNS rebinding");
+    assert!(ws("http://127.0.0.1:1".into(), host.clone()).await.is_err(), "another local page");
+    let (status, _, _) = request(
+        n.addr,
+        "POST",
+        "/v1/channels/log:demo/messages",
+        &[("Host", &host), ("Origin", &own), ("Content-Type", "text/plain")],
+        b"from the demo",
+    )
+    .await;
+    assert_eq!(status, 201);
+    n.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let n = TestNode::start(|cfg| {
+        cfg.auth.mode = tern_edge::auth::AuthMode::Token;
+        cfg.auth.hs256_secret = Some("a-secret-of-at-least-32-bytes-for-tests".into());
+    })
+    .await;
+    let (status, _, body) = request(n.addr, "GET", "/demo/", &[("Host", "x")], b"").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("dev mode only"), "{body}");
+    n.stop().await;
 }
