@@ -29,6 +29,7 @@ import {
 import { rank, regions, httpBase, ping } from './nearest.js';
 import { Cursor, RecentIds } from './resume.js';
 import { renewDelay, tokenExpiryMs } from './token.js';
+import { Bucket } from './pacer.js';
 import { openLink, type Link, type TransportKind, type WebSocketCtor } from './transport.js';
 
 /** The connection's state (see js/README.md, "States"). */
@@ -79,6 +80,8 @@ export interface ConnectionInfo {
   heartbeatIntervalMs: number;
   idleTimeoutMs: number;
   resumeWindowMs: number;
+  /** This connection's limits; the client paces its frames and publishes below them. */
+  limits: Limits;
   transport: TransportKind;
   url: string;
 }
@@ -139,9 +142,17 @@ export interface Discontinuity {
 
 /** A refused request or a failed operation. */
 export class TernError extends Error {
+  /** A publish's idempotency key: retry with it (`PublishOptions.id`) so it is never doubled. */
+  messageId?: string;
+
   constructor(
-    /** A protocol error code, or `timeout` / `closed` for the client's own. */
-    readonly code: ErrorCode | 'timeout' | 'closed',
+    /**
+     * A protocol error code, or the client's own: `timeout` (no answer within
+     * `requestTimeoutMs`), `closed` (the client was closed or failed), `disconnected` (a
+     * request that cannot be carried to another connection: a history read), `unsubscribed`
+     * (a subscribe overtaken by an unsubscribe).
+     */
+    readonly code: ErrorCode | 'timeout' | 'closed' | 'disconnected' | 'unsubscribed',
     readonly reason: string,
     /** For RATE_LIMITED and UNAVAILABLE: when to retry. */
     readonly retryAfterMs?: number,
@@ -205,6 +216,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal */ roster = new Map<string, Member>();
   /** @internal */ snapshot: Member[] | undefined;
   /** @internal */ waiters: { resolve: (s: Subscription) => void; reject: (e: TernError) => void }[] = [];
+  /** @internal A presence upgrade waits for its confirmation (a refusal keeps the messages). */
+  upgrading = false;
   /** Messages dropped as repeats (the vector or a recent id covered them). */
   repeats = 0;
 
@@ -289,11 +302,21 @@ interface Pending {
   resolve: (body: Record<string, unknown>) => void;
   reject: (e: TernError) => void;
   deadline: number;
-  /** Publishes: sent on this connection (and not nacked for a retry). */
+  /** Sent on this connection (publishes: and not nacked for a retry). */
   sent: boolean;
-  /** Publishes: the channel (for `after`). */
+  /** Publishes: the channel (for `after` and the namespace's rate) and the id. */
   channel?: string;
+  messageId?: string;
 }
+
+/** Requests kept per client for `after`: the last ack's identity per channel (LRU). */
+const ACKED_CHANNELS = 10_000;
+/** Most bytes of frames a client queues while it waits for the node's rates (beyond: refused). */
+const OUTBOX_FRAMES = 10_000;
+/** A connection that lasted this long resets the back-off. */
+const STABLE_MS = 10_000;
+/** Attempts that failed to open while the node answered `/v1/ping` before the client falls back. */
+const FALLBACK_AFTER = 2;
 
 let instances = 0;
 
@@ -312,26 +335,43 @@ export class Client extends Emitter<ClientEvents> {
   private nextRequest = 0;
   private readonly pending = new Map<number, Pending>();
   private readonly subs = new Map<string, Subscription>();
-  private readonly subRequests = new Map<number, string>();
+  /** Subscribe request ids on this connection, to their subscription (snapshot pages too). */
+  private readonly subRequests = new Map<number, Subscription>();
   private readonly entered = new Map<string, Payload | undefined>();
   private readonly acked = new Map<string, OriginPosition>();
   private readonly timers = new Set<ReturnType<typeof setTimeout>>();
-  private readonly transports = new Map<string, { kind: TransportKind; until: number }>();
+  private readonly transports = new Map<string, { kind: TransportKind; until: number; failures: number }>();
   private lastReceived = 0;
   private heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   private renewTimer: ReturnType<typeof setTimeout> | undefined;
   private sweepTimer: ReturnType<typeof setInterval> | undefined;
+  private stableTimer: ReturnType<typeof setTimeout> | undefined;
   private holdUntil = 0;
   private disconnectedAt = 0;
+  private everConnected = false;
   private previousConnection: { node: string; connectionId: string } | undefined;
   private readonly idPrefix = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}${(instances++).toString(36)}`;
   private nextId = 0;
-  private firstConnect: { resolve: () => void; reject: (e: TernError) => void } | undefined;
+  private firstConnect: Promise<void> | undefined;
+  private settleFirst: { resolve: () => void; reject: (e: TernError) => void } | undefined;
   private nonce = 0;
+  /** Frames waiting for the node's rates (pacing), in order. */
+  private outbox: ClientFrame[] = [];
+  private frameBucket: Bucket | undefined;
+  private publishBuckets = new Map<string, Bucket>();
+  private pumpTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(options: ClientOptions) {
     super();
-    if (!options.url && !options.nearest) throw new TypeError('tern: options.url or options.nearest is required');
+    const urls = ([] as string[]).concat(options.url ?? [], options.nearest ?? []);
+    if (urls.length === 0) throw new TypeError('tern: options.url or options.nearest is required');
+    for (const u of urls) {
+      try {
+        httpBase(u);
+      } catch {
+        throw new TypeError(`tern: ${JSON.stringify(u)} is not a URL (ws, wss, http or https)`);
+      }
+    }
     this.options = { requestTimeoutMs: 15_000, connectTimeoutMs: 10_000, ...options };
     this.backoff = { ...DEFAULT_BACKOFF, ...options.backoff };
     this.token = options.token;
@@ -347,13 +387,17 @@ export class Client extends Emitter<ClientEvents> {
     return this.st === 'connected' ? this.info : undefined;
   }
 
-  /** Connects (ranking regions first with `nearest`); resolves at the first `connected`. */
+  /**
+   * Connects (ranking regions first with `nearest`); resolves at the first `connected`,
+   * rejects if the client fails or is closed before. Calling it again returns the same promise.
+   */
   connect(): Promise<void> {
-    if (this.st !== 'initialized') return Promise.resolve();
-    const p = new Promise<void>((resolve, reject) => (this.firstConnect = { resolve, reject }));
+    if (this.firstConnect) return this.firstConnect;
+    if (this.stopped()) return Promise.reject(new TernError('closed', `the client is ${this.st}`));
+    this.firstConnect = new Promise<void>((resolve, reject) => (this.settleFirst = { resolve, reject }));
     this.sweepTimer = setInterval(() => this.sweep(), 250);
+    this.setState('connecting');
     void (async () => {
-      this.setState('connecting');
       if (this.options.nearest) {
         try {
           const ranked = await rank(await regions(this.options.nearest));
@@ -367,7 +411,7 @@ export class Client extends Emitter<ClientEvents> {
       }
       await this.dial();
     })();
-    return p;
+    return this.firstConnect;
   }
 
   /** Closed or failed: nothing more to do. */
@@ -385,12 +429,13 @@ export class Client extends Emitter<ClientEvents> {
     this.emit('state', change);
   }
 
-  private later(ms: number, f: () => void): void {
+  private later(ms: number, f: () => void): ReturnType<typeof setTimeout> {
     const t = setTimeout(() => {
       this.timers.delete(t);
       f();
     }, ms);
     this.timers.add(t);
+    return t;
   }
 
   private transportFor(url: string): TransportKind {
@@ -402,7 +447,7 @@ export class Client extends Emitter<ClientEvents> {
 
   /** One connection attempt to the current URL. */
   private async dial(): Promise<void> {
-    if (this.st === 'closed' || this.st === 'failed') return;
+    if (this.stopped()) return;
     if (this.options.authCallback && (!this.token || (tokenExpiryMs(this.token) ?? Infinity) < Date.now() + 1000)) {
       try {
         this.token = await this.options.authCallback();
@@ -417,13 +462,14 @@ export class Client extends Emitter<ClientEvents> {
     const kind = this.transportFor(url);
     let opened = false;
     let settled = false;
-    const connectTimer = setTimeout(() => {
+    const connectTimer = this.later(this.options.connectTimeoutMs, () => {
       if (!settled) fail(1006, `no connected within ${this.options.connectTimeoutMs} ms`);
-    }, this.options.connectTimeoutMs);
+    });
     const fail = (code: number, reason: string): void => {
       if (settled) return;
       settled = true;
       clearTimeout(connectTimer);
+      this.timers.delete(connectTimer);
       this.link?.close();
       this.link = undefined;
       void this.attemptFailed(url, kind, opened, code, reason);
@@ -452,6 +498,7 @@ export class Client extends Emitter<ClientEvents> {
               if (f.type === 'connected') {
                 settled = true;
                 clearTimeout(connectTimer);
+                this.timers.delete(connectTimer);
                 this.onConnected(link, url, kind, f.body);
               }
               return;
@@ -480,17 +527,27 @@ export class Client extends Emitter<ClientEvents> {
     code: number,
     reason: string,
   ): Promise<void> {
-    if (this.st === 'closed') return;
+    if (this.stopped()) return;
     if (code === 4003) {
       this.unauthorized(reason);
       return;
     }
     if (!opened && (this.options.transport ?? 'auto') === 'auto' && kind !== 'poll') {
-      // The transport did not open. If the node answers plain HTTP, the transport itself is
-      // blocked (a proxy refusing upgrades, a middlebox buffering streams): fall back.
+      // The transport did not open. If the node answers plain HTTP, the transport itself may
+      // be blocked on the way (a proxy refusing upgrades, a middlebox buffering streams):
+      // after FALLBACK_AFTER such attempts in a row (one before the first connection), fall
+      // back to the next transport for this URL.
       if ((await ping(url)) < Infinity) {
-        this.transports.set(url, { kind: kind === 'websocket' ? 'stream' : 'poll', until: Date.now() + 5 * 60_000 });
-        return this.dial();
+        const kept = this.transports.get(url);
+        const failures = (kept?.kind === kind ? kept.failures : 0) + 1;
+        if (failures >= (this.everConnected ? FALLBACK_AFTER : 1)) {
+          const next = kind === 'websocket' ? 'stream' : 'poll';
+          this.transports.set(url, { kind: next, until: Date.now() + 5 * 60_000, failures: 0 });
+          return this.dial();
+        }
+        this.transports.set(url, { kind, until: Date.now() + 5 * 60_000, failures });
+        this.retry(reason, code);
+        return;
       }
     }
     this.urlIndex++;
@@ -498,7 +555,7 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   private retry(reason: string, code?: number): void {
-    if (this.st === 'closed' || this.st === 'failed') return;
+    if (this.stopped()) return;
     if (this.disconnectedAt === 0) this.disconnectedAt = Date.now();
     const window = this.info?.resumeWindowMs || 120_000;
     const state =
@@ -513,7 +570,7 @@ export class Client extends Emitter<ClientEvents> {
 
   private unauthorized(reason: string): void {
     if (this.options.authCallback) {
-      // A fresh token, then at once.
+      // A fresh token from the callback, then again.
       this.token = undefined;
       this.retry(`unauthorized: ${reason}`, 4003);
       return;
@@ -523,13 +580,15 @@ export class Client extends Emitter<ClientEvents> {
 
   private fail(e: TernError, code?: number): void {
     this.stopTimers();
+    this.link?.close();
+    this.link = undefined;
     this.setState('failed', e.reason, code);
     this.rejectAll(e);
   }
 
   private rejectAll(e: TernError): void {
-    this.firstConnect?.reject(e);
-    this.firstConnect = undefined;
+    this.settleFirst?.reject(e);
+    this.settleFirst = undefined;
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
     for (const s of this.subs.values()) for (const w of s.waiters.splice(0)) w.reject(e);
@@ -538,9 +597,11 @@ export class Client extends Emitter<ClientEvents> {
   private onConnected(link: Link, url: string, kind: TransportKind, b: Record<string, unknown>): void {
     this.link = link;
     this.linkUrl = url;
-    this.attempt = 0;
+    this.everConnected = true;
     this.disconnectedAt = 0;
     this.holdUntil = 0;
+    const kept = this.transports.get(url);
+    if (kept) kept.failures = 0;
     this.info = {
       connectionId: field.str(b['connectionId']),
       node: field.str(b['node']),
@@ -549,10 +610,24 @@ export class Client extends Emitter<ClientEvents> {
       heartbeatIntervalMs: field.num(b['heartbeatIntervalMs']) || 20_000,
       idleTimeoutMs: field.num(b['idleTimeoutMs']) || 45_000,
       resumeWindowMs: field.num(b['resumeWindowMs']) || 120_000,
+      limits: limitsOf(b['limits']),
       transport: kind,
       url,
     };
     this.previousConnection = { node: this.info.node, connectionId: this.info.connectionId };
+    // The back-off resets only once a connection has proved stable: a node that closes
+    // every connection at once is not hammered.
+    clearTimeout(this.stableTimer);
+    this.stableTimer = setTimeout(() => (this.attempt = 0), STABLE_MS);
+    // Pacing by this connection's limits.
+    const now = Date.now();
+    const l = this.info.limits;
+    this.frameBucket = Bucket.paced(l.frameRate, l.frameBurst, now);
+    this.publishBuckets = new Map([['', Bucket.paced(l.publishRate, l.publishBurst, now)]]);
+    for (const ns of l.namespaces) {
+      if (ns.publishRate > 0) this.publishBuckets.set(ns.namespace, Bucket.paced(ns.publishRate, ns.publishBurst, now));
+    }
+    this.outbox = [];
     // Heartbeats: browsers cannot see pings, so the client sends frames and watches for any.
     clearInterval(this.heartbeatTimer);
     const every = Math.min(this.info.heartbeatIntervalMs, this.info.idleTimeoutMs / 3);
@@ -573,7 +648,7 @@ export class Client extends Emitter<ClientEvents> {
         presence: { requestId: this.requestId(), channel, action: 'PRESENCE_ACTION_ENTER', ...payloadFields(data) },
       });
     }
-    for (const [id, p] of [...this.pending].sort((a, b) => a[0] - b[0])) {
+    for (const [id, p] of [...this.pending].sort((x, y) => x[0] - y[0])) {
       if (p.kind === 'auth') {
         // The connect carried the newest token.
         this.pending.delete(id);
@@ -586,8 +661,8 @@ export class Client extends Emitter<ClientEvents> {
     this.setState('connected');
     this.send(frames);
     this.emit('connected', this.info);
-    this.firstConnect?.resolve();
-    this.firstConnect = undefined;
+    this.settleFirst?.resolve();
+    this.settleFirst = undefined;
   }
 
   private frameOf(id: number, p: Pending): ClientFrame {
@@ -605,7 +680,7 @@ export class Client extends Emitter<ClientEvents> {
     this.renewTimer = setTimeout(() => void this.renew(), renewDelay(expiresAtMs, Date.now()));
   }
 
-  /** In-band renewal: a fresh token from the callback, sent as `auth`. */
+  /** In-band renewal: a fresh token from the callback, sent as `auth`; kept once accepted. */
   private async renew(): Promise<void> {
     if (!this.options.authCallback || this.st !== 'connected') return;
     let token: string;
@@ -616,9 +691,9 @@ export class Client extends Emitter<ClientEvents> {
       this.scheduleRenewal(Date.now() + 3000);
       return;
     }
-    this.token = token;
     try {
       const b = await this.request('auth', () => ({ auth: { token } }));
+      this.token = token;
       this.scheduleRenewal(field.num(b['expiresAtMs']) || tokenExpiryMs(token));
     } catch (e) {
       if (e instanceof TernError && e.code !== 'closed') {
@@ -633,13 +708,46 @@ export class Client extends Emitter<ClientEvents> {
     return this.nextRequest;
   }
 
+  /** Queues frames for this connection; they leave as the node's rates allow, in order. */
   private send(frames: ClientFrame[]): void {
-    if (frames.length > 0 && this.st === 'connected') this.link?.send(frames);
+    if (frames.length === 0 || this.st !== 'connected') return;
+    this.outbox.push(...frames);
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.pumpTimer !== undefined || !this.link) return;
+    const now = Date.now();
+    const ready: ClientFrame[] = [];
+    let wait = 0;
+    while (this.outbox.length > 0) {
+      const f = this.outbox[0] as ClientFrame;
+      const publish = f['publish'] as { channel?: string } | undefined;
+      const bucket = publish ? this.publishBucket(String(publish.channel)) : undefined;
+      wait = Math.max(this.frameBucket?.wait(now) ?? 0, bucket?.wait(now) ?? 0);
+      if (wait > 0) break;
+      this.frameBucket?.take(now);
+      bucket?.take(now);
+      ready.push(this.outbox.shift() as ClientFrame);
+    }
+    if (ready.length > 0) this.link.send(ready);
+    if (this.outbox.length > 0) {
+      this.pumpTimer = setTimeout(() => {
+        this.pumpTimer = undefined;
+        this.pump();
+      }, wait);
+    }
+  }
+
+  private publishBucket(channel: string): Bucket | undefined {
+    const cut = channel.indexOf(':');
+    const ns = cut > 0 ? channel.slice(0, cut) : '';
+    return this.publishBuckets.get(ns) ?? this.publishBuckets.get('');
   }
 
   private subscribeFrame(sub: Subscription): ClientFrame {
     const requestId = this.requestId();
-    this.subRequests.set(requestId, sub.channel);
+    this.subRequests.set(requestId, sub);
     const f: Record<string, unknown> = { requestId, channel: sub.channel };
     if (sub.options.presence) f['presence'] = true;
     const resume = sub.cursor.resume();
@@ -659,10 +767,28 @@ export class Client extends Emitter<ClientEvents> {
     this.link = undefined;
     clearInterval(this.heartbeatTimer);
     clearTimeout(this.renewTimer);
+    clearTimeout(this.stableTimer);
+    clearTimeout(this.pumpTimer);
+    this.pumpTimer = undefined;
+    this.outbox = [];
     this.subRequests.clear();
-    for (const p of this.pending.values()) p.sent = false;
-    if (this.st === 'closed') return;
-    if (code === 4003) return this.unauthorized(reason);
+    for (const sub of this.subs.values()) {
+      sub.confirmed = false;
+      sub.upgrading = false;
+    }
+    for (const [id, p] of this.pending) {
+      p.sent = false;
+      if (p.kind === 'history') {
+        // Offsets are one node's: a read is not carried to the next connection.
+        this.pending.delete(id);
+        p.reject(new TernError('disconnected', `the connection dropped (${code}: ${reason})`));
+      }
+    }
+    if (this.stopped()) return;
+    if (code === 4003) {
+      this.unauthorized(reason);
+      return;
+    }
     // Shutting down (1001): another node at once. Otherwise the same node first: resuming
     // there is cheapest; a failed attempt moves on along the ranking.
     if (code === 1001) this.urlIndex++;
@@ -675,7 +801,9 @@ export class Client extends Emitter<ClientEvents> {
     for (const [id, p] of this.pending) {
       if (now > p.deadline) {
         this.pending.delete(id);
-        p.reject(new TernError('timeout', `no answer within ${this.options.requestTimeoutMs} ms`));
+        const e = new TernError('timeout', `no answer within ${this.options.requestTimeoutMs} ms`);
+        if (p.messageId !== undefined) e.messageId = p.messageId;
+        p.reject(e);
       }
     }
     if (this.st === 'connected' && this.holdUntil !== 0 && now >= this.holdUntil) {
@@ -691,9 +819,17 @@ export class Client extends Emitter<ClientEvents> {
     }
   }
 
-  private request(kind: Pending['kind'], body: () => ClientFrame, channel?: string): Promise<Record<string, unknown>> {
-    if (this.st === 'closed' || this.st === 'failed')
-      return Promise.reject(new TernError('closed', `the client is ${this.st}`));
+  private request(
+    kind: Pending['kind'],
+    body: () => ClientFrame,
+    extra: { channel?: string; messageId?: string } = {},
+  ): Promise<Record<string, unknown>> {
+    if (this.stopped()) return Promise.reject(new TernError('closed', `the client is ${this.st}`));
+    if (this.outbox.length >= OUTBOX_FRAMES) {
+      return Promise.reject(
+        new TernError('ERROR_CODE_RATE_LIMITED', `${OUTBOX_FRAMES} frames already wait for the node's rate limits`),
+      );
+    }
     return new Promise((resolve, reject) => {
       const id = this.requestId();
       const p: Pending = {
@@ -709,7 +845,8 @@ export class Client extends Emitter<ClientEvents> {
           return f;
         },
       };
-      if (channel !== undefined) p.channel = channel;
+      if (extra.channel !== undefined) p.channel = extra.channel;
+      if (extra.messageId !== undefined) p.messageId = extra.messageId;
       this.pending.set(id, p);
       if (this.st === 'connected' && (kind !== 'publish' || this.holdUntil === 0)) {
         p.sent = true;
@@ -728,10 +865,8 @@ export class Client extends Emitter<ClientEvents> {
         for (const raw of field.list(b['messages'])) this.deliver(message(raw));
         return;
       case 'subscribed': {
-        const channel = this.subRequests.get(requestId);
-        const sub = channel === undefined ? undefined : this.subs.get(channel);
-        if (!sub) return;
-        this.subRequests.delete(requestId);
+        const sub = this.subRequests.get(requestId);
+        if (!sub || this.subs.get(sub.channel) !== sub) return;
         if (!field.bool(b['resumed'])) {
           sub.cursor.start(
             this.info?.node ?? '',
@@ -740,14 +875,14 @@ export class Client extends Emitter<ClientEvents> {
           );
         }
         sub.confirmed = true;
+        sub.upgrading = false;
         for (const w of sub.waiters.splice(0)) w.resolve(sub);
-        // The snapshot's pages share the subscribe's request id.
-        if (sub.options.presence) this.subRequests.set(requestId, channel as string);
+        // The presence snapshot's pages carry the subscribe's request id.
+        if (!sub.options.presence) this.subRequests.delete(requestId);
         return;
       }
       case 'presenceReply': {
-        const channel = this.subRequests.get(requestId);
-        const sub = channel === undefined ? undefined : this.subs.get(channel);
+        const sub = this.subRequests.get(requestId);
         if (sub) {
           sub.snapshot = (sub.snapshot ?? []).concat(field.list(b['members']).map(member));
           if (field.str(b['next']) === '') {
@@ -756,7 +891,8 @@ export class Client extends Emitter<ClientEvents> {
           }
           return;
         }
-        return this.answer(requestId, b);
+        this.answer(requestId, b);
+        return;
       }
       case 'presence': {
         const sub = this.subs.get(field.str(b['channel']));
@@ -775,13 +911,14 @@ export class Client extends Emitter<ClientEvents> {
         return;
       case 'ack': {
         const origin = field.str(b['origin']);
-        if (origin !== '')
-          this.acked.set(field.str(b['channel']), {
-            origin,
-            epoch: int64(b['originEpoch']),
-            seq: int64(b['originSeq']),
-          });
-        return this.answer(requestId, b);
+        if (origin !== '') {
+          const channel = field.str(b['channel']);
+          this.acked.delete(channel);
+          this.acked.set(channel, { origin, epoch: int64(b['originEpoch']), seq: int64(b['originSeq']) });
+          if (this.acked.size > ACKED_CHANNELS) this.acked.delete(this.acked.keys().next().value as string);
+        }
+        this.answer(requestId, b);
+        return;
       }
       case 'nack': {
         const code = errorCode(b['code']);
@@ -792,47 +929,67 @@ export class Client extends Emitter<ClientEvents> {
           this.holdUntil = Math.max(this.holdUntil, Date.now() + Math.max(1, field.num(b['retryAfterMs'])));
           return;
         }
-        return this.refuse(requestId, code, field.str(b['reason']), field.num(b['retryAfterMs']));
+        this.refuse(requestId, code, field.str(b['reason']), field.num(b['retryAfterMs']));
+        return;
       }
       case 'unsubscribed':
       case 'history':
       case 'authRenewed':
-        return this.answer(requestId, b);
-      case 'error': {
-        const code = errorCode(b['code']);
-        const reason = field.str(b['reason']);
-        const subChannel = this.subRequests.get(requestId);
-        if (subChannel !== undefined) {
-          const sub = this.subs.get(subChannel);
-          this.subRequests.delete(requestId);
-          if (sub && !sub.confirmed) {
-            this.subs.delete(subChannel);
-            sub.ended = true;
-            for (const w of sub.waiters.splice(0)) w.reject(new TernError(code, reason));
-          }
-          return;
-        }
-        if (requestId !== 0 && this.pending.has(requestId)) return this.refuse(requestId, code, reason);
-        const channel = field.str(b['channel']);
-        const sub = this.subs.get(channel);
-        if (requestId === 0 && code === 'ERROR_CODE_FORBIDDEN' && sub) {
-          // A renewed token no longer allows the channel: the node ended it.
-          this.subs.delete(channel);
-          sub.ended = true;
-          sub.fire('error', new TernError(code, reason));
-          return;
-        }
-        this.emit('error', new TernError(code, reason));
+        this.answer(requestId, b);
         return;
-      }
+      case 'error':
+        this.onError(requestId, b);
+        return;
       default:
         return; // heartbeat answers and frames of later versions
     }
   }
 
+  private onError(requestId: number, b: Record<string, unknown>): void {
+    const code = errorCode(b['code']);
+    const reason = field.str(b['reason']);
+    const sub = this.subRequests.get(requestId);
+    if (sub) {
+      this.subRequests.delete(requestId);
+      if (this.subs.get(sub.channel) !== sub) return;
+      const e = new TernError(code, reason);
+      if (sub.upgrading) {
+        // A refused presence upgrade: the messages go on without presence.
+        sub.upgrading = false;
+        sub.options.presence = false;
+        sub.confirmed = true;
+        for (const w of sub.waiters.splice(0)) w.reject(e);
+        return;
+      }
+      // A refused subscribe, first or after a reconnect (e.g. a limit on the new node): the
+      // subscription ends, and says so.
+      this.subs.delete(sub.channel);
+      sub.ended = true;
+      const waiters = sub.waiters.splice(0);
+      for (const w of waiters) w.reject(e);
+      if (waiters.length === 0) sub.fire('error', e);
+      return;
+    }
+    if (requestId !== 0 && this.pending.has(requestId)) {
+      this.refuse(requestId, code, reason);
+      return;
+    }
+    const channel = field.str(b['channel']);
+    const revoked = this.subs.get(channel);
+    if (requestId === 0 && code === 'ERROR_CODE_FORBIDDEN' && revoked) {
+      // A renewed token no longer allows the channel: the node ended it.
+      this.subs.delete(channel);
+      revoked.ended = true;
+      revoked.fire('error', new TernError(code, reason));
+      return;
+    }
+    this.emit('error', new TernError(code, reason));
+  }
+
   private deliver(m: Message): void {
     const sub = this.subs.get(m.channel);
-    if (!sub || sub.ended) return;
+    // Before its `subscribed`, a message is an earlier subscription's (unsubscribed since).
+    if (!sub || sub.ended || !sub.cursor.known) return;
     if (!sub.cursor.advance(this.info?.node ?? '', m) || !sub.recent.insert(m.id, Date.now())) {
       sub.repeats++;
       return;
@@ -851,32 +1008,36 @@ export class Client extends Emitter<ClientEvents> {
     const p = this.pending.get(requestId);
     if (!p) return;
     this.pending.delete(requestId);
-    p.reject(new TernError(code, reason, retryAfterMs || undefined));
+    const e = new TernError(code, reason, retryAfterMs || undefined);
+    if (p.messageId !== undefined) e.messageId = p.messageId;
+    p.reject(e);
   }
 
   // ---- the API ----
 
   /**
    * Subscribes to `channel`. Resolves once the node confirmed it; messages follow, each once
-   * and in order, across reconnects. Subscribing again returns the same subscription.
+   * and in order, across reconnects. Subscribing again returns the same subscription (with
+   * `presence: true`, adding presence to it).
    */
   subscribe(channel: string, options: SubscribeOptions = {}): Promise<Subscription> {
-    if (this.st === 'closed' || this.st === 'failed')
-      return Promise.reject(new TernError('closed', `the client is ${this.st}`));
+    if (this.stopped()) return Promise.reject(new TernError('closed', `the client is ${this.st}`));
     let sub = this.subs.get(channel);
-    const fresh = !sub;
+    let send = false;
     if (!sub) {
       sub = new Subscription(this, channel, { ...options });
       this.subs.set(channel, sub);
+      send = true;
     } else if (options.presence && !sub.options.presence) {
       sub.options.presence = true;
-      sub.confirmed = false;
+      sub.upgrading = true;
+      send = true;
     } else if (sub.confirmed) {
       return Promise.resolve(sub);
     }
     const s = sub;
     const p = new Promise<Subscription>((resolve, reject) => s.waiters.push({ resolve, reject }));
-    if ((fresh || !s.confirmed) && this.st === 'connected') this.send([this.subscribeFrame(s)]);
+    if (send && this.st === 'connected') this.send([this.subscribeFrame(s)]);
     return p;
   }
 
@@ -886,20 +1047,33 @@ export class Client extends Emitter<ClientEvents> {
     if (!sub) return;
     this.subs.delete(channel);
     sub.ended = true;
+    for (const w of sub.waiters.splice(0)) w.reject(new TernError('unsubscribed', `${channel} was unsubscribed`));
     if (this.st === 'connected')
       await this.request('unsubscribe', () => ({ unsubscribe: { channel } })).catch(() => {});
   }
 
   /**
    * Publishes `data` to `channel`. Resolves with the ack; a publish interrupted by a drop is
-   * sent again with the same id (so it is never doubled) until `requestTimeoutMs`.
+   * sent again with the same id (so it is never doubled) until `requestTimeoutMs`. A refusal
+   * or timeout is a {@link TernError} carrying the `messageId` to retry with.
    */
   async publish(channel: string, data: Payload, options: PublishOptions = {}): Promise<Ack> {
     const id = options.id ?? `${this.idPrefix}-${++this.nextId}`;
+    const limits = this.info?.limits;
+    const cut = channel.indexOf(':');
+    const ns = limits?.namespaces.find((x) => cut > 0 && x.namespace === channel.slice(0, cut));
+    const max = ns?.maxMessageBytes || limits?.maxMessageBytes || 0;
+    const size = typeof data === 'string' ? new TextEncoder().encode(data).length : data.length;
+    if (max > 0 && size > max) {
+      // Refused here: sent, it would be refused by the node (or close the connection).
+      const e = new TernError('ERROR_CODE_MESSAGE_TOO_LARGE', `payload is ${size} bytes; the limit is ${max}`);
+      e.messageId = id;
+      throw e;
+    }
     const f: Record<string, unknown> = { channel, id, ...payloadFields(data) };
     if (options.name) f['name'] = options.name;
     if (options.durability === 'replicated') f['durability'] = 'DURABILITY_REPLICATED';
-    const b = await this.request('publish', () => ({ publish: { ...f } }), channel);
+    const b = await this.request('publish', () => ({ publish: { ...f } }), { channel, messageId: id });
     return {
       channel: field.str(b['channel']),
       messageId: field.str(b['messageId']),
@@ -912,7 +1086,12 @@ export class Client extends Emitter<ClientEvents> {
     };
   }
 
-  /** Reads a page of `channel`'s history (newest first unless `forwards`). */
+  /**
+   * Reads a page of `channel`'s history (newest first unless `forwards`). Offsets are one
+   * node's: a read in flight when the connection drops rejects with `disconnected`, and
+   * `next()` after the client moved to another node rejects likewise (start again from the
+   * first page there).
+   */
   async history(channel: string, query: HistoryQuery = {}): Promise<HistoryPage> {
     const f: Record<string, unknown> = { channel };
     if (query.limit) f['limit'] = query.limit;
@@ -921,12 +1100,20 @@ export class Client extends Emitter<ClientEvents> {
     if (query.to !== undefined) f['to'] = query.to;
     if (query.sinceMs !== undefined) f['sinceMs'] = String(query.sinceMs);
     if (query.untilMs !== undefined) f['untilMs'] = String(query.untilMs);
+    const node = this.info?.node;
     const b = await this.request('history', () => ({ history: { ...f } }));
     const nextFrom = b['nextFrom'] === undefined ? undefined : int64(b['nextFrom']);
     const page: HistoryPage = {
       messages: field.list(b['messages']).map(message),
-      next: () =>
-        nextFrom === undefined ? Promise.resolve(undefined) : this.history(channel, { ...query, from: nextFrom }),
+      next: () => {
+        if (nextFrom === undefined) return Promise.resolve(undefined);
+        if (this.info?.node !== node) {
+          return Promise.reject(
+            new TernError('disconnected', `the page came from ${String(node)}; the client is now on another node`),
+          );
+        }
+        return this.history(channel, { ...query, from: nextFrom });
+      },
     };
     if (nextFrom !== undefined) page.nextFrom = nextFrom;
     return page;
@@ -958,10 +1145,11 @@ export class Client extends Emitter<ClientEvents> {
     },
   };
 
+  /** Enter, update or leave; the member is kept for re-entering only once the node accepted it. */
   private async presenceAction(channel: string, action: string, data?: Payload): Promise<void> {
+    await this.request('presence', () => ({ presence: { channel, action, ...payloadFields(data) } }));
     if (action === 'PRESENCE_ACTION_LEAVE') this.entered.delete(channel);
     else this.entered.set(channel, data);
-    await this.request('presence', () => ({ presence: { channel, action, ...payloadFields(data) } }));
   }
 
   /** Leaves every presence member, then closes the connection for good. */
@@ -969,7 +1157,9 @@ export class Client extends Emitter<ClientEvents> {
     if (this.st === 'closed') return;
     if (this.st === 'connected' && this.entered.size > 0) {
       const leaves = [...this.entered.keys()].map((c) => this.presence.leave(c).catch(() => {}));
-      await Promise.race([Promise.all(leaves), new Promise((r) => setTimeout(r, 2000))]);
+      let t: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([Promise.all(leaves), new Promise((r) => (t = setTimeout(r, 2000)))]);
+      clearTimeout(t);
     }
     this.setState('closed', 'closed by the application');
     this.stopTimers();
@@ -982,7 +1172,43 @@ export class Client extends Emitter<ClientEvents> {
     clearInterval(this.heartbeatTimer);
     clearInterval(this.sweepTimer);
     clearTimeout(this.renewTimer);
+    clearTimeout(this.stableTimer);
+    clearTimeout(this.pumpTimer);
+    this.pumpTimer = undefined;
     for (const t of this.timers) clearTimeout(t);
     this.timers.clear();
   }
+}
+
+/** A connection's limits (docs/protocol.md, `connected`). */
+export interface Limits {
+  maxMessageBytes: number;
+  maxFrameBytes: number;
+  publishRate: number;
+  publishBurst: number;
+  frameRate: number;
+  frameBurst: number;
+  namespaces: { namespace: string; publishRate: number; publishBurst: number; maxMessageBytes: number }[];
+}
+
+function limitsOf(v: unknown): Limits {
+  const o = (v ?? {}) as Record<string, unknown>;
+  const n = (k: string, dflt: number): number => field.num(o[k]) || dflt;
+  return {
+    maxMessageBytes: n('maxMessageBytes', 0),
+    maxFrameBytes: n('maxFrameBytes', 0),
+    publishRate: n('publishRate', 1e9),
+    publishBurst: n('publishBurst', 1e9),
+    frameRate: n('frameRate', 1e9),
+    frameBurst: n('frameBurst', 1e9),
+    namespaces: field.list(o['namespaces']).map((x) => {
+      const ns = (x ?? {}) as Record<string, unknown>;
+      return {
+        namespace: field.str(ns['namespace']),
+        publishRate: field.num(ns['publishRate']),
+        publishBurst: field.num(ns['publishBurst']) || field.num(ns['publishRate']),
+        maxMessageBytes: field.num(ns['maxMessageBytes']),
+      };
+    }),
+  };
 }

@@ -12,6 +12,7 @@ export type {
   Discontinuity,
   HistoryPage,
   HistoryQuery,
+  Limits,
   Listener,
   PublishOptions,
   StateChange,

@@ -94,6 +94,11 @@ class WsLink implements Link {
 
 /** Most frames in one POST (the node refuses more than 256). */
 const POST_FRAMES = 256;
+/**
+ * Most bytes in one POST (the node refuses a body over 4 × `maxFrameBytes`, 1.6 MB by
+ * default, and never runs below 6 × its message limit); one frame always goes, alone.
+ */
+const POST_BYTES = 256 * 1024;
 
 class HttpLink implements Link {
   private readonly abort = new AbortController();
@@ -119,8 +124,15 @@ class HttpLink implements Link {
   private end(code: number, reason: string): void {
     if (this.done) return;
     this.done = true;
+    this.leave();
     this.abort.abort();
     this.h.closed(code, reason);
+  }
+
+  /** Ends the session on the node (best effort): its subscriptions and members go at once. */
+  private leave(): void {
+    if (this.id === '') return;
+    void fetch(`${this.base}/v1/sessions/${this.id}`, { method: 'DELETE', headers: this.headers() }).catch(() => {});
   }
 
   /** Hands the frames of one body (JSON lines) to the client; false after a `close`. */
@@ -224,11 +236,19 @@ class HttpLink implements Link {
     this.posting = true;
     try {
       while (this.queue.length > 0 && !this.done) {
-        const batch = this.queue.slice(0, POST_FRAMES);
+        const lines: string[] = [];
+        let bytes = 0;
+        for (const f of this.queue.slice(0, POST_FRAMES)) {
+          const line = encode(f);
+          if (lines.length > 0 && bytes + line.length > POST_BYTES) break;
+          lines.push(line);
+          bytes += line.length + 1;
+        }
+        const batch = lines;
         const r = await fetch(`${this.base}/v1/sessions/${this.id}`, {
           method: 'POST',
           headers: { ...this.headers(), 'content-type': 'application/json' },
-          body: batch.map(encode).join('\n') + '\n',
+          body: lines.join('\n') + '\n',
           signal: this.abort.signal,
         });
         if (r.status === 429) {
@@ -251,9 +271,7 @@ class HttpLink implements Link {
   close(): void {
     if (this.done) return;
     this.done = true;
-    if (this.id !== '') {
-      void fetch(`${this.base}/v1/sessions/${this.id}`, { method: 'DELETE', headers: this.headers() }).catch(() => {});
-    }
+    this.leave();
     this.abort.abort();
   }
 }

@@ -286,6 +286,7 @@ export async function startDevNode() {
 export async function startCutter(targetPort) {
   const sockets = new Set();
   let held = false;
+  const pairs = [];
   const server = net.createServer((a) => {
     if (held) {
       a.destroy();
@@ -299,6 +300,7 @@ export async function startCutter(targetPort) {
     }
     a.pipe(b);
     b.pipe(a);
+    pairs.push([a, b]);
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
@@ -306,6 +308,15 @@ export async function startCutter(targetPort) {
     port: server.address().port,
     cut() {
       for (const s of sockets) s.destroy();
+    },
+    /** Stops forwarding on every open connection without closing it: a silent dead link. */
+    stall() {
+      for (const [a, b] of pairs.splice(0)) {
+        a.unpipe(b);
+        b.unpipe(a);
+        a.pause();
+        b.pause();
+      }
     },
     /** While held, new connections are reset at once (the network is down). */
     hold(on) {

@@ -220,6 +220,62 @@ describe('the TypeScript SDK in Node', { timeout: 120_000 }, () => {
     }
   });
 
+  test('a link that goes silent without closing is detected by the idle timeout, then resumed', async () => {
+    const cutter = await startCutter(node.port);
+    try {
+      const c = new Client({ url: `ws://127.0.0.1:${cutter.port}`, backoff: { baseMs: 50, capMs: 200 } });
+      clients.push(c);
+      const changes = [];
+      c.on('state', (s) => changes.push(s));
+      await c.connect();
+      const idle = c.connection.idleTimeoutMs;
+      const sub = await c.subscribe('chat:silent');
+      const got = collect(sub);
+      const pub = await connect();
+      await pub.publish('chat:silent', 's1');
+      await until(() => got.length === 1, WAIT, 's1');
+      cutter.stall(); // no close, no reset: only the client's own idle check can tell
+      await pub.publish('chat:silent', 's2');
+      await until(() => changes.some((x) => x.state === 'disconnected'), idle + WAIT, 'the idle link dropped');
+      const drop = changes.find((x) => x.state === 'disconnected');
+      assert.equal(drop.code, 4000, JSON.stringify(drop));
+      await until(() => c.state === 'connected' && got.length === 2, WAIT, 'resumed');
+      await pub.publish('chat:silent', 's3');
+      await until(() => got.length === 3, WAIT, 's3');
+      assert.deepEqual(got, ['s1', 's2', 's3']);
+    } finally {
+      await cutter.close();
+    }
+  });
+
+  test("a burst of publishes beyond the node's frame burst is paced, not cut off (4004)", async () => {
+    const a = await connect();
+    const { frameBurst, frameRate } = a.connection.limits;
+    const n = frameBurst + frameRate; // more than the node lets through in the first second
+    const states = [];
+    a.on('state', (x) => states.push(x.state));
+    const sub = await a.subscribe('plain:burst');
+    const got = collect(sub);
+    const acks = await Promise.all(Array.from({ length: n }, (_, i) => a.publish('plain:burst', `b${i}`)));
+    assert.equal(acks.length, n);
+    await until(() => got.length === n, WAIT, `all ${n} delivered`);
+    assert.deepEqual(
+      got,
+      Array.from({ length: n }, (_, i) => `b${i}`),
+    );
+    assert.deepEqual(states, [], 'never dropped');
+  });
+
+  test('a payload over the limit is refused before it is sent, with its id', async () => {
+    const a = await connect();
+    const big = 'x'.repeat(a.connection.limits.maxMessageBytes + 1);
+    await assert.rejects(
+      a.publish('plain:big', big, { id: 'big-1' }),
+      (e) => e.code === 'ERROR_CODE_MESSAGE_TOO_LARGE' && e.messageId === 'big-1',
+    );
+    assert.equal(a.state, 'connected');
+  });
+
   test('a replicated publish on a node without a backbone is refused as unsupported', async () => {
     const a = await connect();
     await assert.rejects(
