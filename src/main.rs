@@ -13,8 +13,18 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern: a self-hosted, multi-region realtime edge relay")]
 struct Cli {
+    /// Log lines as `text` (colour only on a terminal, and never with NO_COLOR set) or
+    /// `json` (one object per line: timestamp, level, target, fields, spans), on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TERN_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -133,10 +143,19 @@ enum CertsCommand {
     },
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Text => {
+            // Colour codes only where someone reads them: not in log files or pipes.
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).init();
+        }
+    }
 }
 
 /// The allocator: mimalloc. glibc's keeps the memory of large buffers it freed (its mmap
@@ -149,7 +168,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The simulator runs many nodes in one process: only their warnings by default.
-    init_tracing(if matches!(cli.command, Command::Sim { .. }) { "warn" } else { "info" });
+    init_tracing(
+        if matches!(cli.command, Command::Sim { .. }) { "warn" } else { "info" },
+        cli.log_format,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
@@ -183,8 +205,16 @@ async fn edge(
     if let Some(addr) = listen {
         cfg.listen.client = addr;
     }
-    if let Some(dir) = data_dir {
-        cfg.history.data_dir = dir;
+    if let Some(dir) = &data_dir {
+        cfg.history.data_dir.clone_from(dir);
+        if cfg.history.namespaces.is_empty() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "--data-dir given, but no [[history.namespaces]] is configured: this node keeps \
+                 NO history (nothing is written to the directory). List the namespaces to keep \
+                 in the config (see deploy/edge.example.toml, [history])"
+            );
+        }
     }
     let older_origins = !cfg.websocket.allowed_origins.is_empty();
     let settings = cfg.validate()?;
@@ -197,8 +227,8 @@ async fn edge(
     if settings.config.cors.allowed_origins.is_empty() {
         tracing::info!(
             "no browser origins allowed ([cors] allowed_origins and [[regions]] are empty): \
-             browser pages get 403 on the WebSocket and the HTTP API; servers and SDKs, which \
-             send no Origin, are served"
+             browser pages get 403 on the WebSocket and the HTTP API (a dev node still serves \
+             its own loopback origin: /demo/); servers and SDKs, which send no Origin, are served"
         );
     }
     if settings.auth.mode() == tern_edge::auth::AuthMode::Dev {

@@ -184,3 +184,54 @@ fn tern_certs_revoke_lists_a_node_and_refuses_one_without_a_certificate() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("eu-west-edge-9.pem"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Logs: `--log-format json` writes one JSON object per line (level, target, fields);
+/// text written to a pipe or file carries no colour codes. `--data-dir` without a history
+/// namespace says loudly that nothing is kept.
+#[tokio::test]
+async fn log_lines_are_json_on_request_and_plain_text_off_a_terminal() {
+    let first_lines = |args: &'static [&'static str]| async move {
+        let mut child = Command::new(tern())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap();
+            got.push(line.expect("a log line"));
+        }
+        got
+    };
+    let json = first_lines(&[
+        "--log-format",
+        "json",
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "/nonexistent/tern",
+    ])
+    .await;
+    let mut warned = false;
+    for line in &json {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["target"].is_string(), "{line}");
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        if msg.contains("keeps NO history") {
+            warned = v["level"] == "WARN" && v["fields"]["dir"] == "/nonexistent/tern";
+        }
+    }
+    assert!(warned, "the --data-dir warning: {json:?}");
+    let text = first_lines(&["edge", "--listen", "127.0.0.1:0"]).await;
+    for line in &text {
+        assert!(!line.contains('\u{1b}'), "no ANSI codes off a terminal: {line:?}");
+        assert!(line.contains("WARN") || line.contains("INFO"), "{line}");
+    }
+}

@@ -5,6 +5,7 @@
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_script;
 mod common;
 mod fallback;
 mod fuzz_corpus;
