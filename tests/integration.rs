@@ -10,5 +10,6 @@ mod common;
 mod fallback;
 mod fuzz_corpus;
 mod history_crash;
+mod metrics;
 mod presence;
 mod restart;

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -138,6 +139,40 @@ struct Shared {
     /// Locked after `replica` when both are held.
     presence: Mutex<Presence>,
     wake: Notify,
+    /// Per configured peer: traffic counters (for metrics), fixed at start.
+    stats: HashMap<NodeId, Arc<PeerCounters>>,
+}
+
+/// Traffic with one peer since the start (atomics: counted on the frame path, read by
+/// metrics scrapes).
+#[derive(Debug, Default)]
+struct PeerCounters {
+    frames_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+    frames_dropped: AtomicU64,
+    /// QUIC round-trip time, microseconds (0: no link yet).
+    rtt_micros: AtomicU64,
+}
+
+/// Traffic with one backbone peer since the node started (see [`Backbone::peer_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: String,
+    /// Frames sent to it (messages, acks, repairs, presence).
+    pub frames_sent: u64,
+    /// Bytes of those frames.
+    pub bytes_sent: u64,
+    /// Frames received from it.
+    pub frames_received: u64,
+    /// Bytes of those frames.
+    pub bytes_received: u64,
+    /// Frames to it dropped on a full lane queue (the core retransmits them).
+    pub frames_dropped: u64,
+    /// The link's QUIC round-trip time (zero before the first link).
+    pub rtt: Duration,
 }
 
 /// A running backbone.
@@ -268,10 +303,12 @@ impl Backbone {
         let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id.clone()).collect();
         let replica = Replica::restore(me.clone(), epoch, &peer_ids, config.core.clone(), restored);
         let presence = Presence::new(me.clone(), epoch, &peer_ids, config.presence.clone());
+        let stats = peer_ids.iter().map(|p| (p.clone(), Arc::default())).collect();
         let shared = Arc::new(Shared {
             replica: Mutex::new(replica),
             presence: Mutex::new(presence),
             wake: Notify::new(),
+            stats,
         });
         // Inbound frames from every link; full means the driver is behind, and readers wait.
         let (inbound_tx, inbound_rx) = mpsc::channel(8192);
@@ -288,6 +325,7 @@ impl Backbone {
             tracker.spawn(watch.run(shutdown.clone()));
         }
         let ctx = LinkCtx {
+            stats: shared.stats.clone(),
             client,
             inbound: inbound_tx,
             events: link_tx,
@@ -393,6 +431,26 @@ impl Backbone {
     pub fn peers(&self) -> Vec<core::PeerState> {
         lock(&self.shared.replica).peers(Instant::now())
     }
+
+    /// Traffic with each configured peer since the start, and the link's round-trip time.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        let mut all: Vec<PeerStats> = self
+            .shared
+            .stats
+            .iter()
+            .map(|(peer, c)| PeerStats {
+                peer: peer.to_string(),
+                frames_sent: c.frames_sent.load(Ordering::Relaxed),
+                bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+                frames_received: c.frames_received.load(Ordering::Relaxed),
+                bytes_received: c.bytes_received.load(Ordering::Relaxed),
+                frames_dropped: c.frames_dropped.load(Ordering::Relaxed),
+                rtt: Duration::from_micros(c.rtt_micros.load(Ordering::Relaxed)),
+            })
+            .collect();
+        all.sort_by(|a, b| a.peer.cmp(&b.peer));
+        all
+    }
 }
 
 impl Backbone {
@@ -414,6 +472,8 @@ impl Backbone {
 
 #[derive(Clone)]
 struct LinkCtx {
+    /// Per peer traffic counters (bytes received are counted by the link's readers).
+    stats: HashMap<NodeId, Arc<PeerCounters>>,
     /// The QUIC client configuration dialers use (replaced when the revocation list changes).
     client: Arc<Mutex<quinn::ClientConfig>>,
     inbound: mpsc::Sender<(NodeId, Frame)>,
@@ -422,6 +482,22 @@ struct LinkCtx {
     queue: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Queues an encoded frame on a lane, counting it for the peer; false when the lane was
+/// full (the frame is dropped; the core retransmits what needs it).
+fn send_counted(shared: &Shared, peer: &NodeId, lane: &mpsc::Sender<Bytes>, bytes: Bytes) -> bool {
+    let len = bytes.len() as u64;
+    let sent = lane.try_send(bytes).is_ok();
+    if let Some(c) = shared.stats.get(peer) {
+        if sent {
+            c.frames_sent.fetch_add(1, Ordering::Relaxed);
+            c.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        } else {
+            c.frames_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    sent
 }
 
 fn lane_of(frame: &Frame, lanes: usize) -> usize {
@@ -542,11 +618,17 @@ async fn drive(
                 rtt_at = now;
                 for (peer, q) in &quic {
                     r.set_link_rtt(peer, q.rtt());
+                    if let Some(c) = shared.stats.get(peer) {
+                        c.rtt_micros.store(q.rtt().as_micros() as u64, Ordering::Relaxed);
+                    }
                 }
             }
             let received = !batch.is_empty();
             let mut p = lock(&shared.presence);
             for (from, frame) in batch {
+                if let Some(c) = shared.stats.get(&from) {
+                    c.frames_received.fetch_add(1, Ordering::Relaxed);
+                }
                 match heard.get_mut(&from) {
                     Some(at) => *at = now,
                     None => {
@@ -564,7 +646,7 @@ async fn drive(
                 let frame = Frame::Presence(frame);
                 let lane = lane_of(&frame, lanes.len() - 1);
                 // Dropped when full, like the replica's frames: the next digest repairs it.
-                if lanes[lane].try_send(wire::encode(&frame)).is_err() {
+                if !send_counted(&shared, &peer, &lanes[lane], wire::encode(&frame)) {
                     dropped += 1;
                 }
             }
@@ -581,7 +663,7 @@ async fn drive(
             while let Some((peer, frame)) = r.poll_transmit() {
                 let Some((_, lanes)) = writers.get(&peer) else { continue };
                 let lane = lane_of(&frame, lanes.len() - 1);
-                if lanes[lane].try_send(wire::encode(&frame)).is_err() {
+                if !send_counted(&shared, &peer, &lanes[lane], wire::encode(&frame)) {
                     dropped += 1;
                     if dropped.is_power_of_two() {
                         debug!(%peer, dropped, "lane queue full; frames dropped for retransmission");
@@ -737,6 +819,7 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
     let inbound = ctx.inbound.clone();
     let reader_peer = peer.clone();
     let tracker = ctx.tracker.clone();
+    let counters = ctx.stats.get(&peer).cloned();
     let readers = async move {
         while let Ok(stream) = reader_conn.accept_uni().await {
             // Buffered: many frames come from one stream read.
@@ -744,9 +827,17 @@ async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
             let inbound = inbound.clone();
             let peer = reader_peer.clone();
             let conn = reader_conn.clone();
+            let counters = counters.clone();
             tracker.spawn(async move {
+                let mut counted = 0;
                 loop {
-                    match stream.next().await {
+                    let next = stream.next().await;
+                    if let Some(c) = &counters {
+                        let read = stream.bytes_read();
+                        c.bytes_received.fetch_add(read - counted, Ordering::Relaxed);
+                        counted = read;
+                    }
+                    match next {
                         Ok(Some(frame)) => {
                             if inbound.send((peer.clone(), frame)).await.is_err() {
                                 break;

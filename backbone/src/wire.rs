@@ -363,6 +363,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     names: Names,
+    /// Bytes of the frames read so far, length prefixes included.
+    read: u64,
 }
 
 /// Bytes asked of the stream per read, at least.
@@ -371,7 +373,12 @@ const READ_CHUNK: usize = 16 * 1024;
 impl<R: AsyncReadExt + Unpin> FrameReader<R> {
     /// Reads frames from `inner`.
     pub fn new(inner: R) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(READ_CHUNK), names: Names::default() }
+        Self { inner, buf: BytesMut::with_capacity(READ_CHUNK), names: Names::default(), read: 0 }
+    }
+
+    /// Bytes of the frames read so far, length prefixes included.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
@@ -385,6 +392,7 @@ impl<R: AsyncReadExt + Unpin> FrameReader<R> {
                 }
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
+                    self.read += 4 + len as u64;
                     let body = self.buf.split_to(len).freeze();
                     let pb = pb::BackboneFrame::decode(body)?;
                     return convert(pb, &mut self.names).map(Some);

@@ -109,6 +109,11 @@ enum BenchKind {
         #[arg(long, default_value_t = 10_000)]
         members: usize,
     },
+    /// Metrics' cost: fan-out at a fixed load (--rate publishes/s to the largest
+    /// --subscribers, for --duration; the server's CPU per delivery) and idle connections
+    /// (memory, setup rate) against a node with `[metrics] enabled = true`, then `false`,
+    /// three times each, alternating; prints both and the difference (aim: within 5 %).
+    Metrics,
     /// A read storm: history pages of big messages read by 64 readers at once; the node's
     /// memory and a bystander's latency.
     Reads {
@@ -195,6 +200,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let BenchKind::Presence { members } = &kind {
         return presence::run(*members).await;
+    }
+    if matches!(kind, BenchKind::Metrics) {
+        return metrics_cost(&c).await;
     }
     if let BenchKind::Reads { config } = &kind {
         return reads::run(config).await;
@@ -442,5 +450,74 @@ async fn backbone(c: &Common) -> anyhow::Result<()> {
     }
     let lost = tern.remote.expected - tern.remote.delivered.min(tern.remote.expected);
     println!("integrity: {lost} lost over the hop");
+    Ok(())
+}
+
+/// `tern bench metrics`: the same fan-out and idle runs with metrics on and off.
+async fn metrics_cost(c: &Common) -> anyhow::Result<()> {
+    const ROUNDS: usize = 3;
+    let subs = c.subscribers.iter().copied().max().unwrap_or(1000);
+    let conns = c.connections.min(5_000);
+    // Per run: [deliveries/s, connections/s, RSS bytes per connection].
+    let mut on: Vec<[f64; 3]> = Vec::new();
+    let mut off: Vec<[f64; 3]> = Vec::new();
+    // Alternating, so drift (thermal, other load) falls on both alike.
+    for round in 0..2 * ROUNDS {
+        let enabled = round % 2 == 0;
+        let which = if enabled { "on" } else { "off" };
+        let s = TernServer::spawn_config(&format!("[metrics]\nenabled = {enabled}\n")).await?;
+        let target = Target::tern(&s.url).over(c.transport);
+        // At most 32 handshakes in flight: at the idle benchmark's 256 the setup rate swings
+        // between runs far more than 5 % (accept-backlog stalls), hiding any difference.
+        let idle = idle::idle(&target, Some(s.pid), conns, c.concurrency.min(32)).await;
+        // A fixed load, so the server's CPU per delivery compares (a throughput search
+        // moves in rate steps too coarse for a few per cent).
+        let l = fanout::latency(&target, Some(s.pid), subs, c.rate, c.duration, c.payload).await;
+        s.stop().await;
+        let (idle, l) = (idle?, l?);
+        let cpu_us = l.server_cpu.unwrap_or(0.0) / 100.0 * c.duration.as_secs_f64() * 1e6;
+        let per_delivery = if l.delivered > 0 { cpu_us / l.delivered as f64 } else { 0.0 };
+        let row = [per_delivery, idle.per_sec, idle.rss_per_conn.unwrap_or(0.0)];
+        eprintln!(
+            "[metrics {which}] {:.3} µs CPU per delivery ({}/{} delivered, p99 {} µs), {:.0} \
+             connections/s, {:.0} B/connection",
+            row[0], l.delivered, l.expected, l.percentiles_us[2], row[1], row[2]
+        );
+        if enabled { on.push(row) } else { off.push(row) }
+    }
+    let median = |v: &[[f64; 3]], k: usize| {
+        let mut xs: Vec<f64> = v.iter().map(|r| r[k]).collect();
+        xs.sort_by(f64::total_cmp);
+        (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
+    };
+    println!();
+    println!(
+        "== metrics' cost (median of {ROUNDS} runs each, alternating; {} publishes/s to {subs} \
+         subscribers for {:?}; {conns} idle connections) ==",
+        c.rate, c.duration
+    );
+    println!(
+        "{:<26} {:>26} {:>26} {:>8}",
+        "", "metrics on (min–max)", "metrics off (min–max)", "on/off"
+    );
+    for (k, name) in
+        ["server CPU µs per delivery", "connections opened/s", "RSS bytes per connection"]
+            .iter()
+            .enumerate()
+    {
+        let (a, a0, a1) = median(&on, k);
+        let (b, b0, b1) = median(&off, k);
+        let ratio = if b > 0.0 { format!("{:+.1} %", (a / b - 1.0) * 100.0) } else { "-".into() };
+        let digits = if k == 0 { 3 } else { 0 };
+        println!(
+            "{name:<26} {:>26} {:>26} {ratio:>8}",
+            format!("{a:.digits$} ({a0:.digits$}–{a1:.digits$})"),
+            format!("{b:.digits$} ({b0:.digits$}–{b1:.digits$})")
+        );
+    }
+    println!(
+        "aim: within 5 %; where the runs of one setting spread wider than that, the \
+         difference is noise"
+    );
     Ok(())
 }

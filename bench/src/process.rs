@@ -28,10 +28,15 @@ impl TernServer {
     /// generator opens all its connections from one address, so the per-address limit is
     /// lifted.
     pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_config("").await
+    }
+
+    /// [`TernServer::spawn`] with `extra` TOML appended to its configuration.
+    pub async fn spawn_config(extra: &str) -> anyhow::Result<Self> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let path =
             std::env::temp_dir().join(format!("tern-bench-{}-{nanos}.toml", std::process::id()));
-        std::fs::write(&path, format!("[listen]\nclient = \"127.0.0.1:0\"\n{LOAD_LIMITS}"))?;
+        std::fs::write(&path, format!("[listen]\nclient = \"127.0.0.1:0\"\n{LOAD_LIMITS}{extra}"))?;
         let server = Self::spawn_with(&["--config", path.to_str().context("path")?]).await;
         let _ = std::fs::remove_file(&path);
         server

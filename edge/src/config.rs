@@ -41,6 +41,8 @@ pub struct Config {
     pub resume: ResumeConfig,
     /// `[presence]`: members of channels, across nodes.
     pub presence: PresenceSection,
+    /// `[metrics]`: Prometheus metrics at `GET /metrics`.
+    pub metrics: MetricsSection,
     /// `[auth]`: who may connect and what they may do (see `crate::auth`).
     pub auth: crate::auth::AuthConfig,
     /// `[tls]`: serve clients over TLS (`wss://`, `https://`) on `listen.client`. Absent:
@@ -80,6 +82,22 @@ pub struct ResumeConfig {
     /// reads from the log, whatever `page` says: a connection's replay holds at most this
     /// much at a time.
     pub page_bytes: usize,
+}
+
+/// `[metrics]`: Prometheus metrics (`GET /metrics`, text format; the metrics are listed in
+/// docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Keep metrics and serve `/metrics` (default true). Off, the message path touches no
+    /// counter at all and `/metrics` answers 404 (the benchmark's comparison).
+    pub enabled: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// `[presence]`: who is on a channel. Each node replicates its own members to its peers

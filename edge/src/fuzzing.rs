@@ -192,7 +192,7 @@ pub fn session(data: &[u8]) {
     let node = next_node(harness);
     harness.runtime.block_on(async move {
         let before = node.connection_count();
-        let Some(admission) = node.admit() else { return };
+        let Some(admission) = node.admit(crate::metrics::Transport::Internal) else { return };
         let conn = admission.id;
         let format = if options & 1 == 1 {
             tern_proto::codec::Format::Protobuf

@@ -29,6 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/ping", get(ping))
         .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
@@ -101,6 +102,17 @@ async fn guard_origin(
         }
     }
     next.run(req).await
+}
+
+/// `GET /metrics`: the node's metrics in the Prometheus text format (see
+/// [`crate::metrics`]; docs/operations.md lists them).
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    if !node.metrics().enabled() {
+        let reason = "metrics are off on this node ([metrics] enabled = false)".into();
+        return error_response(StatusCode::NOT_FOUND, ErrorCode::NotFound, reason);
+    }
+    let body = node.render_metrics();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 /// The demo chat (edge/demo/: a page, its script and the TypeScript SDK's bundle, built
@@ -224,7 +236,10 @@ pub(crate) async fn read_body(
 pub(crate) fn error_response(status: StatusCode, code: ErrorCode, reason: String) -> Response {
     let body = client::Error { request_id: 0, code: code as i32, reason, channel: String::new() };
     let json = serde_json::to_vec(&body).unwrap_or_default();
-    (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+    let mut res = (status, [(header::CONTENT_TYPE, "application/json")], json).into_response();
+    // For the handler's metrics (see `http_publish`).
+    res.extensions_mut().insert(code);
+    res
 }
 
 /// The media type of an HTTP publish body, from what the request declares: `Content-Type`
@@ -685,7 +700,7 @@ async fn websocket(
         return res;
     }
     let token = q.token;
-    let Some(admission) = node.admit() else {
+    let Some(admission) = node.admit(crate::metrics::Transport::WebSocket) else {
         let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n");
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return res;
@@ -741,6 +756,19 @@ pub fn websocket_config(cfg: &crate::Config) -> WebSocketConfig {
 /// `application/octet-stream` (the body is the binary payload). Answers 201 with the `Ack`
 /// frame's JSON form.
 async fn http_publish(
+    State(node): State<Arc<Node>>,
+    path: Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let res = http_publish_inner(State(node.clone()), path, headers, body).await;
+    if let Some(code) = res.extensions().get::<ErrorCode>() {
+        node.metrics().refused(*code);
+    }
+    res
+}
+
+async fn http_publish_inner(
     State(node): State<Arc<Node>>,
     Path(path): Path<String>,
     headers: HeaderMap,

@@ -29,6 +29,7 @@ pub mod config;
 pub mod fanout;
 pub mod fuzzing;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod publish;

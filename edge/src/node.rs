@@ -38,6 +38,8 @@ pub struct Node {
     started: std::time::Instant,
     /// Set once the node was ready: it stays ready until it shuts down.
     ready: std::sync::atomic::AtomicBool,
+    /// Prometheus metrics (`/metrics`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a history read holds: a slot among `limits.history_reads` (while it reads the
@@ -72,6 +74,7 @@ impl Node {
         settings: Settings,
         shutdown: CancellationToken,
         store: Option<crate::store::Store>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let limits = &settings.config.limits;
         let history_reads = limits.history_reads;
@@ -125,6 +128,7 @@ impl Node {
             read_bytes: Arc::new(tokio::sync::Semaphore::new(read_kib)),
             started: std::time::Instant::now(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            metrics,
         }))
     }
 
@@ -193,14 +197,57 @@ impl Node {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Reserves a connection slot, or `None` at `limits.max_connections`.
-    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+    /// Reserves a connection slot for a connection over `transport`, or `None` at
+    /// `limits.max_connections`.
+    pub fn admit(self: &Arc<Self>, transport: crate::metrics::Transport) -> Option<Admission> {
         let max = self.settings.config.limits.max_connections;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()?;
         let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
-        Some(Admission { node: self.clone(), id })
+        self.metrics.opened(transport);
+        Some(Admission { node: self.clone(), id, transport })
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The metrics in the Prometheus text format, with what the node knows read now.
+    pub fn render_metrics(&self) -> String {
+        let backbone = self.hub.backbone();
+        let states = backbone.map(|b| b.peers()).unwrap_or_default();
+        let peers = backbone
+            .map(|b| b.peer_stats())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let state = states.iter().find(|s| s.peer.to_string() == p.peer);
+                crate::metrics::PeerSnapshot {
+                    up: state.is_some_and(|s| s.up),
+                    caught_up: state.is_some_and(|s| s.caught_up),
+                    rtt_seconds: p.rtt.as_secs_f64(),
+                    frames_sent: p.frames_sent,
+                    frames_received: p.frames_received,
+                    bytes_sent: p.bytes_sent,
+                    bytes_received: p.bytes_received,
+                    frames_dropped: p.frames_dropped,
+                    peer: p.peer,
+                }
+            })
+            .collect();
+        let snapshot = crate::metrics::Snapshot {
+            channels: self.hub.channel_count(),
+            history_log_bytes: self
+                .hub
+                .store()
+                .and_then(|s| std::fs::metadata(s.path()).ok())
+                .map(|m| m.len()),
+            peers,
+            unacknowledged: backbone.map(|b| b.unacknowledged()),
+        };
+        self.metrics.render(&snapshot)
     }
 }
 
@@ -299,6 +346,7 @@ pub struct Admission {
     node: Arc<Node>,
     /// The connection's id.
     pub id: ConnectionId,
+    transport: crate::metrics::Transport,
 }
 
 impl Admission {
@@ -311,5 +359,6 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.node.connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.metrics.closed(self.transport);
     }
 }

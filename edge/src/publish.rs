@@ -135,7 +135,16 @@ pub fn publish(
         client_id: client_id.to_owned(),
         after: req.after.filter(|a| !a.origin.is_empty()),
     };
-    node.hub()
+    let namespace = crate::metrics::namespace_label(
+        &node.settings().config,
+        tern_proto::types::namespace_of(&req.channel),
+    );
+    let accepted = node
+        .hub()
         .publish(req.channel, msg)
-        .ok_or_else(|| PublishError::TooManyChannels(node.settings().config.limits.max_channels))
+        .ok_or_else(|| PublishError::TooManyChannels(node.settings().config.limits.max_channels))?;
+    if !accepted.duplicate {
+        node.metrics().published(namespace);
+    }
+    Ok(accepted)
 }

@@ -393,6 +393,7 @@ fn restored(
 /// port and the backbone; the session fuzz target (`crate::fuzzing::session`) drives
 /// sessions against it directly.
 pub fn open_node(settings: Settings, shutdown: CancellationToken) -> Result<Arc<Node>, BindError> {
+    let metrics = Arc::new(crate::metrics::Metrics::new(&settings.config));
     let history = &settings.config.history;
     let store = if history.namespaces.is_empty() {
         None
@@ -417,12 +418,14 @@ pub fn open_node(settings: Settings, shutdown: CancellationToken) -> Result<Arc<
                 })
                 .collect(),
             queue: history.queue,
+            write_seconds: metrics.history_handles().0,
+            writes: metrics.history_handles().1,
         };
         let store = crate::store::Store::open(options)?;
         info!(path = %store.path().display(), "history: durable channel log");
         Some(store)
     };
-    let node = Node::new(settings, shutdown, store)?;
+    let node = Node::new(settings, shutdown, store, metrics)?;
     if let Some(store) = node.hub().store().cloned() {
         // Messages of history channels are delivered once their log write is committed.
         // Not tracked: it ends when the store closes, after the connections.

@@ -73,6 +73,10 @@ pub struct StoreOptions {
     pub namespaces: HashMap<String, Retention>,
     /// Entries queued for the writer before publishers wait for it.
     pub queue: usize,
+    /// Observes each group commit's duration (metrics), when given.
+    pub write_seconds: Option<prometheus::Histogram>,
+    /// Counts the messages committed (metrics), when given.
+    pub writes: Option<prometheus::IntCounter>,
 }
 
 /// Why the store could not open or answer.
@@ -281,6 +285,7 @@ impl Store {
         txn.open_table(POSITIONS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         let (tx, rx) = sync_channel(options.queue.max(1));
+        let observe = (options.write_seconds.clone(), options.writes.clone());
         let namespaces = Arc::new(options.namespaces);
         let (weak, ns2) = (Arc::downgrade(&db), namespaces.clone());
         let (committed_tx, committed) = tokio::sync::watch::channel(0u64);
@@ -291,7 +296,7 @@ impl Store {
         let hooks = Hooks { fail_next: fail_next.clone(), paused: paused.clone() };
         std::thread::Builder::new()
             .name("tern-history".into())
-            .spawn(move || writer(db, rx, options.sync, ns2, outcome, hooks))
+            .spawn(move || writer(db, rx, options.sync, ns2, outcome, hooks, observe))
             .map_err(|e| StoreError::Db(format!("cannot start the writer: {e}")))?;
         let tx = Arc::new(std::sync::Mutex::new((tx, 0)));
         Ok(Self { db: weak, tx, committed, failed, fail_next, paused, namespaces, path })
@@ -645,6 +650,7 @@ fn writer(
     namespaces: Arc<HashMap<String, Retention>>,
     outcome: Outcome,
     hooks: Hooks,
+    (write_seconds, writes): (Option<prometheus::Histogram>, Option<prometheus::IntCounter>),
 ) {
     const GROUP: usize = 4096;
     const GROUP_BYTES: usize = 1 << 20;
@@ -711,6 +717,7 @@ fn writer(
         if group.is_empty() && !trim && !(durable && pending_sync) {
             continue;
         }
+        let (started, entries) = (Instant::now(), group.len() as u64);
         let result = (|| -> Result<(), StoreError> {
             if !group.is_empty() && hooks.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst)
             {
@@ -746,6 +753,14 @@ fn writer(
             txn.commit()?;
             Ok(())
         })();
+        if result.is_ok() && entries > 0 {
+            if let Some(h) = &write_seconds {
+                h.observe(started.elapsed().as_secs_f64());
+            }
+            if let Some(c) = &writes {
+                c.inc_by(entries);
+            }
+        }
         match result {
             Ok(()) => outcome.written(tickets),
             Err(e) => {

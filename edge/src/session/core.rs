@@ -361,6 +361,7 @@ impl Session {
                         self.batch.push(m);
                     }
                 }
+                self.node.metrics().delivered(self.batch.len());
                 if self.messages_apart {
                     return Some(Transmit::Messages(std::mem::take(&mut self.batch)));
                 }
@@ -396,6 +397,10 @@ impl Session {
     }
 
     fn reply(&mut self, kind: server_frame::Kind) {
+        if let server_frame::Kind::Nack(n) = &kind {
+            let code = ErrorCode::try_from(n.code).unwrap_or(ErrorCode::Unspecified);
+            self.node.metrics().refused(code);
+        }
         let bytes = codec::encode_server(kind, self.format);
         self.queue(Outgoing::Encoded(bytes));
     }
@@ -1295,6 +1300,10 @@ impl Session {
                 // An ack says the message went out: a subscriber the publisher tells after
                 // its ack finds it in the channel (the release task may not have run yet).
                 self.node.hub().release_channel(&done.ack.channel, logged);
+            }
+            if refusal.is_none() {
+                let after = now.saturating_duration_since(done.queued);
+                self.node.metrics().acked(done.replicated.is_some(), after);
             }
             let frame = match refusal {
                 None => server_frame::Kind::Ack(done.ack),

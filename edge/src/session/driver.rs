@@ -128,6 +128,11 @@ pub async fn run<W: Wire>(
         End::Close(close::INTERNAL_ERROR, "internal error".into())
     });
     debug!(parent: &span, ?end, "session ended");
+    let code = match &end {
+        End::Close(code, _) => Some(*code),
+        End::Gone => None,
+    };
+    node.metrics().disconnected(code);
     wire.close(end, node).await;
 }
 

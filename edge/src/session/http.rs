@@ -222,7 +222,12 @@ pub async fn open(
         },
         None => None,
     };
-    let Some(admission) = node.admit() else {
+    let metric = match transport {
+        Transport::Stream => crate::metrics::Transport::Stream,
+        Transport::Sse => crate::metrics::Transport::Sse,
+        Transport::Poll => crate::metrics::Transport::Poll,
+    };
+    let Some(admission) = node.admit(metric) else {
         return unavailable("connection limit reached", "5");
     };
     let (id, secret) = (random_id(), random_id());

@@ -169,7 +169,7 @@ pub async fn open(node: Arc<Node>, ip: Option<IpAddr>, req: Request) -> Response
         Some(slot) => slot,
         None => None,
     };
-    let Some(admission) = node.admit() else {
+    let Some(admission) = node.admit(crate::metrics::Transport::PlainSse) else {
         return come_back(tern_proto::close::TRY_AGAIN_LATER, "connection limit reached", 5000);
     };
 
