@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test, as CI runs it (.ci/run): the Rust workspace (unit, end-to-end, fault suite),
 # then the JavaScript tests in js/ (headless Chromium from Debian against the tern binary the
-# Rust step built). Installs what the tests need when missing: promtool (Debian's
+# Rust step built), with the deployment files checked between them (deploy/validate.sh:
+# Kubernetes and compose schemas, node configs, the systemd unit). Installs what the tests
+# need when missing: promtool (Debian's
 # `prometheus` package, which checks the /metrics exposition; best effort: without it that
 # check is skipped and says so), and for the JavaScript tests Debian's chromium and the npm
 # packages from js/package-lock.json (see scripts/test-js.sh).
@@ -21,4 +23,5 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 
 cargo test --workspace --locked "$@"
+deploy/validate.sh
 scripts/test-js.sh

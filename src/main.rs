@@ -40,6 +40,11 @@ enum Command {
         /// Directory of the durable history log; overrides `[history] data_dir`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Check the configuration (every value, as at start-up) and exit: 0 and a summary
+        /// when it would start, non-zero naming the field otherwise. Files it names
+        /// (certificates, keys) are read only at start-up.
+        #[arg(long)]
+        check: bool,
     },
     /// Subscribe to channels and print each message as a JSON line.
     Sub {
@@ -175,7 +180,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Edge { config, listen, data_dir } => edge(config, listen, data_dir).await,
+            Command::Edge { config, listen, data_dir, check } => {
+                edge(config, listen, data_dir, check).await
+            }
             Command::Sub { url, channels, count } => sub(&url, &channels, count).await,
             Command::Pub { url, channel, data, name, id } => {
                 publish(&url, &channel, data, &name, id.as_deref()).await
@@ -194,6 +201,7 @@ async fn edge(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    check: bool,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => Config::from_file(path)?,
@@ -218,6 +226,20 @@ async fn edge(
     }
     let older_origins = !cfg.websocket.allowed_origins.is_empty();
     let settings = cfg.validate()?;
+    if check {
+        let c = &settings.config;
+        println!(
+            "config OK: node {}, clients on {}, auth {:?}, {} backbone peer(s), {} history \
+             namespace(s), {} region URL(s)",
+            settings.node,
+            c.listen.client,
+            settings.auth.mode(),
+            c.backbone.as_ref().map_or(0, |b| b.peers.len()),
+            c.history.namespaces.len(),
+            c.regions.len()
+        );
+        return Ok(());
+    }
     if older_origins {
         tracing::warn!(
             "websocket.allowed_origins is deprecated: its origins now guard the HTTP API too; \

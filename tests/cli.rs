@@ -235,3 +235,44 @@ async fn log_lines_are_json_on_request_and_plain_text_off_a_terminal() {
         assert!(line.contains("WARN") || line.contains("INFO"), "{line}");
     }
 }
+
+/// `tern edge --check`: a configuration is checked as at start-up, without starting: 0 and
+/// a summary when it would start, non-zero naming the field otherwise.
+#[tokio::test]
+async fn edge_check_validates_a_config_without_starting() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[node]\nregion = \"eu-west\"\nname = \"edge-1\"\n[backbone]\nca = \"c\"\ncert = \"c\"\n\
+         key = \"k\"\n[[backbone.peers]]\nid = \"us-east/edge-1\"\naddr = \"us-east.example:7401\"\n",
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n[[backbone.peers]]\n\
+         id = \"us-east/edge-1\"\naddr = \"us-east.example\"\n",
+    )
+    .unwrap();
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(tern())
+            .args(["edge", "--check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&good);
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{said} {}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        said.contains("config OK: node eu-west/edge-1") && said.contains("1 backbone peer"),
+        "{said}"
+    );
+    let refused = run(&bad);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("backbone.peers.addr"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

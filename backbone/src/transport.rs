@@ -41,8 +41,10 @@ use crate::wire;
 pub struct Peer {
     /// Its node id.
     pub id: NodeId,
-    /// Its backbone address.
-    pub addr: SocketAddr,
+    /// Its backbone address, `host:port`: an IP address, or a DNS name resolved again at
+    /// every dial (a Kubernetes pod or a container that came back with another address is
+    /// found under its name).
+    pub addr: String,
 }
 
 /// Backbone settings.
@@ -712,9 +714,10 @@ async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
             return;
         }
         let attempt = async {
+            let addr = resolve(&endpoint, &peer.addr).await?;
             let config = lock(&ctx.client).clone();
             let connecting =
-                endpoint.connect_with(config, peer.addr, &name).map_err(|e| e.to_string())?;
+                endpoint.connect_with(config, addr, &name).map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };
         let conn = tokio::select! {
@@ -735,6 +738,21 @@ async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// A peer's address now: `host:port` resolved (an IP address stays as it is), preferring
+/// the family of the endpoint's own socket.
+async fn resolve(endpoint: &quinn::Endpoint, addr: &str) -> Result<SocketAddr, String> {
+    let all: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .collect();
+    let v4 = endpoint.local_addr().map_or(true, |a| a.is_ipv4());
+    all.iter()
+        .find(|a| a.is_ipv4() == v4)
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
 }
 
 async fn accept(endpoint: quinn::Endpoint, expected: Vec<NodeId>, ctx: LinkCtx) {

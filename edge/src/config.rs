@@ -325,8 +325,9 @@ pub struct BackboneSection {
 pub struct PeerConfig {
     /// Its node id, `region/name`; its certificate must name it.
     pub id: String,
-    /// Its backbone address.
-    pub addr: SocketAddr,
+    /// Its backbone address, `host:port`: an IP address, or a DNS name (resolved again at
+    /// every dial: a container or pod that came back with another address is found).
+    pub addr: String,
 }
 
 fn default_backbone_listen() -> SocketAddr {
@@ -1039,7 +1040,20 @@ impl Config {
                         reason: format!("{id} is listed twice"),
                     });
                 }
-                peers.push(tern_backbone::transport::Peer { id, addr: p.addr });
+                let port = p.addr.rsplit_once(':').and_then(|(h, port)| {
+                    (!h.is_empty()).then_some(())?;
+                    port.parse::<u16>().ok()
+                });
+                if port.is_none_or(|port| port == 0) {
+                    return Err(ConfigError::Invalid {
+                        field: "backbone.peers.addr",
+                        reason: format!(
+                            "{:?} is not host:port (e.g. \"10.0.0.7:7401\" or \"us-east-0.tern:7401\")",
+                            p.addr
+                        ),
+                    });
+                }
+                peers.push(tern_backbone::transport::Peer { id, addr: p.addr.clone() });
             }
         }
         let auth = crate::auth::Verifier::new(&self.auth)
@@ -1266,6 +1280,21 @@ mod tests {
         let peer = "[[backbone.peers]]\nid = \"b/n\"\naddr = \"127.0.0.1:1\"\n";
         let toml = format!("[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n{peer}{peer}");
         refused(&toml, "backbone.peers");
+        // Peer addresses are host:port, by IP or by name (resolved at each dial).
+        let peer_at = |addr: &str| {
+            format!(
+                "[backbone]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                 [[backbone.peers]]\nid = \"b/n\"\naddr = {addr:?}\n"
+            )
+        };
+        for bad in ["us-east-0.tern", "us-east-0.tern:", ":7401", "host:0", "host:99999", ""] {
+            refused(&peer_at(bad), "backbone.peers.addr");
+        }
+        for good in ["10.0.0.7:7401", "[::1]:7401", "us-east-0.tern-backbone.tern.svc:7401"] {
+            let s = Config::from_toml(&peer_at(good)).unwrap().validate();
+            // Certificates that do not exist fail later, never the address.
+            assert!(s.as_ref().err().is_none_or(|e| !e.to_string().contains("addr")), "{good}");
+        }
     }
 
     #[test]

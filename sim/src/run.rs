@@ -529,7 +529,7 @@ async fn start_edges(
                     .filter(|&j| j != i)
                     .map(|j| PeerConfig {
                         id: ids[j].to_string(),
-                        addr: relays[&(i.min(j), i.max(j))].addr(),
+                        addr: relays[&(i.min(j), i.max(j))].addr().to_string(),
                     })
                     .collect(),
             });

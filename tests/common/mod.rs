@@ -113,8 +113,11 @@ impl ProcessCluster {
                     // The smaller node id dials.
                     let dials = format!("{}/edge-1", REGIONS[i]) < format!("{r2}/edge-1");
                     let addr = if dials { peer_addr(i, j, backbone[j]) } else { backbone[j] };
-                    toml +=
-                        &format!("[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"{addr}\"\n");
+                    // By name: resolved at every dial, as in a container or Kubernetes.
+                    toml += &format!(
+                        "[[backbone.peers]]\nid = \"{r2}/edge-1\"\naddr = \"localhost:{}\"\n",
+                        addr.port()
+                    );
                 }
             }
             toml += &extra(r);

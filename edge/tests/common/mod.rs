@@ -258,7 +258,7 @@ pub fn section(dir: &Path, me: usize, ids: &[NodeId], addrs: &[SocketAddr]) -> B
         order_wait: Duration::from_secs(10),
         peers: (0..ids.len())
             .filter(|&i| i != me)
-            .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i] })
+            .map(|i| PeerConfig { id: ids[i].to_string(), addr: addrs[i].to_string() })
             .collect(),
     }
 }
