@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rm } from 'node:fs/promises';
 import { Client, TernError } from '../../dist/tern.js';
-import { startCutter, startDevNode, until } from '../e2e/harness.mjs';
+import { jwt, startCutter, startDevNode, startTokenNode, until } from '../e2e/harness.mjs';
 
 const WAIT = 15_000;
 let node;
@@ -284,10 +284,56 @@ describe('the TypeScript SDK in Node', { timeout: 120_000 }, () => {
     );
   });
 
+  test('a subscribe overtaken by its unsubscribe is settled, and subscribing again starts afresh', async () => {
+    const a = await connect();
+    const first = a.subscribe('plain:race'); // not awaited: the unsubscribe overtakes it
+    const gone = a.unsubscribe('plain:race');
+    await assert.rejects(first, (e) => e.code === 'unsubscribed');
+    await gone;
+    await a.publish('plain:race', 'while away');
+    const sub = await a.subscribe('plain:race');
+    const got = collect(sub);
+    await a.publish('plain:race', 'after');
+    await until(() => got.includes('after'), WAIT, 'after');
+    assert.deepEqual(got, ['after']);
+  });
+
   test('close: the client ends, and later requests are refused at once', async () => {
     const a = await connect();
     await a.close();
     assert.equal(a.state, 'closed');
     await assert.rejects(a.publish('plain:x', 'y'), (e) => e.code === 'closed');
+  });
+});
+
+describe('the TypeScript SDK in Node, token mode', { timeout: 60_000 }, () => {
+  const secret = 'node-sdk-test-secret-of-at-least-32-bytes';
+  let tnode;
+  let tdir;
+  const tclients = [];
+  before(async () => {
+    ({ node: tnode, dir: tdir } = await startTokenNode(secret));
+  });
+  after(async () => {
+    await Promise.all(tclients.map((c) => c.close()));
+    await tnode?.stop();
+    if (tdir) await rm(tdir, { recursive: true, force: true });
+  });
+
+  test('a refused presence upgrade rejects, and the subscription keeps its messages', async () => {
+    const exp = Math.floor(Date.now() / 1000) + 600;
+    const token = jwt(secret, { sub: 'dana', exp, capability: { 'chat:*': ['subscribe', 'publish'] } });
+    const c = new Client({ url: tnode.ws, token });
+    tclients.push(c);
+    await c.connect();
+    const sub = await c.subscribe('chat:upgrade');
+    const got = collect(sub);
+    await assert.rejects(
+      c.subscribe('chat:upgrade', { presence: true }),
+      (e) => e.code === 'ERROR_CODE_FORBIDDEN',
+    );
+    await c.publish('chat:upgrade', 'still here');
+    await until(() => got.includes('still here'), WAIT, 'messages after the refusal');
+    assert.deepEqual(got, ['still here']);
   });
 });
