@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod cluster_script;
 mod common;
+mod drain;
 mod fallback;
 mod fuzz_corpus;
 mod history_crash;

@@ -1036,6 +1036,16 @@ impl Driver {
                     let _ = reply.send(Ok(r));
                 }
             }
+            Kind::Draining(d) => {
+                // The node is shutting down: the reconnect goes to the next URL first (its
+                // members cannot be recovered there: nothing to present).
+                debug!(reason = %d.reason, "node draining; moving on");
+                if self.urls.len() > 1 {
+                    self.current = (self.current + 1) % self.urls.len();
+                    self.connection_id.clear();
+                }
+                return Flow::Lost(format!("node draining: {}", d.reason));
+            }
             // (`session` and `close` come over HTTP transports only.)
             Kind::Unsubscribed(_)
             | Kind::Heartbeat(_)

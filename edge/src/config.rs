@@ -550,6 +550,13 @@ pub struct TimeoutsConfig {
     /// loses nothing.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, how long clients have between the `draining` frame (go elsewhere
+    /// now) and the node closing their connection with 1001. It is part of
+    /// `shutdown_grace`: the smaller of it and half of `shutdown_grace` applies (the rest of
+    /// the shutdown, closing and the backbone's flush, needs the other half). See
+    /// [`TimeoutsConfig::drain_time`].
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
 }
 
 /// `[websocket]`: buffer sizing and batching.
@@ -697,6 +704,13 @@ impl Default for HeartbeatConfig {
     }
 }
 
+impl TimeoutsConfig {
+    /// The drain that applies: `drain`, at most half of `shutdown_grace`.
+    pub fn drain_time(&self) -> Duration {
+        self.drain.min(self.shutdown_grace / 2)
+    }
+}
+
 impl Default for TimeoutsConfig {
     fn default() -> Self {
         Self {
@@ -707,6 +721,7 @@ impl Default for TimeoutsConfig {
             long_poll: Duration::from_secs(25),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            drain: Duration::from_secs(3),
         }
     }
 }

@@ -940,6 +940,11 @@ export class Client extends Emitter<ClientEvents> {
       case 'error':
         this.onError(requestId, b);
         return;
+      case 'draining':
+        // The node is shutting down: to the next URL now (1001 moves along the ranking),
+        // resuming there.
+        this.drop(1001, `node draining: ${field.str(b['reason'])}`);
+        return;
       default:
         return; // heartbeat answers and frames of later versions
     }

@@ -72,6 +72,7 @@ const SERVER_KINDS: &[&str] = &[
     "close",
     "presence",
     "presenceReply",
+    "draining",
 ];
 
 /// The client frames that are requests (they carry `requestId`, field 1 of each, and most

@@ -244,6 +244,9 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 Kind::PresenceReply(PresenceReply { request_id, channel, members, next })
             }
         ),
+        (s(), proptest::collection::vec(s(), 0..3), any::<u32>()).prop_map(
+            |(reason, urls, close_in_ms)| Kind::Draining(Draining { reason, urls, close_in_ms })
+        ),
         (
             (any::<u32>(), s(), s(), any::<u64>(), position()),
             (any::<u64>(), any::<bool>(), s(), any::<u64>())

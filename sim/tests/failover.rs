@@ -26,10 +26,16 @@ async fn start(
     cfg.timeouts.shutdown_grace = Duration::from_secs(1);
     cfg.timeouts.close = Duration::from_millis(300);
     cfg.regions = regions;
+    start_config(cfg).await.0
+}
+
+/// Starts a node with `cfg`; its stop token and the address it listens on.
+async fn start_config(cfg: Config) -> (CancellationToken, std::net::SocketAddr) {
     let stop = CancellationToken::new();
     let server = Server::bind(cfg.validate().unwrap(), stop.clone()).await.unwrap();
+    let addr = server.local_addr();
     tokio::spawn(server.run());
-    stop
+    (stop, addr)
 }
 
 fn free_port() -> std::net::SocketAddr {
@@ -96,8 +102,11 @@ async fn the_sdk_picks_the_nearest_region_and_fails_over_to_the_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_lists_the_configured_urls_or_the_node_itself() {
-    let addr = free_port();
-    let stop = start("solo", addr, Vec::new()).await;
+    // Port 0: the kernel's choice, so no other test's socket can have taken it meanwhile.
+    let mut cfg = Config::default();
+    cfg.node.region = "solo".into();
+    cfg.listen.client = "127.0.0.1:0".parse().unwrap();
+    let (stop, addr) = start_config(cfg).await;
     let list = tern_client::nearest::regions(&format!("ws://{addr}"), WAIT).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!((list[0].region.as_str(), list[0].url.clone()), ("solo", format!("ws://{addr}")));

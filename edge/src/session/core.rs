@@ -396,6 +396,24 @@ impl Session {
         &self.node.settings().config
     }
 
+    /// Tells the client the node is shutting down: go to another node now (the other
+    /// regions' URLs as a hint); the node closes the connection `close_in` later.
+    pub fn drain_notice(&mut self, close_in: Duration) {
+        let settings = self.node.settings();
+        let urls = settings
+            .config
+            .regions
+            .iter()
+            .filter(|r| r.name != settings.region.as_str())
+            .map(|r| r.url.clone())
+            .collect();
+        self.reply(server_frame::Kind::Draining(client::Draining {
+            reason: "node shutting down".into(),
+            urls,
+            close_in_ms: u32::try_from(close_in.as_millis()).unwrap_or(u32::MAX),
+        }));
+    }
+
     fn reply(&mut self, kind: server_frame::Kind) {
         if let server_frame::Kind::Nack(n) = &kind {
             let code = ErrorCode::try_from(n.code).unwrap_or(ErrorCode::Unspecified);

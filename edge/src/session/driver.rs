@@ -170,6 +170,8 @@ async fn serve<W: Wire>(
     tokio::pin!(connect_deadline);
     // Deliveries handled since the wire was last read.
     let mut unread = 0u32;
+    // Once the node shuts down: when this session closes (its client was told to go).
+    let mut draining: Option<Instant> = None;
 
     let end = loop {
         // A replay reads its next step once the last one is (nearly) written.
@@ -182,7 +184,25 @@ async fn serve<W: Wire>(
         // library); a read is forced every few deliveries so a flooded client is still heard.
         let turn = tokio::select! {
             biased;
-            _ = stop.cancelled() => Err(stopped(&rx)),
+            _ = stop.cancelled(), if draining.is_none() => match stopped(&rx) {
+                // The node shuts down: a connected client is told to go elsewhere first,
+                // and the session lives on for `timeouts.drain` (the client's requests are
+                // answered, deliveries go on) before it is closed.
+                End::Close(close::GOING_AWAY, _)
+                    if session.connected() && !cfg.timeouts.drain_time().is_zero() =>
+                {
+                    session.drain_notice(cfg.timeouts.drain_time());
+                    draining = Some(Instant::now() + cfg.timeouts.drain_time());
+                    Ok(())
+                }
+                end => Err(end),
+            },
+            _ = async {
+                match draining {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            }, if draining.is_some() => Err(stopped(&rx)),
             _ = &mut connect_deadline, if !session.connected() => Err(End::Close(
                 close::PROTOCOL_VIOLATION,
                 "no Connect frame within the connect timeout".into(),
