@@ -25,9 +25,12 @@ WORKDIR /var/lib/tern
 EXPOSE 7400/tcp 7401/udp
 VOLUME ["/var/lib/tern"]
 ENV TERN_LOG_FORMAT=json
-# /healthz: the process serves; readiness (/readyz) is for load balancers and probes.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:7400/healthz || exit 1
+# /healthz: the process serves; readiness (/readyz) is for load balancers and probes. A node
+# on another port or behind [tls] sets TERN_HEALTH_URL (e.g. https://127.0.0.1:443/healthz;
+# curl -k: the certificate names the public host, not 127.0.0.1).
+ENV TERN_HEALTH_URL=http://127.0.0.1:7400/healthz
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD curl -kfsS "$TERN_HEALTH_URL" || exit 1
 # SIGTERM drains: clients are closed with 1001 and the backbone flushes (up to
 # timeouts.shutdown_grace, 10 s); give the container longer than that to stop.
 STOPSIGNAL SIGTERM

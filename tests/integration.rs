@@ -12,5 +12,6 @@ mod fallback;
 mod fuzz_corpus;
 mod history_crash;
 mod metrics;
+mod msrv;
 mod presence;
 mod restart;

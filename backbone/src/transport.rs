@@ -575,6 +575,9 @@ async fn drive(
                     LinkEvent::Up { peer, conn, lanes, quic: q } => {
                         info!(%peer, "link up");
                         r.set_link_rtt(&peer, q.rtt());
+                        if let Some(c) = shared.stats.get(&peer) {
+                            c.rtt_micros.store(q.rtt().as_micros() as u64, Ordering::Relaxed);
+                        }
                         // One connection per peer: a newer one (the peer restarted, or
                         // redialled before this side noticed the old one die) replaces the
                         // older, which is closed, so its dialer redials instead of talking
@@ -709,6 +712,7 @@ async fn drive(
 async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
     let name = certs::node_dns_name(&peer.id);
     let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
     loop {
         if ctx.shutdown.is_cancelled() {
             return;
@@ -727,9 +731,19 @@ async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
         match conn {
             Ok(conn) => {
                 backoff = Duration::from_millis(100);
+                failing = false;
                 run_link(conn, peer.id.clone(), &ctx).await;
             }
-            Err(e) => debug!(peer = %peer.id, error = %e, "dial failed"),
+            Err(e) => {
+                // Once per outage at warn (a misspelled name or a closed port shows at the
+                // default level), then at debug while it lasts.
+                if failing {
+                    debug!(peer = %peer.id, error = %e, "dial failed");
+                } else {
+                    warn!(peer = %peer.id, addr = %peer.addr, error = %e, "cannot reach the peer; retrying");
+                }
+                failing = true;
+            }
         }
         let jitter = Duration::from_millis(u64::from(std::process::id() % 50));
         tokio::select! {
@@ -743,16 +757,17 @@ async fn dial(endpoint: quinn::Endpoint, peer: Peer, ctx: LinkCtx) {
 /// A peer's address now: `host:port` resolved (an IP address stays as it is), preferring
 /// the family of the endpoint's own socket.
 async fn resolve(endpoint: &quinn::Endpoint, addr: &str) -> Result<SocketAddr, String> {
-    let all: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+    let lookup = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(addr));
+    let all: Vec<SocketAddr> = lookup
         .await
+        .map_err(|_| format!("cannot resolve {addr}: no answer within 5 s"))?
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?
         .collect();
     let v4 = endpoint.local_addr().map_or(true, |a| a.is_ipv4());
-    all.iter()
-        .find(|a| a.is_ipv4() == v4)
-        .or(all.first())
-        .copied()
-        .ok_or_else(|| format!("{addr} resolves to no address"))
+    all.iter().find(|a| a.is_ipv4() == v4).copied().ok_or_else(|| {
+        let family = if v4 { "IPv4" } else { "IPv6" };
+        format!("{addr} resolves to no {family} address (the backbone listens on {family})")
+    })
 }
 
 async fn accept(endpoint: quinn::Endpoint, expected: Vec<NodeId>, ctx: LinkCtx) {

@@ -87,6 +87,9 @@ pub fn namespace_label<'a>(config: &'a crate::config::Config, namespace: &str) -
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Held while a scrape reads the node into the gauges and encodes: two at once would
+    /// both add the backbone counters' difference.
+    rendering: std::sync::Mutex<()>,
     /// `[metrics] enabled`.
     enabled: bool,
     /// Open connections, per [`Transport`].
@@ -236,6 +239,7 @@ impl Metrics {
         names.extend(config.history.namespaces.iter().map(|n| n.name.as_str()));
         names.extend(config.limits.namespaces.iter().map(|n| n.name.as_str()));
         Self {
+            rendering: std::sync::Mutex::new(()),
             enabled: config.metrics.enabled,
             connections: Transport::ALL
                 .iter()
@@ -400,6 +404,7 @@ impl Metrics {
 
     /// The text exposition of every metric, after reading `snapshot` into the gauges.
     pub fn render(&self, snapshot: &Snapshot) -> String {
+        let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         self.channels.set(snapshot.channels as i64);
         if let Some(b) = snapshot.history_log_bytes {
             self.history_log_bytes.set(b as i64);

@@ -407,11 +407,15 @@ impl Session {
             .filter(|r| r.name != settings.region.as_str())
             .map(|r| r.url.clone())
             .collect();
-        self.reply(server_frame::Kind::Draining(client::Draining {
+        let frame = server_frame::Kind::Draining(client::Draining {
             reason: "node shutting down".into(),
             urls,
             close_in_ms: u32::try_from(close_in.as_millis()).unwrap_or(u32::MAX),
-        }));
+        });
+        // Ahead of any backlog: a client that is behind learns it first.
+        let item = Outgoing::Encoded(codec::encode_server(frame, self.format));
+        self.out_bytes += item.cost();
+        self.out.push_front(item);
     }
 
     fn reply(&mut self, kind: server_frame::Kind) {

@@ -203,6 +203,10 @@ async fn serve<W: Wire>(
                     None => std::future::pending().await,
                 }
             }, if draining.is_some() => Err(stopped(&rx)),
+            // An outbox that overflows while draining still ends the session as too slow.
+            _ = std::future::ready(()), if draining.is_some() && rx.overflowed() => {
+                Err(slow_consumer())
+            }
             _ = &mut connect_deadline, if !session.connected() => Err(End::Close(
                 close::PROTOCOL_VIOLATION,
                 "no Connect frame within the connect timeout".into(),
@@ -318,7 +322,7 @@ async fn serve<W: Wire>(
         }
         if session.has_output() && wire.writable() {
             let gated = session.backlog() >= READ_GATE;
-            match write(&mut session, wire, &stop, &rx, idle).await {
+            match write(&mut session, wire, &stop, &rx, idle, draining.is_some()).await {
                 Err(end) => break end,
                 // While its frames are not read, a client that reads what it is sent is
                 // alive (its pongs wait in the socket).
@@ -364,6 +368,7 @@ async fn write<W: Wire>(
     stop: &CancellationToken,
     rx: &OutboxReceiver,
     stall: Duration,
+    draining: bool,
 ) -> Result<(), End> {
     let write = async {
         let mut written = 0;
@@ -393,7 +398,8 @@ async fn write<W: Wire>(
             debug!(error = %e, "write failed");
             End::Gone
         }),
-        _ = stop.cancelled() => Err(stopped(rx)),
+        // While draining the token is cancelled already: the drain's own deadline ends it.
+        _ = stop.cancelled(), if !draining => Err(stopped(rx)),
         _ = tokio::time::sleep(stall) => Err(slow_consumer()),
     }
 }
