@@ -26,11 +26,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::common::text;
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tern_client::{Client, ClientOptions, Event, ReconnectPolicy, Transport};
-use tern_proto::client::message::Data;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Messages per publisher.
@@ -41,13 +41,6 @@ const SDK_SUBS: usize = 3;
 const PLAIN_SUBS: usize = 4;
 /// Messages published while the retention subscriber is away (its namespace keeps 20).
 const FORCED: usize = 150;
-
-fn text(m: &tern_client::Message) -> String {
-    match &m.data {
-        Some(Data::Text(t)) => t.clone(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
 
 fn fast_reconnect() -> ClientOptions {
     ClientOptions {

@@ -8,9 +8,9 @@ use common::ProcessCluster;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::common::text;
 use futures_util::StreamExt;
 use tern_client::{Client, ClientOptions, Event};
-use tern_proto::client::message::Data;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -39,13 +39,6 @@ async fn wait_for_mesh(urls: &[String]) {
                 seen[i].insert(text(&m));
             }
         }
-    }
-}
-
-fn text(m: &tern_client::Message) -> String {
-    match &m.data {
-        Some(Data::Text(t)) => t.clone(),
-        other => panic!("expected text, got {other:?}"),
     }
 }
 

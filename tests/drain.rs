@@ -5,41 +5,21 @@
 
 use std::time::Duration;
 
+use crate::common::text;
 use futures_util::StreamExt;
 use tern_client::{Client, ClientOptions, Event};
-use tern_proto::client::message::Data;
 
 use crate::common::{self, ProcessCluster, plain::Plain, plain::PlainState};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn text(m: &tern_client::Message) -> String {
-    match &m.data {
-        Some(Data::Text(t)) => t.clone(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_draining_node_move_to_another_region_and_lose_nothing() {
     let dir = std::env::temp_dir().join(format!("tern-drain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let data = dir.clone();
-    let cluster = ProcessCluster::write(&dir, move |r| {
-        format!(
-            "[history]\ndata_dir = \"{}/data-{r}\"\n[[history.namespaces]]\nname = \"chat\"\n\
-             max_messages = 100000\nmax_age = \"1h\"\n",
-            data.display()
-        )
-    });
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(cluster.start(i, WAIT).await);
-    }
-    for i in 0..3 {
-        common::ready(&cluster.http(i), WAIT).await;
-    }
+    let cluster = ProcessCluster::write_with_history(&dir);
+    let mut nodes = cluster.start_all(WAIT).await;
     // eu-west first, us-east next: where the SDKs go when eu-west drains.
     let urls = vec![cluster.url(0), cluster.url(1)];
     let sub_client = Client::connect_any(&urls, ClientOptions::default()).await.unwrap();

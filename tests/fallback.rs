@@ -12,10 +12,10 @@ use common::proxy::{Gate, Proxy};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::text;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use tern_client::{Client, ClientError, ClientOptions, Event, Format, ReconnectPolicy, Transport};
-use tern_proto::client::message::Data;
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Messages each side sends.
@@ -33,13 +33,6 @@ fn options(transport: Transport, format: Format) -> ClientOptions {
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         ..ClientOptions::default()
-    }
-}
-
-fn text(m: &tern_client::Message) -> String {
-    match &m.data {
-        Some(Data::Text(t)) => t.clone(),
-        other => panic!("expected text, got {other:?}"),
     }
 }
 

@@ -40,21 +40,8 @@ async fn metrics_follow_cross_region_traffic_and_pass_promtool() {
     let dir = std::env::temp_dir().join(format!("tern-metrics-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let data = dir.clone();
-    let cluster = ProcessCluster::write(&dir, move |r| {
-        format!(
-            "[history]\ndata_dir = \"{}/data-{r}\"\n[[history.namespaces]]\nname = \"chat\"\n\
-             max_messages = 10000\nmax_age = \"1h\"\n",
-            data.display()
-        )
-    });
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(cluster.start(i, WAIT).await);
-    }
-    for i in 0..3 {
-        common::ready(&cluster.http(i), WAIT).await;
-    }
+    let cluster = ProcessCluster::write_with_history(&dir);
+    let nodes = cluster.start_all(WAIT).await;
     let (eu, us) = (cluster.http(0), cluster.http(1));
     let (_, eu0) = scrape(&eu).await;
     let (_, us0) = scrape(&us).await;

@@ -53,6 +53,31 @@ pub struct ProcessCluster {
 }
 
 impl ProcessCluster {
+    /// [`ProcessCluster::write`] with the `chat` namespace's history kept, in
+    /// `dir/data-REGION`, and replicated.
+    pub fn write_with_history(dir: &Path) -> Self {
+        let data = dir.to_path_buf();
+        Self::write(dir, move |r| {
+            format!(
+                "[history]\ndata_dir = \"{}/data-{r}\"\n[[history.namespaces]]\nname = \"chat\"\n\
+                 max_messages = 100000\nmax_age = \"1h\"\n",
+                data.display()
+            )
+        })
+    }
+
+    /// Starts every node and waits until each answers `/readyz` (its peers caught up).
+    pub async fn start_all(&self, wait: Duration) -> Vec<Child> {
+        let mut nodes = Vec::new();
+        for i in 0..self.configs.len() {
+            nodes.push(self.start(i, wait).await);
+        }
+        for i in 0..self.configs.len() {
+            ready(&self.http(i), wait).await;
+        }
+        nodes
+    }
+
     /// Writes certificates and configurations; `extra(region)` is appended to each.
     pub fn write(dir: &Path, extra: impl Fn(&str) -> String) -> Self {
         Self::write_with(dir, extra, |_, _, addr| addr)
@@ -236,5 +261,13 @@ impl UdpRelay {
     /// Drops everything both ways while `on`.
     pub fn block(&self, on: bool) {
         self.blocked.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A message's text payload (the tests publish text).
+pub fn text(m: &tern_client::Message) -> String {
+    match &m.data {
+        Some(tern_proto::client::message::Data::Text(t)) => t.clone(),
+        other => panic!("expected text, got {other:?}"),
     }
 }
