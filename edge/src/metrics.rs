@@ -67,18 +67,6 @@ pub fn close_reason(code: Option<u16>) -> &'static str {
     }
 }
 
-/// The `namespace` label of a channel's namespace: itself when the configuration names it
-/// (`[[history.namespaces]]`, `[[limits.namespaces]]`), `none` for a channel without one,
-/// `other` otherwise (clients choose channel names: the label set stays bounded).
-pub fn namespace_label<'a>(config: &'a crate::config::Config, namespace: &str) -> &'a str {
-    if namespace.is_empty() {
-        return "none";
-    }
-    let history = config.history.namespaces.iter().map(|n| n.name.as_str());
-    let limits = config.limits.namespaces.iter().map(|n| n.name.as_str());
-    history.chain(limits).find(|n| *n == namespace).unwrap_or("other")
-}
-
 /// The node's metrics.
 ///
 /// On the message path only counters and histograms already resolved to their labels are
@@ -362,14 +350,17 @@ impl Metrics {
         }
     }
 
-    /// A message was accepted on a channel of `namespace` (see [`namespace_label`]).
-    pub fn published(&self, namespace: &str) {
-        if self.enabled {
-            let known = self.publishes.get(namespace).or_else(|| self.publishes.get("other"));
-            if let Some(c) = known {
-                c.inc();
-            }
+    /// The counter of messages accepted on a channel of `namespace` (its label: the namespace when
+    /// the configuration names it in `[[history.namespaces]]` or `[[limits.namespaces]]`,
+    /// `none` for a channel without one, `other` otherwise: clients choose channel names,
+    /// so the label set stays bounded).
+    /// The counter to [`IntCounter::inc`] (None with metrics off).
+    pub fn publishes_of(&self, namespace: &str) -> Option<&IntCounter> {
+        if !self.enabled {
+            return None;
         }
+        let label = if namespace.is_empty() { "none" } else { namespace };
+        self.publishes.get(label).or_else(|| self.publishes.get("other"))
     }
 
     /// A publish was refused with `code`.

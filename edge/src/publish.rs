@@ -128,6 +128,8 @@ pub fn publish(
         Some(publish::Data::Binary(b)) => Some(message::Data::Binary(b)),
         None => None,
     };
+    // Resolved before the channel name moves into the hub.
+    let counted = node.metrics().publishes_of(tern_proto::types::namespace_of(&req.channel));
     let msg = NewMessage {
         id: (!req.id.is_empty()).then_some(req.id),
         name: req.name,
@@ -135,16 +137,12 @@ pub fn publish(
         client_id: client_id.to_owned(),
         after: req.after.filter(|a| !a.origin.is_empty()),
     };
-    let namespace = crate::metrics::namespace_label(
-        &node.settings().config,
-        tern_proto::types::namespace_of(&req.channel),
-    );
     let accepted = node
         .hub()
         .publish(req.channel, msg)
         .ok_or_else(|| PublishError::TooManyChannels(node.settings().config.limits.max_channels))?;
-    if !accepted.duplicate {
-        node.metrics().published(namespace);
+    if let Some(c) = counted.filter(|_| !accepted.duplicate) {
+        c.inc();
     }
     Ok(accepted)
 }
