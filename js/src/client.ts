@@ -309,9 +309,9 @@ interface Pending {
   messageId?: string;
 }
 
-/** Requests kept per client for `after`: the last ack's identity per channel (LRU). */
+/** Channels whose last ack's identity is kept for `after` (least recently acked forgotten first). */
 const ACKED_CHANNELS = 10_000;
-/** Most bytes of frames a client queues while it waits for the node's rates (beyond: refused). */
+/** Most frames a client queues while it waits for the node's rates (beyond: refused). */
 const OUTBOX_FRAMES = 10_000;
 /** A connection that lasted this long resets the back-off. */
 const STABLE_MS = 10_000;

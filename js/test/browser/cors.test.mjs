@@ -20,26 +20,10 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { randomUUID } from 'node:crypto';
 import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, CHROMIUM_BIN, TERN_BIN, sleep, withTimeout } from '../e2e/harness.mjs';
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
-const TERN_BIN =
-  process.env.TERN_BIN ||
-  (process.env.CARGO_TARGET_DIR
-    ? path.resolve(REPO, process.env.CARGO_TARGET_DIR, 'debug', 'tern')
-    : path.join(REPO, 'target', 'debug', 'tern'));
-const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-];
 
 const HISTORY_NAMESPACE = 'corslog';
 const CHANNEL = `${HISTORY_NAMESPACE}:browser-${randomUUID().slice(0, 8)}`;
@@ -50,17 +34,6 @@ const START_TIMEOUT_MS = 20_000;
 const REQUEST_TIMEOUT_MS = 10_000;
 const BROWSER_TIMEOUT_MS = 30_000;
 const TEST_TIMEOUT_MS = 60_000;
-
-/** Rejects after `ms` with a message naming what was awaited. */
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * One HTTP request from Node with exactly the headers given (node:http adds no Origin).
