@@ -4,14 +4,18 @@
 #
 #   docker run -p 7400:7400 -p 7401:7401/udp -v tern-data:/var/lib/tern \
 #     -v ./edge.toml:/etc/tern/edge.toml:ro tern
-FROM rust:1.85-bookworm AS build
+# The base images can be named (a mirror, or images built locally: deploy/container-check.sh).
+ARG RUST_IMAGE=docker.io/library/rust:1.85-bookworm
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 # No system protoc is needed (protox compiles the schema); a C compiler comes with the image.
 RUN cargo build --release --locked --bin tern \
  && install -m 0755 target/release/tern /usr/local/bin/tern
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \

@@ -22,6 +22,6 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     fi
 fi
 
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --features tern/otlp "$@"
 deploy/validate.sh
 scripts/test-js.sh

@@ -1,5 +1,8 @@
 //! `tern`: one CLI, thin dispatch to the crates.
 
+#[cfg(feature = "otlp")]
+mod otlp;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -148,36 +151,62 @@ enum CertsCommand {
     },
 }
 
-fn init_tracing(default: &str, format: LogFormat) {
+/// Keeps the trace export (`--features otlp`) running; dropped, it flushes what is left.
+/// (The field is only held: its `Drop` is the point.)
+struct TraceGuard(
+    #[cfg(feature = "otlp")]
+    #[allow(dead_code)]
+    Option<otlp::Guard>,
+);
+
+fn init_tracing(default: &str, format: LogFormat) -> anyhow::Result<TraceGuard> {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(true).boxed(),
         LogFormat::Text => {
             // Colour codes only where someone reads them: not in log files or pipes.
             let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            builder.with_ansi(ansi).init();
+            fmt.with_ansi(ansi).boxed()
         }
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otlp")]
+    {
+        let (layer, guard) = otlp::layer()?.unzip();
+        registry.with(layer).init();
+        Ok(TraceGuard(guard))
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        registry.init();
+        Ok(TraceGuard())
     }
 }
 
-/// The allocator: mimalloc. glibc's keeps the memory of large buffers it freed (its mmap
+/// The allocator: jemalloc. glibc's keeps the memory of large buffers it freed (its mmap
 /// threshold grows with the largest block freed, and each of up to 8 × CPUs arenas keeps
 /// its own free memory): after a storm of history reads a node held +64 % of its memory
-/// for good (`tern bench reads`); mimalloc returns freed pages to the system.
+/// for good (`tern bench reads`); jemalloc returns freed pages to the system.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The simulator runs many nodes in one process: only their warnings by default.
-    init_tracing(
-        if matches!(cli.command, Command::Sim { .. }) { "warn" } else { "info" },
-        cli.log_format,
-    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The trace export (`--features otlp`) runs on the runtime: set up inside it, flushed
+    // (the guard dropped) before it stops.
+    let _traces = {
+        let _in_runtime = rt.enter();
+        init_tracing(
+            if matches!(cli.command, Command::Sim { .. }) { "warn" } else { "info" },
+            cli.log_format,
+        )?
+    };
     rt.block_on(async move {
         match cli.command {
             Command::Edge { config, listen, data_dir, check } => {

@@ -13,5 +13,7 @@ mod fuzz_corpus;
 mod history_crash;
 mod metrics;
 mod msrv;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod presence;
 mod restart;

@@ -84,6 +84,20 @@ async fn metrics_follow_cross_region_traffic_and_pass_promtool() {
     assert_eq!(get(&us1, r#"tern_connections{transport="websocket"}"#), 1.0, "{us_text}");
     assert!(get(&us1, r#"tern_connections_opened_total{transport="websocket"}"#) >= 1.0);
     assert!(get(&us1, "tern_channels") >= 1.0);
+    assert_eq!(get(&us1, "tern_subscriptions"), 1.0, "{us_text}");
+    assert_eq!(get(&eu1, "tern_subscriptions"), 0.0, "{eu_text}");
+    // Every replicated message's lag is observed where it arrives, by its origin.
+    let lag = r#"tern_replication_lag_seconds_count{origin="eu-west/edge-1"}"#;
+    assert!(d(&us0, &us1, lag) >= N as f64, "{us_text}");
+    assert_eq!(
+        d(&eu0, &eu1, r#"tern_replication_lag_seconds_count{origin="us-east/edge-1"}"#),
+        0.0
+    );
+    for text in [&eu_text, &us_text] {
+        for m in ["unacknowledged_messages", "retransmitted_messages_total"] {
+            assert!(text.contains(&format!("tern_backbone_{m}{{peer=")), "{m}: {text}");
+        }
+    }
 
     // A subscriber that stops reading is cut off as a slow consumer.
     let mut slow = Plain::connect(&cluster.url(1)).await.unwrap();

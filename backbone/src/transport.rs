@@ -808,7 +808,13 @@ fn peer_leaf(conn: &quinn::Connection) -> Option<rustls_pki_types::CertificateDe
     chain.into_iter().next()
 }
 
+/// Runs one link in its span (`link`, with the peer and the connection's id as fields).
 async fn run_link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
+    let span = info_span!("link", %peer, link = conn.stable_id(), remote = %conn.remote_address());
+    link(conn, peer, ctx).instrument(span).await
+}
+
+async fn link(conn: quinn::Connection, peer: NodeId, ctx: &LinkCtx) {
     let id = conn.stable_id();
     let mut lanes = Vec::with_capacity(ctx.lanes + 1);
     for _ in 0..=ctx.lanes {

@@ -388,6 +388,11 @@ pub struct NodeConfig {
 pub struct ListenConfig {
     /// Client address: WebSocket `/v1/ws` and the HTTP API.
     pub client: SocketAddr,
+    /// Admin address (plain HTTP, no authentication: keep it on loopback or a private
+    /// network): `GET /metrics`, `/healthz`, `/readyz`, and `POST`/`DELETE`/`GET
+    /// /admin/drain`. Unset (the default): no admin listener, and `/metrics` is served on the
+    /// client address instead; set, `/metrics` is served here only.
+    pub admin: Option<SocketAddr>,
 }
 
 /// `[limits]`: every resource has one.
@@ -648,7 +653,7 @@ impl Default for NodeConfig {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { client: SocketAddr::from(([127, 0, 0, 1], 7400)) }
+        Self { client: SocketAddr::from(([127, 0, 0, 1], 7400)), admin: None }
     }
 }
 

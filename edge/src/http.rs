@@ -23,13 +23,19 @@ use crate::node::Node;
 use crate::publish::{self as pubmod, PublishRequest};
 use crate::session;
 
-/// Builds the router for the client port.
+/// Builds the router for the client port (`/metrics` is here only without an admin
+/// listener).
 pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.settings().config.limits.max_frame_bytes;
-    Router::new()
+    let client = Router::new();
+    let client = if node.settings().config.listen.admin.is_none() {
+        client.route("/metrics", get(metrics))
+    } else {
+        client
+    };
+    client
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/v1/ping", get(ping))
         .route("/v1/regions", get(regions))
         .route("/v1/ws", get(websocket))
@@ -48,7 +54,84 @@ pub fn router(node: Arc<Node>) -> Router {
         // preflights and adds its headers for the allowed ones.
         .layer(cors_layer(&node))
         .layer(axum::middleware::from_fn_with_state(node.clone(), guard_origin))
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(node)
+}
+
+/// Request ids, for the `request` spans.
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Runs each request in a `request` span with its id, method and path (never the query: it
+/// may carry a token). A WebSocket or SSE session started by the request runs in its own
+/// `session` span.
+async fn request_span(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let id = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = tracing::info_span!("request", request = id, method = %req.method(), path = req.uri().path());
+    next.run(req).instrument(span).await
+}
+
+/// Builds the router for the admin listener (`listen.admin`): metrics, probes and the drain.
+/// No browser is expected here: no CORS, and any `Origin` is refused.
+pub fn admin_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/drain", get(drain_status).post(drain_start).delete(drain_end))
+        .layer(axum::middleware::from_fn(no_browsers))
+        .with_state(node)
+}
+
+/// The admin listener answers no browser: a page must not drive it from a user's machine
+/// (a request from a page carries `Origin`; `curl` and Prometheus do not).
+async fn no_browsers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.headers().contains_key(header::ORIGIN) {
+        return plain(StatusCode::FORBIDDEN, "the admin listener does not answer browsers\n");
+    }
+    next.run(req).await
+}
+
+/// The drain's state, as the admin endpoints answer it.
+fn drain_body(node: &Node, status: StatusCode) -> Response {
+    let body = serde_json::json!({
+        "draining": node.is_draining(),
+        "reason": node.is_draining().then(|| node.drain_reason()),
+        "connections": node.connection_count(),
+        "closeInMs": node.settings().config.timeouts.drain_time().as_millis() as u64,
+    });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `GET /admin/drain`: whether the node drains, and the sessions still open.
+async fn drain_status(State(node): State<Arc<Node>>) -> Response {
+    drain_body(&node, StatusCode::OK)
+}
+
+/// `POST /admin/drain`: drain without stopping. Every session gets a `draining` frame and
+/// is closed with 1001 `timeouts.drain` later; new connections are refused (503) and
+/// `/readyz` answers 503 until `DELETE /admin/drain`. 202 when this started the drain, 200
+/// when it drained already.
+async fn drain_start(State(node): State<Arc<Node>>) -> Response {
+    let started = node.start_drain();
+    if started {
+        tracing::info!(open = node.connection_count(), "draining on request: clients told to go");
+    }
+    drain_body(&node, if started { StatusCode::ACCEPTED } else { StatusCode::OK })
+}
+
+/// `DELETE /admin/drain`: take clients again. 200 with `draining: false` (whether it drained
+/// or not); 409 while the node shuts down (that drain cannot end; the admin listener stops
+/// then, so only a request already in flight gets it).
+async fn drain_end(State(node): State<Arc<Node>>) -> Response {
+    if node.shutdown().is_cancelled() {
+        let reason = "the node shuts down; its drain cannot end".into();
+        return error_response(StatusCode::CONFLICT, ErrorCode::Unavailable, reason);
+    }
+    if node.end_drain() {
+        tracing::info!("drain ended on request: taking clients again");
+    }
+    drain_body(&node, StatusCode::OK)
 }
 
 /// CORS for the origins `guard_origin` lets through: every origin that reaches this layer
@@ -694,8 +777,9 @@ async fn websocket(
         None => (Format::Json, None),
     };
     // (A browser `Origin` was checked by `guard_origin`.)
-    if node.shutdown().is_cancelled() {
-        let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n");
+    if node.is_draining() {
+        let text = format!("{}\n", node.drain_reason());
+        let mut res = (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return res;
     }

@@ -111,7 +111,32 @@ pub struct Metrics {
     peer_bytes_sent: IntCounterVec,
     peer_bytes_received: IntCounterVec,
     peer_frames_dropped: IntCounterVec,
-    unacknowledged: IntGauge,
+    peer_retransmitted: IntCounterVec,
+    unacknowledged: IntGaugeVec,
+    /// Subscriptions on this node (read at scrape).
+    subscriptions: IntGauge,
+    /// From a message's publish at its origin to its sequencing here, per origin.
+    replication_lag: ReplicationLag,
+}
+
+/// `tern_replication_lag_seconds` resolved per origin node: the configured backbone peers,
+/// and `other` for an origin no peer names (a relayed message of a node not configured
+/// here).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationLag {
+    by_origin: std::collections::HashMap<String, Histogram>,
+    other: Option<Histogram>,
+}
+
+impl ReplicationLag {
+    /// A replicated message of `origin`, published at `published_ms` (the origin's clock,
+    /// unix milliseconds), was sequenced here at `now_ms` (this node's clock). A clock behind
+    /// the origin's counts as 0.
+    pub fn observe(&self, origin: &str, published_ms: u64, now_ms: u64) {
+        if let Some(h) = self.by_origin.get(origin).or(self.other.as_ref()) {
+            h.observe(now_ms.saturating_sub(published_ms) as f64 / 1000.0);
+        }
+    }
 }
 
 /// What a scrape reads from the node besides the counters.
@@ -123,8 +148,8 @@ pub struct Snapshot {
     pub history_log_bytes: Option<u64>,
     /// Backbone peers.
     pub peers: Vec<PeerSnapshot>,
-    /// Messages sent to peers and not yet acknowledged by them.
-    pub unacknowledged: Option<u64>,
+    /// Subscriptions (live, or waiting for the peers) across every channel.
+    pub subscriptions: usize,
 }
 
 /// One backbone peer at scrape time.
@@ -148,6 +173,10 @@ pub struct PeerSnapshot {
     pub bytes_received: u64,
     /// Frames dropped because its lane queue was full (retransmitted later).
     pub frames_dropped: u64,
+    /// Messages it wants and has not acknowledged.
+    pub unacknowledged: u64,
+    /// Messages sent to it again (asked for, or repeated after `rto`).
+    pub retransmitted: u64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -173,6 +202,11 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     r.register(Box::new(m.clone())).expect("register");
     m
 }
+
+/// Replication lag buckets, seconds: 1 ms to 5 minutes (a catch-up after an outage).
+const LAG: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Latency buckets, seconds: 100 µs to 10 s.
 const LATENCY: [f64; 15] = [
@@ -209,6 +243,22 @@ impl Metrics {
         )
         .expect("metric");
         r.register(Box::new(rtt.clone())).expect("register");
+        let lag = HistogramVec::new(
+            HistogramOpts::new(
+                "tern_replication_lag_seconds",
+                "From a replicated message's publish at its origin (the origin's clock) to \
+                 its sequencing on this node (this node's clock), by origin node",
+            )
+            .buckets(LAG.to_vec()),
+            &["origin"],
+        )
+        .expect("metric");
+        r.register(Box::new(lag.clone())).expect("register");
+        let origins = config.backbone.iter().flat_map(|b| &b.peers).map(|p| p.id.clone());
+        let replication_lag = ReplicationLag {
+            by_origin: origins.map(|o| (o.clone(), lag.with_label_values(&[&o]))).collect(),
+            other: Some(lag.with_label_values(&["other"])),
+        };
         let connections = gauge_vec(&r, "tern_connections", "Open client connections", transport);
         let opened = counter_vec(
             &r,
@@ -314,11 +364,26 @@ impl Metrics {
                 "Frames to the peer dropped on a full lane queue (retransmitted later)",
                 peer,
             ),
-            unacknowledged: gauge(
+            peer_retransmitted: counter_vec(
+                &r,
+                "tern_backbone_retransmitted_messages_total",
+                "Messages sent to the peer again: asked for by its Nack, or repeated after the \
+                 retransmission timeout without progress",
+                peer,
+            ),
+            unacknowledged: gauge_vec(
                 &r,
                 "tern_backbone_unacknowledged_messages",
-                "Messages sent to peers and not yet acknowledged by them",
+                "Messages of this node's channels the peer wants and has not acknowledged \
+                 (0 while the link is down)",
+                peer,
             ),
+            subscriptions: gauge(
+                &r,
+                "tern_subscriptions",
+                "Channel subscriptions on this node (live, or waiting for the peers)",
+            ),
+            replication_lag,
             registry: r,
         }
     }
@@ -384,6 +449,11 @@ impl Metrics {
         }
     }
 
+    /// The replication lag histograms, per origin (None with metrics off).
+    pub fn replication_lag(&self) -> Option<ReplicationLag> {
+        self.enabled.then(|| self.replication_lag.clone())
+    }
+
     /// The history writer's handles (none when metrics are off).
     pub fn history_handles(&self) -> (Option<Histogram>, Option<IntCounter>) {
         if self.enabled {
@@ -400,14 +470,13 @@ impl Metrics {
         if let Some(b) = snapshot.history_log_bytes {
             self.history_log_bytes.set(b as i64);
         }
-        if let Some(u) = snapshot.unacknowledged {
-            self.unacknowledged.set(u as i64);
-        }
+        self.subscriptions.set(snapshot.subscriptions as i64);
         for p in &snapshot.peers {
             let l = &[p.peer.as_str()];
             self.peer_up.with_label_values(l).set(i64::from(p.up));
             self.peer_caught_up.with_label_values(l).set(i64::from(p.caught_up));
             self.peer_rtt.with_label_values(l).set(p.rtt_seconds);
+            self.unacknowledged.with_label_values(l).set(p.unacknowledged as i64);
             // The backbone keeps its own counters; these follow them.
             for (m, v) in [
                 (&self.peer_frames_sent, p.frames_sent),
@@ -415,6 +484,7 @@ impl Metrics {
                 (&self.peer_bytes_sent, p.bytes_sent),
                 (&self.peer_bytes_received, p.bytes_received),
                 (&self.peer_frames_dropped, p.frames_dropped),
+                (&self.peer_retransmitted, p.retransmitted),
             ] {
                 let c = m.with_label_values(l);
                 c.inc_by(v.saturating_sub(c.get()));

@@ -20,6 +20,9 @@ pub struct Node {
     connections: AtomicUsize,
     next_connection: AtomicU64,
     shutdown: CancellationToken,
+    /// Cancelled when the node drains its clients: a child of `shutdown`, or cancelled by
+    /// [`Node::start_drain`] (`POST /admin/drain`); [`Node::end_drain`] puts a fresh one in.
+    drain: std::sync::Mutex<CancellationToken>,
     tracker: TaskTracker,
     /// Open TCP connections per source address.
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
@@ -103,7 +106,8 @@ impl Node {
             Some(s) => Epoch(s.epoch_or(epoch.0)?),
             None => epoch,
         };
-        let hub = Hub::new(settings.node.clone(), epoch, log_epoch, hub_limits, store);
+        let mut hub = Hub::new(settings.node.clone(), epoch, log_epoch, hub_limits, store);
+        hub.replication_lag = metrics.replication_lag();
         let p = &settings.config.presence;
         let batching = crate::presence::Batching {
             over: p.batch_over,
@@ -119,6 +123,7 @@ impl Node {
             presence,
             connections: AtomicUsize::new(0),
             next_connection: AtomicU64::new(1),
+            drain: std::sync::Mutex::new(shutdown.child_token()),
             shutdown,
             tracker: TaskTracker::new(),
             per_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -143,9 +148,20 @@ impl Node {
         if self.shutdown.is_cancelled() {
             return Readiness { ready: false, reason: "shutting down", peers: listed };
         }
+        if self.is_draining() {
+            return Readiness { ready: false, reason: "draining", peers: listed };
+        }
         let ready = |reason| Readiness { ready: true, reason, peers: listed.clone() };
         if self.ready.load(Ordering::Relaxed) {
-            return ready("ready");
+            // Ready stays ready (local clients are served whatever the backbone does); the
+            // reason tells how far the backbone reaches now.
+            let linked = peers.iter().filter(|p| p.up).count();
+            return ready(match linked {
+                _ if peers.is_empty() => "ready",
+                n if n == peers.len() => "ready",
+                0 => "ready: no peer reachable; serving local clients",
+                _ => "ready: some peers unreachable",
+            });
         }
         let Some(b) = self.settings.config.backbone.as_ref() else {
             self.ready.store(true, Ordering::Relaxed);
@@ -180,6 +196,44 @@ impl Node {
     /// Cancelled when the node shuts down.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// Cancelled when the node drains its clients (at shutdown, or by
+    /// [`Node::start_drain`]): sessions tell their clients to go elsewhere and close.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the node drains: new client connections are refused (503) and `/readyz`
+    /// answers 503 `draining`.
+    pub fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled() || self.drain_token().is_cancelled()
+    }
+
+    /// Why sessions end when [`Node::drain_token`] fires (the `draining` frame's reason).
+    pub fn drain_reason(&self) -> &'static str {
+        if self.shutdown.is_cancelled() { "node shutting down" } else { "node draining" }
+    }
+
+    /// Drains the node without stopping it (`POST /admin/drain`): every session gets a
+    /// `draining` frame and is closed `timeouts.drain` later; new connections are refused
+    /// until [`Node::end_drain`]. Returns false when it was draining already.
+    pub fn start_drain(&self) -> bool {
+        let token = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        let was = token.is_cancelled();
+        token.cancel();
+        !was
+    }
+
+    /// Takes clients again after [`Node::start_drain`] (`DELETE /admin/drain`). Returns
+    /// false when the node was not draining, or shuts down (that drain cannot end).
+    pub fn end_drain(&self) -> bool {
+        let mut token = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shutdown.is_cancelled() || !token.is_cancelled() {
+            return false;
+        }
+        *token = self.shutdown.child_token();
+        true
     }
 
     /// The open HTTP sessions (see `crate::session::http`).
@@ -233,6 +287,8 @@ impl Node {
                     bytes_sent: p.bytes_sent,
                     bytes_received: p.bytes_received,
                     frames_dropped: p.frames_dropped,
+                    unacknowledged: state.map_or(0, |s| s.unacknowledged),
+                    retransmitted: state.map_or(0, |s| s.retransmitted),
                     peer: p.peer,
                 }
             })
@@ -245,7 +301,7 @@ impl Node {
                 .and_then(|s| std::fs::metadata(s.path()).ok())
                 .map(|m| m.len()),
             peers,
-            unacknowledged: backbone.map(|b| b.unacknowledged()),
+            subscriptions: self.hub.subscription_count(),
         };
         self.metrics.render(&snapshot)
     }

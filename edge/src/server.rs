@@ -28,6 +28,8 @@ pub struct Server {
     node: Arc<Node>,
     listener: TcpListener,
     tls: Option<crate::tls::ClientTls>,
+    /// `listen.admin`, when set.
+    admin: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -460,6 +462,14 @@ impl Server {
             .map_err(BindError::Tls)?;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| BindError::Listen { addr, source })?;
+        let admin = match settings.config.listen.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BindError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let node = open_node(settings, shutdown)?;
         if let Some(b) = node.settings().config.backbone.clone() {
             let config = BackboneConfig {
@@ -548,7 +558,7 @@ impl Server {
                 node.presence().flush(node.hub().backbone());
             }
         });
-        Ok(Self { node, listener, tls })
+        Ok(Self { node, listener, tls, admin })
     }
 
     /// The backbone's bound UDP address, when the backbone runs.
@@ -562,6 +572,11 @@ impl Server {
         self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The admin listener's bound address, when `listen.admin` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The node state.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
@@ -570,8 +585,21 @@ impl Server {
     /// Serves until the shutdown token is cancelled, then closes every WebSocket with 1001
     /// and waits up to `timeouts.shutdown_grace` for the connections to finish.
     pub async fn run(self) {
-        let Self { node, listener, tls } = self;
+        let Self { node, listener, tls, admin } = self;
         let shutdown = node.shutdown().clone();
+        if let Some(admin) = admin {
+            info!(addr = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "admin listening");
+            // Not tracked: the shutdown does not wait for a scrape. It stops taking requests
+            // when the node shuts down.
+            let serve = axum::serve(admin, crate::http::admin_router(node.clone()))
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "admin listener failed");
+                }
+            });
+        }
         // A renewed certificate is picked up from its files while the node runs.
         let tls = tls.map(|t| {
             let acceptor = t.acceptor.clone();

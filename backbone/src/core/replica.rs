@@ -367,6 +367,9 @@ struct Link {
     told_caught_up: bool,
     /// The peer's heartbeats say this node caught up with it (since the link came up).
     peer_caught_up: bool,
+    /// Messages sent to the peer again (asked for by a `Nack`, or repeated after `rto`
+    /// without progress), since the start.
+    retransmitted: u64,
 }
 
 impl Link {
@@ -462,6 +465,11 @@ pub struct PeerState {
     /// How long the link has been down (since the core's first event, if it never came
     /// up); `None` while up, or before anything happened.
     pub down_for: Option<Duration>,
+    /// Messages of this node's channels the peer wants and has not acknowledged (0 while
+    /// the link is down: nothing is owed until it returns and asks).
+    pub unacknowledged: u64,
+    /// Messages sent to the peer again since the start (see [`Replica::peers`]).
+    pub retransmitted: u64,
 }
 
 /// The replication core of one node. See the module docs for the data path.
@@ -725,10 +733,16 @@ impl Replica {
     /// acknowledged yet, past epochs included (a graceful shutdown waits for this to
     /// reach 0).
     pub fn unacknowledged(&self) -> u64 {
-        self.links
-            .values()
-            .filter(|l| l.up)
-            .flat_map(|l| &l.out)
+        self.links.values().map(|l| self.unacknowledged_by(l)).sum()
+    }
+
+    /// [`Replica::unacknowledged`] for one peer's link (0 while it is down).
+    fn unacknowledged_by(&self, link: &Link) -> u64 {
+        if !link.up {
+            return 0;
+        }
+        link.out
+            .iter()
             .map(|(channel, out)| {
                 let current =
                     self.logs.get(channel).map_or(0, |log| log.last.saturating_sub(out.acked));
@@ -840,6 +854,8 @@ impl Replica {
                 } else {
                     l.down_since.or(self.born).map(|t| now.saturating_duration_since(t))
                 },
+                unacknowledged: self.unacknowledged_by(l),
+                retransmitted: l.retransmitted,
             })
             .collect()
     }
@@ -1025,10 +1041,15 @@ impl Replica {
             Frame::Nack { channel, epoch, from: first, to } => {
                 let window = self.config.send_window.max(1) as u64;
                 let to = to.0.min(first.0.saturating_add(window - 1));
-                if epoch == self.epoch {
-                    self.resend(from, &channel, first.0, to);
+                let resent = if epoch == self.epoch {
+                    self.resend(from, &channel, first.0, to)
                 } else if self.past.get(&channel).is_some_and(|p| p.epoch == epoch) {
-                    self.resend_past(from, &channel, first.0, to);
+                    self.resend_past(from, &channel, first.0, to)
+                } else {
+                    0
+                };
+                if let Some(link) = self.links.get_mut(from) {
+                    link.retransmitted += resent;
                 }
             }
             Frame::Gone { channel, epoch, through } => {
@@ -1387,18 +1408,25 @@ impl Replica {
     }
 
     /// Sends `first..=last` of `channel` to `peer` from the log; what the log no longer holds
-    /// is announced with `Gone`.
-    fn resend(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) {
-        let Some(log) = self.logs.get(channel) else { return };
+    /// is announced with `Gone`. Returns the messages queued.
+    fn resend(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) -> u64 {
+        let Some(log) = self.logs.get(channel) else { return 0 };
         let frames = resend_frames(&self.me, self.epoch, channel, log, first, last);
-        self.transmit.extend(frames.into_iter().map(|f| (peer.clone(), f)));
+        self.queue_resent(peer, frames)
     }
 
     /// As [`Replica::resend`], from the channel's past epoch.
-    fn resend_past(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) {
-        let Some(past) = self.past.get(channel) else { return };
+    fn resend_past(&mut self, peer: &NodeId, channel: &ChannelName, first: u64, last: u64) -> u64 {
+        let Some(past) = self.past.get(channel) else { return 0 };
         let frames = resend_frames(&self.me, past.epoch, channel, &past.log, first, last);
+        self.queue_resent(peer, frames)
+    }
+
+    /// Queues `frames` for `peer`; the `Data` frames among them.
+    fn queue_resent(&mut self, peer: &NodeId, frames: Vec<Frame>) -> u64 {
+        let data = frames.iter().filter(|f| matches!(f, Frame::Data { .. })).count() as u64;
         self.transmit.extend(frames.into_iter().map(|f| (peer.clone(), f)));
+        data
     }
 
     fn new_epoch(&mut self, origin: NodeId, channel: ChannelName, epoch: Epoch) {
@@ -1661,6 +1689,7 @@ impl Replica {
                         out.progress_at = now;
                         out.retries = (out.retries + 1).min(3);
                         let last = past.log.last.min(p.acked + self.config.resend_batch as u64);
+                        link.retransmitted += p.sent.min(last).saturating_sub(p.acked);
                         p.sent = p.sent.max(last);
                         let end = (last == past.log.last).then_some((past.epoch, past.log.last));
                         p.end_sent |= end.is_some();
@@ -1676,6 +1705,7 @@ impl Replica {
                     out.progress_at = now;
                     out.retries = (out.retries + 1).min(3);
                     let last = log.last.min(out.acked + self.config.resend_batch as u64);
+                    link.retransmitted += out.sent.min(last).saturating_sub(out.acked);
                     out.sent = out.sent.max(last);
                     resends.push((peer.clone(), channel.clone(), out.acked + 1, last));
                 }
@@ -1901,6 +1931,46 @@ mod tests {
         );
         assert!(matches!(&sent[1], Frame::Data { seq: Seq(200), .. }));
         assert_eq!(sent.len(), 2);
+    }
+
+    /// A peer's unacknowledged messages and the messages sent to it again (`Nack`, and a
+    /// timeout without progress) are counted per peer, as the metrics report them.
+    #[test]
+    fn unacknowledged_and_retransmitted_messages_are_counted_per_peer() {
+        let a = NodeId::parse("eu-west/edge-1").unwrap();
+        let b = NodeId::parse("us-east/edge-1").unwrap();
+        let config =
+            Config { replicate_all: BTreeSet::from(["chat".to_owned()]), ..Config::default() };
+        let rto = config.rto;
+        let now = Instant::now();
+        let mut r = Replica::new(a, Epoch(1), std::slice::from_ref(&b), config);
+        let channel = ChannelName::parse("chat:x").unwrap();
+        r.handle_link_up(now, &b);
+        for _ in 0..3 {
+            r.publish_next(now, channel.clone(), Bytes::from_static(b"m"));
+        }
+        r.handle_timeout(now);
+        while r.poll_transmit().is_some() {}
+        let state = |r: &Replica| r.peers(now).into_iter().find(|p| p.peer == b).unwrap();
+        assert_eq!((state(&r).unacknowledged, state(&r).retransmitted), (3, 0));
+        let nack =
+            Frame::Nack { channel: channel.clone(), epoch: Epoch(1), from: Seq(2), to: Seq(3) };
+        r.handle_frame(now, &b, nack);
+        while r.poll_transmit().is_some() {}
+        assert_eq!(state(&r).retransmitted, 2, "the two messages the Nack asked for");
+        // No progress for longer than rto: everything unacknowledged goes again.
+        let later = now + rto * 4;
+        r.handle_timeout(later);
+        r.handle_timeout(later + r.config.tick);
+        let resent = std::iter::from_fn(|| r.poll_transmit())
+            .filter(|(_, f)| matches!(f, Frame::Data { .. }))
+            .count();
+        assert_eq!(resent, 3);
+        assert_eq!(state(&r).retransmitted, 5);
+        r.handle_frame(later, &b, Frame::Ack { channel, epoch: Epoch(1), seq: Seq(3) });
+        assert_eq!(state(&r).unacknowledged, 0);
+        r.handle_link_down(later, &b);
+        assert_eq!(state(&r).retransmitted, 5, "kept across a link's loss");
     }
 
     /// Channels trimmed by their own `retention` leave stale budget entries; compaction keeps

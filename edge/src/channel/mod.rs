@@ -172,6 +172,8 @@ pub struct Hub {
     committed_seen: std::sync::atomic::AtomicU64,
     /// Channels holding replicated messages for their publisher's order (see [`order`]).
     holding: Mutex<HashMap<ChannelName, Arc<Channel>>>,
+    /// Observes each replicated message's lag at its sequencing here (None: metrics off).
+    pub replication_lag: Option<crate::metrics::ReplicationLag>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ impl Hub {
             unreleased: std::sync::atomic::AtomicUsize::new(0),
             committed_seen: std::sync::atomic::AtomicU64::new(0),
             holding: Mutex::new(HashMap::new()),
+            replication_lag: None,
         }
     }
 
@@ -352,6 +355,9 @@ impl Hub {
                 tracing::debug!(channel = %m.channel, id = %m.id, origin = %m.origin, "repeated id from another origin dropped");
                 return;
             }
+        }
+        if let Some(lag) = &self.replication_lag {
+            lag.observe(&m.origin, m.timestamp_ms, crate::store::now_ms());
         }
         state.offset += 1;
         m.position = Some(Position { epoch: self.log_epoch.0, offset: state.offset });
@@ -498,6 +504,18 @@ impl Hub {
     /// Number of channels held.
     pub fn channel_count(&self) -> usize {
         self.channels.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Subscriptions, live or waiting for the peers, across every channel (walks every
+    /// channel: for a metrics scrape, not a message path).
+    pub fn subscription_count(&self) -> usize {
+        let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        map.values()
+            .map(|c| {
+                let state = lock(&c.state);
+                state.members.len() + state.pending.len()
+            })
+            .sum()
     }
 
     /// Subscriptions of `conn`, live or waiting for the peers, across every channel (a

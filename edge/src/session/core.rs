@@ -396,8 +396,9 @@ impl Session {
         &self.node.settings().config
     }
 
-    /// Tells the client the node is shutting down: go to another node now (the other
-    /// regions' URLs as a hint); the node closes the connection `close_in` later.
+    /// Tells the client the node drains (it shuts down, or was told to drain): go to another
+    /// node now (the other regions' URLs as a hint); the node closes the connection
+    /// `close_in` later.
     pub fn drain_notice(&mut self, close_in: Duration) {
         let settings = self.node.settings();
         let urls = settings
@@ -408,7 +409,7 @@ impl Session {
             .map(|r| r.url.clone())
             .collect();
         let frame = server_frame::Kind::Draining(client::Draining {
-            reason: "node shutting down".into(),
+            reason: self.node.drain_reason().into(),
             urls,
             close_in_ms: u32::try_from(close_in.as_millis()).unwrap_or(u32::MAX),
         });

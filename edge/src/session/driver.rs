@@ -95,12 +95,13 @@ pub fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "send queue overflow: reading too slowly".into())
 }
 
-/// Why the session's stop token fired: its outbox overflowed, or the node is shutting down.
-fn stopped(rx: &OutboxReceiver) -> End {
+/// Why the session's stop token fired: its outbox overflowed, or the node drains (it shuts
+/// down, or was told to drain).
+fn stopped(rx: &OutboxReceiver, node: &Node) -> End {
     if rx.overflowed() {
         slow_consumer()
     } else {
-        End::Close(close::GOING_AWAY, "node shutting down".into())
+        End::Close(close::GOING_AWAY, node.drain_reason().into())
     }
 }
 
@@ -147,7 +148,7 @@ async fn serve<W: Wire>(
     let cfg = &node.settings().config;
     // One token per session, a child of the node's: cancelled on shutdown or on outbox
     // overflow. One uncontended token to watch keeps the per-wakeup cost low.
-    let stop = node.shutdown().child_token();
+    let stop = node.drain_token().child_token();
     let (outbox, mut rx) =
         fanout::outbox(cfg.limits.send_queue_messages, cfg.limits.send_queue_bytes, stop.clone());
     let mut session = Session::new(node.clone(), id, format, url_token, outbox);
@@ -184,7 +185,7 @@ async fn serve<W: Wire>(
         // library); a read is forced every few deliveries so a flooded client is still heard.
         let turn = tokio::select! {
             biased;
-            _ = stop.cancelled(), if draining.is_none() => match stopped(&rx) {
+            _ = stop.cancelled(), if draining.is_none() => match stopped(&rx, node) {
                 // The node shuts down: a connected client is told to go elsewhere first,
                 // and the session lives on for `timeouts.drain` (the client's requests are
                 // answered, deliveries go on) before it is closed.
@@ -202,7 +203,7 @@ async fn serve<W: Wire>(
                     Some(at) => sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            }, if draining.is_some() => Err(stopped(&rx)),
+            }, if draining.is_some() => Err(stopped(&rx, node)),
             // An outbox that overflows while draining still ends the session as too slow.
             _ = std::future::ready(()), if draining.is_some() && rx.overflowed() => {
                 Err(slow_consumer())
@@ -399,7 +400,7 @@ async fn write<W: Wire>(
             End::Gone
         }),
         // While draining the token is cancelled already: the drain's own deadline ends it.
-        _ = stop.cancelled(), if !draining => Err(stopped(rx)),
+        _ = stop.cancelled(), if !draining => Err(stopped(rx, &session.node)),
         _ = tokio::time::sleep(stall) => Err(slow_consumer()),
     }
 }

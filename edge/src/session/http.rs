@@ -212,8 +212,8 @@ pub async fn open(
         let reason = "server-sent events carry JSON only".into();
         return error(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, reason);
     }
-    if node.shutdown().is_cancelled() {
-        return unavailable("node shutting down", "1");
+    if node.is_draining() {
+        return unavailable(node.drain_reason(), "1");
     }
     let slot = match ip {
         Some(ip) => match node.open_from(ip) {

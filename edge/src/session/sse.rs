@@ -158,8 +158,10 @@ pub async fn open(node: Arc<Node>, ip: Option<IpAddr>, req: Request) -> Response
             return refuse(StatusCode::FORBIDDEN, ErrorCode::Forbidden, reason);
         }
     }
-    if node.shutdown().is_cancelled() {
-        return come_back(tern_proto::close::GOING_AWAY, "node shutting down", 1000);
+    if node.is_draining() {
+        // A node that stops is back (or replaced) soon; a drained one may stay drained.
+        let retry = if node.shutdown().is_cancelled() { 1000 } else { 5000 };
+        return come_back(tern_proto::close::GOING_AWAY, node.drain_reason(), retry);
     }
     let slot = match ip.map(|ip| node.open_from(ip)) {
         Some(None) => {
@@ -311,6 +313,9 @@ impl SseWire {
             Kind::Discontinuity(d) => self.event(Some("discontinuity"), None, &json(&d)),
             Kind::Error(e) => self.event(Some("error"), None, &json(&e)),
             Kind::Close(c) => self.event(Some("close"), None, &json(&c)),
+            // The node drains: reconnect elsewhere now (`urls`), before the `close` event
+            // `closeInMs` later.
+            Kind::Draining(d) => self.event(Some("draining"), None, &json(&d)),
             // Nothing else is asked for on this stream.
             _ => {}
         }
