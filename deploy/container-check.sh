@@ -118,7 +118,8 @@ compose down --volumes >/dev/null 2>&1 || true
 # design. (`docker compose up` runs the file as it is.)
 say "making the certificates (the certs step)"
 compose up --detach --no-build certs >/dev/null
-[ "$(podman wait tern_certs_1)" = 0 ] || { compose logs certs >&2; die "the certs step failed"; }
+certs_exit="$(podman wait tern_certs_1)" || die "podman wait for the certs step failed"
+[ "$certs_exit" = 0 ] || { compose logs certs >&2; die "the certs step failed (exit $certs_exit)"; }
 say "starting three regions (podman-compose up)"
 compose up --detach --no-build --no-deps eu-west us-east ap-south >/dev/null
 
@@ -162,5 +163,6 @@ say "ap-south's history holds it"
 say "restarting ap-south (its log is on a volume)"
 podman restart tern_ap-south_1 >/dev/null
 ready 7420
+for _ in $(seq 1 50); do holds 7420 && break; sleep 0.1; done
 holds 7420 || die "ap-south lost its history across a restart"
 say "ok: image built, three regions linked, cross-region pub/sub and history across a restart"

@@ -96,9 +96,10 @@ async fn spans_are_exported_to_an_otlp_collector() {
             .expect("the session and request spans exported in time")
             .expect("receiver running");
         assert_eq!(export.content_type, "application/x-protobuf");
-        // Span names, attribute keys and strings are plain bytes in the protobuf.
-        session |= has(&export.body, "session") && has(&export.body, "conn");
-        request |= has(&export.body, "request") && has(&export.body, "/v1/ws");
+        // Span names and strings are plain bytes in the protobuf: a span's name is field 5
+        // (tag 0x2a), then its length.
+        session |= has(&export.body, "\x2a\x07session") && has(&export.body, "conn");
+        request |= has(&export.body, "\x2a\x07request") && has(&export.body, "/v1/ws");
         service |= has(&export.body, "tern-otlp-test");
     }
     crate::common::sigterm(&mut node).await;

@@ -48,26 +48,34 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/demo", get(|| async { axum::response::Redirect::permanent("/demo/") }))
         .route("/demo/", get(|node: State<Arc<Node>>| demo_file(node, Path("index.html".into()))))
         .route("/demo/{file}", get(demo_file))
+        // After routing, so the span knows the route.
+        .route_layer(axum::middleware::from_fn(request_span))
         .layer(DefaultBodyLimit::max(body_limit))
         // The last layer is the outermost: `guard_origin` refuses a browser origin that is
         // not allowed before anything (its preflight too); then the CORS layer answers
         // preflights and adds its headers for the allowed ones.
         .layer(cors_layer(&node))
         .layer(axum::middleware::from_fn_with_state(node.clone(), guard_origin))
-        .layer(axum::middleware::from_fn(request_span))
         .with_state(node)
 }
 
 /// Request ids, for the `request` spans.
 static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Runs each request in a `request` span with its id, method and path (never the query: it
-/// may carry a token). A WebSocket or SSE session started by the request runs in its own
+/// Runs each routed request in a `request` span with its id, method and route (the matched
+/// template, e.g. `/v1/channels/{*path}`: bounded, and never the query, which may carry a
+/// token). Probes (`/healthz`, `/readyz`, `/v1/ping`) get none: they come every few seconds
+/// and say nothing. A WebSocket or SSE session started by a request runs in its own
 /// `session` span.
 async fn request_span(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument as _;
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());
+    let Some(route) = route.filter(|r| !matches!(r.as_str(), "/healthz" | "/readyz" | "/v1/ping"))
+    else {
+        return next.run(req).await;
+    };
     let id = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = tracing::info_span!("request", request = id, method = %req.method(), path = req.uri().path());
+    let span = tracing::info_span!("request", request = id, method = %req.method(), route);
     next.run(req).instrument(span).await
 }
 

@@ -30,6 +30,9 @@ where
         .arg("edge")
         .args(args)
         .env("RUST_LOG", "warn")
+        // A collector set in the caller's environment must not receive every test node.
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
