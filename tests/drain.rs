@@ -13,6 +13,55 @@ use crate::common::{self, ProcessCluster, plain::Plain, plain::PlainState};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Publishes `PREFIX0`…`PREFIX{n-1}` on `channel`, 5 ms apart, each acknowledged; hands back
+/// the client and the acks.
+fn publish_paced(
+    publisher: Client,
+    channel: &'static str,
+    prefix: &'static str,
+    n: usize,
+) -> tokio::task::JoinHandle<(Client, Vec<tern_proto::client::Ack>)> {
+    tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 0..n {
+            let ack = publisher.publish(channel, format!("{prefix}{i}")).await;
+            acks.push(ack.unwrap_or_else(|e| panic!("publish {prefix}{i}: {e}")));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (publisher, acks)
+    })
+}
+
+/// Reads `sub` until `got` holds `n` messages; anything else is a failure.
+async fn receive(sub: &mut tern_client::Subscription, got: &mut Vec<String>, n: usize) {
+    while got.len() < n {
+        match tokio::time::timeout(WAIT, sub.next()).await.expect("every message in time") {
+            Some(Event::Message(m)) => got.push(text(&m)),
+            Some(Event::Discontinuity { reason }) => panic!("discontinuity: {reason}"),
+            None => panic!("subscription ended"),
+        }
+    }
+}
+
+/// The plain client's next `draining` frame (other frames skipped).
+async fn draining_frame(plain: &mut Plain, state: &mut PlainState) -> serde_json::Value {
+    loop {
+        let f = plain.frame(state, WAIT).await.expect("a frame before the close");
+        if let Some(d) = f.get("draining") {
+            return d.clone();
+        }
+    }
+}
+
+/// Every message `PREFIX0`…`PREFIX{n-1}` received once, in order, and every publish
+/// acknowledged as its own message.
+fn assert_all_once(got: &[String], acks: &[tern_proto::client::Ack], prefix: &str, n: usize) {
+    let want: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    assert_eq!(got, want, "once each, in order");
+    let ids: std::collections::HashSet<_> = acks.iter().map(|a| a.message_id.clone()).collect();
+    assert_eq!(ids.len(), n, "every publish acknowledged, each its own message");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_draining_node_move_to_another_region_and_lose_nothing() {
     let dir = std::env::temp_dir().join(format!("tern-drain-{}", std::process::id()));
@@ -30,46 +79,20 @@ async fn clients_of_a_draining_node_move_to_another_region_and_lose_nothing() {
     let mut plain_state = PlainState::default();
 
     const N: usize = 400;
-    let pub_task = tokio::spawn(async move {
-        let mut acks = Vec::new();
-        for i in 0..N {
-            let ack = publisher.publish("chat:drain", format!("d{i}")).await;
-            acks.push(ack.unwrap_or_else(|e| panic!("publish d{i}: {e}")));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        (publisher, acks)
-    });
+    let pub_task = publish_paced(publisher, "chat:drain", "d", N);
     // Let some go through eu-west, then drain it.
     let mut got = Vec::new();
-    while got.len() < 100 {
-        match tokio::time::timeout(WAIT, sub.next()).await.expect("in time") {
-            Some(Event::Message(m)) => got.push(text(&m)),
-            other => panic!("{other:?}"),
-        }
-    }
+    receive(&mut sub, &mut got, 100).await;
     let mut eu = nodes.remove(0);
     let stopping = tokio::spawn(async move { common::sigterm(&mut eu).await });
     // The plain client is told first, with the drain time, before its 1001.
-    let draining = loop {
-        let f = plain.frame(&mut plain_state, WAIT).await.expect("a frame before the close");
-        if let Some(d) = f.get("draining") {
-            break d.clone();
-        }
-    };
+    let draining = draining_frame(&mut plain, &mut plain_state).await;
     assert_eq!(draining["closeInMs"], 3000, "{draining}");
     assert_eq!(draining["reason"], "node shutting down", "{draining}");
 
-    while got.len() < N {
-        match tokio::time::timeout(WAIT, sub.next()).await.expect("every message in time") {
-            Some(Event::Message(m)) => got.push(text(&m)),
-            Some(Event::Discontinuity { reason }) => panic!("discontinuity: {reason}"),
-            None => panic!("subscription ended"),
-        }
-    }
+    receive(&mut sub, &mut got, N).await;
     let (publisher, acks) = pub_task.await.unwrap();
-    assert_eq!(got, (0..N).map(|i| format!("d{i}")).collect::<Vec<_>>(), "once each, in order");
-    let ids: std::collections::HashSet<_> = acks.iter().map(|a| a.message_id.clone()).collect();
-    assert_eq!(ids.len(), N, "every publish acknowledged, each its own message");
+    assert_all_once(&got, &acks, "d", N);
     // Nothing more arrives (no repeat after the move).
     assert!(tokio::time::timeout(Duration::from_millis(500), sub.next()).await.is_err());
     for c in [&sub_client, &publisher] {
@@ -161,33 +184,15 @@ async fn an_admin_drain_moves_clients_without_stopping_the_node_and_ends_on_requ
     sse_event(&mut sse, "subscribed").await;
 
     const N: usize = 300;
-    let pub_task = tokio::spawn(async move {
-        let mut acks = Vec::new();
-        for i in 0..N {
-            let ack = publisher.publish("chat:admin-drain", format!("a{i}")).await;
-            acks.push(ack.unwrap_or_else(|e| panic!("publish a{i}: {e}")));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        (publisher, acks)
-    });
+    let pub_task = publish_paced(publisher, "chat:admin-drain", "a", N);
     let mut got = Vec::new();
-    while got.len() < 80 {
-        match tokio::time::timeout(WAIT, sub.next()).await.expect("in time") {
-            Some(Event::Message(m)) => got.push(text(&m)),
-            other => panic!("{other:?}"),
-        }
-    }
+    receive(&mut sub, &mut got, 80).await;
     let (status, body) = common::http(&admin, "POST", "/admin/drain", &[], "").await;
     assert_eq!(status, 202, "{body}");
     assert!(body.contains(r#""draining":true"#), "{body}");
     assert_eq!(common::http(&admin, "POST", "/admin/drain", &[], "").await.0, 200, "once");
 
-    let draining = loop {
-        let f = plain.frame(&mut plain_state, WAIT).await.expect("a frame before the close");
-        if let Some(d) = f.get("draining") {
-            break d.clone();
-        }
-    };
+    let draining = draining_frame(&mut plain, &mut plain_state).await;
     assert_eq!(draining["reason"], "node draining", "{draining}");
     let sse_draining = sse_event(&mut sse, "draining").await;
     assert_eq!(sse_draining["reason"], "node draining", "{sse_draining}");
@@ -199,17 +204,9 @@ async fn an_admin_drain_moves_clients_without_stopping_the_node_and_ends_on_requ
     assert!(body.contains(r#""reason":"draining""#), "{body}");
     assert!(Plain::connect(&cluster.url(0)).await.is_err(), "a WebSocket upgrade is refused");
 
-    while got.len() < N {
-        match tokio::time::timeout(WAIT, sub.next()).await.expect("every message in time") {
-            Some(Event::Message(m)) => got.push(text(&m)),
-            Some(Event::Discontinuity { reason }) => panic!("discontinuity: {reason}"),
-            None => panic!("subscription ended"),
-        }
-    }
+    receive(&mut sub, &mut got, N).await;
     let (publisher, acks) = pub_task.await.unwrap();
-    assert_eq!(got, (0..N).map(|i| format!("a{i}")).collect::<Vec<_>>(), "once each, in order");
-    let ids: std::collections::HashSet<_> = acks.iter().map(|a| a.message_id.clone()).collect();
-    assert_eq!(ids.len(), N, "every publish acknowledged, each its own message");
+    assert_all_once(&got, &acks, "a", N);
     assert!(tokio::time::timeout(Duration::from_millis(500), sub.next()).await.is_err());
     for c in [&sub_client, &publisher] {
         assert_eq!(c.connected().map(|c| c.node), Some("us-east/edge-1".to_owned()));
